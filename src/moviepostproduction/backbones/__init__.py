@@ -1,0 +1,1 @@
+"""Backbones: conditioned FLUX (by injection into diffusers' model) and NanoDiT."""

@@ -1,0 +1,188 @@
+"""Conditioning injected into diffusers' stock `FluxTransformer2DModel` (DESIGN 3), without forking it.
+
+`ConditionedFlux` runs the block loop itself and calls each block's *own* submodules (norm1.linear, norms,
+attn, ff, proj_mlp, proj_out ...), so FLUX weights, attention processors and peft LoRA adapters work unchanged.
+It adds three things:
+- per-token temb-space modulation: temb_n = temb + sum_i mask_i(n) alpha_i offset_{i,b}, turned into
+  shift/scale/gate by the block's own AdaLN linear, run once per distinct region (tokens covered by the same
+  refs share temb), never once per token;
+- Assemble-Attn after the attention of the layout double blocks (all refs in one batched call), gated by the
+  block's gate_msa;
+- the feedback bridge from double block b to b+1 for foreground refs.
+Stock `AdaLayerNormZero` rejects a per-token temb, hence this loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..conditioning import Conditioning, RegionMap
+from ..modules.adapter import CompositionAdapter
+from .assemble import assemble_attention, scatter_mean
+
+
+def region_modulation(norm: nn.Module, temb: torch.Tensor, offsets, regions: RegionMap | None, chunks: int):
+    """The block's AdaLN linear on one temb per region, gathered to tokens.
+
+    temb (B, D); offsets (B, R, D) or None; returns `chunks` tensors each (B, N, D), or (B, 1, D) when every
+    token shares the base temb (no offsets, or a single region).
+    """
+    if offsets is None or regions is None:
+        temb_regions = temb[:, None]  # (B, 1, D)
+    else:
+        temb_regions = temb[:, None] + torch.bmm(regions.coef.to(offsets.dtype), offsets)  # (B, U, D)
+    emb = norm.linear(norm.silu(temb_regions))  # (B, U, chunks * D)
+    parts = emb.chunk(chunks, dim=-1)
+    if temb_regions.shape[1] == 1:
+        return parts
+    index = regions.index[..., None].expand(-1, -1, temb.shape[-1])  # (B, N, D)
+    return tuple(torch.gather(p, 1, index) for p in parts)
+
+
+def _modulate(norm_layer: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return norm_layer(x) * (1 + scale) + shift
+
+
+@dataclass
+class BlockInputs:
+    """Per-call, per-block conditioning handed to the block functions (None: plain FLUX behaviour)."""
+
+    cond: Conditioning | None
+    image_offsets: torch.Tensor | None = None  # (B, R, D)
+    text_offsets: torch.Tensor | None = None  # (B, R, D)
+    assemble: nn.Module | None = None  # AssembleAttention of this block when layout is active
+
+
+def double_block_forward(block, x, ctx, temb, rope, inputs: BlockInputs):
+    """One FluxTransformerBlock with per-token modulation and optional Assemble-Attn. x (B, N, D), ctx (B, T, D)."""
+    cond = inputs.cond
+    img_regions = cond.image_regions if cond is not None else None
+    txt_regions = cond.text_regions if cond is not None else None
+    shift, scale, gate, shift_ff, scale_ff, gate_ff = region_modulation(
+        block.norm1, temb, inputs.image_offsets, img_regions, 6
+    )
+    c_shift, c_scale, c_gate, c_shift_ff, c_scale_ff, c_gate_ff = region_modulation(
+        block.norm1_context, temb, inputs.text_offsets, txt_regions, 6
+    )
+    norm_x = _modulate(block.norm1.norm, x, shift, scale)
+    norm_ctx = _modulate(block.norm1_context.norm, ctx, c_shift, c_scale)
+    attn_out, ctx_attn_out = block.attn(hidden_states=norm_x, encoder_hidden_states=norm_ctx, image_rotary_emb=rope[1])
+    x = x + gate * attn_out
+    if inputs.assemble is not None and cond.packing.num_groups > 0:
+        grouped = assemble_attention(block.attn, norm_x, cond.layout_tokens, cond.packing, rope[2])
+        x = x + gate * scatter_mean(inputs.assemble(grouped), cond.packing, x.shape)
+    x = x + gate_ff * block.ff(_modulate(block.norm2, x, shift_ff, scale_ff))
+
+    ctx = ctx + c_gate * ctx_attn_out
+    ctx = ctx + c_gate_ff * block.ff_context(_modulate(block.norm2_context, ctx, c_shift_ff, c_scale_ff))
+    if ctx.dtype == torch.float16:
+        ctx = ctx.clip(-65504, 65504)
+    return ctx, x
+
+
+def single_block_forward(block, x, ctx, temb, rope, inputs: BlockInputs):
+    """One FluxSingleTransformerBlock on [ctx ; x] with per-token modulation of foreground refs."""
+    text_len = ctx.shape[1]
+    seq = torch.cat([ctx, x], dim=1)  # (B, T + N, D)
+    regions = inputs.cond.joint_regions if inputs.cond is not None else None
+    shift, scale, gate = region_modulation(block.norm, temb, inputs.image_offsets, regions, 3)
+    norm_seq = _modulate(block.norm.norm, seq, shift, scale)
+    mlp = block.act_mlp(block.proj_mlp(norm_seq))
+    attn_out = block.attn(hidden_states=norm_seq, image_rotary_emb=rope[1])
+    seq = seq + gate * block.proj_out(torch.cat([attn_out, mlp], dim=2))
+    if seq.dtype == torch.float16:
+        seq = seq.clip(-65504, 65504)
+    return seq[:, :text_len], seq[:, text_len:]
+
+
+class ConditionedFlux(nn.Module):
+    """A stock FluxTransformer2DModel plus a CompositionAdapter; a pure velocity predictor."""
+
+    def __init__(self, transformer: nn.Module, adapter: CompositionAdapter):
+        super().__init__()
+        cfg = transformer.config
+        if adapter.cfg.hidden_dim != cfg.num_attention_heads * cfg.attention_head_dim:
+            raise ValueError(
+                f"adapter hidden_dim={adapter.cfg.hidden_dim} != transformer width "
+                f"{cfg.num_attention_heads * cfg.attention_head_dim}"
+            )
+        if (adapter.cfg.num_double_blocks, adapter.cfg.num_single_blocks) != (cfg.num_layers, cfg.num_single_layers):
+            raise ValueError(
+                f"adapter blocks ({adapter.cfg.num_double_blocks}, {adapter.cfg.num_single_blocks}) != transformer "
+                f"blocks ({cfg.num_layers}, {cfg.num_single_layers})"
+            )
+        self.transformer = transformer
+        self.adapter = adapter
+
+    def prepare(self, refs, grid: tuple[int, int], text_len: int) -> Conditioning:
+        """Per-scene cache; see `CompositionAdapter.prepare`."""
+        return self.adapter.prepare(refs, grid, text_len)
+
+    def _run(self, fn, *args):
+        if torch.is_grad_enabled() and getattr(self.transformer, "gradient_checkpointing", False):
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        conditioning: Conditioning | None = None,
+        layout_active: bool = True,
+    ) -> torch.Tensor:
+        """Same inputs as the stock forward (packed latents (B, N, C_in)) plus the per-scene `conditioning`.
+
+        `layout_active=False` skips Assemble-Attn (the pipeline turns it off after `grounding_ratio` of the steps).
+        Returns the velocity (B, N, C_out).
+        """
+        tr = self.transformer
+        x = tr.x_embedder(hidden_states)  # (B, N, D)
+        timestep = timestep.to(x.dtype) * 1000
+        if guidance is not None:
+            temb = tr.time_text_embed(timestep, guidance.to(x.dtype) * 1000, pooled_projections)
+        else:
+            temb = tr.time_text_embed(timestep, pooled_projections)  # (B, D)
+        ctx = tr.context_embedder(encoder_hidden_states)  # (B, T, D)
+        joint_rope = tr.pos_embed(torch.cat([txt_ids, img_ids], dim=0))  # (cos, sin) each (T + N, hd)
+        text_len = ctx.shape[1]
+        image_rope = (joint_rope[0][text_len:], joint_rope[1][text_len:])
+        rope = (None, joint_rope, image_rope)
+
+        cond = conditioning if conditioning is not None and conditioning.num_refs > 0 else None
+        if cond is not None:
+            cond = cond.to(device=x.device, dtype=x.dtype)
+            if cond.grid[0] * cond.grid[1] != x.shape[1]:
+                raise ValueError(f"conditioning grid {cond.grid} does not match {x.shape[1]} image tokens")
+        adapter = self.adapter
+        feedback = None
+        for b, block in enumerate(tr.transformer_blocks):
+            inputs = BlockInputs(cond)
+            if cond is not None:
+                mod_in = cond.shared_offsets if feedback is None else cond.shared_offsets + feedback
+                img_off, txt_off = adapter.modulation_head.double_offsets(b, mod_in)
+                inputs.image_offsets, inputs.text_offsets = img_off, txt_off
+                if layout_active and str(b) in adapter.assemble:
+                    inputs.assemble = adapter.assemble[str(b)]
+            ctx, x = self._run(double_block_forward, block, x, ctx, temb, rope, inputs)
+            if cond is not None and b < len(tr.transformer_blocks) - 1:
+                feedback = adapter.feedback_bridge(b, x, cond.pool_weights, cond.foreground)
+        for b, block in enumerate(tr.single_transformer_blocks):
+            inputs = BlockInputs(cond)
+            if cond is not None:
+                inputs.image_offsets = adapter.modulation_head.single_offsets(b, cond.shared_offsets)
+            ctx, x = self._run(single_block_forward, block, x, ctx, temb, rope, inputs)
+        x = tr.norm_out(x, temb)
+        return tr.proj_out(x)
+
+    def plain_forward(self, *args, **kwargs) -> torch.Tensor:
+        """The stock diffusers forward, for comparisons and benchmarks."""
+        return self.transformer(*args, return_dict=False, **kwargs)[0]

@@ -1,0 +1,142 @@
+"""The per-scene conditioning cache and the pure index builders behind it (DESIGN 3, "Caching").
+
+Everything here depends on the scene only, never on the noisy latent, so it is built once per generation and
+reused at every denoising step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class RefBatch:
+    """Scene tensors for B samples padded to R refs; `valid` marks real refs."""
+
+    bboxes: torch.Tensor  # (B, R, 4) normalised xyxy
+    depth: torch.Tensor  # (B, R) long index into DEPTHS
+    valid: torch.Tensor  # (B, R) bool
+    clip: torch.Tensor  # (B, R, C) CLIP image embeds
+    dino: torch.Tensor  # (B, R, G) DINO CLS
+    text_spans: torch.Tensor | None = None  # (B, R, T) bool: text tokens of ref r's caption
+
+    def __post_init__(self) -> None:
+        b, r = self.valid.shape
+        expected = {"bboxes": (b, r, 4), "depth": (b, r), "clip": (b, r), "dino": (b, r)}
+        for name, shape in expected.items():
+            got = tuple(getattr(self, name).shape[: len(shape)])
+            if got != shape:
+                raise ValueError(f"RefBatch.{name} has leading shape {got}, expected {shape} from valid")
+        for name in ("bboxes", "clip", "dino"):
+            if not torch.isfinite(getattr(self, name)).all():
+                raise ValueError(f"RefBatch.{name} contains NaN or Inf")
+
+    @property
+    def num_refs(self) -> int:
+        return self.valid.shape[1]
+
+
+@dataclass
+class RegionMap:
+    """Tokens covered by the same refs with the same weights share one temb: U regions instead of N tokens."""
+
+    index: torch.Tensor  # (B, N) long: region of each token
+    coef: torch.Tensor  # (B, U, R) float: weight of ref r's offset in region u (mask value x alpha)
+
+    @property
+    def num_regions(self) -> int:
+        return self.coef.shape[1]
+
+
+@dataclass
+class LayoutPacking:
+    """All (sample, ref) groups of Assemble-Attn packed for one batched call."""
+
+    token_index: torch.Tensor  # (G, L) long: flat index b * N + n of the image tokens in each group's box
+    key_mask: torch.Tensor  # (G, 1 + L) bool: layout token + real tokens are True, padding False
+    group_batch: torch.Tensor  # (G,) long
+    group_ref: torch.Tensor  # (G,) long
+    cover: torch.Tensor  # (B, N) float: how many boxes cover each token (overlaps are averaged)
+
+    @property
+    def num_groups(self) -> int:
+        return self.token_index.shape[0]
+
+
+@dataclass
+class Conditioning:
+    """What `CompositionAdapter.prepare` computes once per scene for `ConditionedFlux`."""
+
+    alpha: torch.Tensor  # (B, R)
+    valid: torch.Tensor  # (B, R) bool
+    foreground: torch.Tensor  # (B, R) bool: valid and alpha >= 0.5
+    layout_tokens: torch.Tensor  # (B, R, D)
+    shared_offsets: torch.Tensor  # (B, R, D)
+    pool_weights: torch.Tensor  # (B, R, N): rows sum to 1 over each box (feedback pooling)
+    image_regions: RegionMap  # double blocks, image stream
+    text_regions: RegionMap | None  # double blocks, text stream (None: no caption spans)
+    joint_regions: RegionMap  # single blocks, [text ; image] (foreground refs only)
+    packing: LayoutPacking
+    grid: tuple[int, int]
+
+    @property
+    def num_refs(self) -> int:
+        return self.alpha.shape[1]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        """Move floating tensors to `dtype`/`device` (index tensors keep their integer dtype)."""
+
+        def move(x):
+            if isinstance(x, torch.Tensor):
+                return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+            if isinstance(x, RegionMap | LayoutPacking):
+                return type(x)(**{f.name: move(getattr(x, f.name)) for f in fields(x)})
+            return x
+
+        return Conditioning(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+
+def build_regions(masks: torch.Tensor, weights: torch.Tensor) -> RegionMap:
+    """masks (B, R, N) in [0, 1], weights (B, R) -> RegionMap with coef = mask value x weight.
+
+    Regions are the distinct columns of `masks` per sample (padded to the batch's largest U with zero rows).
+    """
+    b, r, n = masks.shape
+    index = torch.zeros(b, n, dtype=torch.long, device=masks.device)
+    per_sample = []
+    for i in range(b):
+        # Detached for grouping only: the coefficients below stay differentiable through `weights`.
+        uniq, inverse = torch.unique(masks[i].detach().T, dim=0, return_inverse=True)  # (U_i, R), (N,)
+        index[i] = inverse
+        per_sample.append(uniq)
+    u = max((x.shape[0] for x in per_sample), default=1)
+    region_masks = masks.new_zeros(b, u, r)
+    for i, uniq in enumerate(per_sample):
+        region_masks[i, : uniq.shape[0]] = uniq
+    return RegionMap(index=index, coef=region_masks * weights[:, None, :])
+
+
+def build_packing(masks: torch.Tensor, valid: torch.Tensor) -> LayoutPacking:
+    """Hard masks (B, R, N) bool and valid (B, R) -> padded groups of token indices for one attention call."""
+    b, r, n = masks.shape
+    masks = masks & valid[..., None]
+    group_b, group_r = (masks.any(-1)).nonzero(as_tuple=True)  # (G,), (G,)
+    group_masks = masks[group_b, group_r]  # (G, N)
+    lengths = group_masks.sum(-1)  # (G,)
+    length = int(lengths.max()) if lengths.numel() else 0
+    rows, cols = group_masks.nonzero(as_tuple=True)  # sorted by group, then token
+    starts = torch.cumsum(lengths, 0) - lengths
+    slot = torch.arange(rows.numel(), device=masks.device) - starts[rows]
+    token_index = torch.zeros(group_b.numel(), length, dtype=torch.long, device=masks.device)
+    token_index[rows, slot] = group_b[rows] * n + cols
+    real = torch.arange(length, device=masks.device) < lengths[:, None]  # (G, L)
+    key_mask = torch.cat([real.new_ones(real.shape[0], 1), real], dim=1)
+    return LayoutPacking(
+        token_index=token_index,
+        key_mask=key_mask,
+        group_batch=group_b,
+        group_ref=group_r,
+        cover=masks.sum(1).float(),
+    )

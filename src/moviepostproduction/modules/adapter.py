@@ -1,0 +1,71 @@
+"""CompositionAdapter: the five conditioning modules and `prepare`, which fills the per-scene cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..conditioning import Conditioning, RefBatch, build_packing, build_regions
+from ..layout import bbox_area, bbox_token_mask, gaussian_token_mask
+from .alpha_predictor import AlphaPredictor
+from .config import ConditioningConfig
+from .feedback_bridge import FeedbackBridge
+from .instance_encoder import InstanceEncoder
+from .layout_head import AssembleAttention, LayoutHead
+from .modulation_head import ModulationHead
+
+
+class CompositionAdapter(nn.Module):
+    """All trainable conditioning modules. The FLUX weights live elsewhere and are never copied here."""
+
+    def __init__(self, cfg: ConditioningConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.alpha_predictor = AlphaPredictor(cfg)
+        self.instance_encoder = InstanceEncoder(cfg)
+        self.layout_head = LayoutHead(cfg)
+        self.modulation_head = ModulationHead(cfg)
+        self.feedback_bridge = FeedbackBridge(cfg)
+        self.assemble = nn.ModuleDict({str(b): AssembleAttention(cfg) for b in cfg.resolved_layout_blocks})
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def prepare(self, refs: RefBatch, grid: tuple[int, int], text_len: int) -> Conditioning:
+        """Everything that does not depend on the noisy latent, for an (H, W) image-token grid."""
+        if refs.num_refs > self.cfg.max_refs:
+            raise ValueError(f"{refs.num_refs} refs exceed max_refs={self.cfg.max_refs}")
+        dtype = refs.clip.dtype
+        valid = refs.valid
+        alpha = self.alpha_predictor(refs.clip, bbox_area(refs.bboxes), refs.depth)  # (B, R)
+        alpha = alpha * valid  # padded refs carry no weight anywhere
+        instance = self.instance_encoder(refs.bboxes, refs.clip, refs.dino, alpha)  # (B, R, D)
+
+        hard = bbox_token_mask(refs.bboxes, grid) & valid[..., None]  # (B, R, N)
+        if self.cfg.soft_masks:
+            soft = gaussian_token_mask(refs.bboxes, grid, self.cfg.soft_sigma).to(dtype) * valid[..., None]
+        else:
+            soft = hard.to(dtype)
+        foreground = valid & (alpha >= 0.5)
+        b, r, _ = hard.shape
+        text = (
+            refs.text_spans.to(dtype) * valid[..., None]
+            if refs.text_spans is not None
+            else soft.new_zeros(b, r, text_len)
+        )
+        counts = hard.sum(-1, keepdim=True).clamp(min=1)
+        return Conditioning(
+            alpha=alpha,
+            valid=valid,
+            foreground=foreground,
+            layout_tokens=self.layout_head(instance, alpha),
+            shared_offsets=self.modulation_head.shared_offset(instance),
+            pool_weights=hard.to(dtype) / counts,
+            image_regions=build_regions(soft, alpha),
+            text_regions=build_regions(text, alpha) if refs.text_spans is not None else None,
+            joint_regions=build_regions(torch.cat([text, soft], dim=-1), alpha * foreground),
+            packing=build_packing(hard, valid),
+            grid=grid,
+        )

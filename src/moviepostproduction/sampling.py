@@ -1,0 +1,277 @@
+"""Rectified-flow sampling shared by every pipeline: schedules, packing, noise, guidance, the Euler loop.
+
+Convention (FLUX / SD3 rectified flow): x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0, and
+sampling integrates dx/dt = v from t = 1 (pure noise) down to t = 0 (data). The model is a pure velocity
+predictor; nothing here knows about it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from tqdm.auto import tqdm
+
+from moviepostproduction.errors import MppError, Problem, ValidationError
+
+__all__ = [
+    "SCHEDULES",
+    "SamplingConfig",
+    "SamplingValueError",
+    "cfg",
+    "compute_mu",
+    "dual_cfg",
+    "euler_sample",
+    "get_timesteps",
+    "latent_image_ids",
+    "make_noise",
+    "noise_latents",
+    "pack_latents",
+    "strength_timesteps",
+    "text_ids",
+    "time_shift",
+    "unpack_latents",
+    "use_true_cfg",
+]
+
+SCHEDULES = ("shifted", "linear", "cosine")
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[int, float, torch.Tensor], "torch.Tensor | None"]
+
+
+class SamplingValueError(ValidationError, ValueError):
+    """A bad sampling argument: an `MppError` for the CLI and a `ValueError` for library callers."""
+
+
+def _invalid(field: str, value: object, message: str) -> SamplingValueError:
+    return SamplingValueError([Problem(field, value, message)])
+
+
+# ----------------------------------------------------------------------------------------------- schedules
+def compute_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """FLUX resolution shift: the line through (base_seq_len, base_shift) and (max_seq_len, max_shift).
+
+    Extrapolates outside the two anchor points, as FLUX and diffusers do (a 2048^2 image gets mu > 1.15).
+    """
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return base_shift + slope * (image_seq_len - base_seq_len)
+
+
+def time_shift(mu: float, sigma: float, t: torch.Tensor) -> torch.Tensor:
+    """exp(mu) / (exp(mu) + (1/t - 1)^sigma): moves steps towards t = 1 for mu > 0; fixes t = 0 and 1."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    inner = torch.where(t > 0, t, torch.ones_like(t))  # avoid 1/0; t = 0 is set exactly below
+    shifted = math.exp(mu) / (math.exp(mu) + (1.0 / inner - 1.0) ** sigma)
+    shifted = torch.where(t <= 0, torch.zeros_like(t), shifted)
+    return torch.where(t >= 1, torch.ones_like(t), shifted)
+
+
+def get_timesteps(
+    num_steps: int,
+    *,
+    image_seq_len: int | None = None,
+    schedule: str = "shifted",
+    shift: float | None = None,
+    mu: float | None = None,
+) -> torch.Tensor:
+    """Timesteps (num_steps + 1,) float32, strictly decreasing from exactly 1.0 to exactly 0.0.
+
+    shifted: `time_shift` of a linear grid with mu = compute_mu(image_seq_len), or mu = ln(shift) when the
+    static `shift` factor is given (SD3 / diffusers `FlowMatchEulerDiscreteScheduler(shift=...)` meaning), or
+    the explicit `mu`. linear: the plain grid. cosine: (1 + cos(pi i / N)) / 2, denser near both ends.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise _invalid("num_steps", num_steps, "must be an integer >= 1")
+    if schedule not in SCHEDULES:
+        raise _invalid("schedule", schedule, f"unknown schedule, expected one of {', '.join(SCHEDULES)}")
+    if schedule != "shifted" and (shift is not None or mu is not None):
+        raise _invalid("shift", shift if shift is not None else mu, f"only applies to 'shifted', not {schedule!r}")
+    if shift is not None and mu is not None:
+        raise _invalid("shift", shift, "give either shift or mu, not both")
+
+    grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    if schedule == "cosine":
+        grid = (1.0 + torch.cos(math.pi * (1.0 - grid))) / 2.0
+    elif schedule == "shifted":
+        if shift is not None:
+            if not shift > 0 or not math.isfinite(shift):
+                raise _invalid("shift", shift, "must be a finite number > 0")
+            mu = math.log(shift)
+        elif mu is None:
+            if image_seq_len is None or image_seq_len < 1:
+                raise _invalid("image_seq_len", image_seq_len, "the shifted schedule needs the token count")
+            mu = compute_mu(image_seq_len)
+        grid = time_shift(mu, 1.0, grid)
+    grid[0], grid[-1] = 1.0, 0.0  # exact endpoints whatever the rounding of the formulas above
+    timesteps = grid.to(torch.float32)
+    if not bool((timesteps[1:] < timesteps[:-1]).all()):
+        raise _invalid("num_steps", num_steps, f"too many steps for the {schedule!r} schedule in float32")
+    return timesteps
+
+
+def strength_timesteps(timesteps: torch.Tensor, strength: float) -> torch.Tensor:
+    """img2img: the tail of `timesteps` that starts at the first t <= strength (strength 1 keeps them all).
+
+    Unlike diffusers (which keeps int(N * strength) steps) this cuts by time value, so the start noise level
+    never exceeds `strength` whatever the schedule. At least one step must remain.
+    """
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 < strength <= 1.0:
+        raise _invalid("strength", strength, "must be in (0, 1]")
+    start = int(torch.nonzero(timesteps <= strength)[0])  # exists: the last timestep is 0
+    if start >= len(timesteps) - 1:
+        raise _invalid("strength", strength, f"leaves no denoising step of {len(timesteps) - 1}")
+    return timesteps[start:]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to step: defaults equal diffusers' FluxPipeline (28 steps, resolution-shifted schedule)."""
+
+    num_steps: int = 28
+    schedule: str = "shifted"
+    shift: float | None = None  # static SD3-style shift factor; None = FLUX resolution-dependent mu
+    strength: float = 1.0  # img2img / denoise strength; 1.0 = from pure noise
+
+    def __post_init__(self) -> None:
+        self.timesteps(image_seq_len=256)  # validates every field with the same messages as the functions
+
+    def timesteps(self, image_seq_len: int) -> torch.Tensor:
+        """(S + 1,) timesteps for `image_seq_len` packed image tokens, truncated by `strength`."""
+        full = get_timesteps(self.num_steps, image_seq_len=image_seq_len, schedule=self.schedule, shift=self.shift)
+        return strength_timesteps(full, self.strength)
+
+
+def noise_latents(x0: torch.Tensor, noise: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t noise; `t` is a scalar or one value per batch item (B,)."""
+    t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device)
+    t = t.reshape(-1, *([1] * (x0.ndim - 1)))  # (B or 1, 1, ...) broadcasts over all but the batch dim
+    return (1.0 - t) * x0 + t * noise
+
+
+# ------------------------------------------------------------------------------------------------- packing
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents (B, C, H, W) -> FLUX tokens (B, (H/2)(W/2), 4C), one token per 2x2 patch, row-major."""
+    _, _, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise _invalid("latents", tuple(latents.shape), "height and width must be even to pack 2x2 patches")
+    return rearrange(latents, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `pack_latents`: (B, (H/2)(W/2), 4C) -> (B, C, H, W); height/width in latent pixels."""
+    if height % 2 or width % 2 or tokens.shape[1] != (height // 2) * (width // 2) or tokens.shape[2] % 4:
+        raise _invalid("tokens", tuple(tokens.shape), f"do not pack a {height}x{width} latent")
+    return rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=height // 2, ph=2, pw=2)
+
+
+def latent_image_ids(
+    h: int, w: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """RoPE position ids (h * w, 3) for an h x w token grid: [0, row, col], row-major as `pack_latents`."""
+    rows = torch.arange(h, dtype=dtype, device=device)
+    cols = torch.arange(w, dtype=dtype, device=device)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)  # (h, w, 2)
+    ids = torch.cat([torch.zeros(h, w, 1, dtype=dtype, device=device), grid], dim=-1)  # (h, w, 3)
+    return rearrange(ids, "h w c -> (h w) c")
+
+
+def text_ids(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE position ids (n, 3) for text tokens: all zero, as FLUX uses."""
+    return torch.zeros(n, 3, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------------- noise
+def make_noise(
+    shape: Sequence[int],
+    *,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    seed: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Standard normal noise from exactly one of `generator` (or one per batch item) or `seed`.
+
+    Drawn in float32 on the generator's device (CPU for `seed`) and then cast and moved, so a seed gives
+    the same noise on every device and dtype, as diffusers' `randn_tensor` does for CPU generators.
+    """
+    if (generator is None) == (seed is None):
+        raise _invalid("seed", seed, "give exactly one of generator or seed")
+    shape = tuple(shape)
+    if seed is not None:
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+    if isinstance(generator, torch.Generator):
+        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    else:
+        generators = list(generator)
+        if len(generators) != shape[0]:
+            raise _invalid("generator", len(generators), f"need one generator per batch item ({shape[0]})")
+        noise = torch.cat(
+            [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32).cpu() for g in generators]
+        )
+    return noise.to(device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------ guidance
+def use_true_cfg(true_cfg_scale: float, has_negative_prompt: bool) -> bool:
+    """True CFG (a second, unconditional pass) runs only when scale > 1 and a negative prompt is given."""
+    return true_cfg_scale > 1.0 and has_negative_prompt
+
+
+def cfg(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance v_uncond + scale (v_cond - v_uncond); exactly v_cond at scale 1."""
+    return torch.lerp(v_uncond, v_cond, scale)  # lerp is exact at both endpoints, the plain formula is not
+
+
+def dual_cfg(
+    v_uncond: torch.Tensor, v_img: torch.Tensor, v_both: torch.Tensor, text_scale: float, image_scale: float
+) -> torch.Tensor:
+    """InstructPix2Pix two-condition guidance (Brooks et al. 2023, eq. 3): image first, then text on top."""
+    return v_uncond + text_scale * (v_both - v_img) + image_scale * (v_img - v_uncond)
+
+
+# ---------------------------------------------------------------------------------------------- Euler loop
+def euler_sample(
+    velocity_fn: VelocityFn,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    callback: StepCallback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Integrate dx/dt = velocity_fn(x, t) along `timesteps` (decreasing) with Euler steps.
+
+    `velocity_fn` gets x in its input dtype and t as float32 (B,) on x's device. The state is carried in
+    float32 between steps so low-precision models do not accumulate rounding. After step i,
+    `callback(i, t, x)` sees x at time t = timesteps[i + 1] and may return a replacement x (or None).
+    """
+    if timesteps.ndim != 1 or len(timesteps) < 2 or not bool((timesteps[1:] < timesteps[:-1]).all()):
+        raise _invalid("timesteps", timesteps.tolist(), "must be 1-D, >= 2 entries, strictly decreasing")
+    dtype, batch, num_steps = x.dtype, x.shape[0], len(timesteps) - 1
+    times = timesteps.detach().to(device="cpu", dtype=torch.float32).tolist()
+    state = x.to(torch.float32)
+    for i in tqdm(range(num_steps), desc="sampling", disable=not progress):
+        t_cur, t_next = times[i], times[i + 1]
+        t_vec = torch.full((batch,), t_cur, dtype=torch.float32, device=x.device)  # (B,)
+        v = velocity_fn(state.to(dtype), t_vec)
+        if v.shape != x.shape:
+            raise ValueError(f"velocity_fn returned shape {tuple(v.shape)} for x of shape {tuple(x.shape)}")
+        state = state + (t_next - t_cur) * v.to(torch.float32)
+        if not bool(torch.isfinite(state).all()):
+            raise MppError(
+                f"sampling: non-finite values after step {i + 1}/{num_steps} (t {t_cur:.4f} -> {t_next:.4f})"
+            )
+        if callback is not None:
+            replaced = callback(i, t_next, state.to(dtype))
+            if replaced is not None:
+                state = replaced.to(torch.float32)
+    return state.to(dtype)

@@ -1,0 +1,21 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moviepostproduction.modules import PRESETS, CompositionAdapter, ConditioningConfig
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_cfg() -> ConditioningConfig:
+    return PRESETS["tiny"]
+
+
+@pytest.fixture
+def tiny_adapter(tiny_cfg) -> CompositionAdapter:
+    torch.manual_seed(0)
+    return CompositionAdapter(tiny_cfg)
