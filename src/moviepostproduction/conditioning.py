@@ -105,6 +105,8 @@ def build_regions(masks: torch.Tensor, weights: torch.Tensor) -> RegionMap:
     """
     b, r, n = masks.shape
     index = torch.zeros(b, n, dtype=torch.long, device=masks.device)
+    if r == 0:
+        return RegionMap(index=index, coef=masks.new_zeros(b, 1, 0))
     per_sample = []
     for i in range(b):
         # Detached for grouping only: the coefficients below stay differentiable through `weights`.
