@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits
 from peft import LoraConfig
 
 from moviepostproduction.backbones.assemble import assemble_attention
@@ -12,6 +11,8 @@ from moviepostproduction.backbones.flux import BlockInputs, ConditionedFlux, dou
 from moviepostproduction.conditioning import RefBatch
 from moviepostproduction.layout import bbox_token_mask
 from moviepostproduction.modules import CompositionAdapter
+
+from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits
 
 GRID = (8, 8)
 TEXT = 6

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from helpers import random_refs
 from moviepostproduction.modules import (
     AlphaPredictor,
     CompositionAdapter,
@@ -14,6 +13,8 @@ from moviepostproduction.modules import (
     LayoutHead,
     ModulationHead,
 )
+
+from helpers import random_refs
 
 
 def test_alpha_is_exactly_one_half_at_init_for_random_inputs(tiny_cfg):
