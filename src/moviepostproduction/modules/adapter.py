@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from ..checkpoint import load_strict, save_safetensors, write_json_atomic
 from ..conditioning import Conditioning, RefBatch, build_packing, build_regions
+from ..errors import WeightsError
 from ..layout import bbox_area, bbox_token_mask, gaussian_token_mask
 from .alpha_predictor import AlphaPredictor
 from .config import ConditioningConfig
@@ -27,6 +33,35 @@ class CompositionAdapter(nn.Module):
         self.modulation_head = ModulationHead(cfg)
         self.feedback_bridge = FeedbackBridge(cfg)
         self.assemble = nn.ModuleDict({str(b): AssembleAttention(cfg) for b in cfg.resolved_layout_blocks})
+
+    CONFIG_NAME = "config.json"
+    WEIGHTS_NAME = "model.safetensors"
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """`directory/config.json` + `directory/model.safetensors`, each written atomically."""
+        directory = Path(directory)
+        save_safetensors(self.state_dict(), directory / self.WEIGHTS_NAME, metadata={"format": "pt"})
+        write_json_atomic(dataclasses.asdict(self.cfg), directory / self.CONFIG_NAME)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> CompositionAdapter:
+        """Load a saved adapter; the weights must match its config exactly."""
+        directory = Path(directory)
+        config_path = directory / cls.CONFIG_NAME
+        if not config_path.is_file():
+            raise WeightsError(
+                f"missing {config_path} (expected a CompositionAdapter config written by save_pretrained)"
+            )
+        try:
+            raw = json.loads(config_path.read_text())
+            raw["layout_blocks"] = tuple(raw["layout_blocks"]) if raw.get("layout_blocks") is not None else None
+            cfg = ConditioningConfig(**raw)
+        except (json.JSONDecodeError, TypeError, ValueError, KeyError) as exc:
+            raise WeightsError(f"{config_path}: not a valid CompositionAdapter config ({exc})") from None
+        adapter = cls(cfg)
+        load_strict(adapter, directory / cls.WEIGHTS_NAME, "CompositionAdapter weights")
+        return adapter
 
     def reset_parameters(self) -> None:
         for module in self.modules():

@@ -1,0 +1,134 @@
+"""Safetensors checkpoints: atomic writes, checked reads, and key reports for warm starts.
+
+Only safetensors are ever read, so no untrusted pickle is unpickled. Writes go to a temp file in the target's
+folder and are renamed into place, so a killed process never leaves half a file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import WeightsError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write `state` atomically (temp file + fsync + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_safetensors(path: str | Path, what: str = "a safetensors checkpoint") -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing, pickled, truncated or corrupt file is a one-line WeightsError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise WeightsError(f"{path}: refusing a pickle checkpoint ({path.suffix}); expected {what} (.safetensors)")
+    if not path.is_file():
+        raise WeightsError(f"missing {path} (expected {what})")
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head[:1] == b"\x80" or head == b"PK":  # pickle protocol marker / torch.save zip archive
+        raise WeightsError(f"{path}: is a pickle/torch.save file, not safetensors; refusing to unpickle it")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
+
+
+@dataclass
+class KeyReport:
+    """What a (warm-start) load did: keys loaded, left at init, ignored, or skipped for shape."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        return (
+            f"loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+            f"shape-mismatched {len(self.mismatched)}"
+        )
+
+
+def match_keys(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[KeyReport, dict[str, torch.Tensor]]:
+    """Compare a checkpoint with a module: the report and the entries that can be loaded."""
+    own = module.state_dict()
+    report = KeyReport()
+    usable = {}
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif own[key].shape != value.shape:
+            report.mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+        else:
+            usable[key] = value
+            report.loaded.append(key)
+    report.missing = [k for k in own if k not in state]
+    return report, usable
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor]) -> KeyReport:
+    """Load every key whose name and shape match; report the rest (warm start, DESIGN 5)."""
+    report, usable = match_keys(module, state)
+    module.load_state_dict(usable, strict=False)
+    return report
+
+
+def load_strict(module: nn.Module, path: str | Path, what: str) -> None:
+    """Load a checkpoint that must match `module` exactly; any difference is a WeightsError naming keys."""
+    report, usable = match_keys(module, load_safetensors(path, what))
+    if not report.exact:
+        detail = "; ".join(
+            f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for name, keys in (
+                ("missing", report.missing),
+                ("unexpected", report.unexpected),
+                ("mismatched", report.mismatched),
+            )
+            if keys
+        )
+        raise WeightsError(f"{path}: does not match {what} ({detail})")
+    module.load_state_dict(usable, strict=True)
+
+
+def write_json_atomic(data: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,272 @@
+"""A local model directory in the FLUX.1-dev layout plus image encoders, checked before anything loads.
+
+Every problem is a `WeightsError` whose one-line message names the exact path and what was expected.
+Weights are loaded from safetensors only, from local files only; missing tensors are an error, never
+silently random-initialised (transformers and diffusers both do that by default, with a warning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from moviepostproduction.errors import WeightsError
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
+
+
+@dataclass(frozen=True)
+class Component:
+    """What one sub-folder must hold."""
+
+    subdir: str
+    label: str  # what the folder holds, used in every message about it
+    kind: str  # "diffusers" | "transformers" | "tokenizer"
+    accepted: tuple[str, ...] = ()  # diffusers `_class_name`s or transformers `model_type`s
+    preprocessor: bool = False
+
+
+COMPONENTS: dict[str, Component] = {
+    "transformer": Component("transformer", "FluxTransformer2DModel", "diffusers", ("FluxTransformer2DModel",)),
+    "vae": Component("vae", "AutoencoderKL", "diffusers", ("AutoencoderKL",)),
+    "text_encoder": Component("text_encoder", "CLIPTextModel", "transformers", ("clip_text_model", "clip")),
+    "tokenizer": Component("tokenizer", "CLIP tokenizer", "tokenizer"),
+    "text_encoder_2": Component("text_encoder_2", "T5EncoderModel", "transformers", ("t5",)),
+    "tokenizer_2": Component("tokenizer_2", "T5 tokenizer", "tokenizer"),
+    "image_clip": Component(
+        "image_encoders/clip",
+        "CLIPVisionModelWithProjection",
+        "transformers",
+        ("clip_vision_model", "clip"),
+        preprocessor=True,
+    ),
+    "image_dino": Component("image_encoders/dino", "Dinov2Model", "transformers", ("dinov2",), preprocessor=True),
+}
+TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+IMAGE_COMPONENTS = ("image_clip", "image_dino")
+
+
+def _a(label: str) -> str:
+    return f"{'an' if label[0] in 'AEIOU' else 'a'} {label}"
+
+
+def read_json(path: Path, what: str, root: Path) -> dict[str, Any]:
+    """Parse a JSON object file or raise a one-line WeightsError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"model dir {root}: missing {path} (expected {what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"model dir {root}: cannot read {path} as JSON ({what}): {exc}") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"model dir {root}: {path} is not a JSON object (expected {what})")
+    return data
+
+
+def _check_safetensors(file: Path, root: Path) -> None:
+    """Read the header only: catches truncated and corrupt files without touching the tensor data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"model dir {root}: {file} is truncated or corrupt ({exc})") from None
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """Paths of a model directory (`--model DIR`); see docs/model-directory.md."""
+
+    root: Path
+    transformer: Path
+    vae: Path
+    text_encoder: Path
+    tokenizer: Path
+    text_encoder_2: Path
+    tokenizer_2: Path
+    image_clip: Path
+    image_dino: Path
+
+    @classmethod
+    def at(cls, root: str | Path) -> ModelDir:
+        base = Path(root).expanduser()
+        if not base.is_dir():
+            raise WeightsError(f"model dir {base}: not a directory (expected a FLUX-layout model folder)")
+        return cls(base, **{name: base / comp.subdir for name, comp in COMPONENTS.items()})
+
+    @property
+    def index(self) -> dict[str, Any]:
+        """model_index.json, or {} when absent (it is optional)."""
+        path = self.root / "model_index.json"
+        return read_json(path, "a diffusers model_index.json", self.root) if path.exists() else {}
+
+    @property
+    def tiny_random(self) -> bool:
+        """True for the random-init tiny dirs of `moviepostproduction.tiny`: their output is noise."""
+        return bool(self.index.get("tiny_random", False))
+
+    def path(self, component: str) -> Path:
+        if component not in COMPONENTS:
+            raise KeyError(f"unknown component {component!r}; known: {', '.join(COMPONENTS)}")
+        return getattr(self, component)
+
+    def check(self, components: Iterable[str] = tuple(COMPONENTS)) -> None:
+        """Raise a one-line WeightsError for the first missing or unusable file of the given components."""
+        self.index  # noqa: B018 - a malformed model_index.json is reported even though it is optional
+        for name in components:
+            self._check_component(name)
+
+    def _missing(self, path: Path, what: str) -> WeightsError:
+        return WeightsError(f"model dir {self.root}: missing {path} (expected {what})")
+
+    def _check_component(self, name: str) -> None:
+        folder = self.path(name)  # unknown names raise here, listing the known ones
+        comp = COMPONENTS[name]
+        layout = "diffusers layout" if comp.kind == "diffusers" else "transformers layout"
+        if not folder.is_dir():
+            raise self._missing(folder, f"{_a(comp.label)} folder in {layout}")
+        if comp.kind == "tokenizer":
+            self._check_tokenizer(folder, comp)
+            return
+        config = read_json(folder / "config.json", f"{_a(comp.label)} config in {layout}", self.root)
+        declared = config.get("_class_name") if comp.kind == "diffusers" else config.get("model_type")
+        if declared not in comp.accepted:
+            key = "_class_name" if comp.kind == "diffusers" else "model_type"
+            raise WeightsError(
+                f"model dir {self.root}: {folder / 'config.json'} has {key}={declared!r} "
+                f"(expected {_a(comp.label)}: {key} in {list(comp.accepted)})"
+            )
+        self._check_weights(folder, comp)
+        if comp.preprocessor:
+            read_json(
+                folder / "preprocessor_config.json",
+                f"the {comp.label} preprocessor config (resize, crop, mean/std)",
+                self.root,
+            )
+
+    def _check_tokenizer(self, folder: Path, comp: Component) -> None:
+        if not (folder / "tokenizer_config.json").is_file():
+            raise self._missing(folder / "tokenizer_config.json", f"{_a(comp.label)} saved with save_pretrained")
+        if not any((folder / f).is_file() for f in TOKENIZER_VOCAB_FILES):
+            raise self._missing(
+                folder / "tokenizer.json", f"the {comp.label} vocabulary, or one of {list(TOKENIZER_VOCAB_FILES[1:])}"
+            )
+
+    def _check_weights(self, folder: Path, comp: Component) -> None:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise WeightsError(
+                    f"model dir {self.root}: {folder} holds only pickle weights {pickles}; refusing to unpickle, "
+                    "convert them to .safetensors"
+                )
+            stem = "diffusion_pytorch_model" if comp.kind == "diffusers" else "model"
+            raise self._missing(folder / f"{stem}.safetensors", f"{comp.label} weights as .safetensors")
+        for index_file in folder.glob("*.safetensors.index.json"):
+            weight_map = read_json(index_file, "a safetensors shard index", self.root).get("weight_map", {})
+            for shard in sorted(set(weight_map.values())):
+                if not (folder / shard).is_file():
+                    raise self._missing(folder / shard, f"a shard listed in {index_file.name}")
+        for file in files:
+            _check_safetensors(file, self.root)
+
+
+def as_model_dir(model_dir: ModelDir | str | Path) -> ModelDir:
+    return model_dir if isinstance(model_dir, ModelDir) else ModelDir.at(model_dir)
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Hide the per-file progress bars of transformers/diffusers while loading or saving tiny parts."""
+    from diffusers.utils import logging as d_logging
+    from transformers.utils import logging as t_logging
+
+    states = (t_logging.is_progress_bar_enabled(), d_logging.is_progress_bar_enabled())
+    t_logging.disable_progress_bar()
+    d_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if states[0]:
+            t_logging.enable_progress_bar()
+        if states[1]:
+            d_logging.enable_progress_bar()
+
+
+def freeze(module: M) -> M:
+    """Frozen encoders: no parameter gradients, eval mode (dropout off)."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def load_frozen(cls: type[M], model_dir: ModelDir, component: str, dtype: torch.dtype) -> M:
+    """`cls.from_pretrained` on one checked component: safetensors only, local only, no missing tensors."""
+    model_dir.check([component])
+    folder = model_dir.path(component)
+    try:
+        with quiet_progress():
+            model, info = cls.from_pretrained(
+                folder, local_files_only=True, use_safetensors=True, dtype=dtype, output_loading_info=True
+            )
+    except Exception as exc:  # the libraries raise OSError/ValueError/RuntimeError/SafetensorError alike
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"model dir {model_dir.root}: cannot load {folder} as {cls.__name__}: {first}") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise WeightsError(
+            f"model dir {model_dir.root}: weights in {folder} lack {len(missing)} tensors of {cls.__name__} "
+            f"({', '.join(missing[:3])}{more})"
+        )
+    if info.get("unexpected_keys"):
+        logger.debug("%s: ignored %d unexpected tensors", folder, len(info["unexpected_keys"]))
+    return freeze(model)
+
+
+def default_cache_dir() -> Path:
+    """`$MPP_CACHE`, else `$XDG_CACHE_HOME/moviepostproduction`, else ~/.cache/moviepostproduction."""
+    if env := os.environ.get("MPP_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moviepostproduction"
+
+
+def default_model_dir(cache_dir: str | Path | None = None, *, seed: int = 0) -> Path:
+    """The model used without `--model`: until a trained toy model ships, the tiny random dir of
+    `moviepostproduction.tiny`, built once into the cache (atomically: concurrent callers never see half a
+    dir). Its model_index.json carries `"tiny_random": true`, so output is labelled as noise."""
+    from moviepostproduction.tiny import TINY_DIR_VERSION, write_tiny_model_dir
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / f"tiny-random-v{TINY_DIR_VERSION}-seed{seed}"
+    if (target / "model_index.json").is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache))
+    try:
+        write_tiny_model_dir(staging / "dir", seed=seed)
+        try:
+            os.replace(staging / "dir", target)
+        except OSError:
+            if not (target / "model_index.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

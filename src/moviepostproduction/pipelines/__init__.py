@@ -1,0 +1,1 @@
+"""Pipelines: orchestration only (encode, prepare, sample, decode); models and samplers live elsewhere."""

@@ -1,0 +1,151 @@
+"""ComposePipeline and `mpp compose` end to end on tiny random models written in the real on-disk layout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from moviepostproduction.cli import app
+from moviepostproduction.errors import MppError, WeightsError
+from moviepostproduction.pipelines.compose import ComposePipeline
+from moviepostproduction.scene import load_scene
+from moviepostproduction.tiny import write_tiny_model_dir
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return write_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir) -> ComposePipeline:
+    return ComposePipeline.from_model_dir(model_dir)
+
+
+def write_scene(folder: Path, width: int = 64, height: int = 48, refs=None, **extra) -> Path:
+    shutil.copytree(EXAMPLES / "refs", folder / "refs", dirs_exist_ok=True)
+    refs = refs or [
+        {"image": "refs/red_circle.png", "bbox": [0.1, 0.2, 0.5, 0.9], "depth": "fg", "caption": "a red circle"},
+        {"image": "refs/blue_square.png", "bbox": [0.5, 0.1, 0.9, 0.5], "depth": "bg"},
+    ]
+    data = {"caption": "a red circle and a blue square", "width": width, "height": height, "seed": 3, "refs": refs}
+    path = folder / "scene.json"
+    path.write_text(json.dumps({**data, **extra}))
+    return path
+
+
+def test_output_size_equals_scene_size_and_alphas_per_ref(pipe, tmp_path):
+    scene = load_scene(write_scene(tmp_path))
+    out = pipe(scene, num_inference_steps=2)
+    assert out.images[0].size == (64, 48)
+    assert len(out.alphas) == 1 and out.alphas[0] == [0.5, 0.5]  # untrained alpha predictor
+    assert out.label.startswith("tiny-random")
+
+
+def test_same_seed_same_image_and_different_seed_differs(pipe, tmp_path):
+    scene = load_scene(write_scene(tmp_path))
+    a = pipe(scene, num_inference_steps=2, output_type="pt", seed=1).images
+    b = pipe(scene, num_inference_steps=2, output_type="pt", seed=1).images
+    c = pipe(scene, num_inference_steps=2, output_type="pt", seed=2).images
+    assert a.shape == (1, 3, 48, 64)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_storyboard_encodes_each_shared_reference_once(model_dir, tmp_path):
+    pipe = ComposePipeline.from_model_dir(model_dir)
+    first = load_scene(write_scene(tmp_path / "a"))
+    refs = [{"image": "refs/red_circle.png", "bbox": [0.5, 0.5, 0.9, 0.9], "depth": "fg"}]
+    second = load_scene(write_scene(tmp_path / "a", refs=refs, caption="the red circle again"))
+    encoded = []
+    original = pipe.image_encoder.encode
+    pipe.image_encoder.encode = lambda images: encoded.append(len(images)) or original(images)
+    out = pipe([first, second], num_inference_steps=1)
+    assert len(out.images) == 2 and [len(a) for a in out.alphas] == [2, 1]
+    assert encoded == [2]  # the red circle of scene 2 came from the cache
+
+
+def test_conditioning_is_prepared_once_for_all_steps(model_dir, tmp_path):
+    pipe = ComposePipeline.from_model_dir(model_dir)
+    scene = load_scene(write_scene(tmp_path))
+    calls, steps = [], []
+    pipe.model.adapter.instance_encoder.register_forward_hook(lambda *a: calls.append(1))
+    pipe(scene, num_inference_steps=5, callback_on_step_end=lambda i, t, x: steps.append(i))
+    assert steps == [0, 1, 2, 3, 4]
+    assert len(calls) == 1
+
+
+def test_true_cfg_runs_a_negative_branch_and_img2img_skips_early_steps(model_dir, tmp_path):
+    pipe = ComposePipeline.from_model_dir(model_dir)
+    scene = load_scene(write_scene(tmp_path))
+    forwards = []
+    pipe.model.transformer.x_embedder.register_forward_hook(lambda *a: forwards.append(1))
+    pipe(scene, num_inference_steps=3, true_cfg_scale=2.0, negative_prompt="blurry")
+    assert len(forwards) == 6
+    forwards.clear()
+    steps = []
+    init = Image.new("RGB", (64, 48), (200, 30, 30))
+    pipe(scene, num_inference_steps=4, image=init, strength=0.5, callback_on_step_end=lambda i, t, x: steps.append(t))
+    assert 0 < len(steps) < 4 and len(forwards) == len(steps)
+
+
+def test_non_finite_latents_are_rejected(pipe, tmp_path):
+    scene = load_scene(write_scene(tmp_path))
+    bad = torch.full((1, 12, 64), float("nan"))
+    with pytest.raises(MppError, match="latents"):
+        pipe(scene, num_inference_steps=1, latents=bad)
+
+
+def test_missing_adapter_names_the_path(model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    shutil.rmtree(broken / "adapter")
+    with pytest.raises(WeightsError, match=str(broken / "adapter" / "config.json")):
+        ComposePipeline.from_model_dir(broken)
+
+
+def test_cli_compose_writes_image_and_layout_overlay(model_dir, tmp_path):
+    scene = write_scene(tmp_path)
+    out = tmp_path / "out" / "shot.png"
+    result = CliRunner().invoke(
+        app, ["compose", str(scene), "-o", str(out), "--model", str(model_dir), "--steps", "2", "--overlay"]
+    )
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (64, 48)
+    layout = out.with_suffix(".layout.png")
+    assert Image.open(layout).size == (64, 48)
+    assert "ref 0 fg alpha 0.500" in result.output
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"refs": [{"image": "refs/red_circle.png", "bbox": [0.5, 0.1, 0.2, 0.9], "depth": "fg"}]}, "refs[0].bbox"),
+        ({"refs": [{"image": "refs/nope.png", "bbox": [0.1, 0.1, 0.2, 0.9], "depth": "fg"}]}, "refs[0].image"),
+        ({"refs": [{"image": "refs/red_circle.png", "bbox": [0.1, 0.1, 0.2, 0.9], "depth": "top"}]}, "refs[0].depth"),
+    ],
+)
+def test_cli_compose_bad_scene_exits_2_before_loading_weights(tmp_path, patch, field):
+    scene = write_scene(tmp_path, **patch)
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(app, ["compose", str(scene), "-o", str(out), "--model", str(tmp_path / "no-model")])
+    assert result.exit_code == 2
+    assert field in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_cli_compose_missing_model_dir_exits_2(tmp_path):
+    scene = write_scene(tmp_path)
+    result = CliRunner().invoke(
+        app, ["compose", str(scene), "-o", str(tmp_path / "o.png"), "--model", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2
+    assert str(tmp_path / "x") in result.output and "Traceback" not in result.output
