@@ -7,7 +7,7 @@ import torch
 
 from moviepostproduction.modules import PRESETS, CompositionAdapter, ConditioningConfig
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
 
 @pytest.fixture

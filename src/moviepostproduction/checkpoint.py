@@ -44,13 +44,16 @@ def load_safetensors(path: str | Path, what: str = "a safetensors checkpoint") -
         raise WeightsError(f"{path}: refusing a pickle checkpoint ({path.suffix}); expected {what} (.safetensors)")
     if not path.is_file():
         raise WeightsError(f"missing {path} (expected {what})")
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    if head[:1] == b"\x80" or head == b"PK":  # pickle protocol marker / torch.save zip archive
-        raise WeightsError(f"{path}: is a pickle/torch.save file, not safetensors; refusing to unpickle it")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        # Only after safetensors parsing failed: a pickle stream or torch.save zip gets a clearer message.
+        if head[:1] == b"\x80" or head == b"PK":
+            raise WeightsError(
+                f"{path}: is a pickle/torch.save file, not safetensors; refusing to unpickle it"
+            ) from None
         raise WeightsError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
 
 

@@ -1,0 +1,1 @@
+"""One training loop for every capability: a `TrainTask` says what to train, the `Trainer` how."""
