@@ -82,3 +82,251 @@ def validate(
             f"{len(loaded.refs)} refs ({counts})"
         )
     )
+
+
+@app.command("prepare-data")
+@user_errors
+def prepare_data(
+    out: str = typer.Option(..., "--out", help="Output directory (train/, heldout/, manifest.json)."),
+    n: int = typer.Option(..., "--n", help="Total number of scenes (train + held-out)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the toy-world streams."),
+    size: int = typer.Option(128, "--size", help="Scene side in pixels."),
+    ref_size: int = typer.Option(64, "--ref-size", help="Reference image side in pixels."),
+    max_refs: int = typer.Option(4, "--max-refs", help="Most sprites (refs) per scene."),
+    heldout_frac: float = typer.Option(0.1, "--heldout-frac", help="Fraction of --n written to heldout/."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Most samples per tar shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the shards of a non-empty --out."),
+    workers: int = typer.Option(1, "--workers", help="Processes writing shards in parallel (same bytes)."),
+) -> None:
+    """Generate the procedural toy world as WebDataset tar shards (train and held-out splits)."""
+    from tqdm import tqdm
+
+    from .data.shards import write_dataset
+    from .data.synthetic import ToyWorldConfig
+
+    cfg = ToyWorldConfig(size=size, ref_size=ref_size, max_refs=max_refs)
+    with tqdm(total=n, unit="scene", desc="prepare-data", disable=None) as bar:
+        manifest = write_dataset(
+            out,
+            n,
+            seed,
+            cfg,
+            heldout_frac=heldout_frac,
+            shard_size=shard_size,
+            overwrite=overwrite,
+            workers=workers,
+            progress=bar.update,
+        )
+    splits = manifest["splits"]
+    typer.echo(
+        f"{out}: {splits['train']['count']} train / {splits['heldout']['count']} held-out scenes in "
+        f"{len(splits['train']['shards']) + len(splits['heldout']['shards'])} shards (seed {seed})"
+    )
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in table:
+        from .errors import Problem, ValidationError
+
+        raise ValidationError([Problem("--dtype", name, f"must be one of {', '.join(table)}")])
+    return table[name]
+
+
+@app.command()
+@user_errors
+def compose(
+    scene: str = typer.Argument(..., help="Scene file (.json or .yaml)."),
+    output: str = typer.Option(..., "-o", "--output", help="Output PNG."),
+    model: str | None = typer.Option(
+        None, "--model", help="Model dir (FLUX.1-dev layout + adapter/); default: embedded."
+    ),
+    steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed (default: the scene's seed, else 0)."),
+    guidance: float = typer.Option(3.5, "--guidance", help="FLUX guidance embedding scale."),
+    true_cfg: float = typer.Option(1.0, "--true-cfg", help="True CFG scale (> 1 with --negative)."),
+    negative: str | None = typer.Option(None, "--negative", help="Negative prompt for true CFG."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write OUT.layout.png: boxes, depth, alpha."),
+    max_refs: int = typer.Option(50, "--max-refs", min=0, help="Most refs the scene may have."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+) -> None:
+    """Compose a scene: caption + references placed by bbox and depth -> one image."""
+    from pathlib import Path
+
+    from .model_dir import default_model_dir
+    from .pipelines.compose import ComposePipeline
+    from .scene import load_scene
+    from .visualize import draw_layout, save_png
+
+    loaded = load_scene(scene, max_refs=max_refs)  # fail on a bad scene before loading any weights
+    pipe = ComposePipeline.from_model_dir(model or default_model_dir(), dtype=_torch_dtype(dtype), device=device)
+    result = pipe(
+        loaded,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        true_cfg_scale=true_cfg,
+        negative_prompt=negative,
+        seed=seed,
+        progress=True,
+    )
+    image, alphas = result.images[0], result.alphas[0]
+    meta = {"mpp:caption": loaded.caption, "mpp:model": result.label or str(model or "embedded")}
+    out = save_png(image, output, meta)
+    typer.echo(f"wrote {out} ({image.width}x{image.height}){' [' + result.label + ']' if result.label else ''}")
+    if overlay:
+        layout = draw_layout(image, [r.bbox for r in loaded.refs], [r.depth for r in loaded.refs], alphas)
+        path = save_png(layout, Path(output).with_suffix(".layout.png"), meta)
+        typer.echo(f"wrote {path}")
+    for i, (ref, a) in enumerate(zip(loaded.refs, alphas, strict=True)):
+        typer.echo(f"  ref {i} {ref.depth} alpha {a:.3f} -> {'modulation' if a >= 0.5 else 'layout'}")
+
+
+@app.command()
+@user_errors
+def bench(
+    tokens: str = typer.Option("", "--tokens", help="Image tokens, comma separated [1024,4096; cuda adds 8192]."),
+    refs: str = typer.Option("0,10,50,100", "--refs", help="Reference counts, comma separated."),
+    text_tokens: int = typer.Option(512, "--text-tokens", help="Text tokens (T5 sequence length)."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed rounds; each case reports the median."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed rounds first; the last one also measures memory."),
+    mode: str = typer.Option("all", "--mode", help="forward, train or all."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    coverage: float = typer.Option(0.5, "--coverage", help="Fraction of the image inside the union of the boxes."),
+    layout: bool = typer.Option(True, "--layout/--no-layout", help="Assemble-Attn on (early steps) or off (later)."),
+    tiny: bool = typer.Option(False, "--tiny", help="Test-size model (D=32) instead of FLUX.1-dev width."),
+    json_out: str | None = typer.Option(None, "--json", help="Also write every timing to this JSON file."),
+) -> None:
+    """Time plain FLUX against the conditioned forward on identical inputs, interleaved; one line per case."""
+    import json
+    from pathlib import Path
+
+    from .bench import (
+        BenchConfig,
+        default_tokens,
+        format_case,
+        format_header,
+        format_prepare,
+        parse_modes,
+        parse_numbers,
+        run_benchmark,
+    )
+    from .bench_setup import BenchShape
+
+    cfg = BenchConfig(
+        tokens=parse_numbers("--tokens", tokens) or default_tokens(device),
+        refs=parse_numbers("--refs", refs),
+        text_tokens=text_tokens,
+        modes=parse_modes(mode),
+        repeats=repeats,
+        warmup=warmup,
+        device=device,
+        dtype=dtype,
+        coverage=coverage,
+        layout_active=layout,
+        shape=BenchShape().tiny() if tiny else BenchShape(),
+    )
+    report = run_benchmark(cfg)
+    typer.echo(format_header(report))
+    for line in [*map(format_case, report.cases), *map(format_prepare, report.prepares)]:
+        typer.echo(line)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report.to_dict(), indent=2))
+        typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+@user_errors
+def panorama(
+    output: str = typer.Option(..., "-o", "--output", help="Output PNG, width = 2 x height (equirectangular)."),
+    caption: str | None = typer.Option(None, "--caption", help="Text prompt."),
+    scene: str | None = typer.Option(None, "--scene", help="A panorama scene (refs may wrap the seam), not --caption."),
+    height: int | None = typer.Option(None, "--height", help="Height in pixels, a multiple of 16 [default: 256]."),
+    steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed (default: the scene's seed, else 0)."),
+    guidance: float = typer.Option(3.5, "--guidance", help="FLUX guidance embedding scale."),
+    model: str | None = typer.Option(None, "--model", help="Model dir (FLUX.1-dev layout); default: embedded."),
+    pad: int = typer.Option(1, "--pad", help="Wrapped token columns on each side (DiT360: 1; 0 = off)."),
+    pad_ids: str = typer.Option("opposite", "--pad-ids", help="Pad position ids: opposite (DiT360) or continuous."),
+    periodic_rope: bool = typer.Option(False, "--periodic-rope/--no-periodic-rope", help="Column RoPE on a circle."),
+    roll: str = typer.Option("off", "--roll", help="Latent rolling between steps: off, fixed or random."),
+    circular_vae: bool = typer.Option(True, "--circular-vae/--no-circular-vae", help="Circular VAE width padding."),
+    html: bool = typer.Option(False, "--html", help="Also write OUT.html, a self-contained 360 viewer."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+) -> None:
+    """Generate a seamless 360-degree panorama from a caption (or a panorama scene with placed refs)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .encoders import TextEncoder
+    from .errors import Problem, ValidationError
+    from .evaluation.metrics import seam_ratio
+    from .model_dir import default_model_dir
+    from .panorama import PanoramaConfig, panorama_grid
+    from .pipelines.panorama import PanoramaPipeline, compose_panorama
+    from .viewer import write_viewer
+    from .visualize import save_png
+
+    if (caption is None) == (scene is None):
+        raise ValidationError([Problem("--caption", caption, "give exactly one of --caption or --scene")])
+    if scene is not None and height is not None:
+        raise ValidationError([Problem("--height", height, "the scene sets the size; drop --height")])
+    config = PanoramaConfig(pad=pad, pad_ids=pad_ids, periodic_rope=periodic_rope, circular_vae=circular_vae, roll=roll)
+    if height is not None:
+        panorama_grid(height)  # fail on a bad size before loading any weights
+    md, torch_dtype = model or default_model_dir(), _torch_dtype(dtype)
+    if scene is not None:
+        from .pipelines.compose import ComposePipeline
+        from .scene import load_scene
+
+        loaded = load_scene(scene)  # fail on a bad scene before loading any weights
+        compose_pipe = ComposePipeline.from_model_dir(md, dtype=torch_dtype, device=device)
+        result = compose_panorama(
+            compose_pipe,
+            loaded,
+            config=config,
+            seed=seed,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            progress=True,
+        )
+        prompt = loaded.caption
+    else:
+        pipe = PanoramaPipeline.from_model_dir(md, config=config, dtype=torch_dtype, device=device)
+        text = TextEncoder.load(md, dtype=torch_dtype, device=device).encode([caption])
+        result = pipe(
+            prompt_embeds=text.t5,
+            pooled_prompt_embeds=text.pooled,
+            height=height or 256,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            seed=seed,
+            progress=True,
+        )
+        prompt = caption
+    pixels = (result.images[0] * 255).round().byte().permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+    meta = {"mpp:caption": prompt, "mpp:model": result.label or str(model or "embedded"), "mpp:projection": "equirect"}
+    out = save_png(Image.fromarray(pixels), output, meta)
+    seams = f"seam ratio {seam_ratio(pixels):.3f}, rotated view {seam_ratio(pixels, rotated=True):.3f}"
+    label = f" [{result.label}]" if result.label else ""
+    typer.echo(f"wrote {out} ({pixels.shape[1]}x{pixels.shape[0]}), {seams}{label}")
+    if html:
+        typer.echo(f"wrote {write_viewer(out, Path(out).with_suffix('.html'))}")
+
+
+@app.command()
+@user_errors
+def view(
+    image: str = typer.Argument(..., help="Equirectangular panorama (PNG or JPEG, 2:1)."),
+    output: str = typer.Option(..., "-o", "--output", help="Output HTML page (self-contained, works offline)."),
+    title: str | None = typer.Option(None, "--title", help="Page title (default: the image file name)."),
+) -> None:
+    """Write a self-contained HTML 360-degree viewer for a panorama: drag to look around, wheel to zoom."""
+    from .viewer import write_viewer
+
+    typer.echo(f"wrote {write_viewer(image, output, title=title)}")

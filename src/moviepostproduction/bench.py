@@ -1,0 +1,311 @@
+"""Conditioning overhead against plain FLUX, measured side by side in one process (docs/benchmarks.md).
+
+The stock diffusers `FluxTransformer2DModel` forward and `ConditionedFlux.forward` run on identical inputs,
+interleaved (plain, cond 0 refs, cond 10 refs, ... then again), after warm-up; each case reports the median.
+The model has FLUX.1-dev width with one double and one single block (random init): weights and activations
+per block are those of the real model, so the per-block ratio is what carries over to 19 + 38 blocks.
+Nothing here prints; callers format `BenchReport` with `format_case` / `format_prepare`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .bench_memory import PeakMemory
+from .bench_setup import BenchShape, bench_refs, build_model, make_inputs, refs_to, token_grid
+from .errors import Problem, ValidationError
+from .layout import bbox_token_mask
+
+logger = logging.getLogger(__name__)
+
+MODES = ("forward", "train")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    tokens: tuple[int, ...] = (1024, 4096)  # image tokens per case (grid as square as the count allows)
+    refs: tuple[int, ...] = (0, 10, 50, 100)
+    text_tokens: int = 512
+    modes: tuple[str, ...] = MODES
+    repeats: int = 3  # timed rounds; each case reports the median
+    warmup: int = 1  # untimed rounds first; the last one also measures peak memory
+    device: str = "cpu"
+    dtype: str = "fp32"
+    coverage: float = 0.5  # fraction of the image covered by the union of the boxes
+    layout_active: bool = True  # Assemble-Attn on (first `grounding_ratio` of the steps) or off
+    shape: BenchShape = field(default_factory=BenchShape)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("tokens", self.tokens, bool(self.tokens) and all(t > 0 for t in self.tokens), "need counts > 0"),
+            ("refs", self.refs, bool(self.refs) and all(r >= 0 for r in self.refs), "need counts >= 0"),
+            ("text_tokens", self.text_tokens, self.text_tokens > 0, "must be > 0"),
+            ("mode", self.modes, bool(self.modes) and set(self.modes) <= set(MODES), f"choose from {MODES} or all"),
+            ("repeats", self.repeats, self.repeats >= 1, "must be >= 1"),
+            ("warmup", self.warmup, self.warmup >= 1, "must be >= 1 (warm-up also measures memory)"),
+            ("dtype", self.dtype, self.dtype in DTYPES, f"choose from {tuple(DTYPES)}"),
+            ("coverage", self.coverage, 0.0 < self.coverage <= 1.0, "must be in (0, 1]"),
+        ]
+        problems = [Problem(name, value, message) for name, value, ok, message in checks if not ok]
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            problems.append(Problem("device", self.device, "choose cpu or cuda"))
+        elif self.device.startswith("cuda") and not torch.cuda.is_available():
+            problems.append(Problem("device", self.device, "CUDA is not available on this machine"))
+        if problems:
+            raise ValidationError(problems)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """One (mode, tokens, refs) case. Times in seconds, memory in MiB above the level before the call."""
+
+    mode: str
+    tokens: int
+    text_tokens: int
+    refs: int
+    covered: float  # fraction of image tokens inside some box
+    regions: int  # distinct modulation regions of the image stream (AdaLN linear runs once per region)
+    group_tokens: int  # padded tokens Assemble-Attn processes (groups x longest box)
+    plain_times: tuple[float, ...]
+    conditioned_times: tuple[float, ...]
+    plain_peak_mib: float | None = None
+    conditioned_peak_mib: float | None = None
+
+    @property
+    def plain_s(self) -> float:
+        return statistics.median(self.plain_times)
+
+    @property
+    def conditioned_s(self) -> float:
+        return statistics.median(self.conditioned_times)
+
+    @property
+    def ratio(self) -> float:
+        return self.conditioned_s / self.plain_s
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """`adapter.prepare` (paid once per scene) against one conditioned forward step (paid every step)."""
+
+    tokens: int
+    refs: int
+    prepare_s: float
+    step_s: float | None  # median conditioned forward of the same case; None without forward mode
+
+    @property
+    def fraction(self) -> float | None:
+        return None if self.step_s is None else self.prepare_s / self.step_s
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    config: BenchConfig
+    torch_version: str
+    cpu_count: int
+    threads: int
+    device_name: str
+    memory_method: str | None  # None: memory not measured (why is in `memory_note`)
+    memory_note: str
+    cases: list[CaseResult]
+    prepares: list[PrepareResult]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for case, row in zip(self.cases, data["cases"], strict=True):
+            row.update(plain_s=case.plain_s, conditioned_s=case.conditioned_s, ratio=case.ratio)
+        for prep, row in zip(self.prepares, data["prepares"], strict=True):
+            row["fraction"] = prep.fraction
+        return data
+
+
+def parse_numbers(name: str, text: str, kind: type = int) -> tuple:
+    """'1024,4096' -> (1024, 4096); a bad item raises a one-line ValidationError naming the option."""
+    try:
+        return tuple(kind(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise ValidationError([Problem(name, text, f"expected comma-separated {kind.__name__} values")]) from None
+
+
+def _step(model, inputs: dict, mode: str, scene: tuple | None, layout: bool) -> Callable[[], None]:
+    """One plain (scene None) or conditioned call; scene = (RefBatch, its prepared Conditioning).
+
+    Train: fwd + bwd with the base frozen and the adapter trainable. The latent input asks for a gradient in
+    both, so plain pays the same activation-gradient backward through every block as the conditioned step.
+    """
+    if mode == "forward":
+
+        def forward() -> None:
+            with torch.no_grad():
+                if scene is None:
+                    model.plain_forward(**inputs)
+                else:
+                    model(**inputs, conditioning=scene[1], layout_active=layout)
+
+        return forward
+    grid, text_len = token_grid(inputs["hidden_states"].shape[1]), inputs["txt_ids"].shape[0]
+
+    def train_step() -> None:
+        kwargs = {**inputs, "hidden_states": inputs["hidden_states"].detach().requires_grad_(True)}
+        if scene is None:
+            out = model.plain_forward(**kwargs)
+        else:  # in training every batch is a new scene, so prepare (with grad) is part of the step
+            out = model(**kwargs, conditioning=model.prepare(scene[0], grid, text_len), layout_active=layout)
+        out.float().square().mean().backward()
+        model.adapter.zero_grad(set_to_none=True)
+
+    return train_step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _interleave(variants: dict, cfg: BenchConfig, memory: PeakMemory, label: str) -> tuple[dict, dict]:
+    """Round by round, every variant once: warm-up rounds (the last measures peak memory), then timed rounds."""
+    device = torch.device(cfg.device)
+    times: dict = {name: [] for name in variants}
+    peaks: dict = {}
+    for round_ in range(cfg.warmup + cfg.repeats):
+        logger.info("%s: round %d of %d", label, round_ + 1, cfg.warmup + cfg.repeats)
+        for name, fn in variants.items():
+            if round_ >= cfg.warmup:
+                times[name].append(_timed(fn, device))
+            elif round_ == cfg.warmup - 1:
+                peaks[name] = memory.measure(fn)
+            else:
+                fn()
+    return times, peaks
+
+
+def _group(model, cfg: BenchConfig, mode: str, tokens: int, memory: PeakMemory) -> list[CaseResult]:
+    """Plain and one conditioned variant per refs count at one (mode, tokens), on identical inputs."""
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    grid = token_grid(tokens)
+    inputs = make_inputs(cfg.shape, grid, cfg.text_tokens, device, dtype, cfg.seed)
+    scenes = {}
+    for r in cfg.refs:
+        refs = bench_refs(r, model.adapter.cfg, cfg.coverage, cfg.text_tokens, cfg.seed + r)
+        refs = refs_to(refs, device, dtype)
+        with torch.no_grad():
+            scenes[r] = (refs, model.prepare(refs, grid, cfg.text_tokens))
+    variants = {"plain": _step(model, inputs, mode, None, cfg.layout_active)}
+    variants |= {r: _step(model, inputs, mode, scenes[r], cfg.layout_active) for r in cfg.refs}
+    times, peaks = _interleave(variants, cfg, memory, f"{mode} {tokens} tokens")
+    cases = []
+    for r, (refs, cond) in scenes.items():
+        covered = bbox_token_mask(refs.bboxes[0].float(), grid).any(0).float().mean().item() if r else 0.0
+        cases.append(
+            CaseResult(
+                mode=mode,
+                tokens=tokens,
+                text_tokens=cfg.text_tokens,
+                refs=r,
+                covered=covered,
+                regions=cond.image_regions.num_regions,
+                group_tokens=cond.packing.token_index.numel(),
+                plain_times=tuple(times["plain"]),
+                conditioned_times=tuple(times[r]),
+                plain_peak_mib=peaks["plain"],
+                conditioned_peak_mib=peaks[r],
+            )
+        )
+    return cases
+
+
+def _prepare_time(model, cfg: BenchConfig, case: CaseResult) -> PrepareResult:
+    """Median `adapter.prepare` time of the case's scene, against its median conditioned forward step."""
+    device, grid = torch.device(cfg.device), token_grid(case.tokens)
+    refs = bench_refs(case.refs, model.adapter.cfg, cfg.coverage, cfg.text_tokens, cfg.seed + case.refs)
+    refs = refs_to(refs, device, DTYPES[cfg.dtype])
+
+    def prepare() -> None:
+        with torch.no_grad():
+            model.prepare(refs, grid, cfg.text_tokens)
+
+    seconds = statistics.median(_timed(prepare, device) for _ in range(cfg.warmup + cfg.repeats))
+    return PrepareResult(case.tokens, case.refs, seconds, case.conditioned_s)
+
+
+def run_benchmark(cfg: BenchConfig) -> BenchReport:
+    """Every (mode, tokens) group of cases, then the per-scene prepare time of every forward case with refs."""
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.shape, max(cfg.refs)).to(device=device, dtype=DTYPES[cfg.dtype])
+    model.transformer.requires_grad_(False)  # base frozen, adapter trainable, as in training
+    model.adapter.requires_grad_(True)
+    memory = PeakMemory(device)
+    cases = [case for mode in cfg.modes for tokens in cfg.tokens for case in _group(model, cfg, mode, tokens, memory)]
+    prepares = [_prepare_time(model, cfg, case) for case in cases if case.mode == "forward" and case.refs > 0]
+    return BenchReport(
+        config=cfg,
+        torch_version=torch.__version__,
+        cpu_count=os.cpu_count() or 0,
+        threads=torch.get_num_threads(),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        memory_method=memory.method,
+        memory_note=memory.note,
+        cases=cases,
+        prepares=prepares,
+    )
+
+
+def default_tokens(device: str) -> tuple[int, ...]:
+    """1024 and 4096 image tokens (1024^2 px at FLUX's 16 px per token); CUDA adds 8192 (2048 x 1024 px)."""
+    return (1024, 4096, 8192) if device.startswith("cuda") else (1024, 4096)
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    if text == "all":
+        return MODES
+    if text not in MODES:
+        raise ValidationError([Problem("--mode", text, "choose forward, train or all")])
+    return (text,)
+
+
+def format_header(report: BenchReport) -> str:
+    cfg, shape = report.config, report.config.shape
+    return (
+        f"{report.device_name} ({report.cpu_count} cores, {report.threads} torch threads), torch "
+        f"{report.torch_version}, {cfg.dtype}; FLUX width {shape.heads} x {shape.head_dim} = {shape.width}, "
+        f"{shape.double_blocks} double + {shape.single_blocks} single block; median of {cfg.repeats} after "
+        f"{cfg.warmup} warm-up; memory: {report.memory_note}"
+    )
+
+
+def format_case(case: CaseResult) -> str:
+    """`forward 4096 tokens 50 refs: plain 3.41 s, conditioned 3.62 s, ratio 1.06 [...]`."""
+    line = (
+        f"{case.mode} {case.tokens} tokens {case.refs} refs: plain {case.plain_s:.3g} s, "
+        f"conditioned {case.conditioned_s:.3g} s, ratio {case.ratio:.2f} "
+        f"[covered {100 * case.covered:.0f}%, {case.regions} regions, {case.group_tokens} layout tokens"
+    )
+    if case.plain_peak_mib is not None and case.conditioned_peak_mib is not None:
+        line += f", peak MiB plain {case.plain_peak_mib:.0f} / conditioned {case.conditioned_peak_mib:.0f}"
+    return line + "]"
+
+
+def format_prepare(prep: PrepareResult) -> str:
+    """`prepare 4096 tokens 50 refs: 0.08 s once per scene = 2.2% of one conditioned step (3.62 s)`."""
+    line = f"prepare {prep.tokens} tokens {prep.refs} refs: {prep.prepare_s:.3g} s once per scene"
+    if prep.fraction is not None:
+        line += f" = {100 * prep.fraction:.1f}% of one conditioned step ({prep.step_s:.3g} s)"
+    return line

@@ -1,0 +1,159 @@
+"""`mpp bench`: plain FLUX vs the conditioned forward, one result per case (run at tiny size, not timed)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moviepostproduction.bench import (
+    BenchConfig,
+    CaseResult,
+    PrepareResult,
+    format_case,
+    format_prepare,
+    parse_numbers,
+    run_benchmark,
+)
+from moviepostproduction.bench_memory import PeakMemory
+from moviepostproduction.bench_setup import BenchShape, coverage_boxes, token_grid
+from moviepostproduction.cli import app
+from moviepostproduction.errors import ValidationError
+from moviepostproduction.layout import bbox_token_mask
+
+LINE = re.compile(
+    r"^(forward|train) \d+ tokens \d+ refs: plain [\d.e+-]+ s, conditioned [\d.e+-]+ s, ratio \d+\.\d\d \["
+)
+TINY = BenchShape().tiny()
+
+
+@pytest.fixture(scope="module")
+def report():
+    cfg = BenchConfig(tokens=(16, 32), refs=(0, 3), text_tokens=8, repeats=2, shape=TINY)
+    return run_benchmark(cfg)
+
+
+def test_one_result_per_mode_tokens_and_refs_in_order(report):
+    keys = [(c.mode, c.tokens, c.refs) for c in report.cases]
+    assert keys == [(m, t, r) for m in ("forward", "train") for t in (16, 32) for r in (0, 3)]
+    for case in report.cases:
+        assert len(case.plain_times) == 2 and len(case.conditioned_times) == 2
+        assert case.plain_s == sum(case.plain_times) / 2  # median of two
+        assert case.ratio == case.conditioned_s / case.plain_s
+        assert case.text_tokens == 8
+        assert case.plain_peak_mib is not None and case.conditioned_peak_mib is not None  # psutil is installed
+
+
+def test_plain_timings_are_shared_by_the_cases_of_one_group(report):
+    forward16 = [c for c in report.cases if c.mode == "forward" and c.tokens == 16]
+    assert forward16[0].plain_times == forward16[1].plain_times  # one plain run per round, interleaved
+
+
+def test_case_geometry_fields(report):
+    by_key = {(c.mode, c.tokens, c.refs): c for c in report.cases}
+    empty, crowded = by_key["forward", 16, 0], by_key["forward", 16, 3]
+    assert (empty.covered, empty.regions, empty.group_tokens) == (0.0, 1, 0)
+    assert crowded.covered == 0.5  # 4 x 4 grid, boxes fill the left two columns exactly
+    assert crowded.regions >= 2  # at least "inside some box" and "outside every box"
+    assert crowded.group_tokens >= 8  # 3 groups padded to the longest box of the 8 covered tokens
+
+
+def test_prepare_is_timed_once_per_forward_case_with_refs(report):
+    forward = {(c.tokens, c.refs): c for c in report.cases if c.mode == "forward"}
+    assert [(p.tokens, p.refs) for p in report.prepares] == [(16, 3), (32, 3)]
+    for prep in report.prepares:
+        assert prep.prepare_s > 0
+        assert prep.step_s == forward[prep.tokens, prep.refs].conditioned_s
+        assert prep.fraction == prep.prepare_s / prep.step_s
+
+
+def test_report_serialises_with_derived_values(report):
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["config"]["shape"]["heads"] == 2 and data["torch_version"] == torch.__version__
+    assert data["cases"][1]["ratio"] == report.cases[1].ratio
+    assert data["prepares"][0]["fraction"] == report.prepares[0].fraction
+
+
+def test_format_case_and_prepare_lines():
+    case = CaseResult("forward", 4096, 512, 50, 0.5, 812, 25_650, (3.41,), (3.62,), 812.4, 901.0)
+    assert format_case(case) == (
+        "forward 4096 tokens 50 refs: plain 3.41 s, conditioned 3.62 s, ratio 1.06 "
+        "[covered 50%, 812 regions, 25650 layout tokens, peak MiB plain 812 / conditioned 901]"
+    )
+    assert format_prepare(PrepareResult(4096, 50, 0.08, 3.2)) == (
+        "prepare 4096 tokens 50 refs: 0.08 s once per scene = 2.5% of one conditioned step (3.2 s)"
+    )
+    assert format_prepare(PrepareResult(4096, 50, 0.08, None)).endswith("0.08 s once per scene")
+
+
+@pytest.mark.parametrize("coverage", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("refs", [1, 2, 3, 4, 50])
+def test_union_of_boxes_is_exactly_the_covered_strip(refs, coverage):
+    boxes = coverage_boxes(refs, coverage, torch.Generator().manual_seed(refs))
+    assert boxes.shape == (refs, 4)
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= coverage + 1e-6).all()
+    assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= 1 + 1e-6).all()
+    union = bbox_token_mask(boxes, (64, 64)).any(0).view(64, 64)
+    strip = torch.zeros(64, 64, dtype=torch.bool)
+    strip[:, : round(64 * coverage)] = True
+    assert torch.equal(union, strip)
+
+
+def test_token_grid_is_as_square_as_the_count_allows():
+    assert [token_grid(n) for n in (1024, 4096, 8192, 16, 7)] == [(32, 32), (64, 64), (64, 128), (4, 4), (1, 7)]
+
+
+def test_flux_dev_width_and_a_derived_tiny_shape():
+    assert (BenchShape().width, BenchShape().double_blocks, BenchShape().single_blocks) == (3072, 1, 1)
+    assert (TINY.width, TINY.double_blocks, TINY.single_blocks, TINY.in_channels) == (32, 1, 1, 64)
+
+
+def test_invalid_settings_name_the_field_and_value():
+    with pytest.raises(ValidationError, match=r"^refs: need counts >= 0 \(got \(-1,\)\)$"):
+        BenchConfig(refs=(-1,))
+    with pytest.raises(ValidationError, match=r"warmup: must be >= 1"):
+        BenchConfig(warmup=0)
+    with pytest.raises(ValidationError, match=r"^--tokens: expected comma-separated int values \(got '1x'\)$"):
+        parse_numbers("--tokens", "1x")
+    assert parse_numbers("--refs", "0, 10,50") == (0, 10, 50)
+
+
+def test_peak_memory_on_cpu_sees_a_held_allocation():
+    def hold() -> None:
+        block = torch.ones(16 * 2**20)  # 64 MiB
+        time.sleep(0.05)
+        del block
+
+    assert PeakMemory(torch.device("cpu")).measure(hold) >= 48
+
+
+def test_cli_prints_one_line_per_case_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--tiny", "--tokens", "16", "--refs", "0,2", "--repeats", "1", "--text-tokens", "8"]
+    result = CliRunner().invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("cpu (") and "FLUX width 2 x 16 = 32" in lines[0]
+    cases = [line for line in lines if LINE.match(line)]
+    assert [line.split(":")[0] for line in cases] == [
+        "forward 16 tokens 0 refs",
+        "forward 16 tokens 2 refs",
+        "train 16 tokens 0 refs",
+        "train 16 tokens 2 refs",
+    ]
+    assert any(line.startswith("prepare 16 tokens 2 refs: ") for line in lines)
+    assert [c["refs"] for c in json.loads(out.read_text())["cases"]] == [0, 2, 0, 2]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("--mode", "bogus", "error: --mode: choose forward, train or all (got 'bogus')"), ("--refs", "a", "--refs")],
+)
+def test_cli_reports_bad_options_in_one_line(option, value, message):
+    result = CliRunner().invoke(app, ["bench", "--tiny", option, value])
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
