@@ -160,9 +160,7 @@ def test_remapped_conditioning_treats_pads_and_rolled_tokens_like_their_source(c
 # -------------------------------------------------------------------------------------------- periodic RoPE
 def test_periodic_pos_embed_is_flux_pos_embed_without_a_period_and_wraps_with_one():
     ids = torch.cat([text_ids(3), latent_image_ids(4, 8)])
-    for got, want in zip(
-        PeriodicFluxPosEmbed(10000, [4, 6, 6])(ids), FluxPosEmbed(10000, [4, 6, 6])(ids), strict=True
-    ):
+    for got, want in zip(PeriodicFluxPosEmbed(10000, [4, 6, 6])(ids), FluxPosEmbed(10000, [4, 6, 6])(ids), strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
     freqs = axis_frequencies(56, 10000, period=128)
     turns = freqs * 128 / (2 * torch.pi)
