@@ -64,3 +64,47 @@ def save_png(image: Image.Image, path: str | Path, metadata: dict[str, str] | No
     image.save(tmp, format="PNG", pnginfo=info)
     os.replace(tmp, path)
     return path
+
+
+CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+
+
+def plot_curves(
+    series: dict[str, Sequence[tuple[float, float]]], *, title: str = "", size: tuple[int, int] = (640, 360)
+) -> Image.Image:
+    """Line plot of named (x, y) series (training curves) with a log y axis when all values are positive."""
+    import math
+
+    w, h = size
+    left, right, top, bottom = 56, 12, 24, 28
+    out = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    points = [(x, y) for s in series.values() for x, y in s if math.isfinite(y)]
+    if not points:
+        draw.text((left, h // 2), "no data", fill=(0, 0, 0), font=font)
+        return out
+    log = all(y > 0 for _, y in points)
+    ty = (lambda y: math.log10(y)) if log else (lambda y: y)
+    xs, ys = [x for x, _ in points], [ty(y) for _, y in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x0) / (x1 - x0) * (w - left - right), top + (1 - (ty(y) - y0) / (y1 - y0)) * (
+            h - top - bottom
+        )
+
+    draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
+    for value, anchor in ((y1, top), (y0, h - bottom)):
+        draw.text((4, anchor - 6), f"{10**value if log else value:.3g}", fill=(0, 0, 0), font=font)
+    draw.text((left, h - bottom + 6), f"{x0:g}", fill=(0, 0, 0), font=font)
+    draw.text((w - right - 40, h - bottom + 6), f"{x1:g}", fill=(0, 0, 0), font=font)
+    draw.text((left, 6), title + (" (log y)" if log else ""), fill=(0, 0, 0), font=font)
+    for i, (name, s) in enumerate(series.items()):
+        colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
+        line = [px(x, y) for x, y in s if math.isfinite(y)]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=1)
+        draw.text((w - right - 120, top + 4 + 12 * i), name, fill=colour, font=font)
+    return out

@@ -1,0 +1,117 @@
+"""Training checkpoints: one folder per step, written atomically, safetensors only (DESIGN 5).
+
+    OUT/checkpoints/step-000100/
+        trainable.safetensors   every parameter the optimiser updates, keyed "<module>.<param>"
+        optimizer.safetensors   AdamW moments keyed "<module>.<param>.<exp_avg|exp_avg_sq|step>"
+        state.json              step, data position, stage, config, losses so far (written last)
+
+A folder is built under a temporary name and renamed into place, so a process killed mid-save leaves either
+the previous checkpoints or a `.tmp-*` folder that is ignored and cleaned up: never half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_safetensors, save_safetensors, write_json_atomic
+from ..errors import WeightsError
+
+STEP_PREFIX = "step-"
+MOMENTS = ("exp_avg", "exp_avg_sq", "step")
+
+
+@dataclass
+class Snapshot:
+    """What a checkpoint folder holds, loaded."""
+
+    path: Path
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    state: dict
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    """Flatten an Adam-style optimiser's per-parameter state to named tensors (id(param) -> name)."""
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if key in MOMENTS:
+                    out[f"{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().clone()
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str], state: dict[str, torch.Tensor]):
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            entry = {k: state[f"{names[id(p)]}.{k}"] for k in MOMENTS if f"{names[id(p)]}.{k}" in state}
+            if entry:
+                entry = {k: v.to(p.device) if k != "step" else v for k, v in entry.items()}
+                optimizer.state[p] = entry
+
+
+class CheckpointStore:
+    """The checkpoint folders of one run: save (atomic), list, latest complete, prune to `keep`."""
+
+    def __init__(self, root: str | Path, keep: int = 2):
+        self.root = Path(root)
+        self.keep = keep
+
+    def folder(self, step: int) -> Path:
+        return self.root / f"{STEP_PREFIX}{step:06d}"
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoint folders, oldest first (a folder is complete once renamed into place)."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
+        return sorted((p for p in found if (p / "state.json").is_file()), key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, step: int, trainable, optimizer, state: dict) -> Path:
+        final = self.folder(step)
+        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_safetensors(trainable, tmp / "trainable.safetensors")
+        save_safetensors(optimizer, tmp / "optimizer.safetensors")
+        if os.environ.get("MPP_TEST_SLOW_CHECKPOINT"):  # lets tests kill a run in the middle of a save
+            import time
+
+            time.sleep(float(os.environ["MPP_TEST_SLOW_CHECKPOINT"]))
+        write_json_atomic(state, tmp / "state.json")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        for old in self.complete()[: -self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp-*"):  # left by a killed save
+            if not stale.name.endswith(f"-{os.getpid()}"):
+                shutil.rmtree(stale, ignore_errors=True)
+
+    @staticmethod
+    def load(path: str | Path) -> Snapshot:
+        path = Path(path)
+        state_file = path / "state.json"
+        if not state_file.is_file():
+            raise WeightsError(f"{path}: not a complete checkpoint folder (missing state.json)")
+        try:
+            state = json.loads(state_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise WeightsError(f"{state_file}: invalid JSON ({exc})") from None
+        trainable = load_safetensors(path / "trainable.safetensors", "trainable parameters")
+        optimizer = load_safetensors(path / "optimizer.safetensors", "optimizer state")
+        return Snapshot(path, trainable, optimizer, state)

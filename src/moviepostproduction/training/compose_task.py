@@ -1,0 +1,236 @@
+"""`ComposeTask`: trains `ConditionedFlux` (adapter, and for the toy world the backbone too) on cached features.
+
+One micro-batch: noise the cached clean latents at logit-normal times, predict the velocity with the scene's
+refs, and add the stage's auxiliary losses (DESIGN 5) on a random subset of micro-batches, drawn from the
+step generator so resume stays exact: identity and bbox alignment decode the predicted x0 through the frozen
+VAE and read it with the frozen DINO; region preservation re-runs the model with a random subset of refs
+dropped. Refs are dropped as a whole for `drop_refs` of the samples, so the model also generates without refs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..backbones.flux import ConditionedFlux
+from ..conditioning import RefBatch
+from ..layout import bbox_token_mask
+from ..sampling import euler_sample, get_timesteps, latent_image_ids, noise_latents, text_ids, unpack_latents
+from .feature_cache import FeatureCache
+from .losses import (
+    bbox_alignment_loss,
+    crop_boxes,
+    flow_loss,
+    identity_loss,
+    predicted_x0,
+    region_preservation_loss,
+    sample_times,
+)
+from .stages import get_stage
+from .task import LossOutput
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+@dataclass
+class ComposeTaskConfig:
+    batch_size: int = 16
+    drop_refs: float = 0.1  # samples trained with no refs at all
+    aux_prob: float = 0.25  # micro-batches that also get identity / bbox losses (they decode x0)
+    aux_samples: int = 4  # samples of such a micro-batch that are decoded
+    region_prob: float = 0.25  # micro-batches that also get the region-preservation loss
+    lora_rank: int = 16  # stages with backbone="lora"
+    sample_steps: int = 12
+    num_preview: int = 4  # scenes in the sample grid
+    inference_steps: int = 28  # where the layout window ends in t (grounding_ratio of these steps)
+
+
+class ComposeTask:
+    name = "compose"
+
+    def __init__(
+        self,
+        model: ConditionedFlux,
+        cache: FeatureCache,
+        vae: nn.Module | None = None,
+        image_encoder: nn.Module | None = None,
+        config: ComposeTaskConfig | None = None,
+        preview: FeatureCache | None = None,
+    ):
+        self.model, self.cache, self.vae, self.image_encoder = model, cache, vae, image_encoder
+        self.config = config or ComposeTaskConfig()
+        self.preview = preview or cache
+        self.weights: dict[str, float] = {}
+        self.guidance = bool(model.transformer.config.guidance_embeds)
+        h, w = cache.grid
+        ratio = model.adapter.cfg.grounding_ratio
+        steps = get_timesteps(self.config.inference_steps, image_seq_len=h * w)
+        self.layout_t = 0.0 if ratio >= 1 else float(steps[math.ceil(ratio * (len(steps) - 1))])
+
+    # ---------------------------------------------------------------------------------------- protocol
+    def modules(self) -> dict[str, nn.Module]:
+        return {"transformer": self.model.transformer, "adapter": self.model.adapter}
+
+    def param_groups(self, stage: str) -> list[dict]:
+        spec = get_stage(stage)
+        self.weights = dict(spec.losses)
+        if self.vae is None or self.image_encoder is None:  # decoded losses need the frozen VAE and DINO
+            self.weights = {k: v for k, v in self.weights.items() if k == "region"}
+        self.model.requires_grad_(False)
+        tr = self.model.transformer
+        if spec.backbone == "lora":
+            if not getattr(tr, "peft_config", None):
+                from peft import LoraConfig
+
+                tr.add_adapter(LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_rank,
+                                          target_modules=list(LORA_TARGETS), init_lora_weights=True))  # fmt: skip
+            for name, p in tr.named_parameters():
+                p.requires_grad_("lora_" in name)
+        elif spec.backbone == "full":
+            tr.requires_grad_(True)
+        for part in spec.adapter_parts:
+            getattr(self.model.adapter, part).requires_grad_(True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return [{"params": params, "lr": spec.lr}]
+
+    def batches(self, epoch: int, seed: int):
+        g = torch.Generator().manual_seed(seed * 7919 + epoch)
+        order = torch.randperm(len(self.cache), generator=g)
+        bs = self.config.batch_size
+        for i in range(0, len(order) - bs + 1, bs):
+            yield order[i : i + bs]
+
+    # -------------------------------------------------------------------------------------------- model
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def refs(self, batch: dict[str, torch.Tensor], valid: torch.Tensor) -> RefBatch:
+        return RefBatch(bboxes=batch["bboxes"], depth=batch["depth"], valid=valid, clip=batch["clip"],
+                        dino=batch["dino"], text_spans=batch["spans"])  # fmt: skip
+
+    def velocity(self, batch, x_t, t, valid, layout_active: bool) -> tuple[torch.Tensor, object]:
+        grid = self.cache.grid
+        cond = self.model.prepare(self.refs(batch, valid), grid, batch["t5"].shape[1])
+        dev = x_t.device
+        v = self.model(
+            x_t,
+            batch["t5"],
+            batch["pooled"],
+            t,
+            latent_image_ids(*grid, device=dev),
+            text_ids(batch["t5"].shape[1], device=dev),
+            torch.ones_like(t) if self.guidance else None,
+            conditioning=cond,
+            layout_active=layout_active,
+        )
+        return v, cond
+
+    def loss(self, index: torch.Tensor, generator: torch.Generator) -> LossOutput:
+        cfg, dev = self.config, self.device
+        batch = {k: v.to(dev) for k, v in self.cache.select(index).items()}
+        x0 = batch["latents"]
+        b = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(dev)
+        t = sample_times(b, generator, generator.device).to(dev)
+        keep = torch.rand(b, generator=generator, device=generator.device).to(dev) >= cfg.drop_refs
+        valid = batch["valid"] & keep[:, None]
+        layout_active = True
+        if self.layout_t > 0:  # the layout pathway only sees the times where inference runs it
+            layout_active = bool(torch.rand((), generator=generator, device=generator.device) < 0.5)
+            u = t * (1 - self.layout_t)
+            t = self.layout_t + u if layout_active else t * self.layout_t
+        x_t = noise_latents(x0, noise, t)
+        v, cond = self.velocity(batch, x_t, t, valid, layout_active)
+        flow = flow_loss(v, x0, noise)
+        total, logs = flow, {"flow": float(flow.detach())}
+        draws = torch.rand(2, generator=generator, device=generator.device).tolist()
+        if ("identity" in self.weights or "bbox" in self.weights) and draws[0] < cfg.aux_prob:
+            aux = self.decoded_losses(batch, x_t, v, t, cond, valid)
+            for name, value in aux.items():
+                total = total + self.weights[name] * value
+                logs[name] = float(value.detach())
+        if "region" in self.weights and draws[1] < cfg.region_prob and bool(valid.any()):
+            dropped = valid & (torch.rand(valid.shape, generator=generator, device=generator.device).to(dev) < 0.5)
+            with torch.no_grad():
+                v_drop, _ = self.velocity(batch, x_t, t, valid & ~dropped, layout_active)
+            inside = (bbox_token_mask(batch["bboxes"], self.cache.grid) & dropped[..., None]).any(1)  # (B, N)
+            region = region_preservation_loss(v, v_drop, ~inside)
+            total = total + self.weights["region"] * region
+            logs["region"] = float(region.detach())
+        return LossOutput(total, logs)
+
+    def decoded_losses(self, batch, x_t, v, t, cond, valid) -> dict[str, torch.Tensor]:
+        k = min(self.config.aux_samples, x_t.shape[0])
+        h, w = self.cache.grid
+        x0_hat = predicted_x0(x_t[:k], v[:k], t[:k])
+        pixels = self.vae.decode(unpack_latents(x0_hat, 2 * h, 2 * w)).clamp(-1, 1)  # (k, 3, H, W)
+        alpha = cond.alpha[:k].detach()
+        bboxes, ref_dino = batch["bboxes"][:k], batch["dino"][:k]
+        out = {}
+        if "identity" in self.weights:
+            fg = (valid[:k] & cond.foreground[:k]).float()
+            if bool(fg.any()):
+                crops = crop_boxes(pixels, bboxes, max(self.image_encoder.dino_pre.output_hw))
+                crop_dino = self.image_encoder.encode_pixels(crops).dino_cls.view(k, -1, ref_dino.shape[-1])
+                out["identity"] = identity_loss(crop_dino, ref_dino, fg * alpha)
+        if "bbox" in self.weights:
+            weights = valid[:k].float() * (1 - alpha)
+            if bool(weights.any()):
+                patches = self.image_encoder.encode_pixels(pixels).dino_patches  # (k, P, G)
+                side = math.isqrt(patches.shape[1])
+                out["bbox"] = bbox_alignment_loss(patches, (side, side), ref_dino, bboxes, weights)
+        return out
+
+    # ------------------------------------------------------------------------------------------ samples
+    @torch.no_grad()
+    def generate(self, cache: FeatureCache, index: torch.Tensor, generator: torch.Generator, steps: int,
+                 layout: bool = True, modulation: bool = True) -> torch.Tensor:  # fmt: skip
+        """Sample latents for cached scenes -> pixels (B, 3, H, W) in [-1, 1]. Switches give the ablations."""
+        dev = self.device
+        batch = {k: v.to(dev) for k, v in cache.select(index).items()}
+        h, w = cache.grid
+        x = torch.randn(batch["latents"].shape, generator=generator, device=generator.device).to(dev)
+        timesteps = get_timesteps(steps, image_seq_len=h * w)
+        layout_steps = math.ceil(self.model.adapter.cfg.grounding_ratio * (len(timesteps) - 1))
+        cond = self.model.prepare(self.refs(batch, batch["valid"]), cache.grid, batch["t5"].shape[1])
+        if not modulation:
+            cond.shared_offsets = torch.zeros_like(cond.shared_offsets)
+        calls = {"n": 0}
+
+        def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            active = layout and calls["n"] < layout_steps
+            calls["n"] += 1
+            return self.model(x_t, batch["t5"], batch["pooled"], t, latent_image_ids(h, w, device=dev),
+                              text_ids(batch["t5"].shape[1], device=dev),
+                              torch.ones_like(t) if self.guidance else None, conditioning=cond,
+                              layout_active=active)  # fmt: skip
+
+        out = euler_sample(velocity, x, timesteps)
+        return self.vae.decode(unpack_latents(out, 2 * h, 2 * w)).clamp(-1, 1)
+
+    def samples(self, generator: torch.Generator) -> Image.Image | None:
+        if self.vae is None:
+            return None
+        from ..visualize import draw_layout, image_grid
+
+        n = min(self.config.num_preview, len(self.preview))
+        index = torch.arange(n)
+        self.model.eval()
+        pixels = self.generate(self.preview, index, generator, self.config.sample_steps)
+        self.model.train()
+        target = self.vae.decode(unpack_latents(self.preview.latents[:n].float().to(self.device),
+                                                2 * self.preview.grid[0], 2 * self.preview.grid[1])).clamp(-1, 1)  # fmt: skip
+        tiles = []
+        for i in range(n):
+            valid = self.preview.valid[i]
+            boxes = self.preview.bboxes[i][valid].tolist()
+            depths = [("fg", "mg", "bg")[d] for d in self.preview.depth[i][valid].tolist()]
+            for px in (target[i], pixels[i]):
+                img = Image.fromarray(((px + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+                tiles.append(draw_layout(img, boxes, depths))
+        return image_grid(tiles, columns=2)

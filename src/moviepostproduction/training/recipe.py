@@ -1,0 +1,162 @@
+"""`mpp train CONFIG`: a training recipe file (YAML or JSON) -> encoders, cached features, task, Trainer, export.
+
+    task: compose                 # the only task with a recipe so far
+    model: build/toy-encoders     # model dir: frozen encoders + VAE, transformer/ and adapter/ to start from
+    data: build/toy-data          # `mpp prepare-data` output (train/ and heldout/ shards)
+    out: runs/toy                 # checkpoints/, logs/ (TensorBoard), samples/*.png, curves.png, cache/
+    stage: toy                    # 1 | 2 | 3 | toy (training/stages.py)
+    max_refs: 4
+    max_text_tokens: 48
+    limit: null                   # use the first N training scenes
+    init_from: null               # warm start (checkpoint folder or .safetensors)
+    export: build/toy-model       # write a complete model dir with the trained weights at the end
+    trainer: {max_steps: 4000, checkpoint_every: 500, sample_every: 500, log_every: 20, seed: 0}
+    compose: {batch_size: 16}
+
+Relative paths are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import Problem, ValidationError
+from .trainer import TrainConfig, Trainer, TrainResult
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("compose",)
+
+
+@dataclass
+class Recipe:
+    model: str
+    data: str
+    out: str
+    task: str = "compose"
+    stage: str = "toy"
+    max_refs: int = 4
+    max_text_tokens: int = 48
+    limit: int | None = None
+    init_from: str | None = None
+    export: str | None = None
+    export_dtype: str = "fp16"
+    trainer: dict = field(default_factory=dict)
+    compose: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Recipe:
+        import yaml
+
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ValidationError([Problem("CONFIG", str(path), f"cannot read ({exc.strerror})")]) from None
+        try:
+            raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            first = str(exc).splitlines()[0]
+            raise ValidationError([Problem("CONFIG", str(path), f"not valid {path.suffix[1:]} ({first})")]) from None
+        if not isinstance(raw, dict):
+            raise ValidationError([Problem("CONFIG", str(path), "must be a mapping of recipe fields")])
+        known = {f.name for f in dataclasses.fields(cls)}
+        problems = [Problem(k, raw[k], f"unknown field (known: {', '.join(sorted(known))})") for k in raw
+                    if k not in known]  # fmt: skip
+        problems += [Problem(k, None, "required") for k in ("model", "data", "out") if k not in raw]
+        if raw.get("task", "compose") not in TASKS:
+            problems.append(Problem("task", raw.get("task"), f"expected one of {', '.join(TASKS)}"))
+        if problems:
+            raise ValidationError(problems, source=str(path))
+        return cls(**raw)
+
+
+def _task_config(recipe: Recipe):
+    from .compose_task import ComposeTaskConfig
+
+    known = {f.name for f in dataclasses.fields(ComposeTaskConfig)}
+    bad = [Problem(f"compose.{k}", v, "unknown field") for k, v in recipe.compose.items() if k not in known]
+    if bad:
+        raise ValidationError(bad)
+    return ComposeTaskConfig(**recipe.compose)
+
+
+def _trainer_config(recipe: Recipe) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"out_dir", "stage", "init_from"}
+    bad = [Problem(f"trainer.{k}", v, "unknown field") for k, v in recipe.trainer.items() if k not in known]
+    if bad:
+        raise ValidationError(bad)
+    return TrainConfig(out_dir=recipe.out, stage=recipe.stage, init_from=recipe.init_from, **recipe.trainer)
+
+
+def cached_features(recipe: Recipe, split: str, text, image, vae, limit: int | None):
+    """Load OUT/cache/SPLIT.safetensors, or build it from the shards (once)."""
+    from .feature_cache import FeatureCache, build_cache
+
+    path = Path(recipe.out) / "cache" / f"{split}.safetensors"
+    meta = {"model": str(Path(recipe.model).resolve()), "data": str(Path(recipe.data).resolve()),
+            "max_refs": str(recipe.max_refs), "max_text_tokens": str(recipe.max_text_tokens),
+            "limit": str(limit)}  # fmt: skip
+    if path.is_file():
+        return FeatureCache.load(path, expect=meta)
+    cache = build_cache(Path(recipe.data) / split, text, image, vae, max_refs=recipe.max_refs,
+                        max_text_tokens=recipe.max_text_tokens, limit=limit)  # fmt: skip
+    cache.save(path, meta)
+    return cache
+
+
+def build_compose_task(recipe: Recipe):
+    from ..backbones.flux import ConditionedFlux
+    from ..encoders import ImageEncoder, TextEncoder, Vae, load_transformer
+    from ..model_dir import ModelDir
+    from ..modules import CompositionAdapter
+    from .compose_task import ComposeTask
+
+    md = ModelDir.at(recipe.model)
+    md.check()
+    text, image, vae = TextEncoder.load(md), ImageEncoder.load(md), Vae.load(md)
+    train = cached_features(recipe, "train", text, image, vae, recipe.limit)
+    preview = cached_features(recipe, "heldout", text, image, vae, 8)
+    del text
+    model = ConditionedFlux(load_transformer(md), CompositionAdapter.from_pretrained(md.root / "adapter"))
+    return ComposeTask(model, train, vae, image, config=_task_config(recipe), preview=preview), md
+
+
+def export_model_dir(recipe: Recipe, task, source) -> Path:
+    """A complete model dir: the source's encoders, VAE, tokenizers and scheduler + the trained weights."""
+    from ..checkpoint import write_json_atomic
+
+    out = Path(recipe.export)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source.root, tmp, ignore=shutil.ignore_patterns("transformer", "adapter"))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[recipe.export_dtype]
+    transformer, adapter = task.model.transformer, task.model.adapter
+    if getattr(transformer, "peft_config", None):
+        raise ValidationError([Problem("export", recipe.export, "LoRA stages export through the checkpoint "
+                                       "(trainable.safetensors); only full-backbone stages write a model dir")])  # fmt: skip
+    transformer.to(dtype).save_pretrained(tmp / "transformer", safe_serialization=True)
+    transformer.to(torch.float32)
+    adapter.save_pretrained(tmp / "adapter")
+    index = {**source.index, "tiny_random": False, "max_text_tokens": recipe.max_text_tokens,
+             "trained_by": f"mpp train (stage {recipe.stage})"}  # fmt: skip
+    write_json_atomic(index, tmp / "model_index.json")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def run_recipe(recipe: Recipe) -> TrainResult:
+    task, md = build_compose_task(recipe)
+    result = Trainer(task, _trainer_config(recipe)).run()
+    if recipe.export:
+        logger.info("exported %s", export_model_dir(recipe, task, md))
+    return result

@@ -1,0 +1,284 @@
+"""The shared training loop (DESIGN 5): one `Trainer` for every `TrainTask` (compose stages, toy backbone, toy
+encoders, fill LoRA, NanoDiT).
+
+What makes resume exact: the randomness of step s comes from generators seeded by (seed, s, micro-batch, rank),
+not from a running RNG; the learning-rate schedule is a pure function of the step; the data position is
+(epoch, batch index) of a deterministic `task.batches(epoch, seed)`; and a checkpoint holds the trainable
+parameters and the optimiser moments exactly. A run killed after checkpoint k and resumed therefore takes the
+same steps k+1, k+2, ... as a run that was never interrupted (pinned by tests/test_trainer.py).
+
+Multi-GPU: `accelerate launch` runs one process per device; each takes every n-th micro-batch and the gradients
+are averaged across processes before the optimiser step (DDP semantics, examples/accelerate/ddp.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import KeyReport, load_matching, load_safetensors, write_json_atomic
+from ..errors import MppError, Problem, ValidationError, WeightsError
+from .checkpoints import CheckpointStore, load_optimizer_state, optimizer_state
+from .task import TrainTask
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+class TrainingDiverged(MppError):
+    """The loss (or gradient norm) became NaN/Inf; the last good checkpoint is kept untouched."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    stage: str = "1"
+    max_steps: int = 1000  # optimiser steps, counted across resumes
+    seed: int = 0
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    max_grad_norm: float | None = 1.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the latest complete checkpoint in out_dir
+    init_from: str | None = None  # warm start: a checkpoint folder or a .safetensors of "<module>.<param>" keys
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mixed_precision not in MIXED_PRECISION:
+            problems.append(Problem("mixed_precision", self.mixed_precision, f"expected one of {MIXED_PRECISION}"))
+        for name in ("max_steps", "grad_accum", "log_every", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(Problem(name, getattr(self, name), "must be a positive integer"))
+        if problems:
+            raise ValidationError(problems)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float]  # one per optimiser step since step 1 (restored on resume)
+    checkpoint: Path | None
+    warm_start: KeyReport | None = None
+    logs: list[dict[str, float]] = field(default_factory=list)
+
+
+def step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:
+    """The seed of one micro-batch: a pure function of the run seed and the position, never a running state."""
+    return (seed * 1_000_003 + step * 4_099 + micro * 131 + rank) % (2**63 - 1)
+
+
+def _generator(seed: int, device: torch.device | str) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+class Trainer:
+    def __init__(self, task: TrainTask, config: TrainConfig, accelerator: Any | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.task, self.config = task, config
+        self.out = Path(config.out_dir)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with="tensorboard" if config.tensorboard else None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+        )
+        self.store = CheckpointStore(self.out / "checkpoints", keep=config.keep_checkpoints)
+        device = self.accelerator.device
+        for module in task.modules().values():
+            module.to(device)
+        self.groups = task.param_groups(config.stage)
+        self.names = {id(p): f"{m}.{n}" for m, mod in task.modules().items() for n, p in mod.named_parameters()}
+        self.params = [p for g in self.groups for p in g["params"]]
+        if not self.params:
+            raise ValidationError([Problem("stage", config.stage, f"task {task.name!r} trains nothing in it")])
+        for g in self.groups:
+            g.setdefault("base_lr", g["lr"])
+        self.optimizer = torch.optim.AdamW(self.groups, weight_decay=config.weight_decay)
+
+    # ---------------------------------------------------------------------------------------------- state
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {self.names[id(p)]: p.detach() for p in self.params}
+
+    def load_trainable(self, state: dict[str, torch.Tensor], where: Path) -> None:
+        missing = [self.names[id(p)] for p in self.params if self.names[id(p)] not in state]
+        if missing:
+            raise WeightsError(f"{where}: lacks {len(missing)} trainable tensors ({', '.join(missing[:3])} ...)")
+        with torch.no_grad():
+            for p in self.params:
+                value = state[self.names[id(p)]]
+                if value.shape != p.shape:
+                    raise WeightsError(f"{where}: {self.names[id(p)]} has shape {tuple(value.shape)}, expected "
+                                       f"{tuple(p.shape)}")  # fmt: skip
+                p.copy_(value.to(p.device, p.dtype))
+
+    def warm_start(self, path: str | Path) -> KeyReport:
+        """Load every matching "<module>.<param>" tensor; report missing / unexpected / shape-mismatched keys."""
+        path = Path(path)
+        file = path / "trainable.safetensors" if path.is_dir() else path
+        state = load_safetensors(file, "a warm-start checkpoint")
+        report = KeyReport()
+        modules = self.task.modules()
+        for name, module in modules.items():
+            own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+            part = load_matching(module, own)
+            report.loaded += [f"{name}.{k}" for k in part.loaded]
+            report.mismatched += [f"{name}.{k}" for k in part.mismatched]
+            report.unexpected += [f"{name}.{k}" for k in part.unexpected]
+            trained = {n for n, p in module.named_parameters() if p.requires_grad}
+            report.missing += [f"{name}.{k}" for k in part.missing if k in trained]  # new params start at init
+        report.unexpected += [k for k in state if k.split(".", 1)[0] not in modules]
+        logger.warning("warm start from %s: %s", file, report.summary())
+        for kind in ("missing", "unexpected", "mismatched"):
+            for key in getattr(report, kind)[:20]:
+                logger.info("warm start %s: %s", kind, key)
+        return report
+
+    # ----------------------------------------------------------------------------------------------- data
+    def micro_batches(self, epoch: int, index: int):
+        """Yield (epoch, next index, batch) from position (epoch, index), every n-th batch for this process."""
+        acc = self.accelerator
+        while True:
+            empty = True
+            for i, batch in enumerate(self.task.batches(epoch, self.config.seed)):
+                empty = False
+                if i >= index and i % acc.num_processes == acc.process_index:
+                    yield epoch, i + 1, batch
+            if empty:
+                raise ValidationError([Problem("task.batches", epoch, "yielded no batch")])
+            epoch, index = epoch + 1, 0
+
+    def lr_factor(self, step: int) -> float:
+        w = self.config.warmup_steps
+        return min(1.0, step / w) if w > 0 else 1.0
+
+    # ----------------------------------------------------------------------------------------------- loop
+    def run(self) -> TrainResult:
+        cfg, acc = self.config, self.accelerator
+        step, epoch, index, losses, logs = 0, 0, 0, [], []
+        warm = None
+        latest = self.store.latest() if cfg.resume else None
+        if latest is not None:
+            snap = self.store.load(latest)
+            if snap.state.get("stage") != cfg.stage:
+                raise ValidationError([Problem("stage", cfg.stage, f"{latest} holds stage {snap.state.get('stage')!r}; "
+                                               "use a new out_dir and --init-from for a new stage")])  # fmt: skip
+            self.load_trainable(snap.trainable, latest)
+            load_optimizer_state(self.optimizer, self.names, snap.optimizer)
+            step, epoch, index = snap.state["step"], snap.state["epoch"], snap.state["index"]
+            losses, logs = list(snap.state["losses"]), list(snap.state.get("logs", []))
+            logger.info("resumed %s at step %d", latest, step)
+        elif cfg.init_from:
+            warm = self.warm_start(cfg.init_from)
+            if acc.is_main_process:
+                write_json_atomic(asdict(warm), self.out / "warm_start.json")
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if cfg.tensorboard:
+                scalars = {k: v for k, v in asdict(cfg).items() if isinstance(v, int | float | str | bool)}
+                acc.init_trackers("train", config=scalars)
+        last = latest
+        batches = self.micro_batches(epoch, index)
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {self.task.name} stage {cfg.stage}",
+                   disable=not (cfg.progress and acc.is_main_process), unit="step")  # fmt: skip
+        while step < cfg.max_steps:
+            step += 1
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["base_lr"] * self.lr_factor(step)
+            parts: dict[str, float] = {}
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                epoch, index, batch = next(batches)
+                seed = step_seed(cfg.seed, step, micro, acc.process_index)
+                torch.manual_seed(seed)  # module-internal randomness (dropout) too
+                gen = _generator(seed, acc.device)
+                with acc.autocast():
+                    out = self.task.loss(batch, gen)
+                value = float(out.loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDiverged(f"non-finite loss {value} at step {step} ({out.logs}); training stopped, "
+                                           f"last good checkpoint: {last or 'none'}")  # fmt: skip
+                acc.backward(out.loss / cfg.grad_accum)
+                total += value / cfg.grad_accum
+                for k, v in out.logs.items():
+                    parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum
+            if acc.num_processes > 1:
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad = acc.reduce(p.grad, "mean")
+            grads = [p for p in self.params if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(grads, cfg.max_grad_norm or float("inf")) if grads else None
+            if norm is not None and not torch.isfinite(norm):
+                raise TrainingDiverged(f"non-finite gradient norm at step {step}; training stopped, last good "
+                                       f"checkpoint: {last or 'none'}")  # fmt: skip
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                entry = {"step": step, "loss": total, "lr": self.optimizer.param_groups[0]["lr"], **parts}
+                if norm is not None:
+                    entry["grad_norm"] = float(norm)
+                logs.append(entry)
+                bar.set_postfix(loss=f"{total:.4f}")
+                if acc.is_main_process and cfg.tensorboard:
+                    acc.log({k: v for k, v in entry.items() if k != "step"}, step=step)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                self.write_samples(step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                last = self.save(step, epoch, index, losses, logs)
+        bar.close()
+        if cfg.sample_every == 0 or step % cfg.sample_every:
+            self.write_samples(step)
+        if acc.is_main_process:
+            self.write_curves(losses, logs)
+            if cfg.tensorboard:
+                acc.end_training()
+        return TrainResult(step, losses, last, warm, logs)
+
+    # -------------------------------------------------------------------------------------------- outputs
+    def save(self, step: int, epoch: int, index: int, losses: list[float], logs: list[dict]) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        state = {"step": step, "epoch": epoch, "index": index, "stage": self.config.stage, "task": self.task.name,
+                 "losses": losses, "logs": logs, "config": asdict(self.config)}  # fmt: skip
+        return self.store.save(step, self.trainable_state(), optimizer_state(self.optimizer, self.names), state)
+
+    def write_samples(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        from ..visualize import save_png
+
+        with torch.no_grad():
+            image = self.task.samples(_generator(step_seed(self.config.seed, step), self.accelerator.device))
+        if image is not None:
+            save_png(image, self.out / "samples" / f"step-{step:06d}.png")
+
+    def write_curves(self, losses: list[float], logs: list[dict]) -> None:
+        from ..visualize import plot_curves, save_png
+
+        series = {"loss": list(enumerate(losses, start=1))}
+        for key in sorted({k for e in logs for k in e} - {"step", "loss", "lr", "grad_norm"}):
+            series[key] = [(e["step"], e[key]) for e in logs if key in e]
+        save_png(plot_curves(series, title=f"{self.task.name} stage {self.config.stage}"), self.out / "curves.png")
+        (self.out / "losses.json").write_text(json.dumps(losses))

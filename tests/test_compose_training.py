@@ -1,0 +1,155 @@
+"""Compose training on tiny real models: feature cache, stages, the four losses, exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import randomize_zero_inits
+
+from moviepostproduction.backbones.flux import ConditionedFlux
+from moviepostproduction.data.shards import write_dataset
+from moviepostproduction.data.synthetic import ToyWorldConfig
+from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae, load_transformer
+from moviepostproduction.errors import WeightsError
+from moviepostproduction.model_dir import ModelDir
+from moviepostproduction.modules import CompositionAdapter
+from moviepostproduction.tiny import write_tiny_model_dir
+from moviepostproduction.training.compose_task import ComposeTask, ComposeTaskConfig
+from moviepostproduction.training.feature_cache import FeatureCache, build_cache
+from moviepostproduction.training.losses import bbox_alignment_loss, crop_boxes, predicted_x0, soft_argmax_centre
+from moviepostproduction.training.trainer import Trainer, TrainConfig
+
+MAX_REFS, TEXT = 2, 64
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compose-train")
+    md = ModelDir.at(write_tiny_model_dir(root / "model"))
+    write_dataset(root / "data", 8, 3, ToyWorldConfig(size=64, ref_size=32, max_refs=MAX_REFS), shard_size=4)
+    text, image, vae = TextEncoder.load(md), ImageEncoder.load(md), Vae.load(md)
+    cache = build_cache(root / "data" / "train", text, image, vae, max_refs=MAX_REFS, max_text_tokens=TEXT,
+                        batch_size=3, progress=False)  # fmt: skip
+    return root, md, cache, vae, image
+
+
+def make_task(md, cache, vae, image, **kw) -> ComposeTask:
+    torch.manual_seed(0)
+    adapter = CompositionAdapter.from_pretrained(md.root / "adapter")
+    randomize_zero_inits(adapter)
+    model = ConditionedFlux(load_transformer(md), adapter)
+    cfg = ComposeTaskConfig(batch_size=2, aux_prob=1.0, region_prob=1.0, aux_samples=2, sample_steps=2, num_preview=2)
+    return ComposeTask(model, cache, vae, image, config=ComposeTaskConfig(**{**cfg.__dict__, **kw}))
+
+
+def test_feature_cache_shapes_and_round_trip(world, tmp_path):
+    _, md, cache, _, _ = world
+    n = len(cache)
+    assert n == 7  # 8 scenes, 1 held out
+    assert cache.grid == (4, 4) and cache.latents.shape == (n, 16, 64)
+    assert cache.t5.shape == (n, TEXT, 32) and cache.spans.shape == (n, MAX_REFS, TEXT)
+    assert cache.valid[:, 0].all() and (cache.spans.any(-1) == cache.valid).all()  # every ref caption found
+    assert ((cache.bboxes[..., 2] > cache.bboxes[..., 0]) | ~cache.valid).all()
+    path = cache.save(tmp_path / "c.safetensors", {"model": str(md.root)})
+    back = FeatureCache.load(path, expect={"model": str(md.root)})
+    assert back.grid == cache.grid and torch.equal(back.spans, cache.spans) and torch.equal(back.latents, cache.latents)
+    with pytest.raises(WeightsError, match="was built with model="):
+        FeatureCache.load(path, expect={"model": "elsewhere"})
+
+
+def test_toy_stage_trains_everything_with_all_four_losses_and_resumes_exactly(world, tmp_path):
+    _, md, cache, vae, image = world
+    full = make_task(md, cache, vae, image)
+    cfg = dict(stage="toy", checkpoint_every=2, log_every=1, progress=False, tensorboard=False)
+    a = Trainer(full, TrainConfig(out_dir=str(tmp_path / "a"), max_steps=3, **cfg)).run()
+    assert {"flow", "identity", "bbox", "region"} <= set(a.logs[0])  # identity: fg refs have alpha >= 0.5
+    Trainer(make_task(md, cache, vae, image), TrainConfig(out_dir=str(tmp_path / "b"), max_steps=2, **cfg)).run()
+    b = Trainer(make_task(md, cache, vae, image), TrainConfig(out_dir=str(tmp_path / "b"), max_steps=3, **cfg)).run()
+    assert b.losses == a.losses
+    assert (tmp_path / "a" / "samples" / "step-000003.png").is_file()
+
+
+@pytest.mark.parametrize(("stage", "trained", "frozen"), [
+    ("1", ["adapter.layout_head", "adapter.assemble", "lora_A"], ["adapter.modulation_head", "adapter.feedback"]),
+    ("2", ["adapter.modulation_head", "adapter.layout_head", "lora_B"], ["adapter.feedback", "transformer_blocks.0.ff"]),
+])  # fmt: skip
+def test_stages_train_their_modules_only(world, stage, trained, frozen):
+    _, md, cache, vae, image = world
+    task = make_task(md, cache, vae, image)
+    groups = task.param_groups(stage)
+    names = [n for m, mod in task.modules().items() for n_, p in mod.named_parameters() if p.requires_grad
+             for n in [f"{m}.{n_}"]]  # fmt: skip
+    assert all(any(t in n for n in names) for t in trained)
+    assert not any(f in n for n in names for f in frozen if not ("lora_" in n))
+    assert groups[0]["lr"] == {"1": 1e-4, "2": 5e-6}[stage]
+    out = task.loss(torch.arange(2), torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert all(p.grad is not None for p in groups[0]["params"] if p.grad is not None) and any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in groups[0]["params"]
+    )
+
+
+def test_predicted_x0_inverts_the_noising():
+    x0, noise, t = torch.randn(3, 4, 5), torch.randn(3, 4, 5), torch.rand(3)
+    x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
+    assert torch.allclose(predicted_x0(x_t, noise - x0, t), x0, atol=1e-6)
+
+
+def test_crop_boxes_cuts_the_box():
+    img = torch.zeros(1, 3, 8, 8)
+    img[:, :, 2:6, 4:8] = 1.0  # a block at x in [0.5, 1), y in [0.25, 0.75)
+    crops = crop_boxes(img, torch.tensor([[[0.5, 0.25, 1.0, 0.75], [0.0, 0.0, 0.5, 0.25]]]), 4)
+    assert crops.shape == (2, 3, 4, 4) and torch.allclose(crops[0], torch.ones(3, 4, 4)) and crops[1].abs().max() == 0
+
+
+def test_soft_argmax_finds_the_matching_patch_and_bbox_loss_is_zero_there():
+    patches = torch.zeros(1, 16, 4)
+    patches[0, :, 1] = 1.0
+    patches[0, 9] = torch.tensor([1.0, 0, 0, 0])  # row 2, col 1 of a 4x4 grid -> centre (0.375, 0.625)
+    ref = torch.tensor([[[1.0, 0, 0, 0]]])
+    centre = soft_argmax_centre(patches, (4, 4), ref, temperature=0.01)
+    assert torch.allclose(centre, torch.tensor([[[0.375, 0.625]]]), atol=1e-3)
+    box = torch.tensor([[[0.25, 0.5, 0.5, 0.75]]])
+    assert bbox_alignment_loss(patches, (4, 4), ref, box, torch.ones(1, 1)) < 0.1  # temperature 0.1 blurs a bit
+    far = torch.tensor([[[0.75, 0.0, 1.0, 0.25]]])
+    assert bbox_alignment_loss(patches, (4, 4), ref, far, torch.ones(1, 1)) > 0.5
+
+
+def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from moviepostproduction.cli import app
+    from moviepostproduction.pipelines.compose import ComposePipeline
+
+    root, md, _, _, _ = world
+    recipe = {"model": str(md.root), "data": str(root / "data"), "out": str(tmp_path / "run"), "stage": "toy",
+              "max_refs": MAX_REFS, "max_text_tokens": TEXT, "export": str(tmp_path / "exported"),
+              "trainer": {"max_steps": 2, "checkpoint_every": 1, "progress": False},
+              "compose": {"batch_size": 2, "sample_steps": 2, "num_preview": 1}}  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "trained to step 2" in result.output
+    assert (tmp_path / "run" / "cache" / "train.safetensors").is_file()
+    assert (tmp_path / "run" / "curves.png").is_file() and list((tmp_path / "run" / "samples").glob("*.png"))
+    index = json.loads((tmp_path / "exported" / "model_index.json").read_text())
+    assert index["max_text_tokens"] == TEXT and not index["tiny_random"]
+    pipe = ComposePipeline.from_model_dir(tmp_path / "exported")
+    assert pipe.max_text_tokens == TEXT
+    again = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml"), "--max-steps", "3"])  # resumes at step 2
+    assert again.exit_code == 0 and "trained to step 3" in again.output
+
+
+def test_mpp_train_bad_recipe_is_one_line_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from moviepostproduction.cli import app
+
+    (tmp_path / "r.yaml").write_text("model: m\nout: o\nsteps: 3\n")
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2
+    assert "steps: unknown field" in result.output and "data: required" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,153 @@
+"""The shared trainer: exact resume, stages, warm start, non-finite stop, outputs (DESIGN 5)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from moviepostproduction.errors import ValidationError, WeightsError
+from moviepostproduction.training.checkpoints import CheckpointStore
+from moviepostproduction.training.task import LossOutput, TrainTask
+from moviepostproduction.training.trainer import Trainer, TrainConfig, TrainingDiverged
+
+X = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+Y = X @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+
+class LinearTask:
+    """A small regression with every kind of randomness the real tasks have: data order, noise, dropout."""
+
+    name = "linear"
+
+    def __init__(self, nan_at: int | None = None, batch: int = 3):
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+        self.frozen = nn.Linear(4, 4)
+        self.calls, self.nan_at, self.batch = 0, nan_at, batch
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net, "frozen": self.frozen}
+
+    def param_groups(self, stage: str) -> list[dict]:
+        self.frozen.requires_grad_(False)
+        layers = [self.net[0]] if stage == "first" else [self.net[0], self.net[2]]
+        self.net.requires_grad_(False)
+        for layer in layers:
+            layer.requires_grad_(True)
+        return [{"params": [p for layer in layers for p in layer.parameters()], "lr": 0.1}]
+
+    def batches(self, epoch: int, seed: int):
+        perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed * 100 + epoch))
+        for i in range(0, len(X), self.batch):
+            yield X[perm[i : i + self.batch]], Y[perm[i : i + self.batch]]
+
+    def loss(self, batch, generator: torch.Generator) -> LossOutput:
+        self.calls += 1
+        x, y = batch
+        pred = self.net(self.frozen(x) * 0 + x + 0.01 * torch.randn(x.shape, generator=generator))
+        loss = ((pred - y) ** 2).mean()
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            loss = loss * float("nan")
+        return LossOutput(loss, {"mse": float(loss.detach())})
+
+    def samples(self, generator: torch.Generator) -> Image.Image:
+        return Image.new("RGB", (8, 8), (int(self.calls) % 255, 0, 0))
+
+
+def config(tmp_path, **kw) -> TrainConfig:
+    base = dict(out_dir=str(tmp_path), stage="all", max_steps=8, checkpoint_every=4, log_every=2, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_linear_task_satisfies_the_protocol():
+    assert isinstance(LinearTask(), TrainTask)
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one_step_for_step(tmp_path):
+    full = Trainer(LinearTask(), config(tmp_path / "full", max_steps=10)).run()
+    first = Trainer(LinearTask(), config(tmp_path / "cut", max_steps=6)).run()  # "killed" after step 6's checkpoint
+    task = LinearTask()
+    resumed = Trainer(task, config(tmp_path / "cut", max_steps=10)).run()
+    assert first.losses == full.losses[:6]
+    assert resumed.losses == full.losses  # bit-exact, step for step, including the 4 steps after the resume
+    assert task.calls == 4  # only the remaining steps ran
+    end = CheckpointStore.load(full.checkpoint).trainable
+    for key, value in CheckpointStore.load(resumed.checkpoint).trainable.items():
+        assert torch.equal(value, end[key])
+    assert full.losses[-1] < full.losses[0] / 2  # it learns
+
+
+def test_grad_accumulation_and_epochs_keep_position(tmp_path):
+    a = Trainer(LinearTask(batch=3), config(tmp_path / "a", max_steps=5, grad_accum=2)).run()
+    Trainer(LinearTask(batch=3), config(tmp_path / "b", max_steps=3, grad_accum=2)).run()
+    b = Trainer(LinearTask(batch=3), config(tmp_path / "b", max_steps=5, grad_accum=2)).run()
+    assert a.losses == b.losses  # 5 steps x 2 micro-batches cross the 4-batch epoch boundary, resumed mid-epoch
+    state = json.loads((a.checkpoint / "state.json").read_text())
+    assert (state["epoch"], state["index"]) == (2, 2)  # 10 micro-batches = 2 epochs of 4 + 2
+
+
+def test_stage_freezes_everything_outside_its_groups(tmp_path):
+    task = LinearTask()
+    before = {k: v.clone() for k, v in task.net.state_dict().items()}
+    frozen = {k: v.clone() for k, v in task.frozen.state_dict().items()}
+    result = Trainer(task, config(tmp_path, stage="first", max_steps=3)).run()
+    after = task.net.state_dict()
+    assert not torch.equal(after["0.weight"], before["0.weight"])
+    assert torch.equal(after["2.weight"], before["2.weight"])
+    assert all(torch.equal(v, frozen[k]) for k, v in task.frozen.state_dict().items())
+    assert set(CheckpointStore.load(result.checkpoint).trainable) == {"net.0.weight", "net.0.bias"}
+
+
+def test_resuming_another_stage_is_refused(tmp_path):
+    Trainer(LinearTask(), config(tmp_path, stage="first", max_steps=2)).run()
+    with pytest.raises(ValidationError, match="stage"):
+        Trainer(LinearTask(), config(tmp_path, stage="all", max_steps=4)).run()
+
+
+def test_warm_start_loads_matching_keys_and_reports_the_rest(tmp_path):
+    first = Trainer(LinearTask(), config(tmp_path / "s1", stage="first", max_steps=2)).run()
+    state = CheckpointStore.load(first.checkpoint).trainable
+    state["net.0.bias"] = torch.zeros(3)  # wrong shape
+    state["gone.weight"] = torch.zeros(1)
+    from moviepostproduction.checkpoint import save_safetensors
+
+    save_safetensors(state, tmp_path / "warm.safetensors")
+    task = LinearTask()
+    result = Trainer(task, config(tmp_path / "s2", max_steps=1, init_from=str(tmp_path / "warm.safetensors"))).run()
+    report = result.warm_start
+    assert "net.0.weight" in report.loaded
+    assert report.unexpected == ["gone.weight"]
+    assert report.mismatched == ["net.0.bias: checkpoint (3,) vs model (8,)"]
+    assert {"net.2.weight", "net.2.bias"} <= set(report.missing)  # trained here, absent there: left at init
+    assert json.loads((tmp_path / "s2" / "warm_start.json").read_text())["unexpected"] == ["gone.weight"]
+    with pytest.raises(WeightsError, match="missing"):
+        Trainer(LinearTask(), config(tmp_path / "s3", init_from=str(tmp_path / "absent.safetensors"))).run()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss nan at step 6 .*step-000004"):
+        Trainer(LinearTask(nan_at=6), config(tmp_path, max_steps=8)).run()
+    store = CheckpointStore(tmp_path / "checkpoints")
+    assert [p.name for p in store.complete()] == ["step-000004"]
+    assert CheckpointStore.load(store.latest()).state["step"] == 4
+
+
+def test_outputs_samples_curves_tensorboard_and_pruning(tmp_path):
+    result = Trainer(LinearTask(), config(tmp_path, max_steps=8, sample_every=4, checkpoint_every=2)).run()
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-000004.png", "step-000008.png"]
+    assert Image.open(tmp_path / "curves.png").size == (640, 360)
+    assert json.loads((tmp_path / "losses.json").read_text()) == result.losses
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert [p.name for p in CheckpointStore(tmp_path / "checkpoints").complete()] == ["step-000006", "step-000008"]
+    assert [e["step"] for e in result.logs] == [2, 4, 6, 8] and all("mse" in e for e in result.logs)
+
+
+def test_bad_config_is_one_line_per_field(tmp_path):
+    with pytest.raises(ValidationError) as err:
+        config(tmp_path, mixed_precision="fp8", grad_accum=0)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and "mixed_precision" in lines[0] and "grad_accum" in lines[1]
