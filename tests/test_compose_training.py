@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize_zero_inits
 
 from moviepostproduction.backbones.flux import ConditionedFlux
 from moviepostproduction.data.shards import write_dataset
@@ -17,7 +16,9 @@ from moviepostproduction.tiny import write_tiny_model_dir
 from moviepostproduction.training.compose_task import ComposeTask, ComposeTaskConfig
 from moviepostproduction.training.feature_cache import FeatureCache, build_cache
 from moviepostproduction.training.losses import bbox_alignment_loss, crop_boxes, predicted_x0, soft_argmax_centre
-from moviepostproduction.training.trainer import Trainer, TrainConfig
+from moviepostproduction.training.trainer import TrainConfig, Trainer
+
+from helpers import randomize_zero_inits
 
 MAX_REFS, TEXT = 2, 64
 
@@ -28,8 +29,9 @@ def world(tmp_path_factory):
     md = ModelDir.at(write_tiny_model_dir(root / "model"))
     write_dataset(root / "data", 8, 3, ToyWorldConfig(size=64, ref_size=32, max_refs=MAX_REFS), shard_size=4)
     text, image, vae = TextEncoder.load(md), ImageEncoder.load(md), Vae.load(md)
-    cache = build_cache(root / "data" / "train", text, image, vae, max_refs=MAX_REFS, max_text_tokens=TEXT,
-                        batch_size=3, progress=False)  # fmt: skip
+    cache = build_cache(
+        root / "data" / "train", text, image, vae, max_refs=MAX_REFS, max_text_tokens=TEXT, batch_size=3, progress=False
+    )
     return root, md, cache, vae, image
 
 
@@ -69,18 +71,30 @@ def test_toy_stage_trains_everything_with_all_four_losses_and_resumes_exactly(wo
     assert (tmp_path / "a" / "samples" / "step-000003.png").is_file()
 
 
-@pytest.mark.parametrize(("stage", "trained", "frozen"), [
-    ("1", ["adapter.layout_head", "adapter.assemble", "lora_A"], ["adapter.modulation_head", "adapter.feedback"]),
-    ("2", ["adapter.modulation_head", "adapter.layout_head", "lora_B"], ["adapter.feedback", "transformer_blocks.0.ff"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("stage", "trained", "frozen"),
+    [
+        ("1", ["adapter.layout_head", "adapter.assemble", "lora_A"], ["adapter.modulation_head", "adapter.feedback"]),
+        (
+            "2",
+            ["adapter.modulation_head", "adapter.layout_head", "lora_B"],
+            ["adapter.feedback", "blocks.0.ff"],
+        ),
+    ],
+)
 def test_stages_train_their_modules_only(world, stage, trained, frozen):
     _, md, cache, vae, image = world
     task = make_task(md, cache, vae, image)
     groups = task.param_groups(stage)
-    names = [n for m, mod in task.modules().items() for n_, p in mod.named_parameters() if p.requires_grad
-             for n in [f"{m}.{n_}"]]  # fmt: skip
+    names = [
+        n
+        for m, mod in task.modules().items()
+        for n_, p in mod.named_parameters()
+        if p.requires_grad
+        for n in [f"{m}.{n_}"]
+    ]
     assert all(any(t in n for n in names) for t in trained)
-    assert not any(f in n for n in names for f in frozen if not ("lora_" in n))
+    assert not any(f in n for n in names for f in frozen if "lora_" not in n)
     assert groups[0]["lr"] == {"1": 1e-4, "2": 5e-6}[stage]
     out = task.loss(torch.arange(2), torch.Generator().manual_seed(0))
     out.loss.backward()
@@ -125,10 +139,17 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     from moviepostproduction.pipelines.compose import ComposePipeline
 
     root, md, _, _, _ = world
-    recipe = {"model": str(md.root), "data": str(root / "data"), "out": str(tmp_path / "run"), "stage": "toy",
-              "max_refs": MAX_REFS, "max_text_tokens": TEXT, "export": str(tmp_path / "exported"),
-              "trainer": {"max_steps": 2, "checkpoint_every": 1, "progress": False},
-              "compose": {"batch_size": 2, "sample_steps": 2, "num_preview": 1}}  # fmt: skip
+    recipe = {
+        "model": str(md.root),
+        "data": str(root / "data"),
+        "out": str(tmp_path / "run"),
+        "stage": "toy",
+        "max_refs": MAX_REFS,
+        "max_text_tokens": TEXT,
+        "export": str(tmp_path / "exported"),
+        "trainer": {"max_steps": 2, "checkpoint_every": 1, "progress": False},
+        "compose": {"batch_size": 2, "sample_steps": 2, "num_preview": 1},
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
     assert result.exit_code == 0, result.output

@@ -12,7 +12,7 @@ from torch import nn
 from moviepostproduction.errors import ValidationError, WeightsError
 from moviepostproduction.training.checkpoints import CheckpointStore
 from moviepostproduction.training.task import LossOutput, TrainTask
-from moviepostproduction.training.trainer import Trainer, TrainConfig, TrainingDiverged
+from moviepostproduction.training.trainer import TrainConfig, Trainer, TrainingDiverged
 
 X = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
 Y = X @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])

@@ -86,8 +86,14 @@ class ComposeTask:
             if not getattr(tr, "peft_config", None):
                 from peft import LoraConfig
 
-                tr.add_adapter(LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_rank,
-                                          target_modules=list(LORA_TARGETS), init_lora_weights=True))  # fmt: skip
+                tr.add_adapter(
+                    LoraConfig(
+                        r=self.config.lora_rank,
+                        lora_alpha=self.config.lora_rank,
+                        target_modules=list(LORA_TARGETS),
+                        init_lora_weights=True,
+                    )
+                )
             for name, p in tr.named_parameters():
                 p.requires_grad_("lora_" in name)
         elif spec.backbone == "full":
@@ -110,8 +116,14 @@ class ComposeTask:
         return next(self.model.parameters()).device
 
     def refs(self, batch: dict[str, torch.Tensor], valid: torch.Tensor) -> RefBatch:
-        return RefBatch(bboxes=batch["bboxes"], depth=batch["depth"], valid=valid, clip=batch["clip"],
-                        dino=batch["dino"], text_spans=batch["spans"])  # fmt: skip
+        return RefBatch(
+            bboxes=batch["bboxes"],
+            depth=batch["depth"],
+            valid=valid,
+            clip=batch["clip"],
+            dino=batch["dino"],
+            text_spans=batch["spans"],
+        )
 
     def velocity(self, batch, x_t, t, valid, layout_active: bool) -> tuple[torch.Tensor, object]:
         grid = self.cache.grid
@@ -188,8 +200,15 @@ class ComposeTask:
 
     # ------------------------------------------------------------------------------------------ samples
     @torch.no_grad()
-    def generate(self, cache: FeatureCache, index: torch.Tensor, generator: torch.Generator, steps: int,
-                 layout: bool = True, modulation: bool = True) -> torch.Tensor:  # fmt: skip
+    def generate(
+        self,
+        cache: FeatureCache,
+        index: torch.Tensor,
+        generator: torch.Generator,
+        steps: int,
+        layout: bool = True,
+        modulation: bool = True,
+    ) -> torch.Tensor:
         """Sample latents for cached scenes -> pixels (B, 3, H, W) in [-1, 1]. Switches give the ablations."""
         dev = self.device
         batch = {k: v.to(dev) for k, v in cache.select(index).items()}
@@ -205,10 +224,17 @@ class ComposeTask:
         def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             active = layout and calls["n"] < layout_steps
             calls["n"] += 1
-            return self.model(x_t, batch["t5"], batch["pooled"], t, latent_image_ids(h, w, device=dev),
-                              text_ids(batch["t5"].shape[1], device=dev),
-                              torch.ones_like(t) if self.guidance else None, conditioning=cond,
-                              layout_active=active)  # fmt: skip
+            return self.model(
+                x_t,
+                batch["t5"],
+                batch["pooled"],
+                t,
+                latent_image_ids(h, w, device=dev),
+                text_ids(batch["t5"].shape[1], device=dev),
+                torch.ones_like(t) if self.guidance else None,
+                conditioning=cond,
+                layout_active=active,
+            )
 
         out = euler_sample(velocity, x, timesteps)
         return self.vae.decode(unpack_latents(out, 2 * h, 2 * w)).clamp(-1, 1)
@@ -223,8 +249,11 @@ class ComposeTask:
         self.model.eval()
         pixels = self.generate(self.preview, index, generator, self.config.sample_steps)
         self.model.train()
-        target = self.vae.decode(unpack_latents(self.preview.latents[:n].float().to(self.device),
-                                                2 * self.preview.grid[0], 2 * self.preview.grid[1])).clamp(-1, 1)  # fmt: skip
+        target = self.vae.decode(
+            unpack_latents(
+                self.preview.latents[:n].float().to(self.device), 2 * self.preview.grid[0], 2 * self.preview.grid[1]
+            )
+        ).clamp(-1, 1)
         tiles = []
         for i in range(n):
             valid = self.preview.valid[i]

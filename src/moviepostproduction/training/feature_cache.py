@@ -18,8 +18,8 @@ from PIL import Image
 from ..checkpoint import load_safetensors, read_metadata, save_safetensors
 from ..data.shards import ToySample, iter_shards
 from ..errors import WeightsError
-from ..scene import DEPTHS
 from ..sampling import pack_latents
+from ..scene import DEPTHS
 
 CACHE_VERSION = "1"
 FIELDS = ("latents", "t5", "pooled", "spans", "bboxes", "depth", "valid", "clip", "dino")
@@ -64,8 +64,10 @@ class FeatureCache:
         meta = read_metadata(path)
         for key, want in (expect or {}).items():
             if meta.get(key) != want:
-                raise WeightsError(f"{path}: feature cache was built with {key}={meta.get(key)!r}, not {want!r}; "
-                                   "delete it to rebuild")  # fmt: skip
+                raise WeightsError(
+                    f"{path}: feature cache was built with {key}={meta.get(key)!r}, not {want!r}; "
+                    "delete it to rebuild"
+                )
         state = load_safetensors(path, "a feature cache")
         h, w = (int(v) for v in meta["grid"].split("x"))
         for name in ("spans", "valid"):
@@ -109,9 +111,17 @@ def encode_samples(
         depth[i, :r] = torch.tensor([DEPTHS.index(d) for d in s.depths[:r]])
         valid[i, :r] = True
         k += r
-    return {"latents": latents, "t5": torch.stack(t5).half(), "pooled": torch.stack(pooled).float(),
-            "spans": spans, "bboxes": bboxes, "depth": depth, "valid": valid, "clip": clip.half(),
-            "dino": dino.half()}  # fmt: skip
+    return {
+        "latents": latents,
+        "t5": torch.stack(t5).half(),
+        "pooled": torch.stack(pooled).float(),
+        "spans": spans,
+        "bboxes": bboxes,
+        "depth": depth,
+        "valid": valid,
+        "clip": clip.half(),
+        "dino": dino.half(),
+    }
 
 
 def build_cache(

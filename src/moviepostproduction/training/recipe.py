@@ -68,8 +68,9 @@ class Recipe:
         if not isinstance(raw, dict):
             raise ValidationError([Problem("CONFIG", str(path), "must be a mapping of recipe fields")])
         known = {f.name for f in dataclasses.fields(cls)}
-        problems = [Problem(k, raw[k], f"unknown field (known: {', '.join(sorted(known))})") for k in raw
-                    if k not in known]  # fmt: skip
+        problems = [
+            Problem(k, raw[k], f"unknown field (known: {', '.join(sorted(known))})") for k in raw if k not in known
+        ]
         problems += [Problem(k, None, "required") for k in ("model", "data", "out") if k not in raw]
         if raw.get("task", "compose") not in TASKS:
             problems.append(Problem("task", raw.get("task"), f"expected one of {', '.join(TASKS)}"))
@@ -101,13 +102,24 @@ def cached_features(recipe: Recipe, split: str, text, image, vae, limit: int | N
     from .feature_cache import FeatureCache, build_cache
 
     path = Path(recipe.out) / "cache" / f"{split}.safetensors"
-    meta = {"model": str(Path(recipe.model).resolve()), "data": str(Path(recipe.data).resolve()),
-            "max_refs": str(recipe.max_refs), "max_text_tokens": str(recipe.max_text_tokens),
-            "limit": str(limit)}  # fmt: skip
+    meta = {
+        "model": str(Path(recipe.model).resolve()),
+        "data": str(Path(recipe.data).resolve()),
+        "max_refs": str(recipe.max_refs),
+        "max_text_tokens": str(recipe.max_text_tokens),
+        "limit": str(limit),
+    }
     if path.is_file():
         return FeatureCache.load(path, expect=meta)
-    cache = build_cache(Path(recipe.data) / split, text, image, vae, max_refs=recipe.max_refs,
-                        max_text_tokens=recipe.max_text_tokens, limit=limit)  # fmt: skip
+    cache = build_cache(
+        Path(recipe.data) / split,
+        text,
+        image,
+        vae,
+        max_refs=recipe.max_refs,
+        max_text_tokens=recipe.max_text_tokens,
+        limit=limit,
+    )
     cache.save(path, meta)
     return cache
 
@@ -140,13 +152,25 @@ def export_model_dir(recipe: Recipe, task, source) -> Path:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[recipe.export_dtype]
     transformer, adapter = task.model.transformer, task.model.adapter
     if getattr(transformer, "peft_config", None):
-        raise ValidationError([Problem("export", recipe.export, "LoRA stages export through the checkpoint "
-                                       "(trainable.safetensors); only full-backbone stages write a model dir")])  # fmt: skip
+        raise ValidationError(
+            [
+                Problem(
+                    "export",
+                    recipe.export,
+                    "LoRA stages export through the checkpoint "
+                    "(trainable.safetensors); only full-backbone stages write a model dir",
+                )
+            ]
+        )
     transformer.to(dtype).save_pretrained(tmp / "transformer", safe_serialization=True)
     transformer.to(torch.float32)
     adapter.save_pretrained(tmp / "adapter")
-    index = {**source.index, "tiny_random": False, "max_text_tokens": recipe.max_text_tokens,
-             "trained_by": f"mpp train (stage {recipe.stage})"}  # fmt: skip
+    index = {
+        **source.index,
+        "tiny_random": False,
+        "max_text_tokens": recipe.max_text_tokens,
+        "trained_by": f"mpp train (stage {recipe.stage})",
+    }
     write_json_atomic(index, tmp / "model_index.json")
     if out.exists():
         shutil.rmtree(out)

@@ -30,7 +30,7 @@ STAGES: dict[str, Stage] = {
         5e-6,
         backbone="lora",
         losses={"identity": 10.0, "bbox": 1.0, "region": 0.01},
-    ),  # fmt: skip
+    ),
     "3": Stage("3", ("feedback_bridge",), 1e-5, losses={"identity": 10.0, "region": 0.01}),
     "toy": Stage(
         "toy",
@@ -38,7 +38,7 @@ STAGES: dict[str, Stage] = {
         3e-4,
         backbone="full",
         losses={"identity": 10.0, "bbox": 1.0, "region": 0.01},
-    ),  # fmt: skip
+    ),
 }
 
 

@@ -124,8 +124,9 @@ class Trainer:
             for p in self.params:
                 value = state[self.names[id(p)]]
                 if value.shape != p.shape:
-                    raise WeightsError(f"{where}: {self.names[id(p)]} has shape {tuple(value.shape)}, expected "
-                                       f"{tuple(p.shape)}")  # fmt: skip
+                    raise WeightsError(
+                        f"{where}: {self.names[id(p)]} has shape {tuple(value.shape)}, expected " f"{tuple(p.shape)}"
+                    )
                 p.copy_(value.to(p.device, p.dtype))
 
     def warm_start(self, path: str | Path) -> KeyReport:
@@ -177,8 +178,16 @@ class Trainer:
         if latest is not None:
             snap = self.store.load(latest)
             if snap.state.get("stage") != cfg.stage:
-                raise ValidationError([Problem("stage", cfg.stage, f"{latest} holds stage {snap.state.get('stage')!r}; "
-                                               "use a new out_dir and --init-from for a new stage")])  # fmt: skip
+                raise ValidationError(
+                    [
+                        Problem(
+                            "stage",
+                            cfg.stage,
+                            f"{latest} holds stage {snap.state.get('stage')!r}; "
+                            "use a new out_dir and --init-from for a new stage",
+                        )
+                    ]
+                )
             self.load_trainable(snap.trainable, latest)
             load_optimizer_state(self.optimizer, self.names, snap.optimizer)
             step, epoch, index = snap.state["step"], snap.state["epoch"], snap.state["index"]
@@ -197,8 +206,13 @@ class Trainer:
         batches = self.micro_batches(epoch, index)
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {self.task.name} stage {cfg.stage}",
-                   disable=not (cfg.progress and acc.is_main_process), unit="step")  # fmt: skip
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=step,
+            desc=f"train {self.task.name} stage {cfg.stage}",
+            disable=not (cfg.progress and acc.is_main_process),
+            unit="step",
+        )
         while step < cfg.max_steps:
             step += 1
             for g in self.optimizer.param_groups:
@@ -214,8 +228,10 @@ class Trainer:
                     out = self.task.loss(batch, gen)
                 value = float(out.loss.detach())
                 if not math.isfinite(value):
-                    raise TrainingDiverged(f"non-finite loss {value} at step {step} ({out.logs}); training stopped, "
-                                           f"last good checkpoint: {last or 'none'}")  # fmt: skip
+                    raise TrainingDiverged(
+                        f"non-finite loss {value} at step {step} ({out.logs}); training stopped, "
+                        f"last good checkpoint: {last or 'none'}"
+                    )
                 acc.backward(out.loss / cfg.grad_accum)
                 total += value / cfg.grad_accum
                 for k, v in out.logs.items():
@@ -227,8 +243,10 @@ class Trainer:
             grads = [p for p in self.params if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(grads, cfg.max_grad_norm or float("inf")) if grads else None
             if norm is not None and not torch.isfinite(norm):
-                raise TrainingDiverged(f"non-finite gradient norm at step {step}; training stopped, last good "
-                                       f"checkpoint: {last or 'none'}")  # fmt: skip
+                raise TrainingDiverged(
+                    f"non-finite gradient norm at step {step}; training stopped, last good "
+                    f"checkpoint: {last or 'none'}"
+                )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(total)
@@ -260,8 +278,16 @@ class Trainer:
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return None
-        state = {"step": step, "epoch": epoch, "index": index, "stage": self.config.stage, "task": self.task.name,
-                 "losses": losses, "logs": logs, "config": asdict(self.config)}  # fmt: skip
+        state = {
+            "step": step,
+            "epoch": epoch,
+            "index": index,
+            "stage": self.config.stage,
+            "task": self.task.name,
+            "losses": losses,
+            "logs": logs,
+            "config": asdict(self.config),
+        }
         return self.store.save(step, self.trainable_state(), optimizer_state(self.optimizer, self.names), state)
 
     def write_samples(self, step: int) -> None:
