@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 from moviepostproduction.bench import (
     BenchConfig,
     CaseResult,
+    EncoderResult,
     PrepareResult,
     format_case,
+    format_encoders,
     format_prepare,
     parse_numbers,
     run_benchmark,
@@ -33,7 +35,7 @@ TINY = BenchShape().tiny()
 
 @pytest.fixture(scope="module")
 def report():
-    cfg = BenchConfig(tokens=(16, 32), refs=(0, 3), text_tokens=8, repeats=2, shape=TINY)
+    cfg = BenchConfig(tokens=(16, 32), refs=(0, 3), text_tokens=8, repeats=2, encoder_refs=3, shape=TINY)
     return run_benchmark(cfg)
 
 
@@ -71,8 +73,14 @@ def test_prepare_is_timed_once_per_forward_case_with_refs(report):
         assert prep.fraction == prep.prepare_s / prep.step_s
 
 
+def test_encoders_are_timed_once_on_the_requested_number_of_images(report):
+    assert report.encoders.refs == 3 and report.encoders.seconds > 0
+    assert report.encoders.encoders == "CLIP + DINOv2 ViTs (1 x 24, /14, 28 px)"
+
+
 def test_report_serialises_with_derived_values(report):
     data = json.loads(json.dumps(report.to_dict()))
+    assert data["encoders"]["refs"] == 3
     assert data["config"]["shape"]["heads"] == 2 and data["torch_version"] == torch.__version__
     assert data["cases"][1]["ratio"] == report.cases[1].ratio
     assert data["prepares"][0]["fraction"] == report.prepares[0].fraction
@@ -88,6 +96,9 @@ def test_format_case_and_prepare_lines():
         "prepare 4096 tokens 50 refs: 0.08 s once per scene = 2.5% of one conditioned step (3.2 s)"
     )
     assert format_prepare(PrepareResult(4096, 50, 0.08, None)).endswith("0.08 s once per scene")
+    assert format_encoders(EncoderResult(50, 61.23, "CLIP + DINOv2 ViTs (24 x 1024, /14, 224 px)")) == (
+        "prepare encoders 50 refs: 61.2 s once per scene (CLIP + DINOv2 ViTs (24 x 1024, /14, 224 px))"
+    )
 
 
 @pytest.mark.parametrize("coverage", [0.25, 0.5, 1.0])
@@ -109,6 +120,8 @@ def test_token_grid_is_as_square_as_the_count_allows():
 
 def test_flux_dev_width_and_a_derived_tiny_shape():
     assert (BenchShape().width, BenchShape().double_blocks, BenchShape().single_blocks) == (3072, 1, 1)
+    assert BenchShape().encoder_name == "CLIP + DINOv2 ViTs (24 x 1024, /14, 224 px)"  # ViT-L/14 as FLUX refs use
+    assert (BenchShape().clip_dim, BenchShape().dino_dim, BenchShape().instance_dim) == (768, 1024, 1024)
     assert (TINY.width, TINY.double_blocks, TINY.single_blocks, TINY.in_channels) == (32, 1, 1, 64)
 
 
@@ -134,10 +147,10 @@ def test_peak_memory_on_cpu_sees_a_held_allocation():
 def test_cli_prints_one_line_per_case_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "--tiny", "--tokens", "16", "--refs", "0,2", "--repeats", "1", "--text-tokens", "8"]
-    result = CliRunner().invoke(app, [*args, "--json", str(out)])
+    result = CliRunner().invoke(app, [*args, "--encoder-refs", "2", "--json", str(out)])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("cpu (") and "FLUX width 2 x 16 = 32" in lines[0]
+    assert f"torch {torch.__version__}, fp32; FLUX width 2 x 16 = 32, 1 double + 1 single block" in lines[0]
     cases = [line for line in lines if LINE.match(line)]
     assert [line.split(":")[0] for line in cases] == [
         "forward 16 tokens 0 refs",
@@ -146,6 +159,7 @@ def test_cli_prints_one_line_per_case_and_writes_json(tmp_path):
         "train 16 tokens 2 refs",
     ]
     assert any(line.startswith("prepare 16 tokens 2 refs: ") for line in lines)
+    assert sum(line.startswith("prepare encoders 2 refs: ") for line in lines) == 1
     assert [c["refs"] for c in json.loads(out.read_text())["cases"]] == [0, 2, 0, 2]
 
 

@@ -163,6 +163,20 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     again = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml"), "--max-steps", "3"])  # resumes at step 2
     assert again.exit_code == 0 and "trained to step 3" in again.output
 
+    args = ["eval", "--model", str(tmp_path / "exported"), "--n", "2", "--steps", "2", "--leak-scenes", "1"]
+    scored = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "eval")])
+    assert scored.exit_code == 0, scored.output
+    header = next(line for line in scored.output.splitlines() if line.startswith("| model"))
+    assert [c.strip() for c in header.strip("|").split("|")][:2] == ["model", "IoU"]
+    rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["model", "layout-only", "modulation-only", "untrained"]
+    assert all(0.0 <= r["IoU"] <= 1.0 for r in rows)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "eval" / "grid.png").size == (5 * 64, 2 * 64)  # target + 4 variants, 2 scenes
+    bad = CliRunner().invoke(app, [*args, "--variants", "model,best"])
+    assert bad.exit_code == 2 and "--variants: " in bad.output and "best" in bad.output
+
 
 def test_mpp_train_bad_recipe_is_one_line_exit_2(tmp_path):
     from typer.testing import CliRunner
@@ -174,3 +188,26 @@ def test_mpp_train_bad_recipe_is_one_line_exit_2(tmp_path):
     assert result.exit_code == 2
     assert "steps: unknown field" in result.output and "data: required" in result.output
     assert "Traceback" not in result.output
+
+
+def test_mpp_train_runs_a_fill_recipe(world, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from moviepostproduction.cli import app
+
+    root, md, _, _, _ = world
+    recipe = {
+        "task": "fill",
+        "model": str(md.root),
+        "data": str(root / "data"),
+        "out": str(tmp_path / "run"),
+        "stage": "all",
+        "export": str(tmp_path / "fill-model"),
+        "trainer": {"max_steps": 1, "progress": False, "tensorboard": False},
+        "fill": {"batch_size": 1, "scenes": 2, "train_x_embedder": True, "sample_count": 1, "sample_steps": 1},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "trained to step 1" in result.output and (tmp_path / "fill-model" / "fill").is_dir()

@@ -4,6 +4,7 @@ The stock diffusers `FluxTransformer2DModel` forward and `ConditionedFlux.forwar
 interleaved (plain, cond 0 refs, cond 10 refs, ... then again), after warm-up; each case reports the median.
 The model has FLUX.1-dev width with one double and one single block (random init): weights and activations
 per block are those of the real model, so the per-block ratio is what carries over to 19 + 38 blocks.
+What is paid once per scene is timed apart: the reference image encoders and the adapter's heads (`prepare`).
 Nothing here prints; callers format `BenchReport` with `format_case` / `format_prepare`.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .bench_memory import PeakMemory
-from .bench_setup import BenchShape, bench_refs, build_model, make_inputs, refs_to, token_grid
+from .bench_setup import BenchShape, bench_refs, build_image_encoder, build_model, make_inputs, refs_to, token_grid
 from .errors import Problem, ValidationError
 from .layout import bbox_token_mask
 
@@ -41,6 +43,7 @@ class BenchConfig:
     dtype: str = "fp32"
     coverage: float = 0.5  # fraction of the image covered by the union of the boxes
     layout_active: bool = True  # Assemble-Attn on (first `grounding_ratio` of the steps) or off
+    encoder_refs: int = 50  # reference images through the image encoders, timed once (0: skip)
     shape: BenchShape = field(default_factory=BenchShape)
     seed: int = 0
 
@@ -54,6 +57,7 @@ class BenchConfig:
             ("warmup", self.warmup, self.warmup >= 1, "must be >= 1 (warm-up also measures memory)"),
             ("dtype", self.dtype, self.dtype in DTYPES, f"choose from {tuple(DTYPES)}"),
             ("coverage", self.coverage, 0.0 < self.coverage <= 1.0, "must be in (0, 1]"),
+            ("encoder_refs", self.encoder_refs, self.encoder_refs >= 0, "must be >= 0"),
         ]
         problems = [Problem(name, value, message) for name, value, ok, message in checks if not ok]
         if self.device.split(":")[0] not in ("cpu", "cuda"):
@@ -108,6 +112,15 @@ class PrepareResult:
 
 
 @dataclass(frozen=True)
+class EncoderResult:
+    """The reference image encoders on `refs` images in one batch: paid once per scene (cached per image file)."""
+
+    refs: int
+    seconds: float
+    encoders: str
+
+
+@dataclass(frozen=True)
 class BenchReport:
     config: BenchConfig
     torch_version: str
@@ -118,6 +131,7 @@ class BenchReport:
     memory_note: str
     cases: list[CaseResult]
     prepares: list[PrepareResult]
+    encoders: EncoderResult | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -245,10 +259,35 @@ def _prepare_time(model, cfg: BenchConfig, case: CaseResult) -> PrepareResult:
     return PrepareResult(case.tokens, case.refs, seconds, case.conditioned_s)
 
 
+def _encoder_time(cfg: BenchConfig) -> EncoderResult:
+    """One batch of `encoder_refs` random images through CLIP + DINOv2 (after a one-image warm-up)."""
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    encoder = build_image_encoder(cfg.shape).to(device=device, dtype=dtype)
+    side = cfg.shape.image_size
+    pixels = torch.rand(cfg.encoder_refs, 3, side, side, generator=torch.Generator().manual_seed(cfg.seed)) * 2 - 1
+    pixels = pixels.to(device)
+    with torch.no_grad():
+        encoder.encode_pixels(pixels[:1])
+        seconds = _timed(lambda: encoder.encode_pixels(pixels), device)
+    return EncoderResult(cfg.encoder_refs, seconds, cfg.shape.encoder_name)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "cpu"
+
+
 def run_benchmark(cfg: BenchConfig) -> BenchReport:
-    """Every (mode, tokens) group of cases, then the per-scene prepare time of every forward case with refs."""
+    """The encoders once, every (mode, tokens) group of cases, then the prepare time of every forward case with refs."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
+    encoders = _encoder_time(cfg) if cfg.encoder_refs > 0 else None
     model = build_model(cfg.shape, max(cfg.refs)).to(device=device, dtype=DTYPES[cfg.dtype])
     model.transformer.requires_grad_(False)  # base frozen, adapter trainable, as in training
     model.adapter.requires_grad_(True)
@@ -260,11 +299,12 @@ def run_benchmark(cfg: BenchConfig) -> BenchReport:
         torch_version=torch.__version__,
         cpu_count=os.cpu_count() or 0,
         threads=torch.get_num_threads(),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        device_name=_device_name(device),
         memory_method=memory.method,
         memory_note=memory.note,
         cases=cases,
         prepares=prepares,
+        encoders=encoders,
     )
 
 
@@ -301,6 +341,11 @@ def format_case(case: CaseResult) -> str:
     if case.plain_peak_mib is not None and case.conditioned_peak_mib is not None:
         line += f", peak MiB plain {case.plain_peak_mib:.0f} / conditioned {case.conditioned_peak_mib:.0f}"
     return line + "]"
+
+
+def format_encoders(result: EncoderResult) -> str:
+    """`prepare encoders 50 refs: 61.2 s once per scene (CLIP + DINOv2 ViTs (24 x 1024, /14, 224 px))`."""
+    return f"prepare encoders {result.refs} refs: {result.seconds:.3g} s once per scene ({result.encoders})"
 
 
 def format_prepare(prep: PrepareResult) -> str:

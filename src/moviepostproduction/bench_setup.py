@@ -1,4 +1,4 @@
-"""What `bench` measures: the model (FLUX.1-dev width, few blocks), its inputs and crowded random scenes."""
+"""What `bench` measures: the model (FLUX.1-dev width, few blocks), the image encoders, inputs, crowded scenes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ CAPTION_TOKENS = 4  # text tokens of each ref's caption span (text-stream modula
 
 @dataclass(frozen=True)
 class BenchShape:
-    """Transformer size. Defaults: FLUX.1-dev width (24 heads x 128 = 3072) with 1 double + 1 single block."""
+    """Model sizes. Defaults: FLUX.1-dev width (24 heads x 128 = 3072) with 1 double + 1 single block, the
+    adapter's FLUX.1-dev config, and the reference encoders at full size (CLIP ViT-L/14 and DINOv2-L, 224 px)."""
 
     heads: int = 24
     head_dim: int = 128
@@ -24,6 +25,13 @@ class BenchShape:
     pooled_dim: int = 768  # CLIP-L pooled width
     in_channels: int = 64  # packed 2x2 x 16-channel latent
     rope_axes: tuple[int, int, int] = (16, 56, 56)
+    clip_dim: int = 768  # C: CLIP ViT-L/14 image embeds
+    dino_dim: int = 1024  # G: DINOv2-L width
+    instance_dim: int = 1024
+    encoder_layers: int = 24  # ViT-L: 24 layers of 1024 (CLIP's width = DINO's = dino_dim), 16 heads, MLP 4x
+    encoder_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
 
     @property
     def width(self) -> int:
@@ -31,7 +39,24 @@ class BenchShape:
 
     def tiny(self) -> BenchShape:
         """The same layout at test size (D = 32)."""
-        return replace(self, heads=2, head_dim=16, joint_dim=32, pooled_dim=16, rope_axes=(4, 6, 6))
+        return replace(
+            self,
+            heads=2,
+            head_dim=16,
+            joint_dim=32,
+            pooled_dim=16,
+            rope_axes=(4, 6, 6),
+            clip_dim=16,
+            dino_dim=24,
+            instance_dim=32,
+            encoder_layers=1,
+            encoder_heads=2,
+            image_size=28,
+        )
+
+    @property
+    def encoder_name(self) -> str:
+        return f"CLIP + DINOv2 ViTs ({self.encoder_layers} x {self.dino_dim}, /{self.patch_size}, {self.image_size} px)"
 
 
 def token_grid(tokens: int) -> tuple[int, int]:
@@ -94,8 +119,38 @@ def build_model(shape: BenchShape, max_refs: int):
         guidance_embeds=True,
         axes_dims_rope=shape.rope_axes,
     )
-    adapter = CompositionAdapter(ConditioningConfig.for_transformer(transformer, max_refs=max(max_refs, 1)))
-    return ConditionedFlux(transformer, adapter).eval()
+    cfg = ConditioningConfig.for_transformer(
+        transformer,
+        max_refs=max(max_refs, 1),
+        clip_dim=shape.clip_dim,
+        dino_dim=shape.dino_dim,
+        instance_dim=shape.instance_dim,
+    )
+    return ConditionedFlux(transformer, CompositionAdapter(cfg)).eval()
+
+
+def build_image_encoder(shape: BenchShape):
+    """Random-init `ImageEncoder` of the reference encoders' sizes (the cost is the same as with real weights)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
+
+    from .encoders import ImageEncoder
+    from .image_preprocess import BICUBIC, ImagePreprocess
+
+    common = dict(
+        hidden_size=shape.dino_dim,
+        num_hidden_layers=shape.encoder_layers,
+        num_attention_heads=shape.encoder_heads,
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
+    )
+    clip = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(**common, intermediate_size=4 * shape.dino_dim, projection_dim=shape.clip_dim)
+    )
+    dino = Dinov2Model(Dinov2Config(**common, mlp_ratio=4))
+    side = (shape.image_size, shape.image_size)
+    clip_pre = ImagePreprocess(side, side, BICUBIC, 1 / 255, (0.481, 0.458, 0.408), (0.269, 0.261, 0.276))
+    dino_pre = ImagePreprocess(side, side, BICUBIC, 1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return ImageEncoder(clip, clip_pre, dino, dino_pre)
 
 
 def make_inputs(shape: BenchShape, grid: tuple[int, int], text_len: int, device, dtype, seed: int) -> dict:

@@ -24,13 +24,19 @@ F = TypeVar("F", bound=Callable)
 
 
 def user_errors(fn: F) -> F:
-    """Report `MppError`s as their one-line messages on stderr and exit with code 2 (no traceback)."""
+    """Report `MppError`s (and running out of memory) as one-line messages on stderr and exit with code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except MppError as err:
+        except (MppError, MemoryError, RuntimeError) as err:
+            if not isinstance(err, MppError):  # an out-of-memory no command translated itself; anything else is a bug
+                from .resources import out_of_memory_error
+
+                err = out_of_memory_error(err)
+                if err is None:
+                    raise
             for line in str(err).splitlines() or [type(err).__name__]:
                 typer.echo(f"error: {line}", err=True)
             raise typer.Exit(code=2) from None
@@ -158,20 +164,25 @@ def compose(
 
     from .model_dir import default_model_dir
     from .pipelines.compose import ComposePipeline
+    from .resources import ModelDims, Request, memory_guard, preflight
     from .scene import load_scene
     from .visualize import draw_layout, save_png
 
     loaded = load_scene(scene, max_refs=max_refs)  # fail on a bad scene before loading any weights
-    pipe = ComposePipeline.from_model_dir(model or default_model_dir(), dtype=_torch_dtype(dtype), device=device)
-    result = pipe(
-        loaded,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        true_cfg_scale=true_cfg,
-        negative_prompt=negative,
-        seed=seed,
-        progress=True,
-    )
+    md, torch_dtype = model or default_model_dir(), _torch_dtype(dtype)
+    request = Request("compose", loaded.height, loaded.width, refs=len(loaded.refs), device=device)
+    preflight(request, ModelDims.from_model_dir(md, torch_dtype))  # refuse what cannot fit, before loading
+    with memory_guard(request):
+        pipe = ComposePipeline.from_model_dir(md, dtype=torch_dtype, device=device)
+        result = pipe(
+            loaded,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            true_cfg_scale=true_cfg,
+            negative_prompt=negative,
+            seed=seed,
+            progress=True,
+        )
     image, alphas = result.images[0], result.alphas[0]
     meta = {"mpp:caption": loaded.caption, "mpp:model": result.label or str(model or "embedded")}
     out = save_png(image, output, meta)
@@ -182,6 +193,46 @@ def compose(
         typer.echo(f"wrote {path}")
     for i, (ref, a) in enumerate(zip(loaded.refs, alphas, strict=True)):
         typer.echo(f"  ref {i} {ref.depth} alpha {a:.3f} -> {'modulation' if a >= 0.5 else 'layout'}")
+
+
+@app.command()
+@user_errors
+def train(
+    config: str = typer.Argument(..., help="Training recipe (.yaml or .json); see docs/training.md."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Override trainer.max_steps."),
+) -> None:
+    """Train (or resume) from a recipe: cached features, stages, checkpoints, samples, curves, export."""
+    from .training.recipe import Recipe, run_recipe
+
+    recipe = Recipe.from_file(config)
+    if max_steps is not None:
+        recipe.trainer["max_steps"] = max_steps
+    result = run_recipe(recipe)
+    tail = f", exported {recipe.export}" if recipe.export else ""
+    typer.echo(f"trained to step {result.step}, loss {result.losses[-1]:.4f}, checkpoint {result.checkpoint}{tail}")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    split: str = typer.Option("heldout", "--split", help="Toy-world split: heldout or train."),
+    model: str | None = typer.Option(None, "--model", help="Model dir; default: the shipped toy model."),
+    n: int = typer.Option(100, "--n", min=1, help="Scenes to generate per variant."),
+    steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
+    variants: str = typer.Option(
+        "model,layout-only,modulation-only,untrained",
+        "--variants",
+        help="Comma separated: model, layout-only, modulation-only, untrained.",
+    ),
+    leak_scenes: int = typer.Option(25, "--leak-scenes", help="Scenes also generated without their last ref."),
+    out: str | None = typer.Option(None, "--out", help="Write eval.md, eval.json and grid.png here."),
+) -> None:
+    """Bbox alignment (IoU, centre error), fg identity and leakage of a toy-world model and its ablations."""
+    from .evaluation.compose_eval import run_eval
+
+    report = run_eval(split=split, model=model, n=n, steps=steps, variants=variants, leak_scenes=leak_scenes, out=out)
+    for line in report:
+        typer.echo(line)
 
 
 @app.command()
@@ -197,6 +248,7 @@ def bench(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
     coverage: float = typer.Option(0.5, "--coverage", help="Fraction of the image inside the union of the boxes."),
     layout: bool = typer.Option(True, "--layout/--no-layout", help="Assemble-Attn on (early steps) or off (later)."),
+    encoder_refs: int = typer.Option(50, "--encoder-refs", help="Images through CLIP + DINOv2, timed once (0: skip)."),
     tiny: bool = typer.Option(False, "--tiny", help="Test-size model (D=32) instead of FLUX.1-dev width."),
     json_out: str | None = typer.Option(None, "--json", help="Also write every timing to this JSON file."),
 ) -> None:
@@ -208,6 +260,7 @@ def bench(
         BenchConfig,
         default_tokens,
         format_case,
+        format_encoders,
         format_header,
         format_prepare,
         parse_modes,
@@ -227,11 +280,13 @@ def bench(
         dtype=dtype,
         coverage=coverage,
         layout_active=layout,
+        encoder_refs=encoder_refs,
         shape=BenchShape().tiny() if tiny else BenchShape(),
     )
     report = run_benchmark(cfg)
     typer.echo(format_header(report))
-    for line in [*map(format_case, report.cases), *map(format_prepare, report.prepares)]:
+    encoders = [format_encoders(report.encoders)] if report.encoders is not None else []
+    for line in [*map(format_case, report.cases), *encoders, *map(format_prepare, report.prepares)]:
         typer.echo(line)
     if json_out:
         Path(json_out).write_text(json.dumps(report.to_dict(), indent=2))
@@ -285,6 +340,8 @@ def panorama(
         from .scene import load_scene
 
         loaded = load_scene(scene)  # fail on a bad scene before loading any weights
+        if not loaded.panorama:
+            raise ValidationError([Problem("panorama", loaded.panorama, f"{scene} is not a panorama scene")])
         compose_pipe = ComposePipeline.from_model_dir(md, dtype=torch_dtype, device=device)
         result = compose_panorama(
             compose_pipe,
@@ -330,3 +387,82 @@ def view(
     from .viewer import write_viewer
 
     typer.echo(f"wrote {write_viewer(image, output, title=title)}")
+
+
+@app.command()
+@user_errors
+def fill(
+    image: str = typer.Option(..., "--image", help="The plate to repaint (PNG or JPEG)."),
+    output: str = typer.Option(..., "-o", "--output", help="Output PNG (same size as the plate)."),
+    mask: str | None = typer.Option(
+        None, "--mask", help="Repaint mask, white = repaint, binarised at 50% grey; default with --refs: their boxes."
+    ),
+    semantic: str | None = typer.Option(None, "--semantic", help="Semantic map (class colours), same size as --image."),
+    refs: str | None = typer.Option(None, "--refs", help="Scene: insert its refs at their bboxes (caption = prompt)."),
+    prompt: str = typer.Option("", "--prompt", help="Text prompt (not with --refs)."),
+    model: str | None = typer.Option(None, "--model", help="FLUX-Fill model dir (+ fill/ weights); default: embedded."),
+    steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
+    seed: int = typer.Option(0, "--seed", help="Noise seed."),
+    guidance: float = typer.Option(30.0, "--guidance", help="FLUX guidance embedding scale (FLUX-Fill default 30)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+) -> None:
+    """Repaint the masked part of a plate (FLUX-Fill); pixels outside the mask are kept exactly."""
+    from .fill_weights import default_fill_model_dir
+    from .pipelines.fill import FillPipeline
+    from .pipelines.fill_inputs import read_fill_inputs
+    from .visualize import save_png
+
+    inputs = read_fill_inputs(image, mask, semantic=semantic, scene=refs, prompt=prompt)  # before loading weights
+    pipe = FillPipeline.from_model_dir(
+        model or default_fill_model_dir(),
+        semantic=semantic is not None,
+        refs=refs is not None,
+        dtype=_torch_dtype(dtype),
+        device=device,
+    )
+    result = pipe(inputs, num_inference_steps=steps, guidance_scale=guidance, seed=seed, progress=True)
+    out = save_png(result.images[0], output, {"mpp:prompt": inputs.prompt, "mpp:model": result.label or str(model)})
+    h, w = result.mask.shape
+    label = f" [{result.label}]" if result.label else ""
+    typer.echo(f"wrote {out} ({w}x{h}), repainted {int(result.mask.sum())} px ({100 * result.mask.mean():.1f}%){label}")
+
+
+@app.command()
+@user_errors
+def vary(
+    ref: str = typer.Option(..., "--ref", help="Reference image (PNG or JPEG): its DINO features steer the result."),
+    output: str = typer.Option(..., "-o", "--output", help="Output PNG."),
+    caption: str | None = typer.Option(None, "--caption", help="Caption to steer the variation (default: none)."),
+    model: str | None = typer.Option(
+        None, "--model", help="Model dir with nanodit/ (config.json + model.safetensors); default: embedded."
+    ),
+    steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise."),
+    text_scale: float = typer.Option(4.0, "--text-scale", help="Dual CFG text scale s_T (unused without --caption)."),
+    image_scale: float = typer.Option(1.5, "--image-scale", help="Dual CFG image scale s_I."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+) -> None:
+    """A variation of a reference image with NanoDiT (DINO CLS + patch features), optionally steered by a caption."""
+    from .model_dir import default_model_dir
+    from .pipelines.vary import VaryPipeline, load_reference
+    from .visualize import save_png
+
+    image = load_reference(ref, "--ref")  # fail on a bad reference before loading any weights
+    pipe = VaryPipeline.from_model_dir(model or default_model_dir(), dtype=_torch_dtype(dtype), device=device)
+    inputs = pipe.encode([image], [caption] if caption else None)
+    result = pipe(
+        **inputs,
+        text_scale=text_scale,
+        image_scale=image_scale,
+        num_inference_steps=steps,
+        seed=seed,
+        output_type="pil",
+        progress=True,
+    )
+    picture = result.images[0]
+    source = pipe.label or str(model or "embedded")
+    meta = {"mpp:caption": caption or "", "mpp:reference": str(ref), "mpp:model": source}
+    out = save_png(picture, output, meta)
+    typer.echo(f"wrote {out} ({picture.width}x{picture.height}){' [' + pipe.label + ']' if pipe.label else ''}")

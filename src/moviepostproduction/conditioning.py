@@ -6,7 +6,7 @@ reused at every denoising step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -141,4 +141,19 @@ def build_packing(masks: torch.Tensor, valid: torch.Tensor) -> LayoutPacking:
         group_batch=group_b,
         group_ref=group_r,
         cover=masks.sum(1).float(),
+    )
+
+
+def without_modulation(cond: Conditioning) -> Conditioning:
+    """The same conditioning with the modulation pathway off (ablations): no per-token offsets, no feedback."""
+
+    def zero(regions: RegionMap | None) -> RegionMap | None:
+        return None if regions is None else RegionMap(regions.index, torch.zeros_like(regions.coef))
+
+    return replace(
+        cond,
+        foreground=torch.zeros_like(cond.foreground),
+        image_regions=zero(cond.image_regions),
+        text_regions=zero(cond.text_regions),
+        joint_regions=zero(cond.joint_regions),
     )

@@ -22,7 +22,13 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.field}: {self.message} (got {self.value!r})"
+        return f"{_one_line(self.field)}: {_one_line(self.message)} (got {self.value!r})"
+
+
+def _one_line(text: str) -> str:
+    """Line breaks and other control characters (from a key or a path the user wrote) shown escaped, so that one
+    problem is always one line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
 
 
 class ValidationError(MppError):

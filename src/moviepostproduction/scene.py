@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticCustomError
 
@@ -150,7 +150,7 @@ class Scene(BaseModel):
     caption: str
     panorama: bool = False
     height: int = 1024
-    width: int = 1024
+    width: int = Field(default=1024, validate_default=True)  # a panorama's default width must be checked too
     seed: int | None = None
     refs: list[Reference] = []
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from moviepostproduction.model_dir import quiet_progress
 logger = logging.getLogger(__name__)
 
 TINY_MARKER = "tiny_random"
-TINY_DIR_VERSION = 2  # bump when the tiny layout or sizes change, so cached dirs are rebuilt
+TINY_DIR_VERSION = 3  # bump when the tiny layout or sizes change, so cached dirs are rebuilt
 
 # FLUX.1-dev facts the tiny configs keep (scaled sizes change, these do not).
 FLUX_VAE_SCALING = 0.3611
@@ -64,6 +64,7 @@ class TinySpec:
     encoder_heads: int = 2
     image_size: int = 32
     patch_size: int = 8
+    guidance_embeds: bool = True
 
     def __post_init__(self) -> None:
         if any(c % self.vae_groups for c in self.vae_channels):
@@ -107,7 +108,9 @@ CORPUS_WORDS = (
     "a an the of in on at with and red orange yellow green blue purple pink white black gray brown solid "
     "striped dotted checkered gradient noisy circle square triangle star hexagon ring cross heart sprite "
     "kitchen street forest city sky studio beach room night chef person dog cat car house tree actor lamp "
-    "reference foreground background left right top bottom light dark neon"
+    "reference foreground background left right top bottom light dark neon "
+    # every word of the toy world's captions (data/synthetic.py, data/backgrounds.py): tests/test_toy_encoders.py
+    "cyan diamond front behind scene sunset daylight desert grey foggy banded"
 ).split()
 
 
@@ -147,7 +150,7 @@ def tiny_configs(spec: TinySpec | None = None) -> TinyConfigs:
         "num_attention_heads": s.heads,
         "joint_attention_dim": s.t5_dim,
         "pooled_projection_dim": s.clip_text_dim,
-        "guidance_embeds": True,  # FLUX.1-dev is guidance-distilled
+        "guidance_embeds": s.guidance_embeds,  # FLUX.1-dev is guidance-distilled; the toy model is not
         "axes_dims_rope": rope_axes(s.head_dim),
     }
     levels = len(s.vae_channels)
@@ -220,15 +223,15 @@ def tiny_configs(spec: TinySpec | None = None) -> TinyConfigs:
     from .modules import ConditioningConfig
 
     adapter = ConditioningConfig(
-        hidden_dim=spec.heads * spec.head_dim,
-        clip_dim=spec.clip_image_dim,
-        dino_dim=spec.dino_dim,
+        hidden_dim=s.heads * s.head_dim,
+        clip_dim=s.clip_image_dim,
+        dino_dim=s.dino_dim,
         instance_dim=32,
         dense_k=3,
         fourier_freqs=4,
         alpha_hidden=16,
-        num_double_blocks=spec.double_blocks,
-        num_single_blocks=spec.single_blocks,
+        num_double_blocks=s.double_blocks,
+        num_single_blocks=s.single_blocks,
         modulation_rank=4,
         feedback_rank=4,
     )
@@ -253,7 +256,7 @@ def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return build()
 
 
-def _model_index(seed: int) -> dict[str, Any]:
+def _model_index(seed: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """FluxPipeline's index, so diffusers loads the dir too; `_` keys are ignored by diffusers."""
     import diffusers
 
@@ -270,11 +273,23 @@ def _model_index(seed: int) -> dict[str, Any]:
         TINY_MARKER: True,
         "_tiny_seed": seed,
         "_tiny_version": TINY_DIR_VERSION,
+        **(extra or {}),
     }
 
 
-def write_tiny_model_dir(path: str | Path, *, seed: int = 0, spec: TinySpec | None = None) -> Path:
-    """Write a tiny random-init model directory at `path` (must be absent or empty); returns its path."""
+def write_tiny_model_dir(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    spec: TinySpec | None = None,
+    modules: Mapping[str, torch.nn.Module] | None = None,
+    index: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a tiny model directory at `path` (must be absent or empty); returns its path.
+
+    Components are random-init unless `modules` gives one by sub-folder name (e.g. a trained "vae" or
+    "image_encoders/clip", see toy_model.py); `index` adds or overrides model_index.json keys.
+    """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import (
         BitImageProcessorPil,
@@ -292,7 +307,7 @@ def write_tiny_model_dir(path: str | Path, *, seed: int = 0, spec: TinySpec | No
         raise FileExistsError(f"tiny model dir {root} is not empty")
     spec = spec or TinySpec()
     cfg = tiny_configs(spec)
-    models = {
+    models: dict[str, Callable[[], torch.nn.Module]] = {
         "transformer": lambda: FluxTransformer2DModel(**cfg.transformer),
         "vae": lambda: AutoencoderKL(**cfg.vae),
         "text_encoder": lambda: CLIPTextModel(cfg.text_encoder),
@@ -301,15 +316,20 @@ def write_tiny_model_dir(path: str | Path, *, seed: int = 0, spec: TinySpec | No
         "image_encoders/dino": lambda: Dinov2Model(cfg.image_dino),
         "adapter": lambda: CompositionAdapter(cfg.adapter),
     }
+    unknown = sorted(set(modules or {}) - set(models))
+    if unknown:
+        raise KeyError(f"unknown model dir components {unknown}; known: {', '.join(models)}")
     clip_tok, t5_tok = build_tiny_tokenizers()
     with quiet_progress():
         for offset, (sub, build) in enumerate(models.items()):
-            _seeded(seed * 1000 + offset, build).save_pretrained(root / sub)
+            given = (modules or {}).get(sub)
+            (given if given is not None else _seeded(seed * 1000 + offset, build)).save_pretrained(root / sub)
         clip_tok.save_pretrained(root / "tokenizer")
         t5_tok.save_pretrained(root / "tokenizer_2")
     CLIPImageProcessorPil(**cfg.clip_preprocessor).save_pretrained(root / "image_encoders/clip")
     BitImageProcessorPil(**cfg.dino_preprocessor).save_pretrained(root / "image_encoders/dino")
     FlowMatchEulerDiscreteScheduler(**cfg.scheduler).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps(_model_index(seed), indent=2) + "\n")
-    logger.info("wrote tiny random model dir %s (seed %d)", root, seed)
+    (root / "model_index.json").write_text(json.dumps(_model_index(seed, index), indent=2) + "\n")
+    given = f"given {sorted(modules)}, the rest random" if modules else "random"
+    logger.info("wrote tiny model dir %s (%s, seed %d)", root, given, seed)
     return root

@@ -4,15 +4,27 @@ Group g is the short sequence [layout token ; image tokens inside its box]. The 
 (text) stream's projections, the image tokens the image stream's, exactly as the block's joint attention would
 treat a one-token prompt. Image tokens keep their own rotary positions; the layout token sits at the text
 position (all-zero ids), where the rotation is the identity.
+
+Cost (docs/benchmarks.md): the image tokens' q/k/v are the ones the block's joint attention has just computed
+on the same normalised tokens, captured with forward hooks instead of projected again; groups share attention
+rows (`assemble_rows`); and the output projections, being affine, run after the average over covering boxes,
+once per covered token instead of once per (group, token).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch import nn
 
 from ..conditioning import LayoutPacking
+from .assemble_rows import PackedRows, pack_rows
+
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image q, k (qk-normed, before RoPE), v: each (B, N, H, hd)
 
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -23,20 +35,106 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def _heads(attn, x: torch.Tensor) -> torch.Tensor:
-    return x.unflatten(-1, (-1, attn.head_dim))  # (G, L, H, hd)
+    return x.unflatten(-1, (-1, attn.head_dim))  # (..., H, hd)
 
 
-def _project(attn, image: torch.Tensor, context: torch.Tensor):
-    """The block attention's own q/k/v for both streams (fused or separate projections, LoRA-wrapped or not)."""
+@contextmanager
+def capture_image_qkv(attn) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, keep the image stream's q and k after the qk-norms and its v, as the attention computes them.
+
+    Forward hooks on the attention's own modules (LoRA wrappers included), so any processor that calls them
+    the stock way is served; `image_qkv` checks the shapes and projects again otherwise.
+    """
+    found: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, chunk: int | None = None):
+        def hook(module, args, out):
+            found.setdefault(name, out if chunk is None else out.chunk(3, dim=-1)[chunk])
+
+        return hook
+
+    fused = getattr(attn, "fused_projections", False)
+    v_module, v_chunk = (attn.to_qkv, 2) if fused else (attn.to_v, None)
+    handles = [
+        attn.norm_q.register_forward_hook(keep("q")),
+        attn.norm_k.register_forward_hook(keep("k")),
+        v_module.register_forward_hook(keep("v", v_chunk)),
+    ]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def image_qkv(attn, image: torch.Tensor, found: dict[str, torch.Tensor] | None = None) -> QKV:
+    """q, k, v (B, N, H, hd) of the image tokens: the captured ones when they match `image`, else projected."""
+    b, n, _ = image.shape
+    if found is not None and found.keys() >= {"q", "k", "v"}:
+        q, k, v = found["q"], found["k"], _heads(attn, found["v"])
+        if q.shape[:2] == k.shape[:2] == v.shape[:2] == (b, n):
+            return q, k, v
     if getattr(attn, "fused_projections", False):
         q, k, v = attn.to_qkv(image).chunk(3, dim=-1)
-        cq, ck, cv = attn.to_added_qkv(context).chunk(3, dim=-1)
     else:
         q, k, v = attn.to_q(image), attn.to_k(image), attn.to_v(image)
+    return attn.norm_q(_heads(attn, q)), attn.norm_k(_heads(attn, k)), _heads(attn, v)
+
+
+def _context_qkv(attn, context: torch.Tensor) -> QKV:
+    """The context stream's projections of the layout tokens: context (G, D) -> each (G, H, hd)."""
+    if getattr(attn, "fused_projections", False):
+        cq, ck, cv = attn.to_added_qkv(context).chunk(3, dim=-1)
+    else:
         cq, ck, cv = attn.add_q_proj(context), attn.add_k_proj(context), attn.add_v_proj(context)
-    q, k = attn.norm_q(_heads(attn, q)), attn.norm_k(_heads(attn, k))
-    cq, ck = attn.norm_added_q(_heads(attn, cq)), attn.norm_added_k(_heads(attn, ck))
-    return q, k, _heads(attn, v), cq, ck, _heads(attn, cv)
+    return attn.norm_added_q(_heads(attn, cq)), attn.norm_added_k(_heads(attn, ck)), _heads(attn, cv)
+
+
+def attend_rows(
+    attn,
+    qkv: QKV,
+    layout_tokens: torch.Tensor,
+    packing: LayoutPacking,
+    rows: PackedRows,
+    rope: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """One masked attention call over every group. Returns each slot's attended value before `to_out`: (P * S, D)."""
+    n = qkv[0].shape[1]
+    q, k, v = (x.flatten(0, 1)[rows.covered] for x in qkv)  # each (M, H, hd): only tokens inside some box
+    cos, sin = rope[0][rows.covered % n][None], rope[1][rows.covered % n][None]  # (1, M, hd)
+    q, k = rotate_pairs(q[None], cos, sin)[0], rotate_pairs(k[None], cos, sin)[0]  # RoPE once per covered token
+    context = _context_qkv(attn, layout_tokens[packing.group_batch, packing.group_ref])  # each (G, H, hd)
+
+    def table(image_part: torch.Tensor, context_part: torch.Tensor) -> torch.Tensor:
+        return rearrange(torch.cat([image_part, context_part])[rows.source], "p s h d -> p h s d")  # (P, H, S, hd)
+
+    q, k, v = (table(i, c) for i, c in zip((q, k, v), context, strict=True))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.mask[:, None])  # (P, H, S, hd)
+    return rearrange(out, "p h s d -> (p s) (h d)")
+
+
+def assemble_residual(
+    attn,
+    out_proj: nn.Module,
+    qkv: QKV,
+    layout_tokens: torch.Tensor,
+    packing: LayoutPacking,
+    rows: PackedRows,
+    rope: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """The Assemble-Attn branch of one double block before its gate: (B, N, D), zero outside every box.
+
+    Equals `scatter_mean(out_proj(assemble_attention(...)))`: `to_out` and `out_proj` are affine, so they
+    commute with the average over the boxes covering a token and run once per covered token.
+    """
+    b, n = qkv[0].shape[:2]
+    attended = attend_rows(attn, qkv, layout_tokens, packing, rows, rope)  # (P * S, D)
+    d = attended.shape[-1]
+    total = attended.new_zeros(b * n + 1, d).index_add_(0, rows.target, attended)[:-1]  # (B * N, D)
+    covered = rows.covered  # (M,)
+    mean = total[covered] / packing.cover.reshape(b * n)[covered, None].to(total.dtype)  # (M, D)
+    values = out_proj(attn.to_out[1](attn.to_out[0](mean)))  # (M, D)
+    return values.new_zeros(b * n, values.shape[-1]).index_copy(0, covered, values).view(b, n, -1)
 
 
 def assemble_attention(
@@ -46,24 +144,15 @@ def assemble_attention(
     packing: LayoutPacking,
     rope: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """Run the joint attention of every group at once.
+    """Each group's attended image tokens after the block's output projection: (G, L, D).
 
     attn: the double block's FluxAttention; image (B, N, D): the normalised tokens its attention saw;
-    layout_tokens (B, R, D); rope: (cos, sin) each (N, hd) for the image tokens.
-    Returns the attended image tokens of every group after the block's output projection: (G, L, D).
+    layout_tokens (B, R, D); rope: (cos, sin) each (N, hd) for the image tokens. The per-group reference of
+    `assemble_residual`, which the block uses.
     """
-    n = image.shape[1]
-    tokens = image.flatten(0, 1)[packing.token_index]  # (G, L, D)
-    context = layout_tokens[packing.group_batch, packing.group_ref][:, None]  # (G, 1, D)
-    q, k, v, cq, ck, cv = _project(attn, tokens, context)
-    positions = packing.token_index % n  # (G, L)
-    cos, sin = rope[0][positions], rope[1][positions]  # (G, L, hd)
-    q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
-    q, k, v = (rearrange(torch.cat([c, x], 1), "g s h d -> g h s d") for c, x in ((cq, q), (ck, k), (cv, v)))
-    mask = packing.key_mask[:, None, None, :]  # (G, 1, 1, 1 + L)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (G, H, 1 + L, hd)
-    out = rearrange(out, "g h s d -> g s (h d)")[:, 1:].to(image.dtype)  # image part: (G, L, H*hd)
-    return attn.to_out[1](attn.to_out[0](out))
+    rows = pack_rows(packing, image.shape[0] * image.shape[1])
+    attended = attend_rows(attn, image_qkv(attn, image), layout_tokens, packing, rows, rope)
+    return attn.to_out[1](attn.to_out[0](attended[rows.group_slots]))  # (G, L, D)
 
 
 def scatter_mean(values: torch.Tensor, packing: LayoutPacking, shape: tuple[int, int, int]) -> torch.Tensor:

@@ -14,6 +14,7 @@ Stock `AdaLayerNormZero` rejects a per-token temb, hence this loop.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..conditioning import Conditioning, RegionMap
 from ..modules.adapter import CompositionAdapter
-from .assemble import assemble_attention, scatter_mean
+from .assemble import assemble_residual, capture_image_qkv, image_qkv
+from .assemble_rows import PackedRows, pack_rows
 
 
 def region_modulation(norm: nn.Module, temb: torch.Tensor, offsets, regions: RegionMap | None, chunks: int):
@@ -36,11 +38,12 @@ def region_modulation(norm: nn.Module, temb: torch.Tensor, offsets, regions: Reg
     else:
         temb_regions = temb[:, None] + torch.bmm(regions.coef.to(offsets.dtype), offsets)  # (B, U, D)
     emb = norm.linear(norm.silu(temb_regions))  # (B, U, chunks * D)
-    parts = emb.chunk(chunks, dim=-1)
-    if temb_regions.shape[1] == 1:
-        return parts
-    index = regions.index[..., None].expand(-1, -1, temb.shape[-1])  # (B, N, D)
-    return tuple(torch.gather(p, 1, index) for p in parts)
+    b, u = emb.shape[:2]
+    if u == 1:
+        return emb.chunk(chunks, dim=-1)
+    rows = regions.index + u * torch.arange(b, device=emb.device)[:, None]  # (B, N) rows of the flat (B * U)
+    per_token = emb.flatten(0, 1).index_select(0, rows.flatten()).view(b, -1, emb.shape[-1])  # one row copy
+    return per_token.chunk(chunks, dim=-1)  # each (B, N, D)
 
 
 def _modulate(norm_layer: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -55,6 +58,7 @@ class BlockInputs:
     image_offsets: torch.Tensor | None = None  # (B, R, D)
     text_offsets: torch.Tensor | None = None  # (B, R, D)
     assemble: nn.Module | None = None  # AssembleAttention of this block when layout is active
+    rows: PackedRows | None = None  # Assemble-Attn rows of cond.packing (built per forward; None: built here)
 
 
 def double_block_forward(block, x, ctx, temb, rope, inputs: BlockInputs):
@@ -70,11 +74,17 @@ def double_block_forward(block, x, ctx, temb, rope, inputs: BlockInputs):
     )
     norm_x = _modulate(block.norm1.norm, x, shift, scale)
     norm_ctx = _modulate(block.norm1_context.norm, ctx, c_shift, c_scale)
-    attn_out, ctx_attn_out = block.attn(hidden_states=norm_x, encoder_hidden_states=norm_ctx, image_rotary_emb=rope[1])
+    layout = inputs.assemble is not None and cond.packing.num_groups > 0
+    with capture_image_qkv(block.attn) if layout else nullcontext() as found:  # Assemble-Attn reuses q/k/v
+        attn_out, ctx_attn_out = block.attn(
+            hidden_states=norm_x, encoder_hidden_states=norm_ctx, image_rotary_emb=rope[1]
+        )
     x = x + gate * attn_out
-    if inputs.assemble is not None and cond.packing.num_groups > 0:
-        grouped = assemble_attention(block.attn, norm_x, cond.layout_tokens, cond.packing, rope[2])
-        x = x + gate * scatter_mean(inputs.assemble(grouped), cond.packing, x.shape)
+    if layout:
+        qkv = image_qkv(block.attn, norm_x, found)
+        rows = inputs.rows if inputs.rows is not None else pack_rows(cond.packing, x.shape[0] * x.shape[1])
+        branch = assemble_residual(block.attn, inputs.assemble, qkv, cond.layout_tokens, cond.packing, rows, rope[2])
+        x = x + gate * branch
     x = x + gate_ff * block.ff(_modulate(block.norm2, x, shift_ff, scale_ff))
 
     ctx = ctx + c_gate * ctx_attn_out
@@ -163,9 +173,12 @@ class ConditionedFlux(nn.Module):
             if cond.grid[0] * cond.grid[1] != x.shape[1]:
                 raise ValueError(f"conditioning grid {cond.grid} does not match {x.shape[1]} image tokens")
         adapter = self.adapter
+        layout_rows = None
+        if cond is not None and layout_active and adapter.assemble and cond.packing.num_groups > 0:
+            layout_rows = pack_rows(cond.packing, x.shape[0] * x.shape[1])  # once for every layout block
         feedback = None
         for b, block in enumerate(tr.transformer_blocks):
-            inputs = BlockInputs(cond)
+            inputs = BlockInputs(cond, rows=layout_rows)
             if cond is not None:
                 mod_in = cond.shared_offsets if feedback is None else cond.shared_offsets + feedback
                 img_off, txt_off = adapter.modulation_head.double_offsets(b, mod_in)

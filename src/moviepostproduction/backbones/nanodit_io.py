@@ -1,5 +1,8 @@
 """NanoDiT checkpoints: atomic safetensors saving, strict loading with an explicit allow-list of new keys.
 
+In a model dir NanoDiT lives in `nanodit/` as `config.json` + `model.safetensors` (`save_nanodit_dir`,
+`load_nanodit_dir`), read by `mpp vary --model DIR`.
+
 Warm start (seed 003): a checkpoint of the pre-patch model lacks every `patch_*` parameter. `load_nanodit`
 loads all matching tensors, keeps the fresh initialisation of the allowed new ones and reports the rest;
 anything else missing, unexpected or of the wrong shape is an error, never silently re-initialised.
@@ -20,11 +23,24 @@ from ..checkpoint import save_safetensors
 from ..errors import MppError, WeightsError
 from .nanodit import NanoDiT, NanoDiTConfig
 
-__all__ = ["FORMAT", "WarmStartReport", "load_nanodit", "save_nanodit"]
+__all__ = [
+    "CONFIG_NAME",
+    "FOLDER",
+    "FORMAT",
+    "WEIGHTS_NAME",
+    "WarmStartReport",
+    "load_nanodit",
+    "load_nanodit_dir",
+    "save_nanodit",
+    "save_nanodit_dir",
+]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "mpp-nanodit"  # safetensors metadata "format"; the config travels as JSON in metadata "config"
+FOLDER = "nanodit"  # the model-dir sub-folder
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -139,3 +155,31 @@ def load_nanodit(
             own[key].copy_(tensors[key])  # state_dict tensors share storage with the parameters
     logger.info("%s: %s", path, report.summary())
     return model.to(device=device, dtype=dtype), report
+
+
+def save_nanodit_dir(model: NanoDiT, folder: str | Path) -> Path:
+    """`folder/config.json` + `folder/model.safetensors` (the model-dir layout), each written atomically."""
+    from ..checkpoint import write_json_atomic
+
+    folder = Path(folder)
+    save_nanodit(model, folder / WEIGHTS_NAME)
+    write_json_atomic(dataclasses.asdict(model.config), folder / CONFIG_NAME)
+    return folder
+
+
+def load_nanodit_dir(
+    folder: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> NanoDiT:
+    """Strictly load `folder/config.json` + `folder/model.safetensors`; a missing file names its path."""
+    folder = Path(folder)
+    config_path, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise WeightsError(f"missing {config_path} (the NanoDiT config of mpp vary, written by save_nanodit_dir)")
+    if not weights.is_file():
+        raise WeightsError(f"missing {weights} (the NanoDiT weights of mpp vary)")
+    try:
+        cfg = NanoDiTConfig(**json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{config_path}: not a valid NanoDiT config ({exc})") from None
+    model, _ = load_nanodit(weights, cfg, strict_new=(), device=device, dtype=dtype)
+    return model.eval()

@@ -128,10 +128,13 @@ def _ratio(num: float, den: float) -> float:
     return num / den
 
 
-def seam_ratio(img: object, *, rotated: bool = False, window: int = 8) -> float:
+def seam_ratio(img: object, *, rotated: bool = False, window: int = 8, period: int = 1) -> float:
     """Horizontal seam of a panorama (DESIGN 7): mean |col 0 - col W-1| / mean |col j - col j+1| over the
     interior; 1.0 = seamless, larger = a visible seam.
 
+    `period` p > 1 compares the seam with the steps at the same phase only, the boundaries between columns
+    kp - 1 and kp (k = 1 .. W/p - 1): the seam is a boundary of FLUX's 16 px tokens (p = 2 on latents), and
+    steps across tokens are larger than steps inside one, so the plain ratio of a seamless panorama is > 1.
     `rotated=True` is the rotated-view check (PanFusion): roll by W/2 so the former seam sits mid-image and
     compare it with the `window` column steps on each side of it only (a local rather than global baseline).
     """
@@ -139,9 +142,13 @@ def seam_ratio(img: object, *, rotated: bool = False, window: int = 8) -> float:
     width = x.shape[1]
     if width < 3:
         raise ValueError(f"seam_ratio needs an image at least 3 columns wide, got {width}")
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1 or width % period or width < 2 * period:
+        raise ValueError(f"period must be an integer >= 1 dividing the width {width} at least twice, got {period}")
+    if rotated and period != 1:
+        raise ValueError("period applies to the plain seam ratio, not to the rotated view")
     if not rotated:
-        steps = np.abs(np.diff(x, axis=1)).mean(axis=(0, 2))  # (W - 1,)
-        return _ratio(float(np.abs(x[:, 0] - x[:, -1]).mean()), float(steps.mean()))
+        steps = np.abs(np.diff(x, axis=1)).mean(axis=(0, 2))  # (W - 1,) steps[j] = |col j+1 - col j|
+        return _ratio(float(np.abs(x[:, 0] - x[:, -1]).mean()), float(steps[period - 1 :: period].mean()))
     rolled = np.roll(x, width // 2, axis=1)  # the former seam is now between columns W/2 - 1 and W/2
     steps = np.abs(np.diff(rolled, axis=1)).mean(axis=(0, 2))  # steps[j] = |col j+1 - col j|
     seam = width // 2 - 1

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ..backbones.flux import ConditionedFlux
-from ..conditioning import Conditioning, RefBatch
+from ..conditioning import Conditioning, RefBatch, without_modulation
 from ..encoders import ImageEmbeddings, ImageEncoder, TextEmbeddings, TextEncoder, Vae, load_transformer
 from ..errors import Problem, ValidationError
 from ..model_dir import ModelDir, as_model_dir
@@ -79,9 +79,18 @@ class ComposePipeline:
     """Frozen encoders + VAE + `ConditionedFlux`. Use `from_model_dir` to load the real on-disk layout."""
 
     def __init__(
-        self, model: ConditionedFlux, text_encoder: TextEncoder, image_encoder: ImageEncoder, vae: Vae, label: str = ""
+        self,
+        model: ConditionedFlux,
+        text_encoder: TextEncoder,
+        image_encoder: ImageEncoder,
+        vae: Vae,
+        label: str = "",
+        max_text_tokens: int = 512,
     ):
         self.model = model.eval()
+        self.max_text_tokens = max_text_tokens  # T5 length; model dirs trained shorter say so in model_index.json
+        self.use_layout = True  # pathway switches, for ablations (evaluation/compose_eval.py)
+        self.use_modulation = True
         self.text_encoder = text_encoder
         self.image_encoder = image_encoder
         self.vae = vae
@@ -107,6 +116,7 @@ class ComposePipeline:
             ImageEncoder.load(md, dtype=dtype, device=device),
             Vae.load(md, dtype=dtype, device=device),
             label=label,
+            max_text_tokens=int(md.index.get("max_text_tokens", 512)),
         )
 
     @property
@@ -134,7 +144,10 @@ class ComposePipeline:
         dino = torch.stack([self._ref_cache[k][1] for k in keys])
         return clip, dino
 
-    def prepare(self, scene: Scene, negative_prompt: str | None = None, max_text_tokens: int = 512) -> PreparedScene:
+    def prepare(
+        self, scene: Scene, negative_prompt: str | None = None, max_text_tokens: int | None = None
+    ) -> PreparedScene:
+        max_text_tokens = max_text_tokens or self.max_text_tokens
         grid = (scene.height // TOKEN_PIXELS, scene.width // TOKEN_PIXELS)
         text, spans, _ = self.text_encoder.encode_spans(scene.caption, [r.caption for r in scene.refs], max_text_tokens)
         clip, dino = self.encode_references(scene)
@@ -156,6 +169,8 @@ class ComposePipeline:
         adapter = self.model.adapter
         with torch.no_grad():
             cond = adapter.prepare(_to(refs, self.device, self.dtype), grid, t)
+            if not self.use_modulation:
+                cond = without_modulation(cond)
             prepared = PreparedScene(text=text, conditioning=cond, grid=grid, alphas=cond.alpha[0].tolist())
             if negative_prompt is not None:
                 neg = self.text_encoder.encode([negative_prompt], max_text_tokens)
@@ -164,6 +179,8 @@ class ComposePipeline:
                 prepared.negative_conditioning = adapter.prepare(
                     _to(refs, self.device, self.dtype), grid, neg.t5.shape[1]
                 )
+                if not self.use_modulation:
+                    prepared.negative_conditioning = without_modulation(prepared.negative_conditioning)
         return prepared
 
     # ---------------------------------------------------------------------------------------------- sampling
@@ -187,7 +204,7 @@ class ComposePipeline:
                 text_ids(text.t5.shape[1], device=self.device, dtype=self.dtype),
                 guidance,
                 conditioning=cond,
-                layout_active=calls["n"] < layout_steps,
+                layout_active=self.use_layout and calls["n"] < layout_steps,
             )
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

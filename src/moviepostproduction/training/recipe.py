@@ -32,7 +32,7 @@ from .trainer import TrainConfig, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("compose",)
+TASKS = ("compose", "fill")
 
 
 @dataclass
@@ -50,6 +50,7 @@ class Recipe:
     export_dtype: str = "fp16"
     trainer: dict = field(default_factory=dict)
     compose: dict = field(default_factory=dict)
+    fill: dict = field(default_factory=dict)  # FillTaskConfig fields (task: fill)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
@@ -79,14 +80,19 @@ class Recipe:
         return cls(**raw)
 
 
+def dataclass_from(cls, values: dict, prefix: str):
+    """`cls(**values)` with unknown fields reported as one-line problems named `prefix.field`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = [Problem(f"{prefix}.{k}", v, "unknown field") for k, v in values.items() if k not in known]
+    if bad:
+        raise ValidationError(bad)
+    return cls(**values)
+
+
 def _task_config(recipe: Recipe):
     from .compose_task import ComposeTaskConfig
 
-    known = {f.name for f in dataclasses.fields(ComposeTaskConfig)}
-    bad = [Problem(f"compose.{k}", v, "unknown field") for k, v in recipe.compose.items() if k not in known]
-    if bad:
-        raise ValidationError(bad)
-    return ComposeTaskConfig(**recipe.compose)
+    return dataclass_from(ComposeTaskConfig, recipe.compose, "compose")
 
 
 def _trainer_config(recipe: Recipe) -> TrainConfig:
@@ -165,9 +171,14 @@ def export_model_dir(recipe: Recipe, task, source) -> Path:
     transformer.to(dtype).save_pretrained(tmp / "transformer", safe_serialization=True)
     transformer.to(torch.float32)
     adapter.save_pretrained(tmp / "adapter")
+    from ..data.shards import read_manifest
+
+    manifest = read_manifest(recipe.data)
+    world = {"seed": manifest["seed"], "config": manifest["config"], "generator_version": manifest["generator_version"]}
     index = {
         **source.index,
         "tiny_random": False,
+        "toy_world_data": world,
         "max_text_tokens": recipe.max_text_tokens,
         "trained_by": f"mpp train (stage {recipe.stage})",
     }
@@ -179,6 +190,14 @@ def export_model_dir(recipe: Recipe, task, source) -> Path:
 
 
 def run_recipe(recipe: Recipe) -> TrainResult:
+    if recipe.task == "fill":
+        from .fill_task import FillTask, FillTaskConfig, export_fill_model_dir
+
+        task = FillTask.from_model_dir(recipe.model, dataclass_from(FillTaskConfig, recipe.fill, "fill"))
+        result = Trainer(task, _trainer_config(recipe)).run()
+        if recipe.export:
+            logger.info("exported %s", export_fill_model_dir(task, recipe.model, recipe.export))
+        return result
     task, md = build_compose_task(recipe)
     result = Trainer(task, _trainer_config(recipe)).run()
     if recipe.export:

@@ -1,0 +1,59 @@
+"""What the nodes take from a running ComfyUI when there is one: device, progress bar, interrupt, temp folder.
+
+ComfyUI's own modules (`comfy.model_management`, `comfy.utils`, `folder_paths`) exist only inside ComfyUI; the
+pack imports without them, so it can be tested and used from plain Python. Each hook below asks for the module
+when called and does the plain-Python thing when it is absent.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ..model_dir import default_cache_dir
+from ..sampling import StepCallback
+
+REF_FOLDER = "moviepostproduction-refs"
+
+
+def _host_module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def default_device() -> str:
+    """ComfyUI's torch device when running inside it; else cuda when available, else cpu."""
+    mm = _host_module("comfy.model_management")
+    if mm is not None:
+        return str(mm.get_torch_device())
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ref_folder() -> Path:
+    """Where reference images from IMAGE inputs are written as PNG (the scene format points at files)."""
+    folder_paths = _host_module("folder_paths")
+    base = Path(folder_paths.get_temp_directory()) if folder_paths is not None else default_cache_dir()
+    return base / REF_FOLDER
+
+
+def step_callback(total: int) -> StepCallback | None:
+    """A sampler callback that moves ComfyUI's progress bar and honours its Cancel button (None outside ComfyUI)."""
+    utils = _host_module("comfy.utils")
+    mm = _host_module("comfy.model_management")
+    if utils is None and mm is None:
+        return None
+    bar = utils.ProgressBar(total) if utils is not None else None
+
+    def callback(i: int, t: float, x: torch.Tensor) -> None:
+        del i, t, x
+        if mm is not None:
+            mm.throw_exception_if_processing_interrupted()
+        if bar is not None:
+            bar.update(1)
+
+    return callback

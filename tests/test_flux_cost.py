@@ -1,0 +1,255 @@
+"""What keeps conditioning cheap (docs/benchmarks.md), pinned structurally by counting work, not by timing.
+
+- the AdaLN linears run on one row per modulation region, never one per token;
+- Assemble-Attn is one attention call per layout block whatever the number of refs, reuses the q/k/v the
+  block's joint attention computed, and runs its output projections once per covered token;
+- the forward only reads the per-scene cache: prepare's modules never run inside it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from moviepostproduction.backbones.assemble import (
+    assemble_attention,
+    assemble_residual,
+    capture_image_qkv,
+    image_qkv,
+    scatter_mean,
+)
+from moviepostproduction.backbones.assemble_rows import first_fit_rows, pack_rows
+from moviepostproduction.backbones.flux import ConditionedFlux
+from moviepostproduction.bench_setup import bench_refs, token_grid
+from moviepostproduction.conditioning import RefBatch
+from moviepostproduction.layout import bbox_token_mask
+from moviepostproduction.modules import CompositionAdapter
+
+from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits
+
+GRID = (8, 8)
+TEXT = 6
+
+
+@pytest.fixture
+def cfg3(tiny_cfg):
+    """Three double blocks, Assemble-Attn in blocks 0 and 2 only."""
+    return tiny_cfg.with_(num_double_blocks=3, layout_blocks=(0, 2))
+
+
+def build(cfg, randomize: bool = True) -> ConditionedFlux:
+    torch.manual_seed(0)
+    model = ConditionedFlux(make_tiny_flux(num_layers=cfg.num_double_blocks), CompositionAdapter(cfg))
+    if randomize:
+        randomize_zero_inits(model.adapter, std=0.1)
+    return model
+
+
+class CountAttention(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is F.scaled_dot_product_attention
+        return func(*args, **(kwargs or {}))
+
+
+def count_rows(modules: dict[str, torch.nn.Module]):
+    """Forward hooks recording the number of rows (all leading dims) each module's input has, per call."""
+    rows: dict[str, list[int]] = {name: [] for name in modules}
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: rows[name].append(args[0][..., 0].numel()))
+        for name, m in modules.items()
+    ]
+    return rows, handles
+
+
+def test_adaln_linear_runs_once_per_region_in_the_full_forward(cfg3):
+    model = build(cfg3)
+    tr = model.transformer
+    inputs = flux_inputs(1, GRID, TEXT)
+    refs = random_refs(1, 4, cfg3, seed=2, text_len=TEXT)
+    linears = {f"double{b}.image": blk.norm1.linear for b, blk in enumerate(tr.transformer_blocks)}
+    linears |= {f"double{b}.text": blk.norm1_context.linear for b, blk in enumerate(tr.transformer_blocks)}
+    linears |= {"single0": tr.single_transformer_blocks[0].norm.linear}
+    rows, handles = count_rows(linears)
+    with torch.no_grad():
+        cond = model.prepare(refs, GRID, TEXT)
+        model(**inputs, conditioning=cond)
+        regions = {name: calls.copy() for name, calls in rows.items()}
+        for calls in rows.values():
+            calls.clear()
+        model(**inputs, conditioning=None)
+    for h in handles:
+        h.remove()
+    u_img, u_txt, u_joint = (
+        cond.image_regions.num_regions,
+        cond.text_regions.num_regions,
+        cond.joint_regions.num_regions,
+    )
+    assert 1 < u_img < GRID[0] * GRID[1] and 1 < u_joint < GRID[0] * GRID[1] + TEXT
+    for b in range(3):
+        assert regions[f"double{b}.image"] == [u_img]
+        assert regions[f"double{b}.text"] == [u_txt]
+    assert regions["single0"] == [u_joint]
+    assert all(r == [1] for r in rows.values())  # without refs: one temb row, broadcast, as stock FLUX
+
+
+@pytest.mark.parametrize("refs", [1, 3, 7])
+def test_assemble_attn_is_one_attention_call_per_layout_block(cfg3, refs):
+    model = build(cfg3)
+    inputs = flux_inputs(2, GRID, TEXT)
+    scene = random_refs(2, refs, cfg3, seed=refs, counts=[refs, max(refs - 1, 1)])
+    with torch.no_grad():
+        cond = model.prepare(scene, GRID, TEXT)
+        counts = {}
+        for name, kwargs in {
+            "plain": {},
+            "layout": dict(conditioning=cond),
+            "no_layout": dict(conditioning=cond, layout_active=False),
+        }.items():
+            with CountAttention() as counter:
+                model(**inputs, **kwargs)
+            counts[name] = counter.calls
+    assert counts["plain"] == 3 + 1  # the stock joint attention of 3 double + 1 single block
+    assert counts["layout"] == counts["plain"] + 2  # blocks 0 and 2, all (sample, ref) groups at once
+    assert counts["no_layout"] == counts["plain"]
+
+
+def test_image_projections_run_once_per_token_and_output_projections_once_per_covered_token(cfg3):
+    """The layout blocks' q/k/v see the N image tokens once (the joint attention's own call); `to_out` sees the
+    N tokens plus each covered token once, however many boxes cover it."""
+    model = build(cfg3)
+    attn = model.transformer.transformer_blocks[0].attn
+    inputs = flux_inputs(1, GRID, TEXT)
+    # Same union of boxes (the left half), 2 tiles vs 2 tiles + 5 overlapping boxes inside them.
+    few, many = (bench_refs(r, cfg3, 0.5, TEXT, seed=r) for r in (2, 7))
+    seen = {}
+    for name, refs in {"few": few, "many": many}.items():
+        rows, handles = count_rows({"q": attn.to_q, "k": attn.to_k, "v": attn.to_v, "out": attn.to_out[0]})
+        with torch.no_grad():
+            model(**inputs, conditioning=model.prepare(refs, GRID, TEXT))
+        for h in handles:
+            h.remove()
+        seen[name] = rows
+    n, covered = 64, 32
+    for rows in seen.values():
+        assert rows["q"] == rows["k"] == rows["v"] == [n]
+        assert rows["out"] == [n, covered]
+
+
+def test_captured_qkv_equal_a_fresh_projection_and_fused_projections_are_served(tiny_cfg):
+    model = build(tiny_cfg)
+    attn = model.transformer.transformer_blocks[0].attn
+    image, context = torch.randn(2, 64, tiny_cfg.hidden_dim), torch.randn(2, TEXT, tiny_cfg.hidden_dim)
+    with torch.no_grad():
+        expected = image_qkv(attn, image)
+        for fuse in (False, True):
+            if fuse:
+                attn.fuse_projections()
+            with capture_image_qkv(attn) as found:
+                attn(hidden_states=image, encoder_hidden_states=context)
+            assert found.keys() == {"q", "k", "v"}
+            for got, want in zip(image_qkv(attn, image, found), expected, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert image_qkv(attn, image[:, :10], found)[0].shape == (2, 10, 2, 16)  # shape mismatch: projected again
+    assert not attn.norm_q._forward_hooks and not attn.to_qkv._forward_hooks  # hooks removed on exit
+
+
+def test_assemble_residual_equals_the_per_group_reference(tiny_cfg):
+    """Row packing, covered-token RoPE and output projections after the box average change nothing."""
+    model = build(tiny_cfg)
+    attn = model.transformer.transformer_blocks[0].attn
+    out_proj = model.adapter.assemble["0"]
+    refs = random_refs(2, 5, tiny_cfg, seed=11, counts=[5, 2])
+    image = torch.randn(2, 64, tiny_cfg.hidden_dim)
+    ids = torch.cat([flux_inputs(1, GRID, TEXT)["txt_ids"], flux_inputs(1, GRID, TEXT)["img_ids"]])
+    cos, sin = model.transformer.pos_embed(ids)
+    rope = (cos[TEXT:], sin[TEXT:])
+    with torch.no_grad():
+        cond = model.prepare(refs, GRID, TEXT)
+        reference = scatter_mean(
+            out_proj(assemble_attention(attn, image, cond.layout_tokens, cond.packing, rope)), cond.packing, image.shape
+        )
+        rows = pack_rows(cond.packing, 2 * 64)
+        fast = assemble_residual(attn, out_proj, image_qkv(attn, image), cond.layout_tokens, cond.packing, rows, rope)
+    inside = cond.packing.cover > 0
+    assert (fast[~inside] == 0).all() and (fast[inside].abs().amax(-1) > 0).all()
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
+
+
+def test_rows_hold_each_group_exactly_once_with_less_padding(tiny_cfg):
+    grid = token_grid(4096)
+    refs = bench_refs(50, tiny_cfg.with_(max_refs=50), 0.5, 8, seed=50)
+    cond = CompositionAdapter(tiny_cfg.with_(max_refs=50)).prepare(refs, grid, 8)
+    packing, n = cond.packing, 4096
+    rows = pack_rows(packing, n)
+    p, s = rows.source.shape
+    assert s == packing.key_mask.shape[1] and p < packing.num_groups / 2  # 21 rows instead of 50 padded groups
+    assert torch.equal(rows.covered, (packing.cover[0] > 0).nonzero().squeeze(1))
+    for g in range(packing.num_groups):
+        slots = (rows.segment.flatten() == g).nonzero().squeeze(1)
+        box = bbox_token_mask(refs.bboxes[0, packing.group_ref[g]], grid).nonzero().squeeze(1)
+        assert slots.numel() == 1 + box.numel() and slots.max() - slots.min() == box.numel()  # contiguous
+        assert rows.source.flatten()[slots[0]] == rows.covered.numel() + g  # the group's layout token first
+        assert torch.equal(rows.covered[rows.source.flatten()[slots[1:]]], box)
+        assert torch.equal(rows.target[slots[1:]], box) and rows.target[slots[0]] == n
+    mask = rows.mask
+    assert torch.equal(mask, mask.transpose(1, 2)) and mask.diagonal(dim1=1, dim2=2).all()
+
+
+@pytest.mark.parametrize("lengths", [[5, 5, 5], [8, 1, 7, 2, 6, 3], [4] * 9, [1]])
+def test_first_fit_rows_never_overflow_or_overlap(lengths):
+    width = max(lengths)
+    place = first_fit_rows(lengths, width)
+    used: dict[int, set[int]] = {}
+    for (row, start), length in zip(place, lengths, strict=True):
+        span = set(range(start, start + length))
+        assert start + length <= width and not (used.setdefault(row, set()) & span)
+        used[row] |= span
+    assert len(used) <= len(lengths)
+
+
+def test_forward_only_reads_the_per_scene_cache(tiny_cfg):
+    """Encoders and heads are paid once per scene: none of prepare's modules runs inside a denoising step."""
+    model = build(tiny_cfg)
+    adapter = model.adapter
+    once = {
+        "alpha": adapter.alpha_predictor,
+        "instance": adapter.instance_encoder,
+        "layout": adapter.layout_head,
+        "shared": adapter.modulation_head.shared,
+    }
+    refs = random_refs(1, 3, tiny_cfg, seed=4, text_len=TEXT)
+    with torch.no_grad():
+        cond = model.prepare(refs, GRID, TEXT)
+        rows, handles = count_rows(once)
+        for _ in range(3):
+            model(**flux_inputs(1, GRID, TEXT), conditioning=cond)
+    for h in handles:
+        h.remove()
+    assert all(calls == [] for calls in rows.values())
+
+
+def test_stacked_boxes_cost_what_one_box_costs(tiny_cfg):
+    """Four refs on the same box: one modulation region more than none, one output projection per covered token."""
+    model = build(tiny_cfg)
+    attn = model.transformer.transformer_blocks[0].attn
+    box = torch.tensor([0.0, 0.0, 0.5, 0.5])
+    stacked = RefBatch(
+        bboxes=box.expand(1, 4, 4).clone(),
+        depth=torch.zeros(1, 4, dtype=torch.long),
+        valid=torch.ones(1, 4, dtype=torch.bool),
+        clip=torch.randn(1, 4, tiny_cfg.clip_dim),
+        dino=torch.randn(1, 4, tiny_cfg.dino_dim),
+    )
+    rows, handles = count_rows({"out": attn.to_out[0]})
+    with torch.no_grad():
+        cond = model.prepare(stacked, GRID, TEXT)
+        model(**flux_inputs(1, GRID, TEXT), conditioning=cond)
+    for h in handles:
+        h.remove()
+    assert rows["out"] == [64, 16] and cond.image_regions.num_regions == 2
