@@ -15,6 +15,8 @@ from moviepostproduction.bench import (
     CaseResult,
     EncoderResult,
     PrepareResult,
+    default_dtype,
+    default_tokens,
     format_case,
     format_encoders,
     format_prepare,
@@ -58,10 +60,10 @@ def test_plain_timings_are_shared_by_the_cases_of_one_group(report):
 def test_case_geometry_fields(report):
     by_key = {(c.mode, c.tokens, c.refs): c for c in report.cases}
     empty, crowded = by_key["forward", 16, 0], by_key["forward", 16, 3]
-    assert (empty.covered, empty.regions, empty.group_tokens) == (0.0, 1, 0)
+    assert (empty.covered, empty.regions, empty.layout_slots) == (0.0, 1, 0)
     assert crowded.covered == 0.5  # 4 x 4 grid, boxes fill the left two columns exactly
     assert crowded.regions >= 2  # at least "inside some box" and "outside every box"
-    assert crowded.group_tokens >= 8  # 3 groups padded to the longest box of the 8 covered tokens
+    assert 8 + 3 <= crowded.layout_slots <= 3 * 9  # 3 layout tokens + covered tokens, at most one row per group
 
 
 def test_prepare_is_timed_once_per_forward_case_with_refs(report):
@@ -87,10 +89,10 @@ def test_report_serialises_with_derived_values(report):
 
 
 def test_format_case_and_prepare_lines():
-    case = CaseResult("forward", 4096, 512, 50, 0.5, 812, 25_650, (3.41,), (3.62,), 812.4, 901.0)
+    case = CaseResult("forward", 4096, 512, 50, 0.5, 812, 10_773, (3.41,), (3.62,), 812.4, 901.0)
     assert format_case(case) == (
         "forward 4096 tokens 50 refs: plain 3.41 s, conditioned 3.62 s, ratio 1.06 "
-        "[covered 50%, 812 regions, 25650 layout tokens, peak MiB plain 812 / conditioned 901]"
+        "[covered 50%, 812 regions, 10773 layout slots, peak MiB plain 812 / conditioned 901]"
     )
     assert format_prepare(PrepareResult(4096, 50, 0.08, 3.2)) == (
         "prepare 4096 tokens 50 refs: 0.08 s once per scene = 2.5% of one conditioned step (3.2 s)"
@@ -114,6 +116,11 @@ def test_union_of_boxes_is_exactly_the_covered_strip(refs, coverage):
     assert torch.equal(union, strip)
 
 
+def test_cuda_defaults_to_bf16_at_8192_tokens_cpu_to_fp32():
+    assert (default_dtype("cuda:0"), default_tokens("cuda")) == ("bf16", (1024, 4096, 8192))
+    assert (default_dtype("cpu"), default_tokens("cpu")) == ("fp32", (1024, 4096))
+
+
 def test_token_grid_is_as_square_as_the_count_allows():
     assert [token_grid(n) for n in (1024, 4096, 8192, 16, 7)] == [(32, 32), (64, 64), (64, 128), (4, 4), (1, 7)]
 
@@ -130,6 +137,8 @@ def test_invalid_settings_name_the_field_and_value():
         BenchConfig(refs=(-1,))
     with pytest.raises(ValidationError, match=r"warmup: must be >= 1"):
         BenchConfig(warmup=0)
+    with pytest.raises(ValidationError, match=r"^clock: choose from \('wall', 'process'\) \(got 'cpu'\)$"):
+        BenchConfig(clock="cpu")
     with pytest.raises(ValidationError, match=r"^--tokens: expected comma-separated int values \(got '1x'\)$"):
         parse_numbers("--tokens", "1x")
     assert parse_numbers("--refs", "0, 10,50") == (0, 10, 50)
@@ -147,10 +156,15 @@ def test_peak_memory_on_cpu_sees_a_held_allocation():
 def test_cli_prints_one_line_per_case_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "--tiny", "--tokens", "16", "--refs", "0,2", "--repeats", "1", "--text-tokens", "8"]
-    result = CliRunner().invoke(app, [*args, "--encoder-refs", "2", "--json", str(out)])
+    threads = torch.get_num_threads()
+    options = ["--encoder-refs", "2", "--threads", "2", "--clock", "process", "--json", str(out)]
+    result = CliRunner().invoke(app, [*args, *options])
     assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == threads  # restored after the run
     lines = result.stdout.splitlines()
+    assert ", 2 torch threads), torch " in lines[0]
     assert f"torch {torch.__version__}, fp32; FLUX width 2 x 16 = 32, 1 double + 1 single block" in lines[0]
+    assert "; process clock, median of 1 after 1 warm-up;" in lines[0]
     cases = [line for line in lines if LINE.match(line)]
     assert [line.split(":")[0] for line in cases] == [
         "forward 16 tokens 0 refs",

@@ -24,7 +24,7 @@ from moviepostproduction.backbones.nanodit_io import save_nanodit
 from moviepostproduction.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, MppModel
 from moviepostproduction.comfyui.fill_node import MppFillModel
 from moviepostproduction.errors import ValidationError, WeightsError
-from moviepostproduction.model_dir import default_model_dir
+from moviepostproduction.model_dir import tiny_random_model_dir
 from moviepostproduction.scene import Scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def ref_cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return default_model_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
+    return tiny_random_model_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
 
 
 @pytest.fixture(scope="module")

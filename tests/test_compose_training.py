@@ -211,3 +211,27 @@ def test_mpp_train_runs_a_fill_recipe(world, tmp_path):
     result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
     assert result.exit_code == 0, result.output
     assert "trained to step 1" in result.output and (tmp_path / "fill-model" / "fill").is_dir()
+
+
+def test_mpp_train_runs_a_vary_recipe_and_exports_nanodit(world, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from moviepostproduction.cli import app
+
+    root, md, _, _, _ = world
+    recipe = {
+        "task": "vary",
+        "model": str(md.root),
+        "data": str(root / "data"),
+        "out": str(tmp_path / "run"),
+        "stage": "full",
+        "limit": 4,
+        "export": str(tmp_path / "vary-model"),
+        "trainer": {"max_steps": 1, "progress": False, "tensorboard": False, "sample_every": 0},
+        "vary": {"batch_size": 2},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "vary-model" / "nanodit" / "model.safetensors").is_file()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae, find_caption_spans, load_transformer
 from moviepostproduction.errors import ValidationError, WeightsError
-from moviepostproduction.model_dir import ModelDir, default_model_dir
+from moviepostproduction.model_dir import ModelDir, tiny_random_model_dir
 from moviepostproduction.tiny import TinySpec, rope_axes, tiny_configs, write_tiny_model_dir
 
 SPEC = TinySpec()
@@ -91,9 +91,9 @@ def test_tiny_build_is_deterministic_per_seed(tiny_dir: Path, tmp_path: Path) ->
 
 
 def test_default_model_dir_is_built_once_into_the_cache(tmp_path: Path) -> None:
-    first = default_model_dir(tmp_path)
+    first = tiny_random_model_dir(tmp_path)
     stamp = (first / "transformer" / "config.json").stat().st_mtime_ns
-    assert default_model_dir(tmp_path) == first
+    assert tiny_random_model_dir(tmp_path) == first
     assert (first / "transformer" / "config.json").stat().st_mtime_ns == stamp
     assert ModelDir.at(first).tiny_random
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no staging leftovers

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from moviepostproduction.checkpoint import load_safetensors, read_metadata, save_safetensors
 from moviepostproduction.cli import app
 from moviepostproduction.errors import MppError, ValidationError, WeightsError
-from moviepostproduction.model_dir import ModelDir, default_model_dir
+from moviepostproduction.model_dir import ModelDir, tiny_random_model_dir
 from moviepostproduction.resources import (
     ModelDims,
     Request,
@@ -51,7 +51,7 @@ FUZZ = settings(
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return default_model_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
+    return tiny_random_model_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
 
 
 # ------------------------------------------------------------------------------------ scene fuzzing

@@ -58,7 +58,7 @@ def test_json_and_yaml_examples_load_identically():
     from_json = load_scene(EXAMPLES / "scene.json")
     from_yaml = load_scene(EXAMPLES / "scene.yaml")
     assert from_json == from_yaml
-    assert (from_json.width, from_json.height, from_json.seed) == (512, 512, 7)
+    assert (from_json.width, from_json.height, from_json.seed) == (128, 128, 7)
     assert [r.depth for r in from_json.refs] == ["fg", "mg", "bg"]
     assert all(r.image.is_absolute() and r.image.parent == EXAMPLES / "refs" for r in from_json.refs)
 
@@ -265,7 +265,7 @@ def test_cli_validate_example_lists_three_refs():
     assert result.exit_code == 0, result.output
     for name in ("red_circle.png", "blue_square.png", "green_triangle.png"):
         assert name in result.stdout
-    assert "valid scene, 512x512, seed 7, 3 refs (fg 1, mg 1, bg 1)" in result.stdout
+    assert "valid scene, 128x128, seed 7, 3 refs (fg 1, mg 1, bg 1)" in result.stdout
 
 
 def test_cli_validate_bad_scene_exits_2_without_traceback(scene_dir: Path):

@@ -28,12 +28,8 @@ def test_reconstruction_error_is_per_sample_mse_in_unit_range():
 
 def test_feature_swap_counts_which_source_the_output_follows():
     features, caption = grey([0.0, 0.0, 0.0, 0.0]), grey([1.0, 1.0, 1.0, 1.0])
-    follows_features = feature_swap(features, features, caption)
-    assert (follows_features.to_features, follows_features.to_caption, follows_features.follows_features) == (
-        0.0,
-        1.0,
-        1.0,
-    )
+    same = feature_swap(features, features, caption)
+    assert (same.to_features, same.to_caption, same.follows_features) == (0.0, 1.0, 1.0)
     assert feature_swap(caption, features, caption).follows_features == 0.0
     mixed = grey([0.1, 0.9, 0.5, 0.2])  # closer to features, caption, a tie (counts 1/2), features
     assert feature_swap(mixed, features, caption).follows_features == pytest.approx((1 + 0 + 0.5 + 1) / 4)

@@ -51,7 +51,7 @@ def make_task(features, encoders, randomize: bool = True, **config) -> VaryTask:
     model = NanoDiT(nanodit_config_for(features, "tiny"))
     if randomize:
         randomize_zero_inits(model, std=0.1)
-    return VaryTask(model, features, encoders[2], VaryTaskConfig(batch_size=4, sample_steps=2, **config))
+    return VaryTask(model, features, encoders[2], VaryTaskConfig(**{"batch_size": 4, "sample_steps": 2, **config}))
 
 
 # ------------------------------------------------------------------------------------------------ features
@@ -99,7 +99,9 @@ def test_each_sample_takes_its_dino_input_from_the_reference_or_the_scene(featur
     use_ref = torch.tensor([True, False, True, False])
     cond = _conditioning(feats, use_ref)
     assert torch.equal(cond.cls[0], feats["ref_cls"][0]) and torch.equal(cond.cls[1], feats["scene_cls"][1])
-    assert torch.equal(cond.patches[2], feats["ref_patches"][2]) and torch.equal(cond.patches[3], feats["scene_patches"][3])
+    assert torch.equal(cond.patches[2], feats["ref_patches"][2]) and torch.equal(
+        cond.patches[3], feats["scene_patches"][3]
+    )
     assert torch.equal(cond.text, feats["text"]) and torch.equal(cond.text_mask, feats["text_mask"])
 
 

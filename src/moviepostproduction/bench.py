@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .backbones.assemble_rows import pack_rows
 from .bench_memory import PeakMemory
 from .bench_setup import BenchShape, bench_refs, build_image_encoder, build_model, make_inputs, refs_to, token_grid
 from .errors import Problem, ValidationError
@@ -28,6 +29,7 @@ from .layout import bbox_token_mask
 logger = logging.getLogger(__name__)
 
 MODES = ("forward", "train")
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: CPU time of this process's threads
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -44,6 +46,8 @@ class BenchConfig:
     coverage: float = 0.5  # fraction of the image covered by the union of the boxes
     layout_active: bool = True  # Assemble-Attn on (first `grounding_ratio` of the steps) or off
     encoder_refs: int = 50  # reference images through the image encoders, timed once (0: skip)
+    threads: int | None = None  # torch intra-op threads during the run (None: torch's default)
+    clock: str = "wall"  # "process" (CPU time) is steadier than wall time on a shared CPU with one thread
     shape: BenchShape = field(default_factory=BenchShape)
     seed: int = 0
 
@@ -58,12 +62,16 @@ class BenchConfig:
             ("dtype", self.dtype, self.dtype in DTYPES, f"choose from {tuple(DTYPES)}"),
             ("coverage", self.coverage, 0.0 < self.coverage <= 1.0, "must be in (0, 1]"),
             ("encoder_refs", self.encoder_refs, self.encoder_refs >= 0, "must be >= 0"),
+            ("threads", self.threads, self.threads is None or self.threads >= 1, "must be >= 1"),
+            ("clock", self.clock, self.clock in CLOCKS, f"choose from {tuple(CLOCKS)}"),
         ]
         problems = [Problem(name, value, message) for name, value, ok, message in checks if not ok]
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             problems.append(Problem("device", self.device, "choose cpu or cuda"))
         elif self.device.startswith("cuda") and not torch.cuda.is_available():
             problems.append(Problem("device", self.device, "CUDA is not available on this machine"))
+        elif self.device.startswith("cuda") and self.clock == "process":
+            problems.append(Problem("clock", self.clock, "process time does not see GPU work; use wall on cuda"))
         if problems:
             raise ValidationError(problems)
 
@@ -78,7 +86,7 @@ class CaseResult:
     refs: int
     covered: float  # fraction of image tokens inside some box
     regions: int  # distinct modulation regions of the image stream (AdaLN linear runs once per region)
-    group_tokens: int  # padded tokens Assemble-Attn processes (groups x longest box)
+    layout_slots: int  # Assemble-Attn attention slots (rows x row length after packing; 0 without refs)
     plain_times: tuple[float, ...]
     conditioned_times: tuple[float, ...]
     plain_peak_mib: float | None = None
@@ -185,12 +193,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def _timed(fn: Callable[[], None], device: torch.device, clock: str = "wall") -> float:
+    now = CLOCKS[clock]
     _sync(device)
-    start = time.perf_counter()
+    start = now()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return now() - start
 
 
 def _interleave(variants: dict, cfg: BenchConfig, memory: PeakMemory, label: str) -> tuple[dict, dict]:
@@ -202,7 +211,7 @@ def _interleave(variants: dict, cfg: BenchConfig, memory: PeakMemory, label: str
         logger.info("%s: round %d of %d", label, round_ + 1, cfg.warmup + cfg.repeats)
         for name, fn in variants.items():
             if round_ >= cfg.warmup:
-                times[name].append(_timed(fn, device))
+                times[name].append(_timed(fn, device, cfg.clock))
             elif round_ == cfg.warmup - 1:
                 peaks[name] = memory.measure(fn)
             else:
@@ -235,7 +244,7 @@ def _group(model, cfg: BenchConfig, mode: str, tokens: int, memory: PeakMemory) 
                 refs=r,
                 covered=covered,
                 regions=cond.image_regions.num_regions,
-                group_tokens=cond.packing.token_index.numel(),
+                layout_slots=pack_rows(cond.packing, tokens).source.numel() if r else 0,
                 plain_times=tuple(times["plain"]),
                 conditioned_times=tuple(times[r]),
                 plain_peak_mib=peaks["plain"],
@@ -255,7 +264,7 @@ def _prepare_time(model, cfg: BenchConfig, case: CaseResult) -> PrepareResult:
         with torch.no_grad():
             model.prepare(refs, grid, cfg.text_tokens)
 
-    seconds = statistics.median(_timed(prepare, device) for _ in range(cfg.warmup + cfg.repeats))
+    seconds = statistics.median(_timed(prepare, device, cfg.clock) for _ in range(cfg.warmup + cfg.repeats))
     return PrepareResult(case.tokens, case.refs, seconds, case.conditioned_s)
 
 
@@ -268,7 +277,7 @@ def _encoder_time(cfg: BenchConfig) -> EncoderResult:
     pixels = pixels.to(device)
     with torch.no_grad():
         encoder.encode_pixels(pixels[:1])
-        seconds = _timed(lambda: encoder.encode_pixels(pixels), device)
+        seconds = _timed(lambda: encoder.encode_pixels(pixels), device, cfg.clock)
     return EncoderResult(cfg.encoder_refs, seconds, cfg.shape.encoder_name)
 
 
@@ -285,6 +294,16 @@ def _device_name(device: torch.device) -> str:
 
 def run_benchmark(cfg: BenchConfig) -> BenchReport:
     """The encoders once, every (mode, tokens) group of cases, then the prepare time of every forward case with refs."""
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: BenchConfig) -> BenchReport:
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     encoders = _encoder_time(cfg) if cfg.encoder_refs > 0 else None
@@ -313,6 +332,11 @@ def default_tokens(device: str) -> tuple[int, ...]:
     return (1024, 4096, 8192) if device.startswith("cuda") else (1024, 4096)
 
 
+def default_dtype(device: str) -> str:
+    """fp32 on CPU (where bf16 matmuls are emulated on many machines), bf16 on CUDA as FLUX runs there."""
+    return "bf16" if device.startswith("cuda") else "fp32"
+
+
 def parse_modes(text: str) -> tuple[str, ...]:
     if text == "all":
         return MODES
@@ -326,8 +350,8 @@ def format_header(report: BenchReport) -> str:
     return (
         f"{report.device_name} ({report.cpu_count} cores, {report.threads} torch threads), torch "
         f"{report.torch_version}, {cfg.dtype}; FLUX width {shape.heads} x {shape.head_dim} = {shape.width}, "
-        f"{shape.double_blocks} double + {shape.single_blocks} single block; median of {cfg.repeats} after "
-        f"{cfg.warmup} warm-up; memory: {report.memory_note}"
+        f"{shape.double_blocks} double + {shape.single_blocks} single block; {cfg.clock} clock, median of "
+        f"{cfg.repeats} after {cfg.warmup} warm-up; memory: {report.memory_note}"
     )
 
 
@@ -336,7 +360,7 @@ def format_case(case: CaseResult) -> str:
     line = (
         f"{case.mode} {case.tokens} tokens {case.refs} refs: plain {case.plain_s:.3g} s, "
         f"conditioned {case.conditioned_s:.3g} s, ratio {case.ratio:.2f} "
-        f"[covered {100 * case.covered:.0f}%, {case.regions} regions, {case.group_tokens} layout tokens"
+        f"[covered {100 * case.covered:.0f}%, {case.regions} regions, {case.layout_slots} layout slots"
     )
     if case.plain_peak_mib is not None and case.conditioned_peak_mib is not None:
         line += f", peak MiB plain {case.plain_peak_mib:.0f} / conditioned {case.conditioned_peak_mib:.0f}"

@@ -245,10 +245,12 @@ def bench(
     warmup: int = typer.Option(1, "--warmup", help="Untimed rounds first; the last one also measures memory."),
     mode: str = typer.Option("all", "--mode", help="forward, train or all."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    dtype: str = typer.Option("", "--dtype", help="fp32, bf16 or fp16 [cpu: fp32, cuda: bf16]."),
     coverage: float = typer.Option(0.5, "--coverage", help="Fraction of the image inside the union of the boxes."),
     layout: bool = typer.Option(True, "--layout/--no-layout", help="Assemble-Attn on (early steps) or off (later)."),
     encoder_refs: int = typer.Option(50, "--encoder-refs", help="Images through CLIP + DINOv2, timed once (0: skip)."),
+    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads [default: torch's]."),
+    clock: str = typer.Option("wall", "--clock", help="wall, or process (CPU time; steadier on a shared CPU)."),
     tiny: bool = typer.Option(False, "--tiny", help="Test-size model (D=32) instead of FLUX.1-dev width."),
     json_out: str | None = typer.Option(None, "--json", help="Also write every timing to this JSON file."),
 ) -> None:
@@ -258,6 +260,7 @@ def bench(
 
     from .bench import (
         BenchConfig,
+        default_dtype,
         default_tokens,
         format_case,
         format_encoders,
@@ -277,10 +280,12 @@ def bench(
         repeats=repeats,
         warmup=warmup,
         device=device,
-        dtype=dtype,
+        dtype=dtype or default_dtype(device),
         coverage=coverage,
         layout_active=layout,
         encoder_refs=encoder_refs,
+        threads=threads,
+        clock=clock,
         shape=BenchShape().tiny() if tiny else BenchShape(),
     )
     report = run_benchmark(cfg)
@@ -355,7 +360,10 @@ def panorama(
         prompt = loaded.caption
     else:
         pipe = PanoramaPipeline.from_model_dir(md, config=config, dtype=torch_dtype, device=device)
-        text = TextEncoder.load(md, dtype=torch_dtype, device=device).encode([caption])
+        from .model_dir import ModelDir
+
+        max_text = int(ModelDir.at(md).index.get("max_text_tokens", 512))  # the length the model was trained with
+        text = TextEncoder.load(md, dtype=torch_dtype, device=device).encode([caption], max_text)
         result = pipe(
             prompt_embeds=text.t5,
             pooled_prompt_embeds=text.pooled,
@@ -369,7 +377,9 @@ def panorama(
     pixels = (result.images[0] * 255).round().byte().permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
     meta = {"mpp:caption": prompt, "mpp:model": result.label or str(model or "embedded"), "mpp:projection": "equirect"}
     out = save_png(Image.fromarray(pixels), output, meta)
-    seams = f"seam ratio {seam_ratio(pixels):.3f}, rotated view {seam_ratio(pixels, rotated=True):.3f}"
+    plain, rotated = seam_ratio(pixels), seam_ratio(pixels, rotated=True)
+    tokens = seam_ratio(pixels, period=16)  # against the other 16 px token boundaries (docs/panorama.md)
+    seams = f"seam ratio {plain:.3f} (tokens {tokens:.3f}), rotated view {rotated:.3f}"
     label = f" [{result.label}]" if result.label else ""
     typer.echo(f"wrote {out} ({pixels.shape[1]}x{pixels.shape[0]}), {seams}{label}")
     if html:

@@ -158,9 +158,9 @@ def write_fill_model_dir(base: str | Path, out: str | Path, *, layout: str = "si
 def default_fill_model_dir(cache_dir: str | Path | None = None, *, seed: int = 0) -> Path:
     """The fill model used without `--model`: `write_fill_model_dir` of the embedded default model dir, built once
     into the cache (atomically: concurrent callers never see half a dir)."""
-    from .model_dir import default_model_dir
+    from .model_dir import tiny_random_model_dir
 
-    base = Path(default_model_dir(cache_dir, seed=seed))
+    base = Path(tiny_random_model_dir(cache_dir, seed=seed))
     target = base.with_name(f"{base.name}-fill-v{FILL_DIR_VERSION}")
     if (target / "model_index.json").is_file():
         return target

@@ -248,10 +248,25 @@ def default_cache_dir() -> Path:
     return Path(base) / "moviepostproduction"
 
 
-def default_model_dir(cache_dir: str | Path | None = None, *, seed: int = 0) -> Path:
-    """The model used without `--model`: until a trained toy model ships, the tiny random dir of
-    `moviepostproduction.tiny`, built once into the cache (atomically: concurrent callers never see half a
-    dir). Its model_index.json carries `"tiny_random": true`, so output is labelled as noise."""
+SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "toy-model"
+
+
+def default_model_dir() -> Path:
+    """The model used without `--model`: the toy-world model shipped in the package (trained by the project,
+    scripts/train_toy_model.sh). A missing or incomplete copy is a WeightsError naming the path; nothing is
+    substituted for it."""
+    if not (SHIPPED_MODEL_DIR / "model_index.json").is_file():
+        raise WeightsError(
+            f"the shipped toy model is missing: {SHIPPED_MODEL_DIR / 'model_index.json'} (expected the package's "
+            "toy-world model dir; reinstall moviepostproduction or pass --model DIR)"
+        )
+    return SHIPPED_MODEL_DIR
+
+
+def tiny_random_model_dir(cache_dir: str | Path | None = None, *, seed: int = 0) -> Path:
+    """A tiny random-init model dir (`moviepostproduction.tiny`) for tests and smoke runs, built once into the
+    cache (atomically: concurrent callers never see half a dir). Its model_index.json carries
+    `"tiny_random": true`, so its output is labelled as noise."""
     from moviepostproduction.tiny import TINY_DIR_VERSION, write_tiny_model_dir
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

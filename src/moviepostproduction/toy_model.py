@@ -85,4 +85,19 @@ def write_toy_model_dir(
     label = "toy-world" if stage == "backbone" else "toy-world (encoders trained, transformer untrained)"
     index = {TINY_MARKER: False, TOY_MARKER: True, "_toy_version": TOY_DIR_VERSION, "_toy_stage": stage}
     index["label"] = label
-    return write_tiny_model_dir(path, seed=seed, spec=spec, modules=trained, index={**index, **(info or {})})
+    modules = dict(trained)
+    if "adapter" not in modules:
+        import torch
+
+        from .modules import CompositionAdapter
+
+        torch.manual_seed(seed)
+        modules["adapter"] = CompositionAdapter(toy_adapter_config(spec))
+    return write_tiny_model_dir(path, seed=seed, spec=spec, modules=modules, index={**index, **(info or {})})
+
+
+def toy_adapter_config(spec: TinySpec = TOY_SPEC):
+    """The toy model's adapter: the tiny derivation, widened so identity fits through the modulation path."""
+    from .tiny import tiny_configs
+
+    return tiny_configs(spec).adapter.with_(instance_dim=64, alpha_hidden=32, modulation_rank=16, feedback_rank=8)

@@ -27,6 +27,7 @@ __all__ = [
     "CONFIG_NAME",
     "FOLDER",
     "FORMAT",
+    "INFO_NAME",
     "WEIGHTS_NAME",
     "WarmStartReport",
     "load_nanodit",
@@ -41,6 +42,7 @@ FORMAT = "mpp-nanodit"  # safetensors metadata "format"; the config travels as J
 FOLDER = "nanodit"  # the model-dir sub-folder
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+INFO_NAME = "info.json"  # optional provenance: label, training command, validation numbers
 
 
 @dataclass(frozen=True)
@@ -157,13 +159,16 @@ def load_nanodit(
     return model.to(device=device, dtype=dtype), report
 
 
-def save_nanodit_dir(model: NanoDiT, folder: str | Path) -> Path:
-    """`folder/config.json` + `folder/model.safetensors` (the model-dir layout), each written atomically."""
+def save_nanodit_dir(model: NanoDiT, folder: str | Path, info: dict | None = None) -> Path:
+    """`folder/config.json` + `folder/model.safetensors` (the model-dir layout) and, given, `folder/info.json`
+    (provenance: "label" is shown by `mpp vary`), each written atomically."""
     from ..checkpoint import write_json_atomic
 
     folder = Path(folder)
     save_nanodit(model, folder / WEIGHTS_NAME)
     write_json_atomic(dataclasses.asdict(model.config), folder / CONFIG_NAME)
+    if info is not None:
+        write_json_atomic(info, folder / INFO_NAME)
     return folder
 
 

@@ -11,6 +11,7 @@ image text guidance v_uncond + s_T (v_text - v_uncond) (the validation's text-on
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,8 +146,9 @@ class VaryPipeline:
     def from_model_dir(
         cls, model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
     ) -> VaryPipeline:
-        """NanoDiT from `DIR/nanodit/` (config.json + model.safetensors), the VAE and both encoders of DIR."""
-        from ..backbones.nanodit_io import FOLDER, load_nanodit_dir
+        """NanoDiT from `DIR/nanodit/` (config.json + model.safetensors, optional info.json with a "label"), the
+        VAE and both encoders of DIR."""
+        from ..backbones.nanodit_io import FOLDER, INFO_NAME, load_nanodit_dir
         from ..encoders import ImageEncoder, TextEncoder, Vae
         from ..model_dir import as_model_dir
 
@@ -169,7 +171,8 @@ class VaryPipeline:
         ]
         if problems:
             raise ValidationError(problems, source=str(md.root))
-        label = str(md.index.get("nanodit_label", ""))
+        info = md.root / FOLDER / INFO_NAME
+        label = str(json.loads(info.read_text()).get("label", "")) if info.is_file() else ""
         return cls(model, vae.decode, text_encoder=text, image_encoder=image, latent_factor=vae.downsample, label=label)
 
     def encode(

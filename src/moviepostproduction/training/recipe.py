@@ -32,7 +32,7 @@ from .trainer import TrainConfig, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("compose", "fill")
+TASKS = ("compose", "fill", "vary")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Recipe:
     trainer: dict = field(default_factory=dict)
     compose: dict = field(default_factory=dict)
     fill: dict = field(default_factory=dict)  # FillTaskConfig fields (task: fill)
+    vary: dict = field(default_factory=dict)  # VaryTaskConfig fields (task: vary)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
@@ -179,6 +180,7 @@ def export_model_dir(recipe: Recipe, task, source) -> Path:
         **source.index,
         "tiny_random": False,
         "toy_world_data": world,
+        "label": f"{recipe.task} model trained by mpp train (stage {recipe.stage})",
         "max_text_tokens": recipe.max_text_tokens,
         "trained_by": f"mpp train (stage {recipe.stage})",
     }
@@ -197,6 +199,18 @@ def run_recipe(recipe: Recipe) -> TrainResult:
         result = Trainer(task, _trainer_config(recipe)).run()
         if recipe.export:
             logger.info("exported %s", export_fill_model_dir(task, recipe.model, recipe.export))
+        return result
+    if recipe.task == "vary":
+        from ..backbones.nanodit_io import save_nanodit_dir
+        from .vary_task import VaryTaskConfig, build_vary_task
+
+        config = dataclass_from(VaryTaskConfig, recipe.vary, "vary")
+        task = build_vary_task(
+            recipe.model, n=recipe.limit or 4096, cache_dir=Path(recipe.out) / "cache", config=config
+        )
+        result = Trainer(task, _trainer_config(recipe)).run()
+        if recipe.export:
+            logger.info("exported %s", save_nanodit_dir(task.model, Path(recipe.export) / "nanodit"))
         return result
     task, md = build_compose_task(recipe)
     result = Trainer(task, _trainer_config(recipe)).run()

@@ -121,7 +121,7 @@ def build_vary_features(
     *,
     world: ToyWorldConfig | None = None,
     split: str = "train",
-    max_text_tokens: int = 32,
+    max_text_tokens: int = 80,
     batch_size: int = 32,
     progress: bool = True,
 ) -> VaryFeatures:

@@ -201,7 +201,7 @@ def build_vary_task(
     n: int,
     seed: int = 0,
     world: ToyWorldConfig | None = None,
-    max_text_tokens: int = 32,
+    max_text_tokens: int = 80,
     preview_n: int = 8,
     cache_dir: str | Path | None = None,
     base: NanoDiTConfig | str = "toy",

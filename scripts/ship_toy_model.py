@@ -1,0 +1,45 @@
+"""Copy a trained toy-world model dir into the package (the embedded default model of `mpp compose`).
+
+    python scripts/ship_toy_model.py build/toy-model
+
+Every float tensor is stored as fp16 (the loaders cast to the requested dtype), so the whole dir is a few MB;
+the copy is checked with the real loaders before it replaces the shipped one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from moviepostproduction.checkpoint import load_safetensors, read_metadata, save_safetensors
+from moviepostproduction.model_dir import SHIPPED_MODEL_DIR, ModelDir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="a trained model dir (mpp train ... export)")
+    args = parser.parse_args(argv)
+    source, target = Path(args.source), SHIPPED_MODEL_DIR
+    ModelDir.at(source).check()
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    for file in staging.rglob("*.safetensors"):
+        state = load_safetensors(file)
+        half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        save_safetensors(half, file, metadata=read_metadata(file) or None)
+    ModelDir.at(staging).check()
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    print(f"shipped {source} -> {target} ({size / 2**20:.1f} MiB, fp16 tensors)")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(main())
