@@ -180,10 +180,14 @@ def export_model_dir(recipe: Recipe, task, source) -> Path:
         **source.index,
         "tiny_random": False,
         "toy_world_data": world,
-        "label": f"{recipe.task} model trained by mpp train (stage {recipe.stage})",
+        "label": f"{'toy-world' if source.index.get('toy_world') else recipe.task} model (mpp train, stage "
+        f"{recipe.stage}, {task.model.transformer.config.num_layers}+{task.model.transformer.config.num_single_layers} "
+        "blocks)",
         "max_text_tokens": recipe.max_text_tokens,
         "trained_by": f"mpp train (stage {recipe.stage})",
     }
+    if source.index.get("toy_world"):
+        index["_toy_stage"] = "backbone"
     write_json_atomic(index, tmp / "model_index.json")
     if out.exists():
         shutil.rmtree(out)
