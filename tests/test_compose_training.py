@@ -190,7 +190,8 @@ def test_mpp_train_bad_recipe_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_mpp_train_runs_a_fill_recipe(world, tmp_path):
+def run_train_recipe(world, tmp_path, task: str, stage: str, **fields):
+    """`mpp train` on a one-step recipe for `task` over the tiny world; returns the CLI result."""
     import yaml
     from typer.testing import CliRunner
 
@@ -198,40 +199,27 @@ def test_mpp_train_runs_a_fill_recipe(world, tmp_path):
 
     root, md, _, _, _ = world
     recipe = {
-        "task": "fill",
+        "task": task,
         "model": str(md.root),
         "data": str(root / "data"),
         "out": str(tmp_path / "run"),
-        "stage": "all",
-        "export": str(tmp_path / "fill-model"),
-        "trainer": {"max_steps": 1, "progress": False, "tensorboard": False},
-        "fill": {"batch_size": 1, "scenes": 2, "train_x_embedder": True, "sample_count": 1, "sample_steps": 1},
+        "stage": stage,
+        "export": str(tmp_path / "exported"),
+        "trainer": {"max_steps": 1, "progress": False, "tensorboard": False, "sample_every": 0},
+        **fields,
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
+    return CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
+
+
+def test_mpp_train_runs_a_fill_recipe(world, tmp_path):
+    fill = {"batch_size": 1, "scenes": 2, "train_x_embedder": True, "sample_count": 1, "sample_steps": 1}
+    result = run_train_recipe(world, tmp_path, "fill", "all", fill=fill)
     assert result.exit_code == 0, result.output
-    assert "trained to step 1" in result.output and (tmp_path / "fill-model" / "fill").is_dir()
+    assert "trained to step 1" in result.output and (tmp_path / "exported" / "fill").is_dir()
 
 
 def test_mpp_train_runs_a_vary_recipe_and_exports_nanodit(world, tmp_path):
-    import yaml
-    from typer.testing import CliRunner
-
-    from moviepostproduction.cli import app
-
-    root, md, _, _, _ = world
-    recipe = {
-        "task": "vary",
-        "model": str(md.root),
-        "data": str(root / "data"),
-        "out": str(tmp_path / "run"),
-        "stage": "full",
-        "limit": 4,
-        "export": str(tmp_path / "vary-model"),
-        "trainer": {"max_steps": 1, "progress": False, "tensorboard": False, "sample_every": 0},
-        "vary": {"batch_size": 2},
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
+    result = run_train_recipe(world, tmp_path, "vary", "full", limit=4, vary={"batch_size": 2})
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "vary-model" / "nanodit" / "model.safetensors").is_file()
+    assert (tmp_path / "exported" / "nanodit" / "model.safetensors").is_file()
