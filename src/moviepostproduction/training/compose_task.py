@@ -125,22 +125,25 @@ class ComposeTask:
             text_spans=batch["spans"],
         )
 
-    def velocity(self, batch, x_t, t, valid, layout_active: bool) -> tuple[torch.Tensor, object]:
-        grid = self.cache.grid
-        cond = self.model.prepare(self.refs(batch, valid), grid, batch["t5"].shape[1])
+    def forward(self, batch, x_t, t, cond, layout_active: bool) -> torch.Tensor:
+        """The model on a cached batch with a prepared conditioning: velocity (B, N, C)."""
+        h, w = cond.grid
         dev = x_t.device
-        v = self.model(
+        return self.model(
             x_t,
             batch["t5"],
             batch["pooled"],
             t,
-            latent_image_ids(*grid, device=dev),
+            latent_image_ids(h, w, device=dev),
             text_ids(batch["t5"].shape[1], device=dev),
             torch.ones_like(t) if self.guidance else None,
             conditioning=cond,
             layout_active=layout_active,
         )
-        return v, cond
+
+    def velocity(self, batch, x_t, t, valid, layout_active: bool) -> tuple[torch.Tensor, object]:
+        cond = self.model.prepare(self.refs(batch, valid), self.cache.grid, batch["t5"].shape[1])
+        return self.forward(batch, x_t, t, cond, layout_active), cond
 
     def loss(self, index: torch.Tensor, generator: torch.Generator) -> LossOutput:
         cfg, dev = self.config, self.device
@@ -200,16 +203,8 @@ class ComposeTask:
 
     # ------------------------------------------------------------------------------------------ samples
     @torch.no_grad()
-    def generate(
-        self,
-        cache: FeatureCache,
-        index: torch.Tensor,
-        generator: torch.Generator,
-        steps: int,
-        layout: bool = True,
-        modulation: bool = True,
-    ) -> torch.Tensor:
-        """Sample latents for cached scenes -> pixels (B, 3, H, W) in [-1, 1]. Switches give the ablations."""
+    def generate(self, cache: FeatureCache, index: torch.Tensor, generator: torch.Generator, steps: int):
+        """Sample latents for cached scenes -> pixels (B, 3, H, W) in [-1, 1] (layout for `grounding_ratio`)."""
         dev = self.device
         batch = {k: v.to(dev) for k, v in cache.select(index).items()}
         h, w = cache.grid
@@ -217,24 +212,11 @@ class ComposeTask:
         timesteps = get_timesteps(steps, image_seq_len=h * w)
         layout_steps = math.ceil(self.model.adapter.cfg.grounding_ratio * (len(timesteps) - 1))
         cond = self.model.prepare(self.refs(batch, batch["valid"]), cache.grid, batch["t5"].shape[1])
-        if not modulation:
-            cond.shared_offsets = torch.zeros_like(cond.shared_offsets)
         calls = {"n": 0}
 
         def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            active = layout and calls["n"] < layout_steps
             calls["n"] += 1
-            return self.model(
-                x_t,
-                batch["t5"],
-                batch["pooled"],
-                t,
-                latent_image_ids(h, w, device=dev),
-                text_ids(batch["t5"].shape[1], device=dev),
-                torch.ones_like(t) if self.guidance else None,
-                conditioning=cond,
-                layout_active=active,
-            )
+            return self.forward(batch, x_t, t, cond, layout_active=calls["n"] <= layout_steps)
 
         out = euler_sample(velocity, x, timesteps)
         return self.vae.decode(unpack_latents(out, 2 * h, 2 * w)).clamp(-1, 1)
