@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moviepostproduction.checkpoint import load_safetensors, read_metadata, save_safetensors
+from moviepostproduction.checkpoint import cast_safetensors_files
 from moviepostproduction.model_dir import SHIPPED_MODEL_DIR, ModelDir
 
 
@@ -28,10 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     staging = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source, staging)
-    for file in staging.rglob("*.safetensors"):
-        state = load_safetensors(file)
-        half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-        save_safetensors(half, file, metadata=read_metadata(file) or None)
+    cast_safetensors_files(staging, torch.float16)
     ModelDir.at(staging).check()
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)

@@ -158,7 +158,12 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     assert (tmp_path / "run" / "curves.png").is_file() and list((tmp_path / "run" / "samples").glob("*.png"))
     index = json.loads((tmp_path / "exported" / "model_index.json").read_text())
     assert index["max_text_tokens"] == TEXT and not index["tiny_random"]
+    from moviepostproduction.checkpoint import load_safetensors
+
+    stored = load_safetensors(next((tmp_path / "exported" / "transformer").glob("*.safetensors")))
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}  # export_dtype fp16
     pipe = ComposePipeline.from_model_dir(tmp_path / "exported")
+    assert pipe.dtype == torch.float32
     assert pipe.max_text_tokens == TEXT
     again = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml"), "--max-steps", "3"])  # resumes at step 2
     assert again.exit_code == 0 and "trained to step 3" in again.output
@@ -183,10 +188,11 @@ def test_mpp_train_bad_recipe_is_one_line_exit_2(tmp_path):
 
     from moviepostproduction.cli import app
 
-    (tmp_path / "r.yaml").write_text("model: m\nout: o\nsteps: 3\n")
+    (tmp_path / "r.yaml").write_text("model: m\nout: o\nsteps: 3\nexport_dtype: fp8\n")
     result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
     assert result.exit_code == 2
     assert "steps: unknown field" in result.output and "data: required" in result.output
+    assert "export_dtype: expected one of fp16, bf16, fp32 (got 'fp8')" in result.output
     assert "Traceback" not in result.output
 
 

@@ -128,6 +128,18 @@ def load_strict(module: nn.Module, path: str | Path, what: str) -> None:
     module.load_state_dict(usable, strict=True)
 
 
+STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def cast_safetensors_files(folder: str | Path, dtype: torch.dtype) -> None:
+    """Store every floating tensor of every .safetensors under `folder` as `dtype` (rewritten atomically, metadata
+    kept); loaders cast back to the dtype they are asked for."""
+    for file in sorted(Path(folder).rglob("*.safetensors")):
+        state = load_safetensors(file)
+        cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        save_safetensors(cast, file, metadata=read_metadata(file) or None)
+
+
 def write_json_atomic(data: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

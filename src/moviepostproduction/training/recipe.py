@@ -25,8 +25,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from ..checkpoint import STORAGE_DTYPES, cast_safetensors_files
 from ..errors import Problem, ValidationError
 from .trainer import TrainConfig, Trainer, TrainResult
 
@@ -74,6 +73,10 @@ class Recipe:
             Problem(k, raw[k], f"unknown field (known: {', '.join(sorted(known))})") for k in raw if k not in known
         ]
         problems += [Problem(k, None, "required") for k in ("model", "data", "out") if k not in raw]
+        if raw.get("export_dtype", "fp16") not in STORAGE_DTYPES:
+            problems.append(
+                Problem("export_dtype", raw["export_dtype"], f"expected one of {', '.join(STORAGE_DTYPES)}")
+            )
         if raw.get("task", "compose") not in TASKS:
             problems.append(Problem("task", raw.get("task"), f"expected one of {', '.join(TASKS)}"))
         if problems:
@@ -156,7 +159,6 @@ def export_model_dir(recipe: Recipe, task, source) -> Path:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source.root, tmp, ignore=shutil.ignore_patterns("transformer", "adapter"))
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[recipe.export_dtype]
     transformer, adapter = task.model.transformer, task.model.adapter
     if getattr(transformer, "peft_config", None):
         raise ValidationError(
@@ -169,8 +171,8 @@ def export_model_dir(recipe: Recipe, task, source) -> Path:
                 )
             ]
         )
-    transformer.to(dtype).save_pretrained(tmp / "transformer", safe_serialization=True)
-    transformer.to(torch.float32)
+    transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+    cast_safetensors_files(tmp / "transformer", STORAGE_DTYPES[recipe.export_dtype])  # the live model stays as is
     adapter.save_pretrained(tmp / "adapter")
     from ..data.shards import read_manifest
 
