@@ -362,8 +362,7 @@ def panorama(
         pipe = PanoramaPipeline.from_model_dir(md, config=config, dtype=torch_dtype, device=device)
         from .model_dir import ModelDir
 
-        max_text = int(ModelDir.at(md).index.get("max_text_tokens", 512))  # the length the model was trained with
-        text = TextEncoder.load(md, dtype=torch_dtype, device=device).encode([caption], max_text)
+        text = TextEncoder.load(md, dtype=torch_dtype, device=device).encode([caption], ModelDir.at(md).max_text_tokens)
         result = pipe(
             prompt_embeds=text.t5,
             pooled_prompt_embeds=text.pooled,

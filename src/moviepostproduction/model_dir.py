@@ -121,6 +121,11 @@ class ModelDir:
         """True for the random-init tiny dirs of `moviepostproduction.tiny`: their output is noise."""
         return bool(self.index.get("tiny_random", False))
 
+    @property
+    def max_text_tokens(self) -> int:
+        """T5 length the transformer was trained with: model_index.json's `max_text_tokens`, else FLUX's 512."""
+        return int(self.index.get("max_text_tokens", 512))
+
     def path(self, component: str) -> Path:
         if component not in COMPONENTS:
             raise KeyError(f"unknown component {component!r}; known: {', '.join(COMPONENTS)}")

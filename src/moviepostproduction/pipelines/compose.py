@@ -116,7 +116,7 @@ class ComposePipeline:
             ImageEncoder.load(md, dtype=dtype, device=device),
             Vae.load(md, dtype=dtype, device=device),
             label=label,
-            max_text_tokens=int(md.index.get("max_text_tokens", 512)),
+            max_text_tokens=md.max_text_tokens,
         )
 
     @property
