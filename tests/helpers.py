@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 
 from moviepostproduction.conditioning import RefBatch
 from moviepostproduction.modules import PRESETS, ConditioningConfig
@@ -74,3 +74,18 @@ def random_refs(
         dino=torch.randn(batch, refs, cfg.dino_dim, generator=gen),
         text_spans=spans,
     )
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    """A random tiny FLUX-like AutoencoderKL (8x down, 16 latent channels, FLUX's latent scale and shift)."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    ).eval()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
 from moviepostproduction.backbones.flux import ConditionedFlux
@@ -25,7 +24,7 @@ from moviepostproduction.panorama import (
 from moviepostproduction.periodic_rope import PeriodicFluxPosEmbed, axis_frequencies, periodic_rope
 from moviepostproduction.sampling import latent_image_ids, text_ids
 
-from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits
+from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits, tiny_vae
 
 GRID, TEXT = (4, 8), 6
 
@@ -34,18 +33,6 @@ def roll_cols(tokens: torch.Tensor, grid: tuple[int, int], shift: int) -> torch.
     """Roll packed tokens (B, h*w, C) by `shift` columns."""
     b, _, c = tokens.shape
     return torch.roll(tokens.reshape(b, *grid, c), shift, dims=2).reshape(b, -1, c)
-
-
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-    ).eval()
 
 
 @pytest.fixture(scope="module")

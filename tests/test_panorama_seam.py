@@ -14,7 +14,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel
 
 from moviepostproduction.encoders import Vae
 from moviepostproduction.evaluation.metrics import seam_ratio
@@ -23,6 +23,8 @@ from moviepostproduction.panorama_probe import ProbeConfig, build_seam_probe
 from moviepostproduction.periodic_rope import axis_frequencies, periodic_rope
 from moviepostproduction.pipelines.panorama import PanoramaPipeline
 from moviepostproduction.sampling import latent_image_ids, text_ids
+
+from helpers import tiny_vae
 
 HEIGHT, BATCH = 128, 16  # 128 x 256 pixels, an (8, 16) token grid; 16 panoramas pooled per measurement
 
@@ -35,18 +37,7 @@ def probe() -> FluxTransformer2DModel:
 @pytest.fixture(scope="module")
 def vae() -> Vae:
     """A random tiny FLUX-like VAE (8x down, 16 latent channels)."""
-    torch.manual_seed(0)
-    model = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-    )
-    return Vae(model.eval())
+    return Vae(tiny_vae())
 
 
 def generate(model, vae, config: PanoramaConfig, seed: int, *, batch: int = BATCH, height: int = HEIGHT, **kw):
