@@ -8,7 +8,7 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
 from moviepostproduction.backbones.flux import ConditionedFlux
 from moviepostproduction.circular_vae import circular_width_padding
-from moviepostproduction.modules import CompositionAdapter
+from moviepostproduction.modules import PRESETS, CompositionAdapter
 from moviepostproduction.panorama import (
     PanoramaConfig,
     PanoramaValueError,
@@ -39,9 +39,6 @@ def roll_cols(tokens: torch.Tensor, grid: tuple[int, int], shift: int) -> torch.
 def conditioned():
     """A tiny ConditionedFlux whose zero-init branches act, plus refs with one box wrapping the seam."""
     transformer = make_tiny_flux()
-    adapter = CompositionAdapter.__new__(CompositionAdapter)
-    from moviepostproduction.modules import PRESETS
-
     adapter = CompositionAdapter(PRESETS["tiny"])
     randomize_zero_inits(adapter)
     model = ConditionedFlux(transformer, adapter).eval()
