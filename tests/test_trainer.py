@@ -151,3 +151,16 @@ def test_bad_config_is_one_line_per_field(tmp_path):
         config(tmp_path, mixed_precision="fp8", grad_accum=0)
     lines = str(err.value).splitlines()
     assert len(lines) == 2 and "mixed_precision" in lines[0] and "grad_accum" in lines[1]
+
+
+def test_schedule_warms_up_holds_and_cools_down_to_zero(tmp_path):
+    trainer = Trainer(LinearTask(), config(tmp_path, max_steps=10, warmup_steps=2, decay_steps=4))
+    factors = [trainer.lr_factor(step) for step in range(1, 11)]
+    assert factors == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    result = Trainer(LinearTask(), config(tmp_path / "run", max_steps=10, warmup_steps=2, decay_steps=4)).run()
+    assert [e["lr"] for e in result.logs] == pytest.approx([0.1, 0.1, 0.1, 0.075, 0.025])  # logged every 2 steps
+
+
+def test_schedule_lengths_must_fit_in_the_run(tmp_path):
+    with pytest.raises(ValidationError, match=r"^decay_steps: must be an integer in \[0, max_steps=8\] \(got 20\)$"):
+        config(tmp_path, decay_steps=20)

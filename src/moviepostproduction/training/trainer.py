@@ -46,6 +46,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     max_grad_norm: float | None = 1.0
     warmup_steps: int = 0
+    decay_steps: int = 0  # linear cooldown to 0 over the last decay_steps steps (0: constant after warm-up)
     weight_decay: float = 0.0
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
@@ -63,6 +64,10 @@ class TrainConfig:
         for name in ("max_steps", "grad_accum", "log_every", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(Problem(name, getattr(self, name), "must be a positive integer"))
+        for name in ("warmup_steps", "decay_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value <= self.max_steps:
+                problems.append(Problem(name, value, f"must be an integer in [0, max_steps={self.max_steps}]"))
         if problems:
             raise ValidationError(problems)
 
@@ -166,8 +171,12 @@ class Trainer:
             epoch, index = epoch + 1, 0
 
     def lr_factor(self, step: int) -> float:
-        w = self.config.warmup_steps
-        return min(1.0, step / w) if w > 0 else 1.0
+        """Linear warm-up, constant, then a linear cooldown ending at 0 after the last step (step is 1-based)."""
+        cfg = self.config
+        warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+        left = cfg.max_steps - step + 1  # steps still to run, this one included
+        cool = min(1.0, left / cfg.decay_steps) if cfg.decay_steps > 0 else 1.0
+        return min(warm, cool)
 
     # ----------------------------------------------------------------------------------------------- loop
     def run(self) -> TrainResult:
