@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from moviepostproduction.backbones.assemble import (
+    add_on_covered,
     assemble_attention,
     assemble_residual,
     capture_image_qkv,
@@ -176,9 +177,15 @@ def test_assemble_residual_equals_the_per_group_reference(tiny_cfg):
         )
         rows = pack_rows(cond.packing, 2 * 64)
         fast = assemble_residual(attn, out_proj, image_qkv(attn, image), cond.layout_tokens, cond.packing, rows, rope)
+        x, gate = torch.randn(2, 64, tiny_cfg.hidden_dim), torch.randn(2, 64, tiny_cfg.hidden_dim)
+        added = add_on_covered(x, gate, fast, rows.covered)
+        shared = add_on_covered(x, gate[:, :1], fast, rows.covered)  # one gate per sample (no modulation)
     inside = cond.packing.cover > 0
-    assert (fast[~inside] == 0).all() and (fast[inside].abs().amax(-1) > 0).all()
-    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
+    assert torch.equal(rows.covered, inside.flatten().nonzero().squeeze(1)) and (fast.abs().amax(-1) > 0).all()
+    torch.testing.assert_close(fast, reference.flatten(0, 1)[rows.covered], rtol=0, atol=1e-5)
+    assert (reference[~inside] == 0).all()  # so the branch is zero off the covered tokens
+    torch.testing.assert_close(added, x + gate * reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared, x + gate[:, :1] * reference, rtol=0, atol=1e-5)
 
 
 def test_rows_hold_each_group_exactly_once_with_less_padding(tiny_cfg):
@@ -196,7 +203,8 @@ def test_rows_hold_each_group_exactly_once_with_less_padding(tiny_cfg):
         assert slots.numel() == 1 + box.numel() and slots.max() - slots.min() == box.numel()  # contiguous
         assert rows.source.flatten()[slots[0]] == rows.covered.numel() + g  # the group's layout token first
         assert torch.equal(rows.covered[rows.source.flatten()[slots[1:]]], box)
-        assert torch.equal(rows.target[slots[1:]], box) and rows.target[slots[0]] == n
+        assert torch.equal(rows.covered[rows.target[slots[1:]]], box)  # slots add into their token's covered row
+        assert rows.target[slots[0]] == rows.covered.numel()  # the layout token's output is dropped
     mask = rows.mask
     assert torch.equal(mask, mask.transpose(1, 2)) and mask.diagonal(dim1=1, dim2=2).all()
 

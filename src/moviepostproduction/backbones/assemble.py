@@ -100,13 +100,16 @@ def attend_rows(
 ) -> torch.Tensor:
     """One masked attention call over every group. Returns each slot's attended value before `to_out`: (P * S, D)."""
     n = qkv[0].shape[1]
-    q, k, v = (x.flatten(0, 1)[rows.covered] for x in qkv)  # each (M, H, hd): only tokens inside some box
-    cos, sin = rope[0][rows.covered % n][None], rope[1][rows.covered % n][None]  # (1, M, hd)
+    # index_select, not x[index]: advanced indexing on CPU is several times slower, forward and backward.
+    q, k, v = (x.flatten(0, 1).index_select(0, rows.covered) for x in qkv)  # each (M, H, hd): tokens in a box
+    positions = rows.covered % n
+    cos, sin = (r.index_select(0, positions)[None] for r in rope[:2])  # (1, M, hd)
     q, k = rotate_pairs(q[None], cos, sin)[0], rotate_pairs(k[None], cos, sin)[0]  # RoPE once per covered token
     context = _context_qkv(attn, layout_tokens[packing.group_batch, packing.group_ref])  # each (G, H, hd)
 
     def table(image_part: torch.Tensor, context_part: torch.Tensor) -> torch.Tensor:
-        return rearrange(torch.cat([image_part, context_part])[rows.source], "p s h d -> p h s d")  # (P, H, S, hd)
+        flat = torch.cat([image_part, context_part]).index_select(0, rows.source.flatten())  # (P * S, H, hd)
+        return rearrange(flat, "(p s) h d -> p h s d", p=rows.source.shape[0])  # (P, H, S, hd)
 
     q, k, v = (table(i, c) for i, c in zip((q, k, v), context, strict=True))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.mask[:, None])  # (P, H, S, hd)
@@ -122,19 +125,32 @@ def assemble_residual(
     rows: PackedRows,
     rope: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """The Assemble-Attn branch of one double block before its gate: (B, N, D), zero outside every box.
+    """The Assemble-Attn branch of one double block before its gate, on the covered tokens only: (M, D) at
+    `rows.covered` (the branch is zero on every other token).
 
-    Equals `scatter_mean(out_proj(assemble_attention(...)))`: `to_out` and `out_proj` are affine, so they
+    Equals `scatter_mean(out_proj(assemble_attention(...)))` there: `to_out` and `out_proj` are affine, so they
     commute with the average over the boxes covering a token and run once per covered token.
     """
     b, n = qkv[0].shape[:2]
     attended = attend_rows(attn, qkv, layout_tokens, packing, rows, rope)  # (P * S, D)
-    d = attended.shape[-1]
-    total = attended.new_zeros(b * n + 1, d).index_add_(0, rows.target, attended)[:-1]  # (B * N, D)
-    covered = rows.covered  # (M,)
-    mean = total[covered] / packing.cover.reshape(b * n)[covered, None].to(total.dtype)  # (M, D)
-    values = out_proj(attn.to_out[1](attn.to_out[0](mean)))  # (M, D)
-    return values.new_zeros(b * n, values.shape[-1]).index_copy(0, covered, values).view(b, n, -1)
+    m = rows.covered.numel()
+    total = attended.new_zeros(m + 1, attended.shape[-1]).index_add_(0, rows.target, attended)[:m]  # (M, D)
+    cover = packing.cover.reshape(b * n).index_select(0, rows.covered).to(total.dtype)  # (M,)
+    return out_proj(attn.to_out[1](attn.to_out[0](total / cover[:, None])))  # (M, D)
+
+
+def add_on_covered(x: torch.Tensor, gate: torch.Tensor, values: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """x + gate * branch for a branch that is `values` (M, D) on the flat tokens `covered` and zero elsewhere.
+
+    x (B, N, D); gate (B, N, D) per token or (B, 1, D). Touches x once (one copy) instead of building the dense
+    branch, multiplying and adding over every token.
+    """
+    b, n, d = x.shape
+    if gate.shape[1] == 1:
+        gate = gate[:, 0].index_select(0, torch.div(covered, n, rounding_mode="floor"))  # (M, D)
+    else:
+        gate = gate.reshape(b * n, d).index_select(0, covered)  # (M, D)
+    return x.reshape(b * n, d).index_add(0, covered, gate * values).view(b, n, d)
 
 
 def assemble_attention(

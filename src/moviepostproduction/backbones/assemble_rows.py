@@ -22,7 +22,7 @@ class PackedRows:
     covered: torch.Tensor  # (M,) long: flat image tokens b * N + n inside some box, ascending
     source: torch.Tensor  # (P, S) long: row of the table [covered image tokens (M) ; layout tokens (G)]
     segment: torch.Tensor  # (P, S) long: group of each slot, -1 on padding
-    target: torch.Tensor  # (P * S,) long: flat image token b * N + n of each slot; B * N for layout and padding
+    target: torch.Tensor  # (P * S,) long: row of each slot's image token in `covered`; M for layout and padding
     group_slots: torch.Tensor  # (G, L) long: flat slot of each group's image tokens (padding: clamped, unused)
 
     @property
@@ -58,8 +58,8 @@ def pack_rows(packing: LayoutPacking, num_tokens: int) -> PackedRows:
     slots = (offset[:, None] + torch.arange(width, device=device)).clamp(max=max(rows * width - 1, 0))  # (G, 1 + L)
     layout = covered.numel() + torch.arange(g, device=device)[:, None]  # (G, 1): layout rows follow the image's
     source_index = torch.cat([layout, position[packing.token_index]], dim=1)  # (G, 1 + L)
-    dump = torch.full_like(layout, num_tokens)
-    target_index = torch.cat([dump, packing.token_index], dim=1)  # (G, 1 + L)
+    dump = torch.full_like(layout, covered.numel())
+    target_index = torch.cat([dump, position[packing.token_index]], dim=1)  # (G, 1 + L)
     group = torch.arange(g, device=device)[:, None].expand_as(real)  # (G, 1 + L)
 
     def scatter(values: torch.Tensor, fill: int) -> torch.Tensor:
@@ -71,6 +71,6 @@ def pack_rows(packing: LayoutPacking, num_tokens: int) -> PackedRows:
         covered=covered,
         source=scatter(source_index, 0).view(rows, width),
         segment=scatter(group, -1).view(rows, width),
-        target=scatter(target_index, num_tokens),
+        target=scatter(target_index, covered.numel()),
         group_slots=slots[:, 1:],
     )

@@ -18,12 +18,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..conditioning import Conditioning, RegionMap
 from ..modules.adapter import CompositionAdapter
-from .assemble import assemble_residual, capture_image_qkv, image_qkv
+from .assemble import add_on_covered, assemble_residual, capture_image_qkv, image_qkv
 from .assemble_rows import PackedRows, pack_rows
 
 
@@ -41,9 +42,11 @@ def region_modulation(norm: nn.Module, temb: torch.Tensor, offsets, regions: Reg
     b, u = emb.shape[:2]
     if u == 1:
         return emb.chunk(chunks, dim=-1)
-    rows = regions.index + u * torch.arange(b, device=emb.device)[:, None]  # (B, N) rows of the flat (B * U)
-    per_token = emb.flatten(0, 1).index_select(0, rows.flatten()).view(b, -1, emb.shape[-1])  # one row copy
-    return per_token.chunk(chunks, dim=-1)  # each (B, N, D)
+    rows = (regions.index + u * torch.arange(b, device=emb.device)[:, None]).flatten()  # (B * N,) rows of (B * U)
+    # Gathered chunk by chunk from a contiguous (chunks, B * U, D) copy: each per-token tensor is contiguous, and
+    # the backward joins region-sized gradients instead of concatenating token-sized ones.
+    parts = rearrange(emb, "b u (c d) -> c (b u) d", c=chunks).contiguous()
+    return tuple(part.index_select(0, rows).view(b, -1, part.shape[-1]) for part in parts)  # each (B, N, D)
 
 
 def _modulate(norm_layer: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -83,8 +86,8 @@ def double_block_forward(block, x, ctx, temb, rope, inputs: BlockInputs):
     if layout:
         qkv = image_qkv(block.attn, norm_x, found)
         rows = inputs.rows if inputs.rows is not None else pack_rows(cond.packing, x.shape[0] * x.shape[1])
-        branch = assemble_residual(block.attn, inputs.assemble, qkv, cond.layout_tokens, cond.packing, rows, rope[2])
-        x = x + gate * branch
+        values = assemble_residual(block.attn, inputs.assemble, qkv, cond.layout_tokens, cond.packing, rows, rope[2])
+        x = add_on_covered(x, gate, values, rows.covered)
     x = x + gate_ff * block.ff(_modulate(block.norm2, x, shift_ff, scale_ff))
 
     ctx = ctx + c_gate * ctx_attn_out
