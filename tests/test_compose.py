@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from moviepostproduction.cli import app
-from moviepostproduction.errors import MppError, WeightsError
+from moviepostproduction.errors import MppError, ValidationError, WeightsError
 from moviepostproduction.pipelines.compose import ComposePipeline
 from moviepostproduction.scene import load_scene
 from moviepostproduction.tiny import write_tiny_model_dir
@@ -149,3 +150,47 @@ def test_cli_compose_missing_model_dir_exits_2(tmp_path):
     )
     assert result.exit_code == 2
     assert str(tmp_path / "x") in result.output and "Traceback" not in result.output
+
+
+def test_ref_guidance_extrapolates_from_the_caption_alone(model_dir, tmp_path):
+    """v = v_caption + s (v_scene - v_caption): one more forward per step, without any conditioning."""
+    pipe = ComposePipeline.from_model_dir(model_dir)
+    assert pipe.ref_guidance_scale == 1.0  # no ref_guidance_scale in this model_index.json: off
+    scene = load_scene(write_scene(tmp_path))
+    prepared = pipe.prepare(scene)
+    x, t = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([0.7])
+    seen = []
+    original = pipe.model.forward
+    pipe.model.forward = lambda *a, conditioning=None, **k: seen.append(conditioning) or original(
+        *a, conditioning=conditioning, **k
+    )
+    scene_v = pipe.velocity_fn(prepared, 3.5, 1.0, 0)(x, t)
+    guided = pipe.velocity_fn(prepared, 3.5, 1.0, 0, ref_guidance_scale=2.5)(x, t)
+    pipe.model.forward = original
+    assert seen[0] is prepared.conditioning and seen[1] is prepared.conditioning and seen[2] is None
+    caption_v = pipe.velocity_fn(replace(prepared, conditioning=None), 3.5, 1.0, 0)(x, t)
+    torch.testing.assert_close(guided, caption_v + 2.5 * (scene_v - caption_v), rtol=0, atol=1e-5)
+    out = pipe(scene, num_inference_steps=2, output_type="pt", ref_guidance_scale=1.0).images
+    assert torch.equal(out, pipe(scene, num_inference_steps=2, output_type="pt").images)  # 1 is exactly off
+    with pytest.raises(ValidationError, match=r"^ref_guidance_scale: must be a finite number >= 0 \(got nan\)$"):
+        pipe(scene, num_inference_steps=1, ref_guidance_scale=float("nan"))
+
+
+def test_model_dir_names_its_default_ref_guidance(model_dir, tmp_path):
+    tuned = tmp_path / "tuned"
+    shutil.copytree(model_dir, tuned)
+    index = json.loads((tuned / "model_index.json").read_text())
+    (tuned / "model_index.json").write_text(json.dumps({**index, "ref_guidance_scale": 2.5}))
+    pipe = ComposePipeline.from_model_dir(tuned)
+    assert pipe.ref_guidance_scale == 2.5
+    scene = load_scene(write_scene(tmp_path))
+    forwards = []
+    pipe.model.transformer.x_embedder.register_forward_hook(lambda *a: forwards.append(1))
+    default = pipe(scene, num_inference_steps=2, output_type="pt").images
+    assert len(forwards) == 4  # two forwards per step: guided by default
+    assert torch.equal(default, pipe(scene, num_inference_steps=2, output_type="pt", ref_guidance_scale=2.5).images)
+    result = CliRunner().invoke(
+        app, ["compose", str(write_scene(tmp_path)), "-o", str(tmp_path / "o.png"), "--model", str(tuned),
+              "--steps", "1", "--ref-guidance", "1"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output

@@ -147,6 +147,7 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
         "max_refs": MAX_REFS,
         "max_text_tokens": TEXT,
         "export": str(tmp_path / "exported"),
+        "ref_guidance": 2.0,
         "trainer": {"max_steps": 2, "checkpoint_every": 1, "progress": False},
         "compose": {"batch_size": 2, "sample_steps": 2, "num_preview": 1},
     }
@@ -164,7 +165,7 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}  # export_dtype fp16
     pipe = ComposePipeline.from_model_dir(tmp_path / "exported")
     assert pipe.dtype == torch.float32
-    assert pipe.max_text_tokens == TEXT
+    assert pipe.max_text_tokens == TEXT and pipe.ref_guidance_scale == 2.0  # the recipe's, via model_index.json
     again = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml"), "--max-steps", "3"])  # resumes at step 2
     assert again.exit_code == 0 and "trained to step 3" in again.output
 
@@ -173,8 +174,10 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     assert scored.exit_code == 0, scored.output
     header = next(line for line in scored.output.splitlines() if line.startswith("| model"))
     assert [c.strip() for c in header.strip("|").split("|")][:2] == ["model", "IoU"]
+    assert ", ref guidance 2, " in scored.output  # the model dir's default
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["model", "layout-only", "modulation-only", "untrained"]
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["ref_guidance"] == 2.0
     assert all(0.0 <= r["IoU"] <= 1.0 for r in rows)
     from PIL import Image
 
@@ -188,11 +191,12 @@ def test_mpp_train_bad_recipe_is_one_line_exit_2(tmp_path):
 
     from moviepostproduction.cli import app
 
-    (tmp_path / "r.yaml").write_text("model: m\nout: o\nsteps: 3\nexport_dtype: fp8\n")
+    (tmp_path / "r.yaml").write_text("model: m\nout: o\nsteps: 3\nexport_dtype: fp8\nref_guidance: -1\n")
     result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
     assert result.exit_code == 2
     assert "steps: unknown field" in result.output and "data: required" in result.output
     assert "export_dtype: expected one of fp16, bf16, fp32 (got 'fp8')" in result.output
+    assert "ref_guidance: must be a finite number >= 0 (got -1)" in result.output
     assert "Traceback" not in result.output
 
 

@@ -154,6 +154,9 @@ def compose(
     guidance: float = typer.Option(3.5, "--guidance", help="FLUX guidance embedding scale."),
     true_cfg: float = typer.Option(1.0, "--true-cfg", help="True CFG scale (> 1 with --negative)."),
     negative: str | None = typer.Option(None, "--negative", help="Negative prompt for true CFG."),
+    ref_guidance: float | None = typer.Option(
+        None, "--ref-guidance", help="Reference guidance scale (1: off) [default: the model dir's]."
+    ),
     overlay: bool = typer.Option(False, "--overlay", help="Also write OUT.layout.png: boxes, depth, alpha."),
     max_refs: int = typer.Option(50, "--max-refs", min=0, help="Most refs the scene may have."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
@@ -180,6 +183,7 @@ def compose(
             guidance_scale=guidance,
             true_cfg_scale=true_cfg,
             negative_prompt=negative,
+            ref_guidance_scale=ref_guidance,
             seed=seed,
             progress=True,
         )
@@ -225,12 +229,24 @@ def eval_(
         help="Comma separated: model, layout-only, modulation-only, untrained.",
     ),
     leak_scenes: int = typer.Option(25, "--leak-scenes", help="Scenes also generated without their last ref."),
+    ref_guidance: float | None = typer.Option(
+        None, "--ref-guidance", help="Reference guidance scale for every variant [default: the model dir's]."
+    ),
     out: str | None = typer.Option(None, "--out", help="Write eval.md, eval.json and grid.png here."),
 ) -> None:
     """Bbox alignment (IoU, centre error), fg identity and leakage of a toy-world model and its ablations."""
     from .evaluation.compose_eval import run_eval
 
-    report = run_eval(split=split, model=model, n=n, steps=steps, variants=variants, leak_scenes=leak_scenes, out=out)
+    report = run_eval(
+        split=split,
+        model=model,
+        n=n,
+        steps=steps,
+        variants=variants,
+        leak_scenes=leak_scenes,
+        out=out,
+        ref_guidance=ref_guidance,
+    )
     for line in report:
         typer.echo(line)
 

@@ -126,6 +126,11 @@ class ModelDir:
         """T5 length the transformer was trained with: model_index.json's `max_text_tokens`, else FLUX's 512."""
         return int(self.index.get("max_text_tokens", 512))
 
+    @property
+    def ref_guidance_scale(self) -> float:
+        """Reference guidance the model was tuned for: model_index.json's `ref_guidance_scale`, else 1.0 (off)."""
+        return float(self.index.get("ref_guidance_scale", 1.0))
+
     def path(self, component: str) -> Path:
         if component not in COMPONENTS:
             raise KeyError(f"unknown component {component!r}; known: {', '.join(COMPONENTS)}")

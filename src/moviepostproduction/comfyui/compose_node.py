@@ -38,6 +38,10 @@ class MppCompose:
             },
             "optional": {
                 "negative": ("STRING", {"multiline": True, "default": "", "tooltip": "Used when true_cfg > 1."}),
+                "ref_guidance": (
+                    "FLOAT",
+                    {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "0: model default; 1: off."},
+                ),
             },
         }
 
@@ -55,6 +59,7 @@ class MppCompose:
         guidance: float,
         true_cfg: float,
         negative: str = "",
+        ref_guidance: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor, str]:
         model, scene = check_model(model), check_scene(scene)
         request = model.request("compose", scene.height, scene.width, refs=len(scene.refs))
@@ -66,6 +71,7 @@ class MppCompose:
                 guidance_scale=guidance,
                 true_cfg_scale=true_cfg,
                 negative_prompt=negative.strip() or None,
+                ref_guidance_scale=ref_guidance or None,
                 seed=seed,
                 output_type="pt",
                 callback_on_step_end=step_callback(steps),

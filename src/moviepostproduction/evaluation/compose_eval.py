@@ -110,8 +110,20 @@ class Ablation:
         pipe.use_layout, pipe.use_modulation, pipe.model.transformer, pipe.model.adapter = self.saved
 
 
-def evaluate(pipe, scenes, variants=VARIANTS, *, steps: int = 28, leak_scenes: int | None = None, progress=True):
-    """Scores per variant and the generated images (variant -> list of (H, W, 3) uint8), scene order."""
+def evaluate(
+    pipe,
+    scenes,
+    variants=VARIANTS,
+    *,
+    steps: int = 28,
+    leak_scenes: int | None = None,
+    progress=True,
+    ref_guidance: float | None = None,
+):
+    """Scores per variant and the generated images (variant -> list of (H, W, 3) uint8), scene order.
+
+    `ref_guidance`: the same reference guidance scale for every variant (None: the pipeline's default).
+    """
     from tqdm import tqdm
 
     scores, images = {}, {}
@@ -119,11 +131,13 @@ def evaluate(pipe, scenes, variants=VARIANTS, *, steps: int = 28, leak_scenes: i
         score, imgs = VariantScore(variant), []
         with Ablation(pipe, variant):
             for k, (toy, scene) in enumerate(tqdm(scenes, desc=f"eval {variant}", disable=not progress)):
-                image = np.asarray(pipe(scene, num_inference_steps=steps).images[0])
+                image = np.asarray(pipe(scene, num_inference_steps=steps, ref_guidance_scale=ref_guidance).images[0])
                 score_image(score, image, toy)
                 if len(toy.refs) > 1 and (leak_scenes is None or k < leak_scenes):
                     fewer = scene.model_copy(update={"refs": scene.refs[:-1]})
-                    without = np.asarray(pipe(fewer, num_inference_steps=steps).images[0])
+                    without = np.asarray(
+                        pipe(fewer, num_inference_steps=steps, ref_guidance_scale=ref_guidance).images[0]
+                    )
                     score.leak.append(leakage(without, image, [r.bbox for r in toy.refs[:-1]]))
                 imgs.append(image)
         scores[variant], images[variant] = score, imgs
@@ -153,7 +167,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_eval(
-    *, split: str, model: str | None, n: int, steps: int, variants: str, leak_scenes: int, out: str | None
+    *,
+    split: str,
+    model: str | None,
+    n: int,
+    steps: int,
+    variants: str,
+    leak_scenes: int,
+    out: str | None,
+    ref_guidance: float | None = None,
 ) -> list[str]:
     """What `mpp eval` does; returns the lines to print (header, markdown table, files written)."""
     import json
@@ -182,15 +204,16 @@ def run_eval(
     pipe = ComposePipeline.from_model_dir(md)
     with tempfile.TemporaryDirectory() as tmp:
         scenes = heldout_scenes(n, int(world["seed"]), cfg, Path(tmp), split=split)
-        scores, images = evaluate(pipe, scenes, chosen, steps=steps, leak_scenes=leak_scenes)
+        scores, images = evaluate(pipe, scenes, chosen, steps=steps, leak_scenes=leak_scenes, ref_guidance=ref_guidance)
+    guidance = pipe.ref_guidance_scale if ref_guidance is None else ref_guidance
     rows = [scores[v].row() for v in chosen]
     table = format_table(rows)
-    lines = [f"{split} split, {n} scenes, {steps} steps, model {md.root}", table]
+    lines = [f"{split} split, {n} scenes, {steps} steps, ref guidance {guidance:g}, model {md.root}", table]
     if out:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "eval.md").write_text(table + "\n")
-        report = {"split": split, "n": n, "steps": steps, "model": str(md.root), "rows": rows}
+        report = {"split": split, "n": n, "steps": steps, "ref_guidance": guidance, "model": str(md.root), "rows": rows}
         (folder / "eval.json").write_text(json.dumps(report, indent=2))
         lines.append(f"wrote {save_png(eval_grid(scenes, images), folder / 'grid.png')}")
     return lines

@@ -86,9 +86,11 @@ class ComposePipeline:
         vae: Vae,
         label: str = "",
         max_text_tokens: int = 512,
+        ref_guidance_scale: float = 1.0,
     ):
         self.model = model.eval()
         self.max_text_tokens = max_text_tokens  # T5 length; model dirs trained shorter say so in model_index.json
+        self.ref_guidance_scale = ref_guidance_scale  # default of __call__; model dirs may name theirs
         self.use_layout = True  # pathway switches, for ablations (evaluation/compose_eval.py)
         self.use_modulation = True
         self.text_encoder = text_encoder
@@ -117,6 +119,7 @@ class ComposePipeline:
             Vae.load(md, dtype=dtype, device=device),
             label=label,
             max_text_tokens=md.max_text_tokens,
+            ref_guidance_scale=md.ref_guidance_scale,
         )
 
     @property
@@ -185,15 +188,24 @@ class ComposePipeline:
 
     # ---------------------------------------------------------------------------------------------- sampling
     def velocity_fn(
-        self, prepared: PreparedScene, guidance_scale: float, true_cfg_scale: float, layout_steps: int
+        self,
+        prepared: PreparedScene,
+        guidance_scale: float,
+        true_cfg_scale: float,
+        layout_steps: int,
+        ref_guidance_scale: float = 1.0,
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The model as a velocity field for the sampler; Assemble-Attn only for the first `layout_steps` calls."""
+        """The model as a velocity field for the sampler; Assemble-Attn only for the first `layout_steps` calls.
+
+        Reference guidance (scale s != 1) extrapolates away from the same caption without references:
+        v = v_caption + s (v_scene - v_caption), one more (plain) forward per step; true CFG then applies to that.
+        """
         h, w = prepared.grid
         img_ids = latent_image_ids(h, w, device=self.device, dtype=self.dtype)
         guidance_embeds = bool(self.model.transformer.config.guidance_embeds)
         calls = {"n": 0}
 
-        def run(x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings, cond: Conditioning) -> torch.Tensor:
+        def run(x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings, cond: Conditioning | None) -> torch.Tensor:
             guidance = torch.full_like(t, guidance_scale) if guidance_embeds else None
             return self.model(
                 x,
@@ -210,6 +222,8 @@ class ComposePipeline:
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 v = run(x, t, prepared.text, prepared.conditioning)
+                if ref_guidance_scale != 1.0:
+                    v = cfg(run(x, t, prepared.text, None), v, ref_guidance_scale)
                 if prepared.negative is not None and use_true_cfg(true_cfg_scale, True):
                     v = cfg(run(x, t, prepared.negative, prepared.negative_conditioning), v, true_cfg_scale)
             calls["n"] += 1
@@ -225,6 +239,7 @@ class ComposePipeline:
         guidance_scale: float = 3.5,
         true_cfg_scale: float = 1.0,
         negative_prompt: str | None = None,
+        ref_guidance_scale: float | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
@@ -238,9 +253,13 @@ class ComposePipeline:
         """Generate one image per scene. A list of scenes is a storyboard: shared references are encoded once.
 
         Seeds: `generator`, else `seed`, else the scene's own `seed`, else 0; scene k of a storyboard uses seed + k.
+        `ref_guidance_scale`: None takes the pipeline's default (the model dir's `ref_guidance_scale`, else 1 = off).
         """
         if output_type not in ("pil", "pt", "latent"):
             raise ValidationError([Problem("output_type", output_type, "must be one of pil, pt, latent")])
+        ref_guidance_scale = self.ref_guidance_scale if ref_guidance_scale is None else ref_guidance_scale
+        if not math.isfinite(ref_guidance_scale) or ref_guidance_scale < 0:
+            raise ValidationError([Problem("ref_guidance_scale", ref_guidance_scale, "must be a finite number >= 0")])
         scenes = [scene] if isinstance(scene, Scene) else list(scene)
         images, alphas = [], []
         for k, sc in enumerate(scenes):
@@ -262,7 +281,7 @@ class ComposePipeline:
                 x0 = pack_latents(self.vae.encode(pil_to_tensor(image.resize((sc.width, sc.height))).to(self.device)))
                 x = noise_latents(x0.float(), x.float(), float(timesteps[0]))
             layout_steps = math.ceil(self.model.adapter.cfg.grounding_ratio * (len(timesteps) - 1))
-            velocity = self.velocity_fn(prepared, guidance_scale, true_cfg_scale, layout_steps)
+            velocity = self.velocity_fn(prepared, guidance_scale, true_cfg_scale, layout_steps, ref_guidance_scale)
             out = euler_sample(velocity, x.to(self.dtype), timesteps, callback=callback_on_step_end, progress=progress)
             alphas.append(prepared.alphas)
             if output_type == "latent":

@@ -10,6 +10,7 @@
     limit: null                   # use the first N training scenes
     init_from: null               # warm start (checkpoint folder or .safetensors)
     export: build/toy-model       # write a complete model dir with the trained weights at the end
+    ref_guidance: 1.0             # the exported dir's default reference guidance (ComposePipeline)
     trainer: {max_steps: 4000, checkpoint_every: 500, sample_every: 500, log_every: 20, seed: 0}
     compose: {batch_size: 16}
 
@@ -47,6 +48,7 @@ class Recipe:
     init_from: str | None = None
     export: str | None = None
     export_dtype: str = "fp16"
+    ref_guidance: float = 1.0  # written to the exported model_index.json as its default ref_guidance_scale
     trainer: dict = field(default_factory=dict)
     compose: dict = field(default_factory=dict)
     fill: dict = field(default_factory=dict)  # FillTaskConfig fields (task: fill)
@@ -77,6 +79,9 @@ class Recipe:
             problems.append(
                 Problem("export_dtype", raw["export_dtype"], f"expected one of {', '.join(STORAGE_DTYPES)}")
             )
+        guidance = raw.get("ref_guidance", 1.0)
+        if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not 0 <= guidance < float("inf"):
+            problems.append(Problem("ref_guidance", guidance, "must be a finite number >= 0"))
         if raw.get("task", "compose") not in TASKS:
             problems.append(Problem("task", raw.get("task"), f"expected one of {', '.join(TASKS)}"))
         if problems:
@@ -186,6 +191,7 @@ def export_model_dir(recipe: Recipe, task, source) -> Path:
         f"{recipe.stage}, {task.model.transformer.config.num_layers}+{task.model.transformer.config.num_single_layers} "
         "blocks)",
         "max_text_tokens": recipe.max_text_tokens,
+        "ref_guidance_scale": float(recipe.ref_guidance),
         "trained_by": f"mpp train (stage {recipe.stage})",
     }
     if source.index.get("toy_world"):
