@@ -166,8 +166,13 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     pipe = ComposePipeline.from_model_dir(tmp_path / "exported")
     assert pipe.dtype == torch.float32
     assert pipe.max_text_tokens == TEXT and pipe.ref_guidance_scale == 2.0  # the recipe's, via model_index.json
+    assert pipe.label.endswith(", 2 steps)")
+    (tmp_path / "exported" / "nanodit").mkdir()
+    (tmp_path / "exported" / "nanodit" / "config.json").write_text("{}")  # another recipe's weights
     again = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml"), "--max-steps", "3"])  # resumes at step 2
     assert again.exit_code == 0 and "trained to step 3" in again.output
+    assert (tmp_path / "exported" / "nanodit" / "config.json").read_text() == "{}"  # kept by the re-export
+    assert ComposePipeline.from_model_dir(tmp_path / "exported").label.endswith(", 3 steps)")
 
     args = ["eval", "--model", str(tmp_path / "exported"), "--n", "2", "--steps", "2", "--leak-scenes", "1"]
     scored = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "eval")])

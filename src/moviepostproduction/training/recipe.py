@@ -156,8 +156,14 @@ def build_compose_task(recipe: Recipe):
     return ComposeTask(model, train, vae, image, config=_task_config(recipe), preview=preview), md
 
 
-def export_model_dir(recipe: Recipe, task, source) -> Path:
-    """A complete model dir: the source's encoders, VAE, tokenizers and scheduler + the trained weights."""
+KEPT_FOLDERS = ("nanodit",)  # other capabilities' weights in an existing export dir survive a re-export
+
+
+def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> Path:
+    """A complete model dir: the source's encoders, VAE, tokenizers and scheduler + the trained weights.
+
+    Folders of `KEPT_FOLDERS` already in the export dir (NanoDiT, trained by another recipe) are carried over.
+    """
     from ..checkpoint import write_json_atomic
 
     out = Path(recipe.export)
@@ -189,7 +195,7 @@ def export_model_dir(recipe: Recipe, task, source) -> Path:
         "toy_world_data": world,
         "label": f"{'toy-world' if source.index.get('toy_world') else recipe.task} model (mpp train, stage "
         f"{recipe.stage}, {task.model.transformer.config.num_layers}+{task.model.transformer.config.num_single_layers} "
-        "blocks)",
+        f"blocks{'' if steps is None else f', {steps} steps'})",
         "max_text_tokens": recipe.max_text_tokens,
         "ref_guidance_scale": float(recipe.ref_guidance),
         "trained_by": f"mpp train (stage {recipe.stage})",
@@ -197,6 +203,9 @@ def export_model_dir(recipe: Recipe, task, source) -> Path:
     if source.index.get("toy_world"):
         index["_toy_stage"] = "backbone"
     write_json_atomic(index, tmp / "model_index.json")
+    for folder in KEPT_FOLDERS:
+        if (out / folder).is_dir() and not (tmp / folder).exists():
+            shutil.copytree(out / folder, tmp / folder)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -227,5 +236,5 @@ def run_recipe(recipe: Recipe) -> TrainResult:
     task, md = build_compose_task(recipe)
     result = Trainer(task, _trainer_config(recipe)).run()
     if recipe.export:
-        logger.info("exported %s", export_model_dir(recipe, task, md))
+        logger.info("exported %s", export_model_dir(recipe, task, md, steps=result.step))
     return result
