@@ -179,7 +179,9 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     assert scored.exit_code == 0, scored.output
     header = next(line for line in scored.output.splitlines() if line.startswith("| model"))
     assert [c.strip() for c in header.strip("|").split("|")][:2] == ["model", "IoU"]
-    assert ", ref guidance 2, " in scored.output  # the model dir's default
+    assert "heldout split, scenes 0-1, 28 steps" not in scored.output and ", ref guidance 2, " in scored.output
+    validation = CliRunner().invoke(app, [*args, "--split", "train", "--start", "5", "--variants", "model"])
+    assert validation.exit_code == 0 and "train split, scenes 5-6, 2 steps, ref guidance 2, " in validation.output
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["model", "layout-only", "modulation-only", "untrained"]
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["ref_guidance"] == 2.0

@@ -222,6 +222,9 @@ def eval_(
     split: str = typer.Option("heldout", "--split", help="Toy-world split: heldout or train."),
     model: str | None = typer.Option(None, "--model", help="Model dir; default: the shipped toy model."),
     n: int = typer.Option(100, "--n", min=1, help="Scenes to generate per variant."),
+    start: int = typer.Option(
+        0, "--start", min=0, help="First scene index (e.g. train scenes past a recipe's limit: a validation set)."
+    ),
     steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
     variants: str = typer.Option(
         "model,layout-only,modulation-only,untrained",
@@ -246,6 +249,7 @@ def eval_(
         leak_scenes=leak_scenes,
         out=out,
         ref_guidance=ref_guidance,
+        start=start,
     )
     for line in report:
         typer.echo(line)

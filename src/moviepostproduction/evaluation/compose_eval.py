@@ -48,11 +48,11 @@ class VariantScore:
 
 
 def heldout_scenes(
-    n: int, seed: int, cfg: ToyWorldConfig, folder: Path, split: str = "heldout"
+    n: int, seed: int, cfg: ToyWorldConfig, folder: Path, split: str = "heldout", start: int = 0
 ) -> list[tuple[ToyScene, Scene]]:
-    """The first n toy scenes of a split and the same scenes as scene files (ref PNGs written under folder)."""
+    """Toy scenes start .. start + n - 1 of a split and the same scenes as scene files (ref PNGs under folder)."""
     out = []
-    for i in range(n):
+    for i in range(start, start + n):
         toy = generate_scene(i, seed, cfg, split=split)
         sub = folder / f"scene-{i:05d}"
         sub.mkdir(parents=True, exist_ok=True)
@@ -176,6 +176,7 @@ def run_eval(
     leak_scenes: int,
     out: str | None,
     ref_guidance: float | None = None,
+    start: int = 0,
 ) -> list[str]:
     """What `mpp eval` does; returns the lines to print (header, markdown table, files written)."""
     import json
@@ -203,17 +204,28 @@ def run_eval(
     cfg = ToyWorldConfig.from_dict(world["config"])
     pipe = ComposePipeline.from_model_dir(md)
     with tempfile.TemporaryDirectory() as tmp:
-        scenes = heldout_scenes(n, int(world["seed"]), cfg, Path(tmp), split=split)
+        scenes = heldout_scenes(n, int(world["seed"]), cfg, Path(tmp), split=split, start=start)
         scores, images = evaluate(pipe, scenes, chosen, steps=steps, leak_scenes=leak_scenes, ref_guidance=ref_guidance)
     guidance = pipe.ref_guidance_scale if ref_guidance is None else ref_guidance
     rows = [scores[v].row() for v in chosen]
     table = format_table(rows)
-    lines = [f"{split} split, {n} scenes, {steps} steps, ref guidance {guidance:g}, model {md.root}", table]
+    lines = [
+        f"{split} split, scenes {start}-{start + n - 1}, {steps} steps, ref guidance {guidance:g}, model {md.root}",
+        table,
+    ]
     if out:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "eval.md").write_text(table + "\n")
-        report = {"split": split, "n": n, "steps": steps, "ref_guidance": guidance, "model": str(md.root), "rows": rows}
+        report = {
+            "split": split,
+            "start": start,
+            "n": n,
+            "steps": steps,
+            "ref_guidance": guidance,
+            "model": str(md.root),
+            "rows": rows,
+        }
         (folder / "eval.json").write_text(json.dumps(report, indent=2))
         lines.append(f"wrote {save_png(eval_grid(scenes, images), folder / 'grid.png')}")
     return lines
