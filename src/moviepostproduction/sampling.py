@@ -8,6 +8,7 @@ predictor; nothing here knows about it.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ __all__ = [
     "make_noise",
     "noise_latents",
     "pack_latents",
+    "scale_problem",
     "strength_timesteps",
     "text_ids",
     "time_shift",
@@ -222,6 +224,14 @@ def make_noise(
 
 
 # ------------------------------------------------------------------------------------------------ guidance
+def scale_problem(field: str, value: object) -> Problem | None:
+    """The problem with a guidance scale, if any: it must be a finite number >= 0 (a config file may hand over a
+    bool or a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+        return Problem(field, value, "must be a finite number >= 0")
+    return None
+
+
 def use_true_cfg(true_cfg_scale: float, has_negative_prompt: bool) -> bool:
     """True CFG (a second, unconditional pass) runs only when scale > 1 and a negative prompt is given."""
     return true_cfg_scale > 1.0 and has_negative_prompt

@@ -126,18 +126,18 @@ def evaluate(
     """
     from tqdm import tqdm
 
+    def generate(scene: Scene) -> np.ndarray:
+        return np.asarray(pipe(scene, num_inference_steps=steps, ref_guidance_scale=ref_guidance).images[0])
+
     scores, images = {}, {}
     for variant in variants:
         score, imgs = VariantScore(variant), []
         with Ablation(pipe, variant):
             for k, (toy, scene) in enumerate(tqdm(scenes, desc=f"eval {variant}", disable=not progress)):
-                image = np.asarray(pipe(scene, num_inference_steps=steps, ref_guidance_scale=ref_guidance).images[0])
+                image = generate(scene)
                 score_image(score, image, toy)
                 if len(toy.refs) > 1 and (leak_scenes is None or k < leak_scenes):
-                    fewer = scene.model_copy(update={"refs": scene.refs[:-1]})
-                    without = np.asarray(
-                        pipe(fewer, num_inference_steps=steps, ref_guidance_scale=ref_guidance).images[0]
-                    )
+                    without = generate(scene.model_copy(update={"refs": scene.refs[:-1]}))
                     score.leak.append(leakage(without, image, [r.bbox for r in toy.refs[:-1]]))
                 imgs.append(image)
         scores[variant], images[variant] = score, imgs
@@ -203,10 +203,10 @@ def run_eval(
                                        "mpp eval scores toy-world models only")])  # fmt: skip
     cfg = ToyWorldConfig.from_dict(world["config"])
     pipe = ComposePipeline.from_model_dir(md)
+    guidance = pipe.ref_guidance_scale if ref_guidance is None else ref_guidance  # reported as used
     with tempfile.TemporaryDirectory() as tmp:
         scenes = heldout_scenes(n, int(world["seed"]), cfg, Path(tmp), split=split, start=start)
-        scores, images = evaluate(pipe, scenes, chosen, steps=steps, leak_scenes=leak_scenes, ref_guidance=ref_guidance)
-    guidance = pipe.ref_guidance_scale if ref_guidance is None else ref_guidance
+        scores, images = evaluate(pipe, scenes, chosen, steps=steps, leak_scenes=leak_scenes, ref_guidance=guidance)
     rows = [scores[v].row() for v in chosen]
     table = format_table(rows)
     lines = [

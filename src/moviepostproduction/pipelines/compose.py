@@ -26,6 +26,7 @@ from ..sampling import (
     make_noise,
     noise_latents,
     pack_latents,
+    scale_problem,
     strength_timesteps,
     text_ids,
     unpack_latents,
@@ -258,8 +259,8 @@ class ComposePipeline:
         if output_type not in ("pil", "pt", "latent"):
             raise ValidationError([Problem("output_type", output_type, "must be one of pil, pt, latent")])
         ref_guidance_scale = self.ref_guidance_scale if ref_guidance_scale is None else ref_guidance_scale
-        if not math.isfinite(ref_guidance_scale) or ref_guidance_scale < 0:
-            raise ValidationError([Problem("ref_guidance_scale", ref_guidance_scale, "must be a finite number >= 0")])
+        if problem := scale_problem("ref_guidance_scale", ref_guidance_scale):
+            raise ValidationError([problem])
         scenes = [scene] if isinstance(scene, Scene) else list(scene)
         images, alphas = [], []
         for k, sc in enumerate(scenes):

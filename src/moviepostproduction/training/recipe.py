@@ -26,8 +26,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..backbones.nanodit_io import FOLDER as NANODIT_FOLDER
 from ..checkpoint import STORAGE_DTYPES, cast_safetensors_files
 from ..errors import Problem, ValidationError
+from ..sampling import scale_problem
 from .trainer import TrainConfig, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -79,9 +81,8 @@ class Recipe:
             problems.append(
                 Problem("export_dtype", raw["export_dtype"], f"expected one of {', '.join(STORAGE_DTYPES)}")
             )
-        guidance = raw.get("ref_guidance", 1.0)
-        if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not 0 <= guidance < float("inf"):
-            problems.append(Problem("ref_guidance", guidance, "must be a finite number >= 0"))
+        if problem := scale_problem("ref_guidance", raw.get("ref_guidance", 1.0)):
+            problems.append(problem)
         if raw.get("task", "compose") not in TASKS:
             problems.append(Problem("task", raw.get("task"), f"expected one of {', '.join(TASKS)}"))
         if problems:
@@ -156,7 +157,7 @@ def build_compose_task(recipe: Recipe):
     return ComposeTask(model, train, vae, image, config=_task_config(recipe), preview=preview), md
 
 
-KEPT_FOLDERS = ("nanodit",)  # other capabilities' weights in an existing export dir survive a re-export
+KEPT_FOLDERS = (NANODIT_FOLDER,)  # other capabilities' weights in an existing export dir survive a re-export
 
 
 def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> Path:
@@ -231,7 +232,7 @@ def run_recipe(recipe: Recipe) -> TrainResult:
         )
         result = Trainer(task, _trainer_config(recipe)).run()
         if recipe.export:
-            logger.info("exported %s", save_nanodit_dir(task.model, Path(recipe.export) / "nanodit"))
+            logger.info("exported %s", save_nanodit_dir(task.model, Path(recipe.export) / NANODIT_FOLDER))
         return result
     task, md = build_compose_task(recipe)
     result = Trainer(task, _trainer_config(recipe)).run()
