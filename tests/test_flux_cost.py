@@ -1,8 +1,8 @@
 """What keeps conditioning cheap (docs/benchmarks.md), pinned structurally by counting work, not by timing.
 
 - the AdaLN linears run on one row per modulation region, never one per token;
-- Assemble-Attn is one attention call per layout block whatever the number of refs, reuses the q/k/v the
-  block's joint attention computed, and runs its output projections once per covered token;
+- Assemble-Attn is at most MAX_BUCKETS attention calls per layout block whatever the number of refs, reuses the
+  q/k/v the block's joint attention computed, and runs its output projections once per covered token;
 - the forward only reads the per-scene cache: prepare's modules never run inside it.
 """
 
@@ -19,9 +19,10 @@ from moviepostproduction.backbones.assemble import (
     assemble_residual,
     capture_image_qkv,
     image_qkv,
+    project_out,
     scatter_mean,
 )
-from moviepostproduction.backbones.assemble_rows import first_fit_rows, pack_rows
+from moviepostproduction.backbones.assemble_rows import MAX_BUCKETS, first_fit_rows, pack_rows, size_buckets
 from moviepostproduction.backbones.flux import ConditionedFlux
 from moviepostproduction.bench_setup import bench_refs, token_grid
 from moviepostproduction.conditioning import RefBatch
@@ -100,7 +101,7 @@ def test_adaln_linear_runs_once_per_region_in_the_full_forward(cfg3):
 
 
 @pytest.mark.parametrize("refs", [1, 3, 7])
-def test_assemble_attn_is_one_attention_call_per_layout_block(cfg3, refs):
+def test_assemble_attn_is_one_attention_call_per_size_bucket_in_each_layout_block(cfg3, refs):
     model = build(cfg3)
     inputs = flux_inputs(2, GRID, TEXT)
     scene = random_refs(2, refs, cfg3, seed=refs, counts=[refs, max(refs - 1, 1)])
@@ -115,8 +116,10 @@ def test_assemble_attn_is_one_attention_call_per_layout_block(cfg3, refs):
             with CountAttention() as counter:
                 model(**inputs, **kwargs)
             counts[name] = counter.calls
+    buckets = len(pack_rows(cond.packing, 2 * 64).buckets)
     assert counts["plain"] == 3 + 1  # the stock joint attention of 3 double + 1 single block
-    assert counts["layout"] == counts["plain"] + 2  # blocks 0 and 2, all (sample, ref) groups at once
+    assert 1 <= buckets <= MAX_BUCKETS
+    assert counts["layout"] == counts["plain"] + 2 * buckets  # blocks 0 and 2, all (sample, ref) groups batched
     assert counts["no_layout"] == counts["plain"]
 
 
@@ -130,16 +133,17 @@ def test_image_projections_run_once_per_token_and_output_projections_once_per_co
     few, many = (bench_refs(r, cfg3, 0.5, TEXT, seed=r) for r in (2, 7))
     seen = {}
     for name, refs in {"few": few, "many": many}.items():
-        rows, handles = count_rows({"q": attn.to_q, "k": attn.to_k, "v": attn.to_v, "out": attn.to_out[0]})
-        with torch.no_grad():
-            model(**inputs, conditioning=model.prepare(refs, GRID, TEXT))
-        for h in handles:
-            h.remove()
-        seen[name] = rows
+        for grad in (True, False):  # training; sampling, where to_out and out_proj run fused (F.linear, no hook)
+            rows, handles = count_rows({"q": attn.to_q, "k": attn.to_k, "v": attn.to_v, "out": attn.to_out[0]})
+            with torch.set_grad_enabled(grad):
+                model(**inputs, conditioning=model.prepare(refs, GRID, TEXT))
+            for h in handles:
+                h.remove()
+            seen[name, grad] = rows
     n, covered = 64, 32
-    for rows in seen.values():
+    for (_, grad), rows in seen.items():
         assert rows["q"] == rows["k"] == rows["v"] == [n]
-        assert rows["out"] == [n, covered]
+        assert rows["out"] == ([n, covered] if grad else [n])
 
 
 def test_captured_qkv_equal_a_fresh_projection_and_fused_projections_are_served(tiny_cfg):
@@ -188,25 +192,81 @@ def test_assemble_residual_equals_the_per_group_reference(tiny_cfg):
     torch.testing.assert_close(shared, x + gate[:, :1] * reference, rtol=0, atol=1e-5)
 
 
+def test_sampling_fuses_the_output_projections_once_per_weights(tiny_cfg):
+    model = build(tiny_cfg).eval()
+    attn, out_proj = model.transformer.transformer_blocks[0].attn, model.adapter.assemble["0"]
+    attended = torch.randn(10, tiny_cfg.hidden_dim)
+
+    def two_step():
+        return out_proj(attn.to_out[0](attended))
+
+    with torch.enable_grad():
+        assert project_out(attn, out_proj, attended).grad_fn is not None  # training: the two maps, autograd intact
+    with torch.no_grad():
+        torch.testing.assert_close(project_out(attn, out_proj, attended), two_step(), rtol=0, atol=1e-5)
+        fused = out_proj._fused_out[1]
+        project_out(attn, out_proj, attended)
+        assert out_proj._fused_out[1] is fused  # reused by the next denoising step
+        out_proj.out.weight.add_(0.5)  # an optimiser step / a reload: in place, so the version counter moves
+        torch.testing.assert_close(project_out(attn, out_proj, attended), two_step(), rtol=0, atol=1e-5)
+        assert out_proj._fused_out[1] is not fused
+    assert "_fused_out" not in str(list(out_proj.state_dict()))  # never saved
+
+
 def test_rows_hold_each_group_exactly_once_with_less_padding(tiny_cfg):
     grid = token_grid(4096)
     refs = bench_refs(50, tiny_cfg.with_(max_refs=50), 0.5, 8, seed=50)
     cond = CompositionAdapter(tiny_cfg.with_(max_refs=50)).prepare(refs, grid, 8)
     packing, n = cond.packing, 4096
-    rows = pack_rows(packing, n)
-    p, s = rows.source.shape
+    rows, single = pack_rows(packing, n), pack_rows(packing, n, max_buckets=1)
+    (one,) = single.buckets
+    p, s = one.source.shape
     assert s == packing.key_mask.shape[1] and p < packing.num_groups / 2  # 21 rows instead of 50 padded groups
+    lengths = packing.key_mask.sum(1)
+    # Size buckets: <= 4 calls doing about 2/3 of one call's attention work (and >= the unpadded sum of l^2).
+    work = sum(b.work for b in rows.buckets)
+    assert 2 <= len(rows.buckets) <= MAX_BUCKETS and int((lengths**2).sum()) <= work < 0.7 * one.work
     assert torch.equal(rows.covered, (packing.cover[0] > 0).nonzero().squeeze(1))
+    source = torch.cat([b.source.flatten() for b in rows.buckets])
+    segment = torch.cat([b.segment.flatten() for b in rows.buckets])
+    target = torch.cat([b.target for b in rows.buckets])
+    assert source.numel() == rows.num_slots == segment.numel() == target.numel()
     for g in range(packing.num_groups):
-        slots = (rows.segment.flatten() == g).nonzero().squeeze(1)
+        slots = (segment == g).nonzero().squeeze(1)
         box = bbox_token_mask(refs.bboxes[0, packing.group_ref[g]], grid).nonzero().squeeze(1)
         assert slots.numel() == 1 + box.numel() and slots.max() - slots.min() == box.numel()  # contiguous
-        assert rows.source.flatten()[slots[0]] == rows.covered.numel() + g  # the group's layout token first
-        assert torch.equal(rows.covered[rows.source.flatten()[slots[1:]]], box)
-        assert torch.equal(rows.covered[rows.target[slots[1:]]], box)  # slots add into their token's covered row
-        assert rows.target[slots[0]] == rows.covered.numel()  # the layout token's output is dropped
-    mask = rows.mask
-    assert torch.equal(mask, mask.transpose(1, 2)) and mask.diagonal(dim1=1, dim2=2).all()
+        assert source[slots[0]] == rows.covered.numel() + g  # the group's layout token first
+        assert torch.equal(rows.covered[source[slots[1:]]], box)
+        assert torch.equal(rows.covered[target[slots[1:]]], box)  # slots add into their token's covered row
+        assert target[slots[0]] == rows.covered.numel()  # the layout token's output is dropped
+        assert torch.equal(rows.group_slots[g, : box.numel()], slots[1:])
+    for bucket in rows.buckets:
+        mask = bucket.mask
+        assert torch.equal(mask, mask.transpose(1, 2)) and mask.diagonal(dim1=1, dim2=2).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_size_buckets_split_the_sorted_lengths_with_the_least_work(seed):
+    """Against brute force over every split of the sorted lengths into <= 3 runs."""
+    import itertools
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 60, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+    runs = size_buckets(lengths, max_buckets=3)
+    assert sorted(i for run in runs for i in run) == list(range(len(lengths))) and len(runs) <= 3
+    assert all(max(lengths[i] for i in a) <= min(lengths[i] for i in b) for a, b in itertools.pairwise(runs))
+
+    def work(parts):
+        return sum(len(part) * max(part) ** 2 for part in parts)
+
+    ordered = sorted(lengths)
+    best = min(
+        work([ordered[a:b] for a, b in itertools.pairwise((0, *cuts, len(ordered))) if b > a])
+        for k in range(3)
+        for cuts in itertools.combinations(range(1, len(ordered)), k)
+    )
+    assert best <= work([[lengths[i] for i in run] for run in runs]) <= best * 1.05
+    assert size_buckets([7] * 5) == [[0, 1, 2, 3, 4]] and size_buckets([]) == []  # equal lengths: one call
 
 
 @pytest.mark.parametrize("lengths", [[5, 5, 5], [8, 1, 7, 2, 6, 3], [4] * 9, [1]])
@@ -255,9 +315,8 @@ def test_stacked_boxes_cost_what_one_box_costs(tiny_cfg):
         dino=torch.randn(1, 4, tiny_cfg.dino_dim),
     )
     rows, handles = count_rows({"out": attn.to_out[0]})
-    with torch.no_grad():
-        cond = model.prepare(stacked, GRID, TEXT)
-        model(**flux_inputs(1, GRID, TEXT), conditioning=cond)
+    cond = model.prepare(stacked, GRID, TEXT)
+    model(**flux_inputs(1, GRID, TEXT), conditioning=cond)  # with autograd: to_out runs unfused, hooks see it
     for h in handles:
         h.remove()
     assert rows["out"] == [64, 16] and cond.image_regions.num_regions == 2

@@ -244,7 +244,7 @@ def _group(model, cfg: BenchConfig, mode: str, tokens: int, memory: PeakMemory) 
                 refs=r,
                 covered=covered,
                 regions=cond.image_regions.num_regions,
-                layout_slots=pack_rows(cond.packing, tokens).source.numel() if r else 0,
+                layout_slots=pack_rows(cond.packing, tokens).num_slots if r else 0,
                 plain_times=tuple(times["plain"]),
                 conditioned_times=tuple(times[r]),
                 plain_peak_mib=peaks["plain"],

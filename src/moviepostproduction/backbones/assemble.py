@@ -1,4 +1,4 @@
-"""Batched Assemble-Attn: every (sample, ref) group through the FLUX block's own attention in one call.
+"""Batched Assemble-Attn: every (sample, ref) group through the FLUX block's own attention, in a few calls.
 
 Group g is the short sequence [layout token ; image tokens inside its box]. The layout token takes the context
 (text) stream's projections, the image tokens the image stream's, exactly as the block's joint attention would
@@ -7,8 +7,9 @@ position (all-zero ids), where the rotation is the identity.
 
 Cost (docs/benchmarks.md): the image tokens' q/k/v are the ones the block's joint attention has just computed
 on the same normalised tokens, captured with forward hooks instead of projected again; groups share attention
-rows (`assemble_rows`); and the output projections, being affine, run after the average over covering boxes,
-once per covered token instead of once per (group, token).
+rows, in a few size buckets (`assemble_rows`); and the output projections, being affine, run after the average
+over covering boxes, once per covered token instead of once per (group, token), fused into one map when sampling
+(`project_out`).
 """
 
 from __future__ import annotations
@@ -97,8 +98,9 @@ def attend_rows(
     packing: LayoutPacking,
     rows: PackedRows,
     rope: tuple[torch.Tensor, torch.Tensor],
-) -> torch.Tensor:
-    """One masked attention call over every group. Returns each slot's attended value before `to_out`: (P * S, D)."""
+) -> list[torch.Tensor]:
+    """One masked attention call per size bucket of rows. Returns each bucket's attended slots before `to_out`:
+    (P_b * S_b, D) per bucket, in slot order."""
     n = qkv[0].shape[1]
     # index_select, not x[index]: advanced indexing on CPU is several times slower, forward and backward.
     q, k, v = (x.flatten(0, 1).index_select(0, rows.covered) for x in qkv)  # each (M, H, hd): tokens in a box
@@ -106,14 +108,15 @@ def attend_rows(
     cos, sin = (r.index_select(0, positions)[None] for r in rope[:2])  # (1, M, hd)
     q, k = rotate_pairs(q[None], cos, sin)[0], rotate_pairs(k[None], cos, sin)[0]  # RoPE once per covered token
     context = _context_qkv(attn, layout_tokens[packing.group_batch, packing.group_ref])  # each (G, H, hd)
+    tables = [torch.cat([i, c]) for i, c in zip((q, k, v), context, strict=True)]  # each (M + G, H, hd)
 
-    def table(image_part: torch.Tensor, context_part: torch.Tensor) -> torch.Tensor:
-        flat = torch.cat([image_part, context_part]).index_select(0, rows.source.flatten())  # (P * S, H, hd)
-        return rearrange(flat, "(p s) h d -> p h s d", p=rows.source.shape[0])  # (P, H, S, hd)
-
-    q, k, v = (table(i, c) for i, c in zip((q, k, v), context, strict=True))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.mask[:, None])  # (P, H, S, hd)
-    return rearrange(out, "p h s d -> (p s) (h d)")
+    outs = []
+    for bucket in rows.buckets:
+        index, p = bucket.source.flatten(), bucket.source.shape[0]
+        qb, kb, vb = (rearrange(t.index_select(0, index), "(p s) h d -> p h s d", p=p) for t in tables)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bucket.mask[:, None])  # (P, H, S, hd)
+        outs.append(rearrange(out, "p h s d -> (p s) (h d)"))
+    return outs
 
 
 def assemble_residual(
@@ -132,11 +135,42 @@ def assemble_residual(
     commute with the average over the boxes covering a token and run once per covered token.
     """
     b, n = qkv[0].shape[:2]
-    attended = attend_rows(attn, qkv, layout_tokens, packing, rows, rope)  # (P * S, D)
+    attended = attend_rows(attn, qkv, layout_tokens, packing, rows, rope)  # per bucket (P_b * S_b, D)
     m = rows.covered.numel()
-    total = attended.new_zeros(m + 1, attended.shape[-1]).index_add_(0, rows.target, attended)[:m]  # (M, D)
+    total = attended[0].new_zeros(m + 1, attended[0].shape[-1])
+    for bucket, out in zip(rows.buckets, attended, strict=True):
+        total.index_add_(0, bucket.target, out)
     cover = packing.cover.reshape(b * n).index_select(0, rows.covered).to(total.dtype)  # (M,)
-    return out_proj(attn.to_out[1](attn.to_out[0](total / cover[:, None])))  # (M, D)
+    return project_out(attn, out_proj, total[:m] / cover[:, None])  # (M, D)
+
+
+def _fusable(attn, out_proj: nn.Module) -> bool:
+    linear, dropout = attn.to_out[0], attn.to_out[1]
+    plain = type(linear) is nn.Linear and type(getattr(out_proj, "out", None)) is nn.Linear  # no LoRA wrapper
+    return plain and not (dropout.training and dropout.p > 0)
+
+
+def project_out(attn, out_proj: nn.Module, attended: torch.Tensor) -> torch.Tensor:
+    """out_proj(to_out(attended)) for (M, D) attended values.
+
+    Without autograd (sampling), the two affine maps run as one: W = W_out W_to, b = W_out b_to + b_out, computed
+    in fp32 once per weights (kept on `out_proj`, keyed on the four tensors' storage and version counters, so an
+    optimiser step, a reload or a move recomputes it) and reused by every denoising step: half the matmul work.
+    Training, LoRA-wrapped projections and active dropout take the two-step path.
+    """
+    if torch.is_grad_enabled() or not _fusable(attn, out_proj):
+        return out_proj(attn.to_out[1](attn.to_out[0](attended)))
+    first, second = attn.to_out[0], out_proj.out
+    tensors = [t for t in (first.weight, first.bias, second.weight, second.bias) if t is not None]
+    key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+    cached = getattr(out_proj, "_fused_out", None)
+    if cached is None or cached[0] != key:
+        w_out = second.weight.float()
+        weight = (w_out @ first.weight.float()).to(first.weight.dtype)  # (D, D)
+        bias = w_out @ first.bias.float() if first.bias is not None else torch.zeros_like(w_out[:, 0])
+        bias = (bias + second.bias.float() if second.bias is not None else bias).to(first.weight.dtype)
+        cached = out_proj._fused_out = (key, weight, bias)
+    return F.linear(attended, cached[1], cached[2])
 
 
 def add_on_covered(x: torch.Tensor, gate: torch.Tensor, values: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
@@ -167,7 +201,7 @@ def assemble_attention(
     `assemble_residual`, which the block uses.
     """
     rows = pack_rows(packing, image.shape[0] * image.shape[1])
-    attended = attend_rows(attn, image_qkv(attn, image), layout_tokens, packing, rows, rope)
+    attended = torch.cat(attend_rows(attn, image_qkv(attn, image), layout_tokens, packing, rows, rope))  # (slots, D)
     return attn.to_out[1](attn.to_out[0](attended[rows.group_slots]))  # (G, L, D)
 
 

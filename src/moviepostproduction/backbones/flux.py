@@ -6,7 +6,7 @@ It adds three things:
 - per-token temb-space modulation: temb_n = temb + sum_i mask_i(n) alpha_i offset_{i,b}, turned into
   shift/scale/gate by the block's own AdaLN linear, run once per distinct region (tokens covered by the same
   refs share temb), never once per token;
-- Assemble-Attn after the attention of the layout double blocks (all refs in one batched call), gated by the
+- Assemble-Attn after the attention of the layout double blocks (all refs batched, <= 4 calls), gated by the
   block's gate_msa;
 - the feedback bridge from double block b to b+1 for foreground refs.
 Stock `AdaLayerNormZero` rejects a per-token temb, hence this loop.
