@@ -1,6 +1,6 @@
 """Train the toy world's VAE and image / text encoders once and write the toy model dir (docs/toy-model.md).
 
-    python scripts/train_toy_encoders.py --out build/toy-encoders [--seed 0] [--vae-steps 600]
+    python scripts/train_toy_encoders.py --out build/toy-encoders [--seed 0] [--vae-steps 600] [--decoder-steps 0]
         [--encoder-steps 800] [--train-scenes 2000] [--threads 2] [--overwrite]
 
 Writes OUT (the FLUX-layout model dir; transformer/ and adapter/ random-init) and OUT-report/ (metrics.json,
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", default=None, help="metrics / PNG folder (default OUT-report)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--decoder-steps", type=int, default=0, help="then the decoder alone (frozen encoder)")
     parser.add_argument("--encoder-steps", type=int, default=800)
     parser.add_argument("--train-scenes", type=int, default=2000)
     parser.add_argument("--heldout-scenes", type=int, default=200)
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         report=args.report,
         seed=args.seed,
         vae_steps=args.vae_steps,
+        decoder_steps=args.decoder_steps,
         encoder_steps=args.encoder_steps,
         train_scenes=args.train_scenes,
         heldout_scenes=args.heldout_scenes,

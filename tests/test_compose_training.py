@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -183,12 +185,13 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     validation = CliRunner().invoke(app, [*args, "--split", "train", "--start", "5", "--variants", "model"])
     assert validation.exit_code == 0 and "train split, scenes 5-6, 2 steps, ref guidance 2, " in validation.output
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
-    assert [r["model"] for r in rows] == ["model", "layout-only", "modulation-only", "untrained"]
+    assert [r["model"] for r in rows] == ["model", "layout-only", "modulation-only", "untrained", "vae-roundtrip"]
+    assert math.isnan(rows[-1]["leakage"])  # the round trip generates nothing: leakage is not defined
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["ref_guidance"] == 2.0
     assert all(0.0 <= r["IoU"] <= 1.0 for r in rows)
     from PIL import Image
 
-    assert Image.open(tmp_path / "eval" / "grid.png").size == (5 * 64, 2 * 64)  # target + 4 variants, 2 scenes
+    assert Image.open(tmp_path / "eval" / "grid.png").size == (6 * 64, 2 * 64)  # target + 5 variants, 2 scenes
     bad = CliRunner().invoke(app, [*args, "--variants", "model,best"])
     assert bad.exit_code == 2 and "--variants: " in bad.output and "best" in bad.output
 

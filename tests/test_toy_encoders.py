@@ -4,6 +4,7 @@ scripts/train_toy_encoders.py, docs/toy-model.md)."""
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -14,7 +15,14 @@ from moviepostproduction.data.synthetic import ToyWorldConfig
 from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae
 from moviepostproduction.errors import ValidationError
 from moviepostproduction.model_dir import ModelDir
-from moviepostproduction.tiny import TinySpec, build_tiny_tokenizers, rope_axes, tiny_configs, write_tiny_model_dir
+from moviepostproduction.tiny import (
+    TinySpec,
+    rope_axes,
+    tiny_configs,
+    tiny_tokenizers,
+    train_tiny_tokenizers,
+    write_tiny_model_dir,
+)
 from moviepostproduction.toy_model import TOY_SPEC, TRAINED_BY_ENCODERS, toy_caption_words, write_toy_model_dir
 from moviepostproduction.training.task import TrainTask
 from moviepostproduction.training.toy_build import ToyEncodersConfig
@@ -50,9 +58,9 @@ def loaded(tiny_dir: Path):
     return TextEncoder.load(tiny_dir), ImageEncoder.load(tiny_dir), Vae.load(tiny_dir)
 
 
-def _steps(task, batch, n: int) -> list[float]:
+def _steps(task, batch, n: int, stage: str = "1") -> list[float]:
     """n Adam steps on one fixed batch with one fixed generator seed; the losses before each step."""
-    params = [p for g in task.param_groups("1") for p in g["params"]]
+    params = [p for g in task.param_groups(stage) for p in g["params"]]
     opt = torch.optim.Adam(params, lr=3e-3)
     losses = []
     for _ in range(n):
@@ -76,8 +84,9 @@ def test_toy_spec_is_wired_like_flux() -> None:
     assert 2 ** (len(cfg.vae["block_out_channels"]) - 1) == 8  # FLUX's 8x VAE
 
 
-def test_every_caption_word_is_one_clip_token_and_never_unknown() -> None:
-    clip, t5 = build_tiny_tokenizers()
+@pytest.mark.parametrize("tokenizers", [tiny_tokenizers, train_tiny_tokenizers], ids=["frozen", "retrained"])
+def test_every_caption_word_is_one_clip_token_and_never_unknown(tokenizers) -> None:
+    clip, t5 = tokenizers()
     seen = set()
     for split in ("train", "heldout"):
         for scene in generate_scenes(0, 40, split, WORLD):
@@ -88,6 +97,18 @@ def test_every_caption_word_is_one_clip_token_and_never_unknown() -> None:
         t5_ids = t5(word, add_special_tokens=False)["input_ids"]
         assert len(clip_ids) == 1, word
         assert clip.unk_token_id not in clip_ids and t5.unk_token_id not in t5_ids, word
+
+
+def test_tiny_tokenizers_are_the_frozen_files_of_the_shipped_model() -> None:
+    """Every process gets the same ids (retraining does not: ties break in hash-map order), and they are the ids
+    the shipped toy model's text encoders were trained with."""
+    from transformers import AutoTokenizer
+
+    from moviepostproduction.model_dir import SHIPPED_MODEL_DIR
+
+    clip, t5 = tiny_tokenizers()
+    shipped = [AutoTokenizer.from_pretrained(SHIPPED_MODEL_DIR / sub) for sub in ("tokenizer", "tokenizer_2")]
+    assert clip.get_vocab() == shipped[0].get_vocab() and t5.get_vocab() == shipped[1].get_vocab()
 
 
 def test_written_toy_dir_loads_and_composes(loaded, tiny_dir: Path, tmp_path: Path) -> None:
@@ -166,8 +187,24 @@ def test_vae_task_loss_decreases_on_a_fixed_batch(loaded, scenes) -> None:
     batch = next(task.batches(0, 0))
     assert batch.shape == (4, 3, 32, 32) and batch.min() >= -1 and batch.max() <= 1
     assert torch.equal(batch, next(task.batches(0, 0)))  # deterministic by (epoch, seed)
-    losses = _steps(task, batch, 8)
+    losses = _steps(task, batch, 8, stage="vae")
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_vae_decoder_stage_trains_the_decoder_alone(loaded, scenes) -> None:
+    vae = copy.deepcopy(loaded[2].model)
+    task = VaeTask(vae, scene_pixels(scenes), VaeTrainConfig(crop=32, batch_size=4, batches_per_epoch=2))
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    batch = next(task.batches(0, 0))
+    losses = _steps(task, batch, 6, stage="decoder")
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(v, vae.encoder.state_dict()[k]) for k, v in encoder.items())  # latent space kept
+    assert not all(torch.equal(v, vae.decoder.state_dict()[k]) for k, v in decoder.items())
+    trainable = {n for n, p in vae.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("decoder.", "post_quant_conv.")) for n in trainable)
+    with pytest.raises(ValueError, match="VaeTask stage '1': expected one of vae, decoder"):
+        task.param_groups("1")
 
 
 def test_encoder_task_loss_decreases_on_a_fixed_batch(loaded, scenes) -> None:

@@ -227,9 +227,10 @@ def eval_(
     ),
     steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
     variants: str = typer.Option(
-        "model,layout-only,modulation-only,untrained",
+        "model,layout-only,modulation-only,untrained,vae-roundtrip",
         "--variants",
-        help="Comma separated: model, layout-only, modulation-only, untrained.",
+        help="Comma separated: model, layout-only, modulation-only, untrained, vae-roundtrip (the target scenes "
+        "through the VAE alone: the ceiling).",
     ),
     leak_scenes: int = typer.Option(25, "--leak-scenes", help="Scenes also generated without their last ref."),
     ref_guidance: float | None = typer.Option(

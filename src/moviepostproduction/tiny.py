@@ -120,10 +120,16 @@ def _corpus() -> list[str]:
     return phrases + [p.capitalize() + "." for p in phrases] + [ascii_chars, " ".join(ascii_chars)]
 
 
-@functools.lru_cache(maxsize=1)
-def build_tiny_tokenizers() -> tuple[Any, Any]:
-    """(CLIPTokenizer, T5Tokenizer) trained on the built-in corpus; deterministic, no hub access (cached: do not
-    mutate)."""
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny-tokenizers"  # clip/ and t5/, as train_tiny_tokenizers wrote
+
+
+def train_tiny_tokenizers() -> tuple[Any, Any]:
+    """(CLIPTokenizer, T5Tokenizer) trained on the built-in corpus; no hub access.
+
+    Not reproducible across processes: the trainers break ties between equally frequent merges in hash-map order,
+    so two runs give different token ids. The tokenizers every model dir uses are therefore frozen files
+    (TOKENIZER_DIR, written by `scripts/build_tiny_tokenizers.py`); this only makes new ones.
+    """
     from transformers import CLIPTokenizer, T5Tokenizer
 
     corpus = _corpus()
@@ -134,12 +140,24 @@ def build_tiny_tokenizers() -> tuple[Any, Any]:
     return clip, t5
 
 
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizers() -> tuple[Any, Any]:
+    """(CLIP, T5) tokenizers of every tiny and toy model dir, loaded from TOKENIZER_DIR: the same token ids in
+    every process (cached: do not mutate)."""
+    from transformers import AutoTokenizer
+
+    for sub in ("clip", "t5"):
+        if not (TOKENIZER_DIR / sub / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{TOKENIZER_DIR / sub}: tiny tokenizer files missing (tokenizer.json expected)")
+    return tuple(AutoTokenizer.from_pretrained(TOKENIZER_DIR / sub, local_files_only=True) for sub in ("clip", "t5"))
+
+
 def tiny_configs(spec: TinySpec | None = None) -> TinyConfigs:
     """Configs of the real classes at tiny size, wired so that every interface dimension matches."""
     from transformers import CLIPTextConfig, CLIPVisionConfig, Dinov2Config, T5Config
 
     s = spec or TinySpec()
-    clip_tok, t5_tok = build_tiny_tokenizers()
+    clip_tok, t5_tok = tiny_tokenizers()
     transformer = {
         "patch_size": 1,
         "in_channels": 4 * s.latent_channels,  # FLUX packs 2x2 latent patches into one token
@@ -319,7 +337,7 @@ def write_tiny_model_dir(
     unknown = sorted(set(modules or {}) - set(models))
     if unknown:
         raise KeyError(f"unknown model dir components {unknown}; known: {', '.join(models)}")
-    clip_tok, t5_tok = build_tiny_tokenizers()
+    clip_tok, t5_tok = tiny_tokenizers()
     with quiet_progress():
         for offset, (sub, build) in enumerate(models.items()):
             given = (modules or {}).get(sub)

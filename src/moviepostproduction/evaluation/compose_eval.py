@@ -6,7 +6,9 @@ fg refs that the layout leaves >= 90% visible are checked for identity (same nam
 in the ref and in the crop at the requested bbox). Leakage: the scene is generated again without its last
 ref (same seed) and the mean change outside every box is measured. Variants: the model as is, its two
 pathway ablations (layout-only: the modulation offsets and feedback off; modulation-only: Assemble-Attn
-off) and the untrained model (same architecture and frozen encoders, random transformer + adapter).
+off), the untrained model (same architecture and frozen encoders, random transformer + adapter), and
+`vae-roundtrip`: the target scenes themselves encoded and decoded by the model's VAE, no transformer; the most
+any backbone generating in that latent space can score (its leakage is not defined).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..scene import Scene, scene_from_dict
 from .metrics import bbox_iou, centre_error, leakage
 from .sprite_match import identity_match, locate_sprite
 
-VARIANTS = ("model", "layout-only", "modulation-only", "untrained")
+VARIANTS = ("model", "layout-only", "modulation-only", "untrained", "vae-roundtrip")
 MIN_VISIBLE_FOR_IDENTITY = 0.9  # an fg sprite the layout itself hides in part cannot be judged by its shape
 
 
@@ -110,6 +112,15 @@ class Ablation:
         pipe.use_layout, pipe.use_modulation, pipe.model.transformer, pipe.model.adapter = self.saved
 
 
+@torch.no_grad()
+def vae_roundtrip(pipe, image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> the same image encoded (posterior mode) and decoded by the pipeline's VAE."""
+    from ..pipelines.compose import pil_to_tensor, tensor_to_pil
+
+    latents = pipe.vae.encode(pil_to_tensor(Image.fromarray(image)).to(pipe.device))
+    return np.asarray(tensor_to_pil(pipe.vae.decode(latents))[0])
+
+
 def evaluate(
     pipe,
     scenes,
@@ -134,9 +145,10 @@ def evaluate(
         score, imgs = VariantScore(variant), []
         with Ablation(pipe, variant):
             for k, (toy, scene) in enumerate(tqdm(scenes, desc=f"eval {variant}", disable=not progress)):
-                image = generate(scene)
+                image = vae_roundtrip(pipe, toy.image) if variant == "vae-roundtrip" else generate(scene)
                 score_image(score, image, toy)
-                if len(toy.refs) > 1 and (leak_scenes is None or k < leak_scenes):
+                leak = variant != "vae-roundtrip" and (leak_scenes is None or k < leak_scenes)
+                if len(toy.refs) > 1 and leak:
                     without = generate(scene.model_copy(update={"refs": scene.refs[:-1]}))
                     score.leak.append(leakage(without, image, [r.bbox for r in toy.refs[:-1]]))
                 imgs.append(image)

@@ -30,7 +30,7 @@ from ..visualize import save_png
 from .toy_data import build_caption_pool, build_sprite_pool, generate_scenes, scene_pixels
 from .toy_encoders import EncoderTask, EncoderTrainConfig
 from .toy_probe import probe_report
-from .toy_vae import VaeTask, VaeTrainConfig, latent_stats, psnr, reconstruction_grid
+from .toy_vae import VaeTask, VaeTrainConfig, latent_stats, psnr, reconstruct_uint8, reconstruction_grid
 
 __all__ = ["ToyEncodersConfig", "train_toy_encoders"]
 
@@ -43,6 +43,7 @@ class ToyEncodersConfig:
     report: str | None = None  # metrics, PNGs and trainer runs; default "<out>-report"
     seed: int = 0
     vae_steps: int = 600
+    decoder_steps: int = 0  # then the decoder alone on the frozen encoder (0: none); LR cools down over its 2nd half
     encoder_steps: int = 800
     train_scenes: int = 2000  # training pool (scene indices 0 .. n-1 of the train split)
     heldout_scenes: int = 200  # evaluation (held-out split)
@@ -56,6 +57,8 @@ class ToyEncodersConfig:
     def __post_init__(self) -> None:
         counts = ("vae_steps", "encoder_steps", "train_scenes", "heldout_scenes", "probe_scenes", "stats_scenes")
         problems = [Problem(n, getattr(self, n), "must be >= 1") for n in counts if getattr(self, n) < 1]
+        if self.decoder_steps < 0:
+            problems.append(Problem("decoder_steps", self.decoder_steps, "must be >= 0"))
         if self.probe_scenes > self.train_scenes or self.stats_scenes > self.train_scenes:
             problems.append(Problem("probe_scenes", self.probe_scenes, f"must be <= train_scenes {self.train_scenes}"))
         if problems:
@@ -66,13 +69,14 @@ class ToyEncodersConfig:
         return Path(self.report) if self.report else Path(f"{self.out}-report")
 
 
-def _train(task: Any, cfg: ToyEncodersConfig, stage: str, steps: int) -> list[float]:
+def _train(task: Any, cfg: ToyEncodersConfig, stage: str, steps: int, decay_steps: int = 0) -> list[float]:
     from .trainer import TrainConfig, Trainer
 
     run = TrainConfig(
         out_dir=str(cfg.report_dir / "runs" / task.name),
         stage=stage,
         max_steps=steps,
+        decay_steps=decay_steps,
         seed=cfg.seed,
         log_every=max(1, steps // 50),
         checkpoint_every=max(1, steps // 4),  # a killed run resumes (exactly) from the last quarter
@@ -112,11 +116,27 @@ def _pil(array: Any) -> Any:
     return Image.fromarray(array)
 
 
+def roundtrip_scores(vae: Any, scenes: list) -> dict[str, float]:
+    """`mpp eval`'s IoU and fg identity of the scenes themselves after a VAE round trip (encode, decode): the
+    most any backbone that generates in this VAE's latent space can score on those scenes."""
+    from ..evaluation.compose_eval import VariantScore, score_image
+
+    score = VariantScore("vae round trip")
+    images = reconstruct_uint8(vae, scene_pixels(scenes)).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+    for image, toy in zip(images, scenes, strict=True):
+        score_image(score, image, toy)
+    row = score.row()
+    return {"iou": row["IoU"], "fg_identity": row["fg identity"], "refs": row["refs"]}
+
+
 def _markdown(metrics: dict[str, Any]) -> str:
     lines = ["# Toy encoders: measured numbers", "", f"Command: `{metrics['command']}`", ""]
     lines += [
         f"- wall time: {metrics['wall_s']:.0f} s",
         f"- VAE held-out PSNR: {metrics['vae']['psnr_heldout_db']:.2f} dB",
+        f"- VAE round trip of the held-out scenes scored as `mpp eval` scores generations: IoU "
+        f"{metrics['vae']['roundtrip']['iou']:.3f}, fg identity {metrics['vae']['roundtrip']['fg_identity']:.3f} "
+        f"({metrics['vae']['roundtrip']['refs']} refs)",
     ]
     stats = metrics["vae"]
     lines += [
@@ -146,6 +166,10 @@ def train_toy_encoders(cfg: ToyEncodersConfig, command: str = "") -> dict[str, A
     vae.model.eval()
     stats = latent_stats(vae.model, scene_pixels(train[: cfg.stats_scenes]))
     vae.model.register_to_config(scaling_factor=stats.scaling_factor, shift_factor=stats.shift_factor)
+    if cfg.decoder_steps:  # the encoder is frozen from here: latents (and the stats above) stay as they are
+        decoder_task = VaeTask(vae.model, scene_pixels(train), cfg.vae, preview, name="toy_vae_decoder")
+        vae_losses += _train(decoder_task, cfg, "decoder", cfg.decoder_steps, decay_steps=cfg.decoder_steps // 2)
+        vae.model.eval()
 
     t5_tokens = max(cfg.encoders.t5_lengths)
     sprites = build_sprite_pool(train, image.clip_pre, image.dino_pre, TOY_SPEC.patch_size)
@@ -189,6 +213,7 @@ def train_toy_encoders(cfg: ToyEncodersConfig, command: str = "") -> dict[str, A
         "wall_s": time.time() - start,
         "vae": {
             "psnr_heldout_db": psnr(vae_l.model, held_px),
+            "roundtrip": roundtrip_scores(vae_l.model, heldout),
             "shift_factor": stats.shift_factor,
             "scaling_factor": stats.scaling_factor,
             # (mode - shift) * scale over held-out scenes: ~ (0, 1) when the factors transfer

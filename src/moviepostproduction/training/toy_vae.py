@@ -19,7 +19,16 @@ from torch import nn
 from ..visualize import image_grid
 from .task import LossOutput
 
-__all__ = ["LatentStats", "VaeTask", "VaeTrainConfig", "latent_stats", "psnr", "reconstruct", "reconstruction_grid"]
+__all__ = [
+    "LatentStats",
+    "VaeTask",
+    "VaeTrainConfig",
+    "latent_stats",
+    "psnr",
+    "reconstruct",
+    "reconstruct_uint8",
+    "reconstruction_grid",
+]
 
 
 @dataclass(frozen=True)
@@ -36,13 +45,27 @@ def to_signed(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1.0
 
 
+STAGES = ("vae", "decoder")  # the whole autoencoder; or the decoder alone, on the frozen encoder's latents
+
+
 class VaeTask:
-    """TrainTask: the AutoencoderKL on random crops (with flips) of a pool of toy scene images."""
+    """TrainTask: the AutoencoderKL on random crops (with flips) of a pool of toy scene images.
 
-    name = "toy_vae"
+    Stage "vae" trains the whole autoencoder. Stage "decoder" trains the decoder (and post-quant conv) alone: the
+    encoder, hence the latent space and its shift / scale, stay exactly as they are, so a backbone trained on
+    those latents stays valid while its images get sharper.
+    """
 
-    def __init__(self, vae: nn.Module, pool: torch.Tensor, cfg: VaeTrainConfig | None = None, preview=None):
-        self.vae = vae
+    def __init__(
+        self,
+        vae: nn.Module,
+        pool: torch.Tensor,
+        cfg: VaeTrainConfig | None = None,
+        preview=None,
+        name: str = "toy_vae",
+    ):
+        self.vae, self.name = vae, name
+        self.stage = "vae"
         self.pool = pool  # (N, 3, H, W) uint8 scene images
         self.cfg = cfg or VaeTrainConfig()
         self.preview = preview  # (K, 3, H, W) uint8 images shown by samples(), or None
@@ -54,9 +77,18 @@ class VaeTask:
         return {"vae": self.vae}
 
     def param_groups(self, stage: str) -> list[dict[str, Any]]:
-        del stage  # one stage: the whole autoencoder
-        self.vae.requires_grad_(True).train()
-        return [{"params": list(self.vae.parameters()), "lr": self.cfg.lr}]
+        if stage not in STAGES:
+            raise ValueError(f"VaeTask stage {stage!r}: expected one of {', '.join(STAGES)}")
+        self.stage = stage
+        self.vae.requires_grad_(stage == "vae").train()
+        if stage == "vae":
+            return [{"params": list(self.vae.parameters()), "lr": self.cfg.lr}]
+        self.vae.encoder.eval()
+        decoder = [self.vae.decoder] + [m for m in (getattr(self.vae, "post_quant_conv", None),) if m is not None]
+        params = [p for m in decoder for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return [{"params": params, "lr": self.cfg.lr}]
 
     def batches(self, epoch: int, seed: int) -> Iterator[torch.Tensor]:
         """(B, 3, crop, crop) in [-1, 1]: a pure function of (seed, epoch, batch index)."""
@@ -74,11 +106,12 @@ class VaeTask:
 
     def loss(self, batch: torch.Tensor, generator: torch.Generator) -> LossOutput:
         x = batch.to(next(self.vae.parameters()).device)
-        posterior = self.vae.encode(x).latent_dist
+        with torch.set_grad_enabled(self.stage == "vae"):
+            posterior = self.vae.encode(x).latent_dist
         z = posterior.sample(generator)  # (B, C, h, w): decoding noisy latents keeps the decoder robust
         rec = self.vae.decode(z).sample
         l1, l2 = F.l1_loss(rec, x), F.mse_loss(rec, x)
-        kl = posterior.kl().mean() / z[0].numel()  # per latent element
+        kl = posterior.kl().mean() / z[0].numel()  # per latent element (a constant in stage "decoder")
         loss = l1 + l2 + self.cfg.kl_weight * kl
         return LossOutput(loss, {k: float(v.detach()) for k, v in (("l1", l1), ("l2", l2), ("kl", kl))})
 
@@ -102,6 +135,11 @@ def reconstruct(vae: nn.Module, pixels: torch.Tensor, batch: int = 16) -> torch.
         z = vae.encode(to_signed(chunk).to(device)).latent_dist.mode()
         out.append(vae.decode(z).sample.clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+def reconstruct_uint8(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, H, W) posterior-mode reconstructions."""
+    return ((reconstruct(vae, pixels) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def psnr(vae: nn.Module, pixels: torch.Tensor) -> float:
@@ -140,6 +178,6 @@ def latent_stats(vae: nn.Module, pixels: torch.Tensor, batch: int = 16) -> Laten
 
 def reconstruction_grid(vae: nn.Module, pixels: torch.Tensor) -> Image.Image:
     """Originals (top row) over their reconstructions (bottom row)."""
-    rec = ((reconstruct(vae, pixels) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    rec = reconstruct_uint8(vae, pixels)
     pil = [Image.fromarray(t.permute(1, 2, 0).numpy()) for t in torch.cat([pixels, rec])]
     return image_grid(pil, columns=max(1, math.ceil(len(pil) / 2)))
