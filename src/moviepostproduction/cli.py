@@ -496,3 +496,7 @@ def vary(
     meta = {"mpp:caption": caption or "", "mpp:reference": str(ref), "mpp:model": source}
     out = save_png(picture, output, meta)
     typer.echo(f"wrote {out} ({picture.width}x{picture.height}){' [' + pipe.label + ']' if pipe.label else ''}")
+
+
+if __name__ == "__main__":  # python -m moviepostproduction.cli (accelerate launch / torchrun -m ...)
+    app()

@@ -8,7 +8,8 @@ parameters and the optimiser moments exactly. A run killed after checkpoint k an
 same steps k+1, k+2, ... as a run that was never interrupted (pinned by tests/test_trainer.py).
 
 Multi-GPU: `accelerate launch` runs one process per device; each takes every n-th micro-batch and the gradients
-are averaged across processes before the optimiser step (DDP semantics, examples/accelerate/ddp.yaml).
+are averaged across processes before the optimiser step (DDP semantics, examples/accelerate/ddp.yaml), so N
+processes equal one process with N times the gradient accumulation (pinned on CPU with torchrun by a test).
 """
 
 from __future__ import annotations
@@ -81,9 +82,13 @@ class TrainResult:
     logs: list[dict[str, float]] = field(default_factory=list)
 
 
-def step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:
-    """The seed of one micro-batch: a pure function of the run seed and the position, never a running state."""
-    return (seed * 1_000_003 + step * 4_099 + micro * 131 + rank) % (2**63 - 1)
+def step_seed(seed: int, step: int, micro: int = 0) -> int:
+    """The seed of one micro-batch: a pure function of the run seed and the position, never a running state.
+
+    `micro` counts the step's micro-batches over every process (micro-batch m of process r of N is m * N + r), the
+    order in which one process with N times the accumulation would take them: so the seeds are the same too.
+    """
+    return (seed * 1_000_003 + step * 4_099 + micro * 131) % (2**63 - 1)
 
 
 def _generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -158,7 +163,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- data
     def micro_batches(self, epoch: int, index: int):
-        """Yield (epoch, next index, batch) from position (epoch, index), every n-th batch for this process."""
+        """Yield (epoch, next index, batch) from position (epoch, index), every n-th batch for this process.
+
+        With N processes, an epoch's batch count should be a multiple of N: the processes move to the next epoch
+        independently, so otherwise they stop taking consecutive batches together at epoch ends.
+        """
         acc = self.accelerator
         while True:
             empty = True
@@ -230,7 +239,7 @@ class Trainer:
             total = 0.0
             for micro in range(cfg.grad_accum):
                 epoch, index, batch = next(batches)
-                seed = step_seed(cfg.seed, step, micro, acc.process_index)
+                seed = step_seed(cfg.seed, step, micro * acc.num_processes + acc.process_index)
                 torch.manual_seed(seed)  # module-internal randomness (dropout) too
                 gen = _generator(seed, acc.device)
                 with acc.autocast():
@@ -245,10 +254,13 @@ class Trainer:
                 total += value / cfg.grad_accum
                 for k, v in out.logs.items():
                     parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum
-            if acc.num_processes > 1:
+            if acc.num_processes > 1:  # gradients and the logged loss: the mean over every process's micro-batches
                 for p in self.params:
                     if p.grad is not None:
                         p.grad = acc.reduce(p.grad, "mean")
+                names = sorted(parts)
+                mean = acc.reduce(torch.tensor([total, *(parts[k] for k in names)], device=acc.device), "mean")
+                total, parts = float(mean[0]), {k: float(v) for k, v in zip(names, mean[1:], strict=True)}
             grads = [p for p in self.params if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(grads, cfg.max_grad_norm or float("inf")) if grads else None
             if norm is not None and not torch.isfinite(norm):
@@ -271,7 +283,9 @@ class Trainer:
             if cfg.sample_every and step % cfg.sample_every == 0:
                 self.write_samples(step)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                last = self.save(step, epoch, index, losses, logs)
+                # The data position after this step over every process: rank 0 took batch index - 1 of the
+                # step's last round, ranks 1 .. N-1 the ones after it.
+                last = self.save(step, epoch, index + acc.num_processes - 1, losses, logs)
         bar.close()
         if cfg.sample_every == 0 or step % cfg.sample_every:
             self.write_samples(step)
