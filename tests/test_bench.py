@@ -48,6 +48,7 @@ def test_one_result_per_mode_tokens_and_refs_in_order(report):
         assert len(case.plain_times) == 2 and len(case.conditioned_times) == 2
         assert case.plain_s == sum(case.plain_times) / 2  # median of two
         assert case.ratio == case.conditioned_s / case.plain_s
+        assert case.round_ratios == tuple(c / p for c, p in zip(case.conditioned_times, case.plain_times, strict=True))
         assert case.text_tokens == 8
         assert case.plain_peak_mib is not None and case.conditioned_peak_mib is not None  # psutil is installed
 
@@ -85,6 +86,8 @@ def test_report_serialises_with_derived_values(report):
     assert data["encoders"]["refs"] == 3
     assert data["config"]["shape"]["heads"] == 2 and data["torch_version"] == torch.__version__
     assert data["cases"][1]["ratio"] == report.cases[1].ratio
+    assert data["cases"][1]["round_ratios"] == list(report.cases[1].round_ratios)
+    assert data["heap_kept"] is True and data["config"]["cpu_heap"] == "keep"  # glibc: freed memory kept
     assert data["prepares"][0]["fraction"] == report.prepares[0].fraction
 
 
@@ -92,7 +95,7 @@ def test_format_case_and_prepare_lines():
     case = CaseResult("forward", 4096, 512, 50, 0.5, 812, 10_773, (3.41,), (3.62,), 812.4, 901.0)
     assert format_case(case) == (
         "forward 4096 tokens 50 refs: plain 3.41 s, conditioned 3.62 s, ratio 1.06 "
-        "[covered 50%, 812 regions, 10773 layout slots, peak MiB plain 812 / conditioned 901]"
+        "[rounds 1.06-1.06, covered 50%, 812 regions, 10773 layout slots, peak MiB plain 812 / conditioned 901]"
     )
     assert format_prepare(PrepareResult(4096, 50, 0.08, 3.2)) == (
         "prepare 4096 tokens 50 refs: 0.08 s once per scene = 2.5% of one conditioned step (3.2 s)"
@@ -164,7 +167,8 @@ def test_cli_prints_one_line_per_case_and_writes_json(tmp_path):
     lines = result.stdout.splitlines()
     assert ", 2 torch threads), torch " in lines[0]
     assert f"torch {torch.__version__}, fp32; FLUX width 2 x 16 = 32, 1 double + 1 single block" in lines[0]
-    assert "; process clock, median of 1 after 1 warm-up;" in lines[0]
+    assert "; Assemble-Attn <= 4 call(s) per layout block; process clock, median of 1 after 1 warm-up;" in lines[0]
+    assert "; CPU heap: freed memory kept in the process; memory: " in lines[0]
     cases = [line for line in lines if LINE.match(line)]
     assert [line.split(":")[0] for line in cases] == [
         "forward 16 tokens 0 refs",
@@ -179,9 +183,31 @@ def test_cli_prints_one_line_per_case_and_writes_json(tmp_path):
 
 @pytest.mark.parametrize(
     ("option", "value", "message"),
-    [("--mode", "bogus", "error: --mode: choose forward, train or all (got 'bogus')"), ("--refs", "a", "--refs")],
+    [
+        ("--mode", "bogus", "error: --mode: choose forward, train or all (got 'bogus')"),
+        ("--refs", "a", "--refs"),
+        ("--assemble-calls", "0", "error: assemble_calls: must be >= 1 (got 0)"),
+        ("--cpu-heap", "pooled", "error: cpu_heap: choose from ('keep', 'system') (got 'pooled')"),
+    ],
 )
 def test_cli_reports_bad_options_in_one_line(option, value, message):
     result = CliRunner().invoke(app, ["bench", "--tiny", option, value])
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_runs_assemble_attn_as_one_padded_call_on_request(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--tiny", "--tokens", "64", "--refs", "7", "--repeats", "1", "--mode", "forward"]
+    options = ["--text-tokens", "8", "--encoder-refs", "0", "--assemble-calls", "1", "--json", str(out)]
+    result = CliRunner().invoke(app, [*args, *options])
+    assert result.exit_code == 0, result.output
+    assert "; Assemble-Attn <= 1 call(s) per layout block;" in result.stdout.splitlines()[0]
+    assert json.loads(out.read_text())["config"]["assemble_calls"] == 1
+
+
+def test_system_heap_is_refused_once_the_process_keeps_freed_memory(report):
+    assert report.heap_kept  # the module's report ran with the default cpu_heap="keep"
+    result = CliRunner().invoke(app, ["bench", "--tiny", "--tokens", "16", "--refs", "0", "--cpu-heap", "system"])
+    assert result.exit_code == 2
+    assert result.stderr == ("error: cpu_heap: this process already keeps freed memory; use a new one (got 'system')\n")

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,8 +27,8 @@ from moviepostproduction.backbones.assemble import (
 from moviepostproduction.backbones.assemble_rows import MAX_BUCKETS, first_fit_rows, pack_rows, size_buckets
 from moviepostproduction.backbones.flux import ConditionedFlux
 from moviepostproduction.bench_setup import bench_refs, token_grid
-from moviepostproduction.conditioning import RefBatch
-from moviepostproduction.layout import bbox_token_mask
+from moviepostproduction.conditioning import RefBatch, build_regions
+from moviepostproduction.layout import bbox_token_mask, gaussian_token_mask
 from moviepostproduction.modules import CompositionAdapter
 
 from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits
@@ -100,6 +102,32 @@ def test_adaln_linear_runs_once_per_region_in_the_full_forward(cfg3):
     assert all(r == [1] for r in rows.values())  # without refs: one temb row, broadcast, as stock FLUX
 
 
+def test_single_block_regions_group_foreground_boxes_only_with_the_same_velocity(cfg3):
+    """Background refs carry no weight in single blocks; their boxes must not split the joint regions."""
+    model = build(cfg3)
+    inputs = flux_inputs(1, GRID, TEXT)
+    refs = random_refs(1, 5, cfg3, seed=5, text_len=TEXT)
+    with torch.no_grad():
+        cond = model.prepare(refs, GRID, TEXT)
+        fg = cond.foreground
+        assert 0 < int(fg.sum()) < 5  # a mixed scene
+        masks = torch.cat([refs.text_spans.float(), gaussian_or_hard(model, refs)], dim=-1)  # (1, R, T + N)
+        every_box = build_regions(masks, cond.alpha * fg)  # grouped on every ref's box
+        fg_patterns = torch.unique((masks * fg[..., None])[0].T, dim=0).shape[0]
+        assert cond.joint_regions.num_regions == fg_patterns < every_box.num_regions
+        fast = model(**inputs, conditioning=cond)
+        slow = model(**inputs, conditioning=dataclasses.replace(cond, joint_regions=every_box))
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+
+
+def gaussian_or_hard(model: ConditionedFlux, refs: RefBatch) -> torch.Tensor:
+    """The image-token masks `prepare` groups regions on (B, R, N)."""
+    cfg = model.adapter.cfg
+    if cfg.soft_masks:
+        return gaussian_token_mask(refs.bboxes, GRID, cfg.soft_sigma).float() * refs.valid[..., None]
+    return (bbox_token_mask(refs.bboxes, GRID) & refs.valid[..., None]).float()
+
+
 @pytest.mark.parametrize("refs", [1, 3, 7])
 def test_assemble_attn_is_one_attention_call_per_size_bucket_in_each_layout_block(cfg3, refs):
     model = build(cfg3)
@@ -121,6 +149,24 @@ def test_assemble_attn_is_one_attention_call_per_size_bucket_in_each_layout_bloc
     assert 1 <= buckets <= MAX_BUCKETS
     assert counts["layout"] == counts["plain"] + 2 * buckets  # blocks 0 and 2, all (sample, ref) groups batched
     assert counts["no_layout"] == counts["plain"]
+
+
+def test_one_padded_assemble_call_on_request_gives_the_same_velocity(cfg3):
+    """`assemble_calls=1`: Assemble-Attn is literally one SDPA call per layout block, with the same output."""
+    model = build(cfg3)
+    inputs = flux_inputs(2, GRID, TEXT)
+    scene = random_refs(2, 7, cfg3, seed=7, counts=[7, 6])
+    with torch.no_grad():
+        cond = model.prepare(scene, GRID, TEXT)
+        assert len(pack_rows(cond.packing, 2 * 64).buckets) >= 2  # the default really splits this scene
+        bucketed = model(**inputs, conditioning=cond)
+        model.assemble_calls = 1
+        with CountAttention() as counter:
+            single = model(**inputs, conditioning=cond)
+    assert counter.calls == 3 + 1 + 2  # stock attention of 3 double + 1 single block, one call per layout block
+    torch.testing.assert_close(single, bucketed, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"assemble_calls=0: need at least 1"):
+        ConditionedFlux(model.transformer, model.adapter, assemble_calls=0)
 
 
 def test_image_projections_run_once_per_token_and_output_projections_once_per_covered_token(cfg3):

@@ -95,6 +95,25 @@ def test_c_modulation_of_a_ref_changes_nothing_outside_its_mask(tiny_cfg):
         assert ((m[0, inside] - b[0, 0]).abs().amax(-1) > 1e-3).all()
 
 
+def test_region_modulation_returns_one_plus_scale_for_the_listed_chunks(tiny_cfg):
+    """Same chunks as the stock AdaLayerNormZero's linear, with 1 added to the scale chunks in region space."""
+    model = build(tiny_cfg)
+    cond = model.prepare(random_refs(1, 3, tiny_cfg), GRID, TEXT)
+    norm = model.transformer.transformer_blocks[0].norm1
+    temb, offsets = torch.randn(1, tiny_cfg.hidden_dim), torch.randn(1, 3, 32)
+    with torch.no_grad():
+        stock = norm.linear(norm.silu(temb)).chunk(6, dim=-1)  # (1, D) each
+        plain = region_modulation(norm, temb, None, None, 6, scales=(1, 4))
+        both = (
+            region_modulation(norm, temb, offsets, cond.image_regions, 6),
+            region_modulation(norm, temb, offsets, cond.image_regions, 6, scales=(1, 4)),
+        )
+    for c in range(6):
+        one = 1.0 if c in (1, 4) else 0.0
+        assert torch.equal(plain[c][:, 0], stock[c] + one)
+        assert torch.equal(both[1][c], both[0][c] + one)
+
+
 def test_region_modulation_runs_adaln_once_per_region_not_per_token(tiny_cfg):
     model = build(tiny_cfg)
     cond = model.prepare(random_refs(1, 3, tiny_cfg), GRID, TEXT)

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .backbones.assemble_rows import pack_rows
+from .backbones.assemble_rows import MAX_BUCKETS, pack_rows
 from .bench_memory import PeakMemory
 from .bench_setup import BenchShape, bench_refs, build_image_encoder, build_model, make_inputs, refs_to, token_grid
+from .cpu_heap import heap_kept, keep_freed_memory
 from .errors import Problem, ValidationError
 from .layout import bbox_token_mask
 
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 MODES = ("forward", "train")
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: CPU time of this process's threads
+CPU_HEAPS = ("keep", "system")
+HEAP_NOTES = {True: "freed memory kept in the process", False: "system allocator defaults"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -45,9 +48,11 @@ class BenchConfig:
     dtype: str = "fp32"
     coverage: float = 0.5  # fraction of the image covered by the union of the boxes
     layout_active: bool = True  # Assemble-Attn on (first `grounding_ratio` of the steps) or off
+    assemble_calls: int = MAX_BUCKETS  # Assemble-Attn attention calls per layout block at most (1: one padded call)
     encoder_refs: int = 50  # reference images through the image encoders, timed once (0: skip)
     threads: int | None = None  # torch intra-op threads during the run (None: torch's default)
     clock: str = "wall"  # "process" (CPU time) is steadier than wall time on a shared CPU with one thread
+    cpu_heap: str = "keep"  # "keep": freed memory stays in the process (cpu_heap.py); "system": glibc's defaults
     shape: BenchShape = field(default_factory=BenchShape)
     seed: int = 0
 
@@ -61,9 +66,11 @@ class BenchConfig:
             ("warmup", self.warmup, self.warmup >= 1, "must be >= 1 (warm-up also measures memory)"),
             ("dtype", self.dtype, self.dtype in DTYPES, f"choose from {tuple(DTYPES)}"),
             ("coverage", self.coverage, 0.0 < self.coverage <= 1.0, "must be in (0, 1]"),
+            ("assemble_calls", self.assemble_calls, self.assemble_calls >= 1, "must be >= 1"),
             ("encoder_refs", self.encoder_refs, self.encoder_refs >= 0, "must be >= 0"),
             ("threads", self.threads, self.threads is None or self.threads >= 1, "must be >= 1"),
             ("clock", self.clock, self.clock in CLOCKS, f"choose from {tuple(CLOCKS)}"),
+            ("cpu_heap", self.cpu_heap, self.cpu_heap in CPU_HEAPS, f"choose from {CPU_HEAPS}"),
         ]
         problems = [Problem(name, value, message) for name, value, ok, message in checks if not ok]
         if self.device.split(":")[0] not in ("cpu", "cuda"):
@@ -104,6 +111,11 @@ class CaseResult:
     def ratio(self) -> float:
         return self.conditioned_s / self.plain_s
 
+    @property
+    def round_ratios(self) -> tuple[float, ...]:
+        """Conditioned / plain within each round (measured minutes apart at most): the spread shows the noise."""
+        return tuple(c / p for c, p in zip(self.conditioned_times, self.plain_times, strict=True))
+
 
 @dataclass(frozen=True)
 class PrepareResult:
@@ -137,6 +149,7 @@ class BenchReport:
     device_name: str
     memory_method: str | None  # None: memory not measured (why is in `memory_note`)
     memory_note: str
+    heap_kept: bool  # the CPU heap keeps freed memory (cpu_heap.keep_freed_memory took effect)
     cases: list[CaseResult]
     prepares: list[PrepareResult]
     encoders: EncoderResult | None = None
@@ -144,7 +157,9 @@ class BenchReport:
     def to_dict(self) -> dict:
         data = asdict(self)
         for case, row in zip(self.cases, data["cases"], strict=True):
-            row.update(plain_s=case.plain_s, conditioned_s=case.conditioned_s, ratio=case.ratio)
+            row.update(
+                plain_s=case.plain_s, conditioned_s=case.conditioned_s, ratio=case.ratio, round_ratios=case.round_ratios
+            )
         for prep, row in zip(self.prepares, data["prepares"], strict=True):
             row["fraction"] = prep.fraction
         return data
@@ -244,7 +259,7 @@ def _group(model, cfg: BenchConfig, mode: str, tokens: int, memory: PeakMemory) 
                 refs=r,
                 covered=covered,
                 regions=cond.image_regions.num_regions,
-                layout_slots=pack_rows(cond.packing, tokens).num_slots if r else 0,
+                layout_slots=pack_rows(cond.packing, tokens, cfg.assemble_calls).num_slots if r else 0,
                 plain_times=tuple(times["plain"]),
                 conditioned_times=tuple(times[r]),
                 plain_peak_mib=peaks["plain"],
@@ -305,9 +320,16 @@ def run_benchmark(cfg: BenchConfig) -> BenchReport:
 
 def _run(cfg: BenchConfig) -> BenchReport:
     device = torch.device(cfg.device)
+    if device.type == "cpu" and cfg.cpu_heap == "keep":
+        keep_freed_memory()
+    elif device.type == "cpu" and heap_kept():
+        raise ValidationError(
+            [Problem("cpu_heap", cfg.cpu_heap, "this process already keeps freed memory; use a new one")]
+        )
     torch.manual_seed(cfg.seed)
     encoders = _encoder_time(cfg) if cfg.encoder_refs > 0 else None
     model = build_model(cfg.shape, max(cfg.refs)).to(device=device, dtype=DTYPES[cfg.dtype])
+    model.assemble_calls = cfg.assemble_calls
     model.transformer.requires_grad_(False)  # base frozen, adapter trainable, as in training
     model.adapter.requires_grad_(True)
     memory = PeakMemory(device)
@@ -321,6 +343,7 @@ def _run(cfg: BenchConfig) -> BenchReport:
         device_name=_device_name(device),
         memory_method=memory.method,
         memory_note=memory.note,
+        heap_kept=heap_kept(),
         cases=cases,
         prepares=prepares,
         encoders=encoders,
@@ -350,17 +373,21 @@ def format_header(report: BenchReport) -> str:
     return (
         f"{report.device_name} ({report.cpu_count} cores, {report.threads} torch threads), torch "
         f"{report.torch_version}, {cfg.dtype}; FLUX width {shape.heads} x {shape.head_dim} = {shape.width}, "
-        f"{shape.double_blocks} double + {shape.single_blocks} single block; {cfg.clock} clock, median of "
-        f"{cfg.repeats} after {cfg.warmup} warm-up; memory: {report.memory_note}"
+        f"{shape.double_blocks} double + {shape.single_blocks} single block; Assemble-Attn <= {cfg.assemble_calls} "
+        f"call(s) per layout block; {cfg.clock} clock, median of {cfg.repeats} after {cfg.warmup} warm-up; "
+        + (f"CPU heap: {HEAP_NOTES[report.heap_kept]}; " if cfg.device == "cpu" else "")
+        + f"memory: {report.memory_note}"
     )
 
 
 def format_case(case: CaseResult) -> str:
     """`forward 4096 tokens 50 refs: plain 3.41 s, conditioned 3.62 s, ratio 1.06 [...]`."""
+    rounds = case.round_ratios
     line = (
         f"{case.mode} {case.tokens} tokens {case.refs} refs: plain {case.plain_s:.3g} s, "
         f"conditioned {case.conditioned_s:.3g} s, ratio {case.ratio:.2f} "
-        f"[covered {100 * case.covered:.0f}%, {case.regions} regions, {case.layout_slots} layout slots"
+        f"[rounds {min(rounds):.2f}-{max(rounds):.2f}, covered {100 * case.covered:.0f}%, "
+        f"{case.regions} regions, {case.layout_slots} layout slots"
     )
     if case.plain_peak_mib is not None and case.conditioned_peak_mib is not None:
         line += f", peak MiB plain {case.plain_peak_mib:.0f} / conditioned {case.conditioned_peak_mib:.0f}"

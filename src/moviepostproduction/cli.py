@@ -269,9 +269,15 @@ def bench(
     dtype: str = typer.Option("", "--dtype", help="fp32, bf16 or fp16 [cpu: fp32, cuda: bf16]."),
     coverage: float = typer.Option(0.5, "--coverage", help="Fraction of the image inside the union of the boxes."),
     layout: bool = typer.Option(True, "--layout/--no-layout", help="Assemble-Attn on (early steps) or off (later)."),
+    assemble_calls: int | None = typer.Option(
+        None, "--assemble-calls", help="Assemble-Attn attention calls per layout block at most [4]; 1: one padded call."
+    ),
     encoder_refs: int = typer.Option(50, "--encoder-refs", help="Images through CLIP + DINOv2, timed once (0: skip)."),
     threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads [default: torch's]."),
     clock: str = typer.Option("wall", "--clock", help="wall, or process (CPU time; steadier on a shared CPU)."),
+    cpu_heap: str = typer.Option(
+        "keep", "--cpu-heap", help="keep: freed memory stays in the process (as on CUDA); system: glibc defaults."
+    ),
     tiny: bool = typer.Option(False, "--tiny", help="Test-size model (D=32) instead of FLUX.1-dev width."),
     json_out: str | None = typer.Option(None, "--json", help="Also write every timing to this JSON file."),
 ) -> None:
@@ -279,6 +285,7 @@ def bench(
     import json
     from pathlib import Path
 
+    from .backbones.assemble_rows import MAX_BUCKETS
     from .bench import (
         BenchConfig,
         default_dtype,
@@ -304,9 +311,11 @@ def bench(
         dtype=dtype or default_dtype(device),
         coverage=coverage,
         layout_active=layout,
+        assemble_calls=MAX_BUCKETS if assemble_calls is None else assemble_calls,
         encoder_refs=encoder_refs,
         threads=threads,
         clock=clock,
+        cpu_heap=cpu_heap,
         shape=BenchShape().tiny() if tiny else BenchShape(),
     )
     report = run_benchmark(cfg)

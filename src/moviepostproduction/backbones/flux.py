@@ -25,20 +25,26 @@ from torch.utils.checkpoint import checkpoint
 from ..conditioning import Conditioning, RegionMap
 from ..modules.adapter import CompositionAdapter
 from .assemble import add_on_covered, assemble_residual, capture_image_qkv, image_qkv
-from .assemble_rows import PackedRows, pack_rows
+from .assemble_rows import MAX_BUCKETS, PackedRows, pack_rows
 
 
-def region_modulation(norm: nn.Module, temb: torch.Tensor, offsets, regions: RegionMap | None, chunks: int):
+def region_modulation(
+    norm: nn.Module, temb: torch.Tensor, offsets, regions: RegionMap | None, chunks: int, scales: tuple[int, ...] = ()
+):
     """The block's AdaLN linear on one temb per region, gathered to tokens.
 
     temb (B, D); offsets (B, R, D) or None; returns `chunks` tensors each (B, N, D), or (B, 1, D) when every
-    token shares the base temb (no offsets, or a single region).
+    token shares the base temb (no offsets, or a single region). The chunks listed in `scales` come back as
+    1 + scale, added in region space, so the token-sized modulation is a single `addcmul`.
     """
     if offsets is None or regions is None:
         temb_regions = temb[:, None]  # (B, 1, D)
     else:
         temb_regions = temb[:, None] + torch.bmm(regions.coef.to(offsets.dtype), offsets)  # (B, U, D)
     emb = norm.linear(norm.silu(temb_regions))  # (B, U, chunks * D)
+    one = emb.new_zeros(chunks, emb.shape[-1] // chunks)
+    one[list(scales)] = 1
+    emb = emb + one.flatten()
     b, u = emb.shape[:2]
     if u == 1:
         return emb.chunk(chunks, dim=-1)
@@ -49,8 +55,15 @@ def region_modulation(norm: nn.Module, temb: torch.Tensor, offsets, regions: Reg
     return tuple(part.index_select(0, rows).view(b, -1, part.shape[-1]) for part in parts)  # each (B, N, D)
 
 
-def _modulate(norm_layer: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return norm_layer(x) * (1 + scale) + shift
+def multiply_add(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """base + a * b. Sampling: one pass (`addcmul`). Under autograd: mul + add, because addcmul's backward first
+    multiplies each factor by its `value` argument, an extra token-sized pass per factor."""
+    return base + a * b if torch.is_grad_enabled() else torch.addcmul(base, a, b)
+
+
+def _modulate(norm_layer: nn.Module, x: torch.Tensor, shift: torch.Tensor, one_plus_scale: torch.Tensor):
+    """AdaLN-Zero's norm(x) * (1 + scale) + shift, the 1 already added in region space."""
+    return multiply_add(shift, norm_layer(x), one_plus_scale)
 
 
 @dataclass
@@ -70,10 +83,10 @@ def double_block_forward(block, x, ctx, temb, rope, inputs: BlockInputs):
     img_regions = cond.image_regions if cond is not None else None
     txt_regions = cond.text_regions if cond is not None else None
     shift, scale, gate, shift_ff, scale_ff, gate_ff = region_modulation(
-        block.norm1, temb, inputs.image_offsets, img_regions, 6
+        block.norm1, temb, inputs.image_offsets, img_regions, 6, scales=(1, 4)
     )
     c_shift, c_scale, c_gate, c_shift_ff, c_scale_ff, c_gate_ff = region_modulation(
-        block.norm1_context, temb, inputs.text_offsets, txt_regions, 6
+        block.norm1_context, temb, inputs.text_offsets, txt_regions, 6, scales=(1, 4)
     )
     norm_x = _modulate(block.norm1.norm, x, shift, scale)
     norm_ctx = _modulate(block.norm1_context.norm, ctx, c_shift, c_scale)
@@ -82,16 +95,16 @@ def double_block_forward(block, x, ctx, temb, rope, inputs: BlockInputs):
         attn_out, ctx_attn_out = block.attn(
             hidden_states=norm_x, encoder_hidden_states=norm_ctx, image_rotary_emb=rope[1]
         )
-    x = x + gate * attn_out
+    x = multiply_add(x, gate, attn_out)
     if layout:
         qkv = image_qkv(block.attn, norm_x, found)
         rows = inputs.rows if inputs.rows is not None else pack_rows(cond.packing, x.shape[0] * x.shape[1])
         values = assemble_residual(block.attn, inputs.assemble, qkv, cond.layout_tokens, cond.packing, rows, rope[2])
         x = add_on_covered(x, gate, values, rows.covered)
-    x = x + gate_ff * block.ff(_modulate(block.norm2, x, shift_ff, scale_ff))
+    x = multiply_add(x, gate_ff, block.ff(_modulate(block.norm2, x, shift_ff, scale_ff)))
 
-    ctx = ctx + c_gate * ctx_attn_out
-    ctx = ctx + c_gate_ff * block.ff_context(_modulate(block.norm2_context, ctx, c_shift_ff, c_scale_ff))
+    ctx = multiply_add(ctx, c_gate, ctx_attn_out)
+    ctx = multiply_add(ctx, c_gate_ff, block.ff_context(_modulate(block.norm2_context, ctx, c_shift_ff, c_scale_ff)))
     if ctx.dtype == torch.float16:
         ctx = ctx.clip(-65504, 65504)
     return ctx, x
@@ -102,21 +115,28 @@ def single_block_forward(block, x, ctx, temb, rope, inputs: BlockInputs):
     text_len = ctx.shape[1]
     seq = torch.cat([ctx, x], dim=1)  # (B, T + N, D)
     regions = inputs.cond.joint_regions if inputs.cond is not None else None
-    shift, scale, gate = region_modulation(block.norm, temb, inputs.image_offsets, regions, 3)
+    shift, scale, gate = region_modulation(block.norm, temb, inputs.image_offsets, regions, 3, scales=(1,))
     norm_seq = _modulate(block.norm.norm, seq, shift, scale)
     mlp = block.act_mlp(block.proj_mlp(norm_seq))
     attn_out = block.attn(hidden_states=norm_seq, image_rotary_emb=rope[1])
-    seq = seq + gate * block.proj_out(torch.cat([attn_out, mlp], dim=2))
+    seq = multiply_add(seq, gate, block.proj_out(torch.cat([attn_out, mlp], dim=2)))
     if seq.dtype == torch.float16:
         seq = seq.clip(-65504, 65504)
     return seq[:, :text_len], seq[:, text_len:]
 
 
 class ConditionedFlux(nn.Module):
-    """A stock FluxTransformer2DModel plus a CompositionAdapter; a pure velocity predictor."""
+    """A stock FluxTransformer2DModel plus a CompositionAdapter; a pure velocity predictor.
 
-    def __init__(self, transformer: nn.Module, adapter: CompositionAdapter):
+    `assemble_calls`: attention calls per layout block at most (size buckets, `assemble_rows`); 1 is a single
+    padded call over every group. Same output either way (to rounding), the default does less work.
+    """
+
+    def __init__(self, transformer: nn.Module, adapter: CompositionAdapter, assemble_calls: int = MAX_BUCKETS):
         super().__init__()
+        if assemble_calls < 1:
+            raise ValueError(f"assemble_calls={assemble_calls}: need at least 1 attention call per layout block")
+        self.assemble_calls = assemble_calls
         cfg = transformer.config
         if adapter.cfg.hidden_dim != cfg.num_attention_heads * cfg.attention_head_dim:
             raise ValueError(
@@ -178,7 +198,8 @@ class ConditionedFlux(nn.Module):
         adapter = self.adapter
         layout_rows = None
         if cond is not None and layout_active and adapter.assemble and cond.packing.num_groups > 0:
-            layout_rows = pack_rows(cond.packing, x.shape[0] * x.shape[1])  # once for every layout block
+            n = x.shape[0] * x.shape[1]
+            layout_rows = pack_rows(cond.packing, n, self.assemble_calls)  # once for every layout block
         feedback = None
         for b, block in enumerate(tr.transformer_blocks):
             inputs = BlockInputs(cond, rows=layout_rows)

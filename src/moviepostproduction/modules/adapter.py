@@ -100,7 +100,9 @@ class CompositionAdapter(nn.Module):
             pool_weights=hard.to(dtype) / counts,
             image_regions=build_regions(soft, alpha),
             text_regions=build_regions(text, alpha) if refs.text_spans is not None else None,
-            joint_regions=build_regions(torch.cat([text, soft], dim=-1), alpha * foreground),
+            # Background refs do not modulate single blocks: grouping on foreground masks only merges the tokens
+            # that differ only in background boxes (same temb), so fewer AdaLN rows, same values and gradients.
+            joint_regions=build_regions(torch.cat([text, soft], dim=-1) * foreground[..., None], alpha * foreground),
             packing=build_packing(hard, valid),
             grid=grid,
         )
