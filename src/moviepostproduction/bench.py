@@ -375,7 +375,7 @@ def format_header(report: BenchReport) -> str:
         f"{report.torch_version}, {cfg.dtype}; FLUX width {shape.heads} x {shape.head_dim} = {shape.width}, "
         f"{shape.double_blocks} double + {shape.single_blocks} single block; Assemble-Attn <= {cfg.assemble_calls} "
         f"call(s) per layout block; {cfg.clock} clock, median of {cfg.repeats} after {cfg.warmup} warm-up; "
-        + (f"CPU heap: {HEAP_NOTES[report.heap_kept]}; " if cfg.device == "cpu" else "")
+        + (f"CPU heap: {HEAP_NOTES[report.heap_kept]}; " if cfg.device.startswith("cpu") else "")
         + f"memory: {report.memory_note}"
     )
 

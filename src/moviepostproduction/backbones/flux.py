@@ -42,9 +42,10 @@ def region_modulation(
     else:
         temb_regions = temb[:, None] + torch.bmm(regions.coef.to(offsets.dtype), offsets)  # (B, U, D)
     emb = norm.linear(norm.silu(temb_regions))  # (B, U, chunks * D)
-    one = emb.new_zeros(chunks, emb.shape[-1] // chunks)
-    one[list(scales)] = 1
-    emb = emb + one.flatten()
+    if scales:
+        one = emb.new_zeros(chunks, emb.shape[-1] // chunks)  # 1 on the listed chunks, 0 elsewhere
+        one[list(scales)] = 1
+        emb = emb + one.flatten()
     b, u = emb.shape[:2]
     if u == 1:
         return emb.chunk(chunks, dim=-1)
