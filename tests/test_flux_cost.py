@@ -28,7 +28,7 @@ from moviepostproduction.backbones.assemble_rows import MAX_BUCKETS, first_fit_r
 from moviepostproduction.backbones.flux import ConditionedFlux
 from moviepostproduction.bench_setup import bench_refs, token_grid
 from moviepostproduction.conditioning import RefBatch, build_regions
-from moviepostproduction.layout import bbox_token_mask, gaussian_token_mask
+from moviepostproduction.layout import bbox_token_mask
 from moviepostproduction.modules import CompositionAdapter
 
 from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits
@@ -111,21 +111,13 @@ def test_single_block_regions_group_foreground_boxes_only_with_the_same_velocity
         cond = model.prepare(refs, GRID, TEXT)
         fg = cond.foreground
         assert 0 < int(fg.sum()) < 5  # a mixed scene
-        masks = torch.cat([refs.text_spans.float(), gaussian_or_hard(model, refs)], dim=-1)  # (1, R, T + N)
+        masks = torch.cat([refs.text_spans.float(), model.adapter.modulation_masks(refs, GRID)], dim=-1)  # (1, R, T+N)
         every_box = build_regions(masks, cond.alpha * fg)  # grouped on every ref's box
         fg_patterns = torch.unique((masks * fg[..., None])[0].T, dim=0).shape[0]
         assert cond.joint_regions.num_regions == fg_patterns < every_box.num_regions
         fast = model(**inputs, conditioning=cond)
         slow = model(**inputs, conditioning=dataclasses.replace(cond, joint_regions=every_box))
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
-
-
-def gaussian_or_hard(model: ConditionedFlux, refs: RefBatch) -> torch.Tensor:
-    """The image-token masks `prepare` groups regions on (B, R, N)."""
-    cfg = model.adapter.cfg
-    if cfg.soft_masks:
-        return gaussian_token_mask(refs.bboxes, GRID, cfg.soft_sigma).float() * refs.valid[..., None]
-    return (bbox_token_mask(refs.bboxes, GRID) & refs.valid[..., None]).float()
 
 
 @pytest.mark.parametrize("refs", [1, 3, 7])

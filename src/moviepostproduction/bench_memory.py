@@ -7,21 +7,15 @@ are handed back to the OS first (glibc `malloc_trim`) so an earlier call's lefto
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import threading
 from collections.abc import Callable
 
 import torch
 
+from .cpu_heap import return_freed_memory
+
 SAMPLE_S = 0.002  # RSS sampling period on CPU
-
-
-def _trim_heap() -> None:
-    """Return freed malloc pages to the OS where glibc allows it; a no-op elsewhere."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PeakMemory:
@@ -56,7 +50,7 @@ class PeakMemory:
         if self._process is None:
             fn()
             return None
-        _trim_heap()
+        return_freed_memory()
         base = self._process.memory_info().rss
         peak = [base]
         done = threading.Event()

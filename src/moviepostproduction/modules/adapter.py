@@ -68,6 +68,13 @@ class CompositionAdapter(nn.Module):
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
+    def modulation_masks(self, refs: RefBatch, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, R, N) weight of each ref on each image token: Gaussian falloff (soft_masks) or its hard box."""
+        valid = refs.valid[..., None]
+        if self.cfg.soft_masks:
+            return gaussian_token_mask(refs.bboxes, grid, self.cfg.soft_sigma).to(refs.clip.dtype) * valid
+        return (bbox_token_mask(refs.bboxes, grid) & valid).to(refs.clip.dtype)
+
     def prepare(self, refs: RefBatch, grid: tuple[int, int], text_len: int) -> Conditioning:
         """Everything that does not depend on the noisy latent, for an (H, W) image-token grid."""
         if refs.num_refs > self.cfg.max_refs:
@@ -79,10 +86,7 @@ class CompositionAdapter(nn.Module):
         instance = self.instance_encoder(refs.bboxes, refs.clip, refs.dino, alpha)  # (B, R, D)
 
         hard = bbox_token_mask(refs.bboxes, grid) & valid[..., None]  # (B, R, N)
-        if self.cfg.soft_masks:
-            soft = gaussian_token_mask(refs.bboxes, grid, self.cfg.soft_sigma).to(dtype) * valid[..., None]
-        else:
-            soft = hard.to(dtype)
+        soft = self.modulation_masks(refs, grid)
         foreground = valid & (alpha >= 0.5)
         b, r, _ = hard.shape
         text = (
