@@ -5,9 +5,11 @@ scripts/train_toy_encoders.py, docs/toy-model.md)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,6 +34,7 @@ from moviepostproduction.training.toy_data import (
     build_caption_pool,
     build_sprite_pool,
     generate_scenes,
+    permute_channels,
     scene_pixels,
 )
 from moviepostproduction.training.toy_encoders import EncoderTask, EncoderTrainConfig
@@ -223,6 +226,41 @@ def test_encoder_task_loss_decreases_on_a_fixed_batch(loaded, scenes) -> None:
     assert losses[-1] < 0.8 * losses[0]
 
 
+def test_permute_channels_reorders_rgb_in_pixel_space(loaded, scenes) -> None:
+    from PIL import Image
+
+    image = loaded[1]
+    ref = scenes[0].refs[0].image  # (S, S, 3) uint8
+    swapped = np.ascontiguousarray(ref[..., [2, 0, 1]])
+    ours = permute_channels(image.clip_pre([Image.fromarray(ref)]), torch.tensor([[2, 0, 1]]), image.clip_pre)
+    torch.testing.assert_close(ours, image.clip_pre([Image.fromarray(swapped)]), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="mean and std"):
+        permute_channels(ours, torch.tensor([[2, 0, 1]]), dataclasses.replace(image.clip_pre, mean=None))
+
+
+def test_recoloured_views_train_shape_and_pattern_only(loaded, scenes) -> None:
+    text, image, _ = loaded
+    sprites = build_sprite_pool(scenes, image.clip_pre, image.dino_pre, SPEC.patch_size)
+    captions = build_caption_pool(scenes, text.clip_tokenizer, text.t5_tokenizer, t5_tokens=64)
+    encoders = {"clip_vision": image.clip, "dino": image.dino, "clip_text": text.clip, "t5": text.t5}
+    cfg = EncoderTrainConfig(sprite_batch=16, caption_batch=2, recolour_prob=0.5)
+    task = EncoderTask(encoders, text.clip_tokenizer, sprites, captions, cfg)
+    idx = torch.arange(16) % len(sprites)
+    clip, dino, recoloured = task._recolour(idx, torch.Generator().manual_seed(3))
+    assert 0 < int(recoloured.sum()) < 16  # p = 0.5 over 16 views
+    assert torch.equal(clip[~recoloured], sprites.clip_pixels[idx[~recoloured]])
+    assert not torch.isclose(dino[recoloured], sprites.dino_pixels[idx[recoloured]]).all()
+    # Same draws, same loss (exact resume); recolour_prob 0 leaves the pixels and the old loss as they were.
+    a = task.loss({"sprite": idx, "caption": torch.arange(2)}, torch.Generator().manual_seed(3))
+    b = task.loss({"sprite": idx, "caption": torch.arange(2)}, torch.Generator().manual_seed(3))
+    assert a.logs == b.logs
+    plain = EncoderTask(encoders, text.clip_tokenizer, sprites, captions, dataclasses.replace(cfg, recolour_prob=0.0))
+    clip0, _, none = plain._recolour(idx, torch.Generator().manual_seed(3))
+    assert not none.any() and torch.equal(clip0, sprites.clip_pixels[idx])
+    with pytest.raises(ValidationError, match=r"recolour_prob: must be in \[0, 1\) \(got 1.0\)"):
+        EncoderTrainConfig(recolour_prob=1.0)
+
+
 def test_latent_normalisation_gives_zero_mean_unit_variance(loaded, scenes) -> None:
     vae = loaded[2]
     pixels = scene_pixels(scenes)
@@ -258,3 +296,5 @@ def test_probe_accuracy_separates_separable_data_and_not_noise() -> None:
 def test_run_config_errors_name_the_field() -> None:
     with pytest.raises(ValidationError, match="vae_steps: .*must be >= 1"):
         ToyEncodersConfig(out="x", vae_steps=0)
+    with pytest.raises(ValidationError, match=r"encoder_decay_steps: must be in \[0, encoder_steps\] \(got 900\)"):
+        ToyEncodersConfig(out="x", encoder_steps=800, encoder_decay_steps=900)

@@ -45,6 +45,7 @@ class ToyEncodersConfig:
     vae_steps: int = 600
     decoder_steps: int = 0  # then the decoder alone on the frozen encoder (0: none); LR cools down over its 2nd half
     encoder_steps: int = 800
+    encoder_decay_steps: int = 0  # linear LR cooldown to 0 over the encoders' last n steps (0: constant LR)
     train_scenes: int = 2000  # training pool (scene indices 0 .. n-1 of the train split)
     heldout_scenes: int = 200  # evaluation (held-out split)
     probe_scenes: int = 500  # probe fit: the first n training scenes
@@ -59,6 +60,8 @@ class ToyEncodersConfig:
         problems = [Problem(n, getattr(self, n), "must be >= 1") for n in counts if getattr(self, n) < 1]
         if self.decoder_steps < 0:
             problems.append(Problem("decoder_steps", self.decoder_steps, "must be >= 0"))
+        if not 0 <= self.encoder_decay_steps <= self.encoder_steps:
+            problems.append(Problem("encoder_decay_steps", self.encoder_decay_steps, "must be in [0, encoder_steps]"))
         if self.probe_scenes > self.train_scenes or self.stats_scenes > self.train_scenes:
             problems.append(Problem("probe_scenes", self.probe_scenes, f"must be <= train_scenes {self.train_scenes}"))
         if problems:
@@ -176,7 +179,7 @@ def train_toy_encoders(cfg: ToyEncodersConfig, command: str = "") -> dict[str, A
     captions = build_caption_pool(train, text.clip_tokenizer, text.t5_tokenizer, t5_tokens)
     encoders = {"clip_vision": image.clip, "dino": image.dino, "clip_text": text.clip, "t5": text.t5}
     task = EncoderTask(encoders, text.clip_tokenizer, sprites, captions, cfg.encoders)
-    enc_losses = _train(task, cfg, "encoders", cfg.encoder_steps)
+    enc_losses = _train(task, cfg, "encoders", cfg.encoder_steps, decay_steps=cfg.encoder_decay_steps)
 
     trained = {"vae": vae.model, "text_encoder": text.clip, "text_encoder_2": text.t5,
                "image_encoders/clip": image.clip, "image_encoders/dino": image.dino}  # fmt: skip

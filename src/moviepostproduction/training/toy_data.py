@@ -29,6 +29,7 @@ __all__ = [
     "build_caption_pool",
     "build_sprite_pool",
     "generate_scenes",
+    "permute_channels",
     "scene_pixels",
 ]
 
@@ -64,6 +65,8 @@ class SpritePool:
     patch_labels: dict[str, torch.Tensor]  # colour / shape -> (N, P) long, "none" where no sprite shows
     captions: list[str]  # "a red striped star"
     is_crop: torch.Tensor  # (N,) bool: scene crop (True) or reference image (False)
+    clip_pre: ImagePreprocess | None = None  # the preprocessing behind clip_pixels / dino_pixels (to recolour)
+    dino_pre: ImagePreprocess | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -128,7 +131,25 @@ def build_sprite_pool(
         patch_labels=patch_labels,
         captions=[r[3] for r in rows],
         is_crop=torch.tensor([r[4] for r in rows]),
+        clip_pre=clip_pre,
+        dino_pre=dino_pre,
     )
+
+
+# The five RGB channel orders other than the identity: a red sprite becomes green or blue, white stays white.
+CHANNEL_ORDERS = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+
+
+def permute_channels(pixels: torch.Tensor, orders: torch.Tensor, pre: ImagePreprocess) -> torch.Tensor:
+    """(B, 3, S, S) preprocessed pixels with each row's RGB channels reordered by orders (B, 3), in pixel space:
+    un-normalise with `pre`'s mean / std, reorder, normalise again."""
+    if pre.mean is None or pre.std is None:
+        raise ValueError("permute_channels needs a preprocessing with mean and std")
+    mean = torch.tensor(pre.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    raw = pixels * std + mean
+    index = orders.to(pixels.device)[:, :, None, None].expand_as(raw)
+    return (raw.gather(1, index) - mean) / std
 
 
 @dataclass

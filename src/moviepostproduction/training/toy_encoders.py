@@ -7,6 +7,10 @@ T5EncoderModel), trained jointly so that their frozen features carry the toy wor
 - CLIP text pooled output of a scene caption: its background and front sprite;
 - T5 tokens: colour / shape / pattern / depth of the sprite phrase each token belongs to ("none" elsewhere).
 
+Optionally (`recolour_prob`) a share of the sprite views has its RGB channels reordered: those views train the
+shape and pattern heads only (colour is ignored, and they leave the contrastive loss), so that shape features
+cannot lean on the sprite's hue.
+
 The heads only shape the features; they are discarded when the model dir is written.
 """
 
@@ -21,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import Problem, ValidationError
 from .task import LossOutput
-from .toy_data import ATTRIBUTES, IGNORE, CaptionPool, SpritePool
+from .toy_data import ATTRIBUTES, CHANNEL_ORDERS, IGNORE, CaptionPool, SpritePool, permute_channels
 
 __all__ = ["EncoderTask", "EncoderTrainConfig", "ToyHeads"]
 
@@ -42,6 +47,11 @@ class EncoderTrainConfig:
     # T5 runs without an attention mask (as in FLUX), so padding shapes its features: train on several padded
     # lengths (trailing pads cut off the pool's longest) so the tokens mean the same at 64 or 512.
     t5_lengths: tuple[int, ...] = (64, 512)
+    recolour_prob: float = 0.0  # share of sprite views with reordered RGB channels (shape / pattern labels only)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.recolour_prob < 1.0:
+            raise ValidationError([Problem("recolour_prob", self.recolour_prob, "must be in [0, 1)")])
 
 
 def _heads(dim: int, attrs: tuple[str, ...], none_class: bool) -> nn.ModuleDict:
@@ -131,19 +141,52 @@ class EncoderTask:
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossOutput:
         pick = int(torch.randint(len(self.cfg.t5_lengths), (1,), generator=generator, device=generator.device))
         length = min(self.cfg.t5_lengths[pick], self.captions.t5_ids.shape[1])
-        parts = {**self._image_losses(batch["sprite"]), **self._caption_losses(batch["caption"], length)}
+        parts = {**self._image_losses(batch["sprite"], generator), **self._caption_losses(batch["caption"], length)}
         total = sum(self.cfg.contrastive_weight * v if k == "contrastive" else v for k, v in parts.items())
         return LossOutput(total, {k: float(v.detach()) for k, v in parts.items()})
 
-    def _image_losses(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        dev, sp = self.device, self.sprites
-        labels = {a: sp.labels[a][idx].to(dev) for a in SPRITE_ATTRS}
-        clip = self.encoders["clip_vision"](pixel_values=sp.clip_pixels[idx].to(dev)).image_embeds  # (B, C)
-        dino = self.encoders["dino"](pixel_values=sp.dino_pixels[idx].to(dev))
-        cls, patches = dino.pooler_output, dino.last_hidden_state[:, 1:]  # (B, G), (B, P, G)
-        patch_labels = {a: sp.patch_labels[a][idx].to(dev) for a in PATCH_ATTRS}
+    def _recolour(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """(clip pixels, dino pixels, recoloured (B,) bool) of the views idx; a view is recoloured with
+        probability recolour_prob, by one of the five non-identity channel orders."""
+        sp = self.sprites
+        clip, dino = sp.clip_pixels[idx].to(self.device), sp.dino_pixels[idx].to(self.device)
+        if self.cfg.recolour_prob == 0.0:
+            return clip, dino, torch.zeros(len(idx), dtype=torch.bool, device=self.device)
+        if sp.clip_pre is None or sp.dino_pre is None:
+            raise ValueError("recolour_prob > 0 needs a SpritePool built with its preprocessing (build_sprite_pool)")
+        draw = torch.rand(len(idx), generator=generator, device=generator.device).to(self.device)
+        pick = torch.randint(len(CHANNEL_ORDERS), (len(idx),), generator=generator, device=generator.device)
+        recoloured = draw < self.cfg.recolour_prob  # (B,)
+        orders = CHANNEL_ORDERS[pick.cpu()]  # (B, 3)
+        keep = ~recoloured[:, None, None, None]  # the other views stay bit-exact
+        clip = torch.where(keep, clip, permute_channels(clip, orders, sp.clip_pre))
+        return clip, torch.where(keep, dino, permute_channels(dino, orders, sp.dino_pre)), recoloured
 
-        # CLIP contrastive over the distinct captions of the batch (rows sharing a caption are all positives).
+    def _image_losses(self, idx: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        dev, sp = self.device, self.sprites
+        clip_px, dino_px, recoloured = self._recolour(idx, generator)
+        labels = {a: sp.labels[a][idx].to(dev) for a in SPRITE_ATTRS}
+        patch_labels = {a: sp.patch_labels[a][idx].to(dev) for a in PATCH_ATTRS}
+        # A recoloured view keeps its shape and pattern; its colour (a sprite patch's too) is unknown.
+        labels["colour"] = labels["colour"].masked_fill(recoloured, IGNORE)
+        none = len(ATTRIBUTES["colour"])
+        patch_labels["colour"] = patch_labels["colour"].masked_fill(
+            recoloured[:, None] & (patch_labels["colour"] != none), IGNORE
+        )
+        clip = self.encoders["clip_vision"](pixel_values=clip_px).image_embeds  # (B, C)
+        dino = self.encoders["dino"](pixel_values=dino_px)
+        cls, patches = dino.pooler_output, dino.last_hidden_state[:, 1:]  # (B, G), (B, P, G)
+        out = {
+            "clip_attr": _ce(self.heads.clip, clip, labels),
+            "dino_attr": _ce(self.heads.dino, cls, labels),
+            "dino_patch": _ce(self.heads.patch, patches, patch_labels),
+        }
+        return out | self._contrastive(clip[~recoloured], idx[~recoloured.cpu()])
+
+    def _contrastive(self, clip: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CLIP contrastive loss between image embeds (B, C) of views idx and their captions' pooled outputs, over
+        the distinct captions of the batch (rows sharing a caption are all positives); caption attribute heads."""
+        dev = self.device
         unique, which = torch.unique(self.caption_index[idx], return_inverse=True)  # (U,), (B,)
         text = self.encoders["clip_text"](input_ids=self.caption_ids[unique].to(dev)).pooler_output  # (U, D)
         scale = self.heads.logit_scale.exp().clamp(max=100)
@@ -152,13 +195,9 @@ class EncoderTask:
         positives = F.one_hot(which, len(unique)).T.float()  # (U, B)
         to_text = F.cross_entropy(logits, which)
         to_image = F.cross_entropy(logits.T, positives / positives.sum(1, keepdim=True))  # soft: several positives
-        contrastive = 0.5 * (to_text + to_image)
         text_labels = {a: self.caption_labels[a][unique].to(dev) for a in SPRITE_ATTRS}
         return {
-            "clip_attr": _ce(self.heads.clip, clip, labels),
-            "dino_attr": _ce(self.heads.dino, cls, labels),
-            "dino_patch": _ce(self.heads.patch, patches, patch_labels),
-            "contrastive": contrastive,
+            "contrastive": 0.5 * (to_text + to_image),
             "clip_text_attr": _ce(self.heads.ref_text, text, text_labels),
         }
 
