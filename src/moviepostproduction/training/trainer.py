@@ -104,6 +104,7 @@ class Trainer:
 
         self.task, self.config = task, config
         self.out = Path(config.out_dir)
+        self.owns_accelerator = accelerator is None  # then run() also ends it: trackers, process group
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
             log_with="tensorboard" if config.tensorboard else None,
@@ -291,8 +292,12 @@ class Trainer:
             self.write_samples(step)
         if acc.is_main_process:
             self.write_curves(losses, logs)
-            if cfg.tensorboard:
-                acc.end_training()
+        acc.wait_for_everyone()
+        if self.owns_accelerator:  # every rank: a gloo/NCCL group left alive aborts at interpreter exit
+            acc.end_training()
+        elif acc.is_main_process and cfg.tensorboard:
+            for tracker in acc.trackers:
+                tracker.finish()
         return TrainResult(step, losses, last, warm, logs)
 
     # -------------------------------------------------------------------------------------------- outputs
