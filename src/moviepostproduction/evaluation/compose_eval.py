@@ -3,12 +3,13 @@
 Per scene and ref: the sprite of the ref's colour is located in the generated image (largest region of that
 colour) and compared with the requested bbox (IoU, centre error; a ref that is not found scores IoU 0);
 fg refs that the layout leaves >= 90% visible are checked for identity (same named colour and shape class
-in the ref and in the crop at the requested bbox). Leakage: the scene is generated again without its last
-ref (same seed) and the mean change outside every box is measured. Variants: the model as is, its two
-pathway ablations (layout-only: the modulation offsets and feedback off; modulation-only: Assemble-Attn
-off), the untrained model (same architecture and frozen encoders, random transformer + adapter), and
-`vae-roundtrip`: the target scenes themselves encoded and decoded by the model's VAE, no transformer; the most
-any backbone generating in that latent space can score (its leakage is not defined).
+in the ref and in the crop at the requested bbox; both parts are also reported alone: fg colour, fg shape).
+Leakage: the scene is generated again without its last ref (same seed) and the mean change outside every box
+is measured. Variants: the model as is, its two pathway ablations (layout-only: the modulation offsets and
+feedback off; modulation-only: Assemble-Attn off), the untrained model (same architecture and frozen encoders,
+random transformer + adapter), and `vae-roundtrip`: the target scenes themselves encoded and decoded by the
+model's VAE, no transformer; the most any backbone generating in that latent space can score (its leakage is
+not defined).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..data.shards import encode_png
 from ..data.synthetic import ToyScene, ToyWorldConfig, generate_scene
 from ..scene import Scene, scene_from_dict
 from .metrics import bbox_iou, centre_error, leakage
-from .sprite_match import identity_match, locate_sprite
+from .sprite_match import identity_parts, locate_sprite
 
 VARIANTS = ("model", "layout-only", "modulation-only", "untrained", "vae-roundtrip")
 MIN_VISIBLE_FOR_IDENTITY = 0.9  # an fg sprite the layout itself hides in part cannot be judged by its shape
@@ -38,6 +39,8 @@ class VariantScore:
     centre: list[float] = field(default_factory=list)
     identity: list[bool] = field(default_factory=list)
     leak: list[float] = field(default_factory=list)
+    colour: list[bool] = field(default_factory=list)  # per fg ref judged for identity: the colour part
+    shape: list[bool] = field(default_factory=list)  # and the shape part (identity = both)
 
     def row(self) -> dict[str, float | str | int]:
         def mean(xs):
@@ -45,8 +48,9 @@ class VariantScore:
             return float(np.mean(xs)) if xs else float("nan")
 
         return {"model": self.name, "IoU": mean(self.iou), "centre error": mean(self.centre),
-                "fg identity": mean([float(x) for x in self.identity]), "leakage": mean(self.leak),
-                "refs": len(self.iou)}  # fmt: skip
+                "fg identity": mean([float(x) for x in self.identity]),
+                "fg colour": mean([float(x) for x in self.colour]), "fg shape": mean([float(x) for x in self.shape]),
+                "leakage": mean(self.leak), "refs": len(self.iou)}  # fmt: skip
 
 
 def heldout_scenes(
@@ -79,7 +83,10 @@ def score_image(score: VariantScore, image: np.ndarray, toy: ToyScene) -> None:
             crop = image[
                 int(y0 * h) : max(int(y0 * h) + 1, round(y1 * h)), int(x0 * w) : max(int(x0 * w) + 1, round(x1 * w))
             ]
-            score.identity.append(bool(identity_match(ref.image, crop)))
+            colour, shape = identity_parts(ref.image, crop)
+            score.colour.append(colour)
+            score.shape.append(shape)
+            score.identity.append(colour and shape)
 
 
 class Ablation:
@@ -169,8 +176,9 @@ def eval_grid(scenes, images: dict[str, list[np.ndarray]], rows: int = 6) -> Ima
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table: one row per model, columns model | IoU | centre error | fg identity | leakage | refs."""
-    cols = ["model", "IoU", "centre error", "fg identity", "leakage", "refs"]
+    """Markdown table: one row per model, columns model | IoU | centre error | fg identity | fg colour | fg shape |
+    leakage | refs."""
+    cols = ["model", "IoU", "centre error", "fg identity", "fg colour", "fg shape", "leakage", "refs"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         cells = [row[c] if isinstance(row[c], str | int) else f"{row[c]:.3f}" for c in cols]
