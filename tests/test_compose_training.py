@@ -243,3 +243,39 @@ def test_mpp_train_runs_a_vary_recipe_and_exports_nanodit(world, tmp_path):
     result = run_train_recipe(world, tmp_path, "vary", "full", limit=4, vary={"batch_size": 2})
     assert result.exit_code == 0, result.output
     assert (tmp_path / "exported" / "nanodit" / "model.safetensors").is_file()
+
+
+def test_mpp_train_recipe_reconfigures_the_adapter(world, tmp_path):
+    import json
+
+    compose = {"batch_size": 2}
+    bad = run_train_recipe(world, tmp_path, "compose", "toy", adapter={"box_position_freq": 2}, compose=compose)
+    assert bad.exit_code == 2 and "adapter.box_position_freq: unknown ConditioningConfig field" in bad.output
+    negative = run_train_recipe(world, tmp_path, "compose", "toy", adapter={"box_position_freqs": -1}, compose=compose)
+    assert negative.exit_code == 2 and "box_position_freqs=-1 must be >= 0" in negative.output
+    assert "Traceback" not in bad.output + negative.output
+    changes = {"box_position_freqs": 2, "box_position_rank": 4}
+    result = run_train_recipe(world, tmp_path, "compose", "toy", adapter=changes, max_refs=MAX_REFS, compose=compose)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "exported" / "adapter" / "config.json").read_text())
+    assert (saved["box_position_freqs"], saved["box_position_rank"]) == (2, 4)
+    from moviepostproduction.pipelines.compose import ComposePipeline
+
+    assert ComposePipeline.from_model_dir(tmp_path / "exported").model.adapter.uses_box_positions
+
+
+def test_warm_start_steps_follow_the_chain_of_checkpoints(tmp_path):
+    import json
+
+    from moviepostproduction.training.recipe import warm_start_steps
+
+    def checkpoint(name: str, step: int, init_from: str | None) -> str:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text(json.dumps({"step": step, "config": {"init_from": init_from}}))
+        return str(tmp_path / name)
+
+    first = checkpoint("a", 35000, None)
+    second = checkpoint("b", 17750, first)
+    assert warm_start_steps(None) == 0 and warm_start_steps(first) == 35000 and warm_start_steps(second) == 52750
+    assert warm_start_steps(checkpoint("c", 5, str(tmp_path / "gone"))) is None  # a broken chain: unknown
+    assert warm_start_steps(checkpoint("d", 5, str(tmp_path / "d"))) is None  # a loop

@@ -59,6 +59,7 @@ class LayoutPacking:
     group_batch: torch.Tensor  # (G,) long
     group_ref: torch.Tensor  # (G,) long
     cover: torch.Tensor  # (B, N) float: how many boxes cover each token (overlaps are averaged)
+    coords: torch.Tensor | None = None  # (G, L, 2) float: each token's centre in its box's frame (box_token_coords)
 
     @property
     def num_groups(self) -> int:
@@ -120,8 +121,11 @@ def build_regions(masks: torch.Tensor, weights: torch.Tensor) -> RegionMap:
     return RegionMap(index=index, coef=region_masks * weights[:, None, :])
 
 
-def build_packing(masks: torch.Tensor, valid: torch.Tensor) -> LayoutPacking:
-    """Hard masks (B, R, N) bool and valid (B, R) -> padded groups of token indices for one attention call."""
+def build_packing(masks: torch.Tensor, valid: torch.Tensor, coords: torch.Tensor | None = None) -> LayoutPacking:
+    """Hard masks (B, R, N) bool and valid (B, R) -> padded groups of token indices for one attention call.
+
+    coords (B, R, N, 2): box-frame token coordinates (`layout.box_token_coords`), gathered per group slot.
+    """
     b, r, n = masks.shape
     masks = masks & valid[..., None]
     group_b, group_r = (masks.any(-1)).nonzero(as_tuple=True)  # (G,), (G,)
@@ -135,12 +139,17 @@ def build_packing(masks: torch.Tensor, valid: torch.Tensor) -> LayoutPacking:
     token_index[rows, slot] = group_b[rows] * n + cols
     real = torch.arange(length, device=masks.device) < lengths[:, None]  # (G, L)
     key_mask = torch.cat([real.new_ones(real.shape[0], 1), real], dim=1)
+    group_coords = None
+    if coords is not None:
+        group_coords = coords.new_zeros(group_b.numel(), length, 2)
+        group_coords[rows, slot] = coords[group_b[rows], group_r[rows], cols]
     return LayoutPacking(
         token_index=token_index,
         key_mask=key_mask,
         group_batch=group_b,
         group_ref=group_r,
         cover=masks.sum(1).float(),
+        coords=group_coords,
     )
 
 

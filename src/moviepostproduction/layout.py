@@ -47,6 +47,27 @@ def bbox_token_mask(bboxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor
     return rearrange(rows[..., :, None] & cols[..., None, :], "... h w -> ... (h w)")
 
 
+def box_token_coords(bboxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """bboxes (..., 4) -> (..., H*W, 2): every token centre as (u, v) in the box's own frame.
+
+    (0, 0) is the box's top-left corner and (1, 1) its bottom-right, whatever its size; the centres of the tokens
+    the box covers lie in [0, 1). A wrapping box (x0 > x1, width 1 - x0 + x1) measures u across the seam.
+    """
+    h, w = grid
+    x0, y0, x1, y1 = (c[..., None] for c in bboxes.unbind(-1))  # each (..., 1)
+    wraps = x0 > x1
+    width = torch.where(wraps, 1.0 - x0 + x1, x1 - x0).clamp(min=1e-6)
+    xc = (torch.arange(w, dtype=bboxes.dtype, device=bboxes.device) + 0.5) / w  # (W,)
+    yc = (torch.arange(h, dtype=bboxes.dtype, device=bboxes.device) + 0.5) / h  # (H,)
+    dx = xc - x0  # (..., W)
+    dx = torch.where(wraps & (dx < 0), dx + 1.0, dx)  # the part of a wrapping box left of the seam
+    u = dx / width  # (..., W)
+    v = (yc - y0) / (y1 - y0).clamp(min=1e-6)  # (..., H)
+    uu = u[..., None, :].expand(*u.shape[:-1], h, w)
+    vv = v[..., :, None].expand(*v.shape[:-1], h, w)
+    return rearrange(torch.stack([uu, vv], -1), "... h w c -> ... (h w) c")
+
+
 def bbox_token_indices(bbox: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """One bbox (4,) -> sorted 1-D LongTensor of the row-major token indices it covers."""
     return bbox_token_mask(bbox, grid).nonzero().squeeze(-1)

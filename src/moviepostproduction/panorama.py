@@ -163,15 +163,21 @@ def _gather_regions(regions: RegionMap, src: torch.Tensor, text_len: int = 0) ->
     return RegionMap(index=index, coef=regions.coef)
 
 
-def _packing_masks(packing: LayoutPacking, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Recover the hard (B, R, N) box masks a LayoutPacking was built from."""
+def _packing_masks(packing: LayoutPacking, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Recover the hard (B, R, N) box masks a LayoutPacking was built from, and its (B, R, N, 2) box coordinates
+    (None when it has none)."""
     b, r, n = shape
     masks = torch.zeros(b, r, n, dtype=torch.bool, device=packing.token_index.device)
     real = packing.key_mask[:, 1:]  # (G, L)
     group = torch.arange(packing.num_groups, device=real.device)[:, None].expand_as(real)[real]  # (M,)
     tokens = packing.token_index[real] % n  # (M,)
-    masks[packing.group_batch[group], packing.group_ref[group], tokens] = True
-    return masks
+    where = (packing.group_batch[group], packing.group_ref[group], tokens)
+    masks[where] = True
+    if packing.coords is None:
+        return masks, None
+    coords = packing.coords.new_zeros(b, r, n, 2)
+    coords[where] = packing.coords[real]
+    return masks, coords
 
 
 def remap_conditioning(cond: Conditioning, grid: tuple[int, int], pad: int, shift: int = 0) -> Conditioning:
@@ -190,7 +196,9 @@ def remap_conditioning(cond: Conditioning, grid: tuple[int, int], pad: int, shif
     cols = torch.arange(w + 2 * pad, device=device)
     real = ((cols >= pad) & (cols < pad + w)).repeat(h)  # (N',) True on the interior (non-pad) tokens
     b, r, n = cond.pool_weights.shape
-    masks = _packing_masks(cond.packing, (b, r, n))[..., src]  # (B, R, N')
+    masks, coords = _packing_masks(cond.packing, (b, r, n))
+    masks = masks[..., src]  # (B, R, N')
+    coords = coords[:, :, src] if coords is not None else None  # pads hold their source token's place in the box
     text_len = cond.joint_regions.index.shape[1] - n
     return Conditioning(
         alpha=cond.alpha,
@@ -202,7 +210,7 @@ def remap_conditioning(cond: Conditioning, grid: tuple[int, int], pad: int, shif
         image_regions=_gather_regions(cond.image_regions, src),
         text_regions=cond.text_regions,
         joint_regions=_gather_regions(cond.joint_regions, src, text_len),
-        packing=build_packing(masks, cond.valid),
+        packing=build_packing(masks, cond.valid, coords),
         grid=(h, w + 2 * pad),
     )
 

@@ -141,7 +141,26 @@ def assemble_residual(
     for bucket, out in zip(rows.buckets, attended, strict=True):
         total.index_add_(0, bucket.target, out)
     cover = packing.cover.reshape(b * n).index_select(0, rows.covered).to(total.dtype)  # (M,)
-    return project_out(attn, out_proj, total[:m] / cover[:, None])  # (M, D)
+    values = project_out(attn, out_proj, total[:m] / cover[:, None])  # (M, D)
+    if getattr(out_proj, "position", None) is not None:
+        values = values + box_position_residual(out_proj.position, layout_tokens, packing, rows.covered, cover)
+    return values
+
+
+def box_position_residual(
+    position: nn.Module, layout_tokens: torch.Tensor, packing: LayoutPacking, covered: torch.Tensor, cover: torch.Tensor
+) -> torch.Tensor:
+    """`BoxPositionEncoding` of every (group, token) slot, averaged over the boxes covering each token: (M, D) at
+    `covered` (sorted flat tokens), `cover` (M,) their box counts."""
+    if packing.coords is None:
+        raise ValueError("box positions are enabled but the conditioning has no box coordinates (LayoutPacking.coords)")
+    real = packing.key_mask[:, 1:]  # (G, L)
+    group = torch.arange(packing.num_groups, device=real.device)[:, None].expand_as(real)[real]  # (S,)
+    tokens = layout_tokens[packing.group_batch, packing.group_ref]  # (G, D)
+    values = position(packing.coords[real], group, tokens)  # (S, D)
+    at = torch.searchsorted(covered, packing.token_index[real])  # (S,) rows of `covered`
+    total = values.new_zeros(covered.numel(), values.shape[-1]).index_add_(0, at, values)
+    return total / cover[:, None].to(total.dtype)
 
 
 def _fusable(attn, out_proj: nn.Module) -> bool:

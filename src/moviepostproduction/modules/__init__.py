@@ -2,6 +2,7 @@
 
 from .adapter import CompositionAdapter
 from .alpha_predictor import AlphaPredictor
+from .box_position import BoxPositionEncoding
 from .config import DEPTHS, PRESETS, ConditioningConfig
 from .feedback_bridge import FeedbackBridge
 from .instance_encoder import InstanceEncoder
@@ -13,6 +14,7 @@ __all__ = [
     "PRESETS",
     "AlphaPredictor",
     "AssembleAttention",
+    "BoxPositionEncoding",
     "CompositionAdapter",
     "ConditioningConfig",
     "FeedbackBridge",

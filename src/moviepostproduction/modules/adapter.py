@@ -12,7 +12,7 @@ from torch import nn
 from ..checkpoint import load_strict, save_safetensors, write_json_atomic
 from ..conditioning import Conditioning, RefBatch, build_packing, build_regions
 from ..errors import WeightsError
-from ..layout import bbox_area, bbox_token_mask, gaussian_token_mask
+from ..layout import bbox_area, bbox_token_mask, box_token_coords, gaussian_token_mask
 from .alpha_predictor import AlphaPredictor
 from .config import ConditioningConfig
 from .feedback_bridge import FeedbackBridge
@@ -63,6 +63,21 @@ class CompositionAdapter(nn.Module):
         load_strict(adapter, directory / cls.WEIGHTS_NAME, "CompositionAdapter weights")
         return adapter
 
+    @property
+    def uses_box_positions(self) -> bool:
+        return self.cfg.box_position_freqs > 0 and len(self.assemble) > 0
+
+    def reconfigured(self, **changes) -> tuple[CompositionAdapter, list[str]]:
+        """A new adapter with `cfg.with_(**changes)` carrying every tensor of this one that still fits.
+
+        Returns it and the names of its tensors that kept their fresh initialisation (new or resized modules).
+        """
+        fresh = CompositionAdapter(self.cfg.with_(**changes))
+        old = self.state_dict()
+        kept = {k: v for k, v in old.items() if k in fresh.state_dict() and fresh.state_dict()[k].shape == v.shape}
+        fresh.load_state_dict(kept, strict=False)
+        return fresh, sorted(set(fresh.state_dict()) - set(kept))
+
     def reset_parameters(self) -> None:
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
@@ -95,6 +110,7 @@ class CompositionAdapter(nn.Module):
             else soft.new_zeros(b, r, text_len)
         )
         counts = hard.sum(-1, keepdim=True).clamp(min=1)
+        coords = box_token_coords(refs.bboxes, grid) if self.uses_box_positions else None  # (B, R, N, 2)
         return Conditioning(
             alpha=alpha,
             valid=valid,
@@ -107,6 +123,6 @@ class CompositionAdapter(nn.Module):
             # Background refs do not modulate single blocks: grouping on foreground masks only merges the tokens
             # that differ only in background boxes (same temb), so fewer AdaLN rows, same values and gradients.
             joint_regions=build_regions(torch.cat([text, soft], dim=-1) * foreground[..., None], alpha * foreground),
-            packing=build_packing(hard, valid),
+            packing=build_packing(hard, valid, coords),
             grid=grid,
         )

@@ -28,12 +28,17 @@ class ConditioningConfig:
     soft_masks: bool = False
     soft_sigma: float = 1.5  # in tokens
     max_refs: int = 50
+    box_position_freqs: int = 0  # > 0: Assemble-Attn adds a BoxPositionEncoding per layout block (0: off, DESIGN 3)
+    box_position_rank: int = 64  # its hidden width
 
     def __post_init__(self) -> None:
         problems = []
         for name in ("hidden_dim", "clip_dim", "dino_dim", "instance_dim", "dense_k", "fourier_freqs"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("box_position_freqs", "box_position_rank"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} must be >= 0")
         if self.dense_k < 2:
             problems.append(f"dense_k={self.dense_k} must be >= 2 (corners are included)")
         if not 0.0 <= self.grounding_ratio <= 1.0:

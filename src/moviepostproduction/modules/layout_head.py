@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .box_position import BoxPositionEncoding
 from .config import ConditioningConfig
 
 
@@ -31,7 +32,8 @@ class LayoutHead(nn.Module):
 
 
 class AssembleAttention(nn.Module):
-    """Per layout block: the zero-init output projection of the Assemble-Attn branch.
+    """Per layout block: the zero-init output projection of the Assemble-Attn branch, and (when
+    `cfg.box_position_freqs > 0`) its zero-init `BoxPositionEncoding`.
 
     The attention itself is the FLUX block's own (its projections, qk-norms, and LoRA if any); see
     `backbones.assemble.assemble_attention`. Zero init keeps the branch silent until it is trained.
@@ -40,6 +42,7 @@ class AssembleAttention(nn.Module):
     def __init__(self, cfg: ConditioningConfig):
         super().__init__()
         self.out = nn.Linear(cfg.hidden_dim, cfg.hidden_dim)
+        self.position = BoxPositionEncoding(cfg) if cfg.box_position_freqs > 0 else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -9,6 +9,7 @@
     max_text_tokens: 48
     limit: null                   # use the first N training scenes
     init_from: null               # warm start (checkpoint folder or .safetensors)
+    adapter: {}                   # ConditioningConfig changes to the model dir's adapter (e.g. box_position_freqs: 4)
     export: build/toy-model       # write a complete model dir with the trained weights at the end
     ref_guidance: 1.0             # the exported dir's default reference guidance (ComposePipeline)
     trainer: {max_steps: 4000, checkpoint_every: 500, sample_every: 500, log_every: 20, seed: 0}
@@ -48,6 +49,7 @@ class Recipe:
     max_text_tokens: int = 48
     limit: int | None = None
     init_from: str | None = None
+    adapter: dict = field(default_factory=dict)  # ConditioningConfig changes applied to the model dir's adapter
     export: str | None = None
     export_dtype: str = "fp16"
     ref_guidance: float = 1.0  # written to the exported model_index.json as its default ref_guidance_scale
@@ -140,6 +142,22 @@ def cached_features(recipe: Recipe, split: str, text, image, vae, limit: int | N
     return cache
 
 
+def reconfigure_adapter(adapter, changes: dict):
+    """The model dir's adapter with the recipe's `adapter:` ConditioningConfig changes; new tensors start fresh."""
+    if not changes:
+        return adapter
+    known = {f.name for f in dataclasses.fields(adapter.cfg)}
+    bad = [Problem(f"adapter.{k}", v, "unknown ConditioningConfig field") for k, v in changes.items() if k not in known]
+    if bad:
+        raise ValidationError(bad)
+    try:
+        adapter, fresh = adapter.reconfigured(**changes)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError([Problem("adapter", changes, str(exc))]) from None
+    logger.info("adapter reconfigured with %s: %d new tensors start from their init", changes, len(fresh))
+    return adapter
+
+
 def build_compose_task(recipe: Recipe):
     from ..backbones.flux import ConditionedFlux
     from ..encoders import ImageEncoder, TextEncoder, Vae, load_transformer
@@ -149,11 +167,12 @@ def build_compose_task(recipe: Recipe):
 
     md = ModelDir.at(recipe.model)
     md.check()
+    adapter = reconfigure_adapter(CompositionAdapter.from_pretrained(md.root / "adapter"), recipe.adapter)  # fail early
     text, image, vae = TextEncoder.load(md), ImageEncoder.load(md), Vae.load(md)
     train = cached_features(recipe, "train", text, image, vae, recipe.limit)
     preview = cached_features(recipe, "heldout", text, image, vae, 8)
     del text
-    model = ConditionedFlux(load_transformer(md), CompositionAdapter.from_pretrained(md.root / "adapter"))
+    model = ConditionedFlux(load_transformer(md), adapter)
     return ComposeTask(model, train, vae, image, config=_task_config(recipe), preview=preview), md
 
 
@@ -237,5 +256,25 @@ def run_recipe(recipe: Recipe) -> TrainResult:
     task, md = build_compose_task(recipe)
     result = Trainer(task, _trainer_config(recipe)).run()
     if recipe.export:
-        logger.info("exported %s", export_model_dir(recipe, task, md, steps=result.step))
+        prior = warm_start_steps(recipe.init_from)
+        label_steps = result.step + prior if prior is not None else None
+        logger.info("exported %s", export_model_dir(recipe, task, md, steps=label_steps))
     return result
+
+
+def warm_start_steps(init_from: str | None) -> int | None:
+    """Optimiser steps behind a warm-start checkpoint, following each checkpoint's own `init_from` back to a start
+    from scratch (0 without a warm start). None when a link of the chain is not a readable checkpoint folder."""
+    total, seen = 0, set()
+    while init_from:
+        state_file = Path(init_from) / "state.json"
+        if init_from in seen or not state_file.is_file():
+            return None
+        seen.add(init_from)
+        try:
+            state = json.loads(state_file.read_text())
+            total += int(state["step"])
+            init_from = state.get("config", {}).get("init_from")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return total
