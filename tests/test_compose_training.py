@@ -253,7 +253,11 @@ def test_mpp_train_recipe_reconfigures_the_adapter(world, tmp_path):
     assert bad.exit_code == 2 and "adapter.box_position_freq: unknown ConditioningConfig field" in bad.output
     negative = run_train_recipe(world, tmp_path, "compose", "toy", adapter={"box_position_freqs": -1}, compose=compose)
     assert negative.exit_code == 2 and "box_position_freqs=-1 must be >= 0" in negative.output
-    assert "Traceback" not in bad.output + negative.output
+    listed = run_train_recipe(world, tmp_path, "compose", "toy", adapter=[4], compose=compose)
+    assert (
+        listed.exit_code == 2 and "adapter: must be a mapping of ConditioningConfig fields (got [4])" in listed.output
+    )
+    assert "Traceback" not in bad.output + negative.output + listed.output
     changes = {"box_position_freqs": 2, "box_position_rank": 4}
     result = run_train_recipe(world, tmp_path, "compose", "toy", adapter=changes, max_refs=MAX_REFS, compose=compose)
     assert result.exit_code == 0, result.output

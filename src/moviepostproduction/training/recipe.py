@@ -144,6 +144,8 @@ def cached_features(recipe: Recipe, split: str, text, image, vae, limit: int | N
 
 def reconfigure_adapter(adapter, changes: dict):
     """The model dir's adapter with the recipe's `adapter:` ConditioningConfig changes; new tensors start fresh."""
+    if not isinstance(changes, dict):
+        raise ValidationError([Problem("adapter", changes, "must be a mapping of ConditioningConfig fields")])
     if not changes:
         return adapter
     known = {f.name for f in dataclasses.fields(adapter.cfg)}
