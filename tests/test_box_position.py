@@ -26,8 +26,8 @@ def refs_at(bboxes: list[list[float]], cfg: ConditioningConfig = CFG, seed: int 
         bboxes=torch.tensor([bboxes]),
         depth=torch.zeros(1, r, dtype=torch.long),
         valid=torch.ones(1, r, dtype=torch.bool),
-        clip=torch.randn(1, r, cfg.clip_dim, generator=gen).expand(1, r, -1).contiguous(),
-        dino=torch.randn(1, r, cfg.dino_dim, generator=gen).expand(1, r, -1).contiguous(),
+        clip=torch.randn(1, r, cfg.clip_dim, generator=gen),
+        dino=torch.randn(1, r, cfg.dino_dim, generator=gen),
     )
 
 

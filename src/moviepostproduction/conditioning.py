@@ -65,6 +65,11 @@ class LayoutPacking:
     def num_groups(self) -> int:
         return self.token_index.shape[0]
 
+    def slot_groups(self) -> torch.Tensor:
+        """(S,) long: the group of each real image-token slot, in the order of `token_index[key_mask[:, 1:]]`."""
+        real = self.key_mask[:, 1:]  # (G, L)
+        return torch.arange(self.num_groups, device=real.device)[:, None].expand_as(real)[real]
+
 
 @dataclass
 class Conditioning:

@@ -169,7 +169,7 @@ def _packing_masks(packing: LayoutPacking, shape: tuple[int, int, int]) -> tuple
     b, r, n = shape
     masks = torch.zeros(b, r, n, dtype=torch.bool, device=packing.token_index.device)
     real = packing.key_mask[:, 1:]  # (G, L)
-    group = torch.arange(packing.num_groups, device=real.device)[:, None].expand_as(real)[real]  # (M,)
+    group = packing.slot_groups()  # (M,)
     tokens = packing.token_index[real] % n  # (M,)
     where = (packing.group_batch[group], packing.group_ref[group], tokens)
     masks[where] = True

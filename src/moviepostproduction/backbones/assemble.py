@@ -155,7 +155,7 @@ def box_position_residual(
     if packing.coords is None:
         raise ValueError("box positions are enabled but the conditioning has no box coordinates (LayoutPacking.coords)")
     real = packing.key_mask[:, 1:]  # (G, L)
-    group = torch.arange(packing.num_groups, device=real.device)[:, None].expand_as(real)[real]  # (S,)
+    group = packing.slot_groups()  # (S,)
     tokens = layout_tokens[packing.group_batch, packing.group_ref]  # (G, D)
     values = position(packing.coords[real], group, tokens)  # (S, D)
     at = torch.searchsorted(covered, packing.token_index[real])  # (S,) rows of `covered`

@@ -92,12 +92,17 @@ class Recipe:
         return cls(**raw)
 
 
-def dataclass_from(cls, values: dict, prefix: str):
-    """`cls(**values)` with unknown fields reported as one-line problems named `prefix.field`."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    bad = [Problem(f"{prefix}.{k}", v, "unknown field") for k, v in values.items() if k not in known]
+def check_fields(cls, values: dict, prefix: str, reason: str = "unknown field", exclude: frozenset = frozenset()):
+    """Raise one one-line problem named `prefix.field` per key of `values` that is not a field of `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)} - exclude
+    bad = [Problem(f"{prefix}.{k}", v, reason) for k, v in values.items() if k not in known]
     if bad:
         raise ValidationError(bad)
+
+
+def dataclass_from(cls, values: dict, prefix: str):
+    """`cls(**values)` with unknown fields reported as one-line problems named `prefix.field`."""
+    check_fields(cls, values, prefix)
     return cls(**values)
 
 
@@ -108,10 +113,7 @@ def _task_config(recipe: Recipe):
 
 
 def _trainer_config(recipe: Recipe) -> TrainConfig:
-    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"out_dir", "stage", "init_from"}
-    bad = [Problem(f"trainer.{k}", v, "unknown field") for k, v in recipe.trainer.items() if k not in known]
-    if bad:
-        raise ValidationError(bad)
+    check_fields(TrainConfig, recipe.trainer, "trainer", exclude=frozenset({"out_dir", "stage", "init_from"}))
     return TrainConfig(out_dir=recipe.out, stage=recipe.stage, init_from=recipe.init_from, **recipe.trainer)
 
 
@@ -148,10 +150,7 @@ def reconfigure_adapter(adapter, changes: dict):
         raise ValidationError([Problem("adapter", changes, "must be a mapping of ConditioningConfig fields")])
     if not changes:
         return adapter
-    known = {f.name for f in dataclasses.fields(adapter.cfg)}
-    bad = [Problem(f"adapter.{k}", v, "unknown ConditioningConfig field") for k, v in changes.items() if k not in known]
-    if bad:
-        raise ValidationError(bad)
+    check_fields(type(adapter.cfg), changes, "adapter", reason="unknown ConditioningConfig field")
     try:
         adapter, fresh = adapter.reconfigured(**changes)
     except (TypeError, ValueError) as exc:
