@@ -175,6 +175,18 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     assert again.exit_code == 0 and "trained to step 3" in again.output
     assert (tmp_path / "exported" / "nanodit" / "config.json").read_text() == "{}"  # kept by the re-export
     assert ComposePipeline.from_model_dir(tmp_path / "exported").label.endswith(", 3 steps)")
+    assert json.loads((tmp_path / "exported" / "model_index.json").read_text())["trained_steps"] == 3
+    # A next cycle loads the export as its model dir (no warm start): its count goes on from the export's.
+    cycle = {
+        **recipe,
+        "model": str(tmp_path / "exported"),
+        "out": str(tmp_path / "run2"),
+        "export": str(tmp_path / "e2"),
+    }
+    (tmp_path / "r2.yaml").write_text(yaml.safe_dump({**cycle, "trainer": {**recipe["trainer"], "max_steps": 1}}))
+    assert CliRunner().invoke(app, ["train", str(tmp_path / "r2.yaml")]).exit_code == 0
+    assert json.loads((tmp_path / "e2" / "model_index.json").read_text())["trained_steps"] == 4
+    assert ComposePipeline.from_model_dir(tmp_path / "e2").label.endswith(", 4 steps)")
 
     args = ["eval", "--model", str(tmp_path / "exported"), "--n", "2", "--steps", "2", "--leak-scenes", "1"]
     scored = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "eval")])

@@ -221,6 +221,9 @@ def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> 
         "ref_guidance_scale": float(recipe.ref_guidance),
         "trained_by": f"mpp train (stage {recipe.stage})",
     }
+    index.pop("trained_steps", None)  # the source's count is not this export's
+    if steps is not None:
+        index["trained_steps"] = steps
     if source.index.get("toy_world"):
         index["_toy_stage"] = "backbone"
     write_json_atomic(index, tmp / "model_index.json")
@@ -257,10 +260,19 @@ def run_recipe(recipe: Recipe) -> TrainResult:
     task, md = build_compose_task(recipe)
     result = Trainer(task, _trainer_config(recipe)).run()
     if recipe.export:
-        prior = warm_start_steps(recipe.init_from)
+        prior = steps_before(recipe, md)
         label_steps = result.step + prior if prior is not None else None
         logger.info("exported %s", export_model_dir(recipe, task, md, steps=label_steps))
     return result
+
+
+def steps_before(recipe: Recipe, source) -> int | None:
+    """Optimiser steps behind the weights a compose run starts from: its warm-start chain, or without one the
+    `trained_steps` of the model dir it loads (0 for an untrained one). None when unknown."""
+    if recipe.init_from:
+        return warm_start_steps(recipe.init_from)
+    value = source.index.get("trained_steps", 0)
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 def warm_start_steps(init_from: str | None) -> int | None:
