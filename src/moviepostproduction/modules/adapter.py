@@ -73,10 +73,10 @@ class CompositionAdapter(nn.Module):
         Returns it and the names of its tensors that kept their fresh initialisation (new or resized modules).
         """
         fresh = CompositionAdapter(self.cfg.with_(**changes))
-        old = self.state_dict()
-        kept = {k: v for k, v in old.items() if k in fresh.state_dict() and fresh.state_dict()[k].shape == v.shape}
+        target = fresh.state_dict()
+        kept = {k: v for k, v in self.state_dict().items() if k in target and target[k].shape == v.shape}
         fresh.load_state_dict(kept, strict=False)
-        return fresh, sorted(set(fresh.state_dict()) - set(kept))
+        return fresh, sorted(set(target) - set(kept))
 
     def reset_parameters(self) -> None:
         for module in self.modules():
