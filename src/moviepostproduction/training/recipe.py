@@ -268,7 +268,8 @@ def run_recipe(recipe: Recipe) -> TrainResult:
 
 def steps_before(recipe: Recipe, source) -> int | None:
     """Optimiser steps behind the weights a compose run starts from: its warm-start chain, or without one the
-    `trained_steps` of the model dir it loads (0 for an untrained one). None when unknown."""
+    `trained_steps` of the model dir it loads (0 for an untrained one). None when unknown. A warm-start chain does
+    not add the `trained_steps` of the model dir its first run loaded (checkpoints do not record it)."""
     if recipe.init_from:
         return warm_start_steps(recipe.init_from)
     value = source.index.get("trained_steps", 0)
