@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,3 +296,40 @@ def test_warm_start_steps_follow_the_chain_of_checkpoints(tmp_path):
     assert warm_start_steps(None) == 0 and warm_start_steps(first) == 35000 and warm_start_steps(second) == 52750
     assert warm_start_steps(checkpoint("c", 5, str(tmp_path / "gone"))) is None  # a broken chain: unknown
     assert warm_start_steps(checkpoint("d", 5, str(tmp_path / "d"))) is None  # a loop
+
+
+def test_mpp_train_recipe_deepens_the_model(world, tmp_path):
+    import json
+
+    _, md, _, _, _ = world
+    compose = {"batch_size": 2}
+    for deepen, message in (
+        ({"double_blocks": -1}, "deepen: double_blocks=-1 must be an integer >= 0"),
+        ({"double": 1}, "deepen.double: unknown field"),
+        ([1, 1], "deepen: must be a mapping of double_blocks / single_blocks (got [1, 1])"),
+    ):
+        bad = run_train_recipe(world, tmp_path, "compose", "toy", deepen=deepen, compose=compose)
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output
+    old = json.loads((md.root / "transformer" / "config.json").read_text())
+    plan = {"double_blocks": 1, "single_blocks": 2}
+    result = run_train_recipe(world, tmp_path, "compose", "toy", deepen=plan, max_refs=MAX_REFS, compose=compose)
+    assert result.exit_code == 0, result.output
+    new = json.loads((tmp_path / "exported" / "transformer" / "config.json").read_text())
+    assert (new["num_layers"], new["num_single_layers"]) == (old["num_layers"] + 1, old["num_single_layers"] + 2)
+    adapter = json.loads((tmp_path / "exported" / "adapter" / "config.json").read_text())
+    assert (adapter["num_double_blocks"], adapter["num_single_blocks"]) == (new["num_layers"], new["num_single_layers"])
+    from moviepostproduction.pipelines.compose import ComposePipeline
+
+    label = ComposePipeline.from_model_dir(tmp_path / "exported").label
+    assert f"{new['num_layers']}+{new['num_single_layers']} blocks" in label
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples" / "train").glob("*.yaml")))
+def test_every_example_recipe_is_valid(path):
+    from moviepostproduction.training.recipe import Recipe, _task_config, _trainer_config, deepening
+
+    recipe = Recipe.from_file(path)  # unknown / missing fields raise
+    _trainer_config(recipe)
+    deepening(recipe)
+    if recipe.task == "compose":
+        _task_config(recipe)

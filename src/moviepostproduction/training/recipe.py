@@ -10,6 +10,7 @@
     limit: null                   # use the first N training scenes
     init_from: null               # warm start (checkpoint folder or .safetensors)
     adapter: {}                   # ConditioningConfig changes to the model dir's adapter (e.g. box_position_freqs: 4)
+    deepen: {}                    # append identity-initialised blocks: {double_blocks: 2, single_blocks: 2}
     export: build/toy-model       # write a complete model dir with the trained weights at the end
     ref_guidance: 1.0             # the exported dir's default reference guidance (ComposePipeline)
     trainer: {max_steps: 4000, checkpoint_every: 500, sample_every: 500, log_every: 20, seed: 0}
@@ -50,6 +51,7 @@ class Recipe:
     limit: int | None = None
     init_from: str | None = None
     adapter: dict = field(default_factory=dict)  # ConditioningConfig changes applied to the model dir's adapter
+    deepen: dict = field(default_factory=dict)  # Deepening fields: blocks appended to the model dir's transformer
     export: str | None = None
     export_dtype: str = "fp16"
     ref_guidance: float = 1.0  # written to the exported model_index.json as its default ref_guidance_scale
@@ -159,7 +161,21 @@ def reconfigure_adapter(adapter, changes: dict):
     return adapter
 
 
+def deepening(recipe: Recipe):
+    """The recipe's `deepen:` as a Deepening (one-line problems for anything else)."""
+    from ..backbones.deepen import Deepening
+
+    if not isinstance(recipe.deepen, dict):
+        raise ValidationError([Problem("deepen", recipe.deepen, "must be a mapping of double_blocks / single_blocks")])
+    check_fields(Deepening, recipe.deepen, "deepen")
+    try:
+        return Deepening(**recipe.deepen)
+    except ValueError as exc:
+        raise ValidationError([Problem("deepen", recipe.deepen, str(exc))]) from None
+
+
 def build_compose_task(recipe: Recipe):
+    from ..backbones.deepen import Deepening, deepen_adapter, deepen_transformer
     from ..backbones.flux import ConditionedFlux
     from ..encoders import ImageEncoder, TextEncoder, Vae, load_transformer
     from ..model_dir import ModelDir
@@ -169,11 +185,18 @@ def build_compose_task(recipe: Recipe):
     md = ModelDir.at(recipe.model)
     md.check()
     adapter = reconfigure_adapter(CompositionAdapter.from_pretrained(md.root / "adapter"), recipe.adapter)  # fail early
+    plan = deepening(recipe)
     text, image, vae = TextEncoder.load(md), ImageEncoder.load(md), Vae.load(md)
     train = cached_features(recipe, "train", text, image, vae, recipe.limit)
     preview = cached_features(recipe, "heldout", text, image, vae, 8)
     del text
-    model = ConditionedFlux(load_transformer(md), adapter)
+    transformer = load_transformer(md)
+    if plan != Deepening():
+        seed = int(recipe.trainer.get("seed", 0))
+        transformer = deepen_transformer(transformer, plan, seed=seed)
+        adapter, fresh = deepen_adapter(adapter, plan, seed=seed)
+        logger.info("deepened by %s: %d new adapter tensors start from their init", plan, len(fresh))
+    model = ConditionedFlux(transformer, adapter)
     return ComposeTask(model, train, vae, image, config=_task_config(recipe), preview=preview), md
 
 
