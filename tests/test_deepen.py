@@ -47,7 +47,8 @@ def test_deepened_model_computes_exactly_what_the_old_one_did(tiny_cfg):
     # Old tensors are carried over untouched; the new blocks' gates are zero rows of their own AdaLN linear.
     old, new = model.transformer.state_dict(), deeper.transformer.state_dict()
     assert all(torch.equal(v, new[k]) for k, v in old.items())
-    gates = deeper.transformer.transformer_blocks[2].norm1.linear.weight.view(6, -1, config.num_attention_heads * 16)
+    width = config.num_attention_heads * config.attention_head_dim
+    gates = deeper.transformer.transformer_blocks[2].norm1.linear.weight.view(6, width, -1)
     assert gates[[2, 5]].abs().sum() == 0 and gates[[0, 1, 3, 4]].abs().sum() > 0
 
 
@@ -56,7 +57,8 @@ def test_new_blocks_learn_from_the_first_step(tiny_cfg):
     deeper.transformer.requires_grad_(True)
     out = deeper(**flux_inputs(2, GRID, TEXT), conditioning=deeper.prepare(random_refs(2, 2, tiny_cfg), GRID, TEXT))
     out.pow(2).mean().backward()
-    width = deeper.transformer.config.num_attention_heads * 16
+    config = deeper.transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
     double = deeper.transformer.transformer_blocks[2]
     single = deeper.transformer.single_transformer_blocks[1]
     for linear, chunks in ((double.norm1.linear, 6), (double.norm1_context.linear, 6), (single.norm.linear, 3)):

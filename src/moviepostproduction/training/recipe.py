@@ -167,9 +167,8 @@ def deepening(recipe: Recipe):
 
     if not isinstance(recipe.deepen, dict):
         raise ValidationError([Problem("deepen", recipe.deepen, "must be a mapping of double_blocks / single_blocks")])
-    check_fields(Deepening, recipe.deepen, "deepen")
     try:
-        return Deepening(**recipe.deepen)
+        return dataclass_from(Deepening, recipe.deepen, "deepen")
     except ValueError as exc:
         raise ValidationError([Problem("deepen", recipe.deepen, str(exc))]) from None
 
@@ -192,7 +191,7 @@ def build_compose_task(recipe: Recipe):
     del text
     transformer = load_transformer(md)
     if plan != Deepening():
-        seed = int(recipe.trainer.get("seed", 0))
+        seed = int(recipe.trainer.get("seed", TrainConfig.seed))  # the run's seed, so a resume rebuilds the same
         transformer = deepen_transformer(transformer, plan, seed=seed)
         adapter, fresh = deepen_adapter(adapter, plan, seed=seed)
         logger.info("deepened by %s: %d new adapter tensors start from their init", plan, len(fresh))
