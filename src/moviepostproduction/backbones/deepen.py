@@ -63,9 +63,7 @@ def deepen_transformer(transformer: nn.Module, plan: Deepening, seed: int = 0) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         deeper = FluxTransformer2DModel.from_config(config)
-    deeper.to(param.device)
-    if param.dtype != torch.float32:  # from_config builds fp32
-        deeper.to(param.dtype)
+    deeper.to(device=param.device, dtype=param.dtype)  # from_config builds fp32 on the CPU
     missing, unexpected = deeper.load_state_dict(transformer.state_dict(), strict=False)
     new_prefixes = tuple(f"transformer_blocks.{i}." for i in range(old_double, config["num_layers"])) + tuple(
         f"single_transformer_blocks.{i}." for i in range(old_single, config["num_single_layers"])

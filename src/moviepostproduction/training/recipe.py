@@ -102,6 +102,12 @@ def check_fields(cls, values: dict, prefix: str, reason: str = "unknown field", 
         raise ValidationError(bad)
 
 
+def require_mapping(name: str, value, what: str) -> None:
+    """A recipe field that must be a mapping (`adapter:`, `deepen:`): a one-line problem for anything else."""
+    if not isinstance(value, dict):
+        raise ValidationError([Problem(name, value, f"must be a mapping of {what}")])
+
+
 def dataclass_from(cls, values: dict, prefix: str):
     """`cls(**values)` with unknown fields reported as one-line problems named `prefix.field`."""
     check_fields(cls, values, prefix)
@@ -148,8 +154,7 @@ def cached_features(recipe: Recipe, split: str, text, image, vae, limit: int | N
 
 def reconfigure_adapter(adapter, changes: dict):
     """The model dir's adapter with the recipe's `adapter:` ConditioningConfig changes; new tensors start fresh."""
-    if not isinstance(changes, dict):
-        raise ValidationError([Problem("adapter", changes, "must be a mapping of ConditioningConfig fields")])
+    require_mapping("adapter", changes, "ConditioningConfig fields")
     if not changes:
         return adapter
     check_fields(type(adapter.cfg), changes, "adapter", reason="unknown ConditioningConfig field")
@@ -165,8 +170,7 @@ def deepening(recipe: Recipe):
     """The recipe's `deepen:` as a Deepening (one-line problems for anything else)."""
     from ..backbones.deepen import Deepening
 
-    if not isinstance(recipe.deepen, dict):
-        raise ValidationError([Problem("deepen", recipe.deepen, "must be a mapping of double_blocks / single_blocks")])
+    require_mapping("deepen", recipe.deepen, "double_blocks / single_blocks")
     try:
         return dataclass_from(Deepening, recipe.deepen, "deepen")
     except ValueError as exc:
