@@ -55,6 +55,7 @@ class LinearTask:
         return LossOutput(loss, {"mse": float(loss.detach())})
 
     def samples(self, generator: torch.Generator) -> Image.Image:
+        self.sampled_with = self.net[0].weight.detach().clone()
         return Image.new("RGB", (8, 8), (int(self.calls) % 255, 0, 0))
 
 
@@ -164,3 +165,51 @@ def test_schedule_warms_up_holds_and_cools_down_to_zero(tmp_path):
 def test_schedule_lengths_must_fit_in_the_run(tmp_path):
     with pytest.raises(ValidationError, match=r"^decay_steps: must be an integer in \[0, max_steps=8\] \(got 20\)$"):
         config(tmp_path, decay_steps=20)
+
+
+def test_ema_follows_its_warm_up_formula():
+    from moviepostproduction.training.ema import EmaWeights, ema_decay_at
+
+    assert [ema_decay_at(0.5, s) for s in (1, 9, 100)] == [0.1, 0.5, 0.5]
+    weights = [torch.full((2,), float(v)) for v in (1.0, 3.0, -2.0)]
+    ema = EmaWeights({"w": torch.zeros(2)}, decay=0.95)
+    expected = torch.zeros(2)
+    for step, w in enumerate(weights, start=1):
+        ema.update({"w": w}, step)
+        d = min(0.95, step / (step + 9))
+        expected = d * expected + (1 - d) * w
+    torch.testing.assert_close(ema.shadow["w"], expected, rtol=0, atol=1e-6)
+    live = {"w": torch.tensor([7.0, 8.0])}
+    with ema.applied(live):
+        assert torch.equal(live["w"], ema.shadow["w"])
+    assert torch.equal(live["w"], torch.tensor([7.0, 8.0]))
+
+
+def test_ema_resumes_exactly_and_is_what_a_run_ends_with(tmp_path):
+    full_task = LinearTask()
+    full = Trainer(full_task, config(tmp_path / "full", max_steps=10, ema_decay=0.9)).run()
+    Trainer(LinearTask(), config(tmp_path / "cut", max_steps=6, ema_decay=0.9)).run()
+    resumed = Trainer(LinearTask(), config(tmp_path / "cut", max_steps=10, ema_decay=0.9)).run()
+    a, b = CheckpointStore.load(full.checkpoint), CheckpointStore.load(resumed.checkpoint)
+    assert resumed.losses == full.losses
+    assert set(a.ema) == set(a.trainable) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    for key, value in b.ema.items():
+        assert torch.equal(value, a.ema[key])  # the average continues bit-exactly after the resume
+    assert not torch.equal(a.ema["net.0.weight"], a.trainable["net.0.weight"])  # the raw weights are kept too
+    assert torch.equal(full_task.net[0].weight, a.ema["net.0.weight"])  # the run hands on the average
+    assert torch.equal(full_task.sampled_with, a.ema["net.0.weight"])  # and samples with it
+    plain = Trainer(LinearTask(), config(tmp_path / "plain", max_steps=2)).run()
+    assert CheckpointStore.load(plain.checkpoint).ema is None and not (plain.checkpoint / "ema.safetensors").exists()
+
+
+def test_ema_decay_must_be_below_one(tmp_path):
+    with pytest.raises(ValidationError, match=r"^ema_decay: must be a number in \[0, 1\) \(0: no EMA\) \(got 1.0\)$"):
+        config(tmp_path, ema_decay=1.0)
+
+
+def test_ema_switched_on_at_a_resume_starts_from_the_checkpoint_weights(tmp_path):
+    Trainer(LinearTask(), config(tmp_path, max_steps=4)).run()
+    raw = CheckpointStore.load(CheckpointStore(tmp_path / "checkpoints").latest()).trainable
+    trainer = Trainer(LinearTask(), config(tmp_path, max_steps=4, ema_decay=0.9))
+    trainer.run()  # nothing left to train: the average is the checkpoint's weights
+    assert all(torch.equal(trainer.ema.shadow[k], v) for k, v in raw.items())

@@ -3,6 +3,7 @@
     OUT/checkpoints/step-000100/
         trainable.safetensors   every parameter the optimiser updates, keyed "<module>.<param>"
         optimizer.safetensors   AdamW moments keyed "<module>.<param>.<exp_avg|exp_avg_sq|step>"
+        ema.safetensors         the weights' moving average, same keys as trainable (only with ema_decay > 0)
         state.json              step, data position, stage, config, losses so far (written last)
 
 A folder is built under a temporary name and renamed into place, so a process killed mid-save leaves either
@@ -34,6 +35,7 @@ class Snapshot:
     trainable: dict[str, torch.Tensor]
     optimizer: dict[str, torch.Tensor]
     state: dict
+    ema: dict[str, torch.Tensor] | None = None
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
@@ -77,13 +79,15 @@ class CheckpointStore:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, step: int, trainable, optimizer, state: dict) -> Path:
+    def save(self, step: int, trainable, optimizer, state: dict, ema=None) -> Path:
         final = self.folder(step)
         tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_safetensors(trainable, tmp / "trainable.safetensors")
         save_safetensors(optimizer, tmp / "optimizer.safetensors")
+        if ema is not None:
+            save_safetensors(ema, tmp / "ema.safetensors")
         if os.environ.get("MPP_TEST_SLOW_CHECKPOINT"):  # lets tests kill a run in the middle of a save
             import time
 
@@ -114,4 +118,6 @@ class CheckpointStore:
             raise WeightsError(f"{state_file}: invalid JSON ({exc})") from None
         trainable = load_safetensors(path / "trainable.safetensors", "trainable parameters")
         optimizer = load_safetensors(path / "optimizer.safetensors", "optimizer state")
-        return Snapshot(path, trainable, optimizer, state)
+        ema_file = path / "ema.safetensors"
+        ema = load_safetensors(ema_file, "EMA weights") if ema_file.is_file() else None
+        return Snapshot(path, trainable, optimizer, state, ema)

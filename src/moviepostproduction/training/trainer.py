@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from ..checkpoint import KeyReport, load_matching, load_safetensors, write_json_atomic
 from ..errors import MppError, Problem, ValidationError, WeightsError
 from .checkpoints import CheckpointStore, load_optimizer_state, optimizer_state
+from .ema import EmaWeights
 from .task import TrainTask
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class TrainConfig:
     warmup_steps: int = 0
     decay_steps: int = 0  # linear cooldown to 0 over the last decay_steps steps (0: constant after warm-up)
     weight_decay: float = 0.0
+    ema_decay: float = 0.0  # exponential moving average of the weights (e.g. 0.999; 0: off); training/ema.py
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
     checkpoint_every: int = 100
@@ -69,6 +72,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value <= self.max_steps:
                 problems.append(Problem(name, value, f"must be an integer in [0, max_steps={self.max_steps}]"))
+        if not isinstance(self.ema_decay, int | float) or not 0.0 <= self.ema_decay < 1.0:
+            problems.append(Problem("ema_decay", self.ema_decay, "must be a number in [0, 1) (0: no EMA)"))
         if problems:
             raise ValidationError(problems)
 
@@ -122,10 +127,26 @@ class Trainer:
         for g in self.groups:
             g.setdefault("base_lr", g["lr"])
         self.optimizer = torch.optim.AdamW(self.groups, weight_decay=config.weight_decay)
+        self.ema: EmaWeights | None = None  # set by run() when config.ema_decay > 0
 
     # ---------------------------------------------------------------------------------------------- state
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {self.names[id(p)]: p.detach() for p in self.params}
+
+    def named_params(self) -> dict[str, torch.Tensor]:
+        return {self.names[id(p)]: p for p in self.params}
+
+    def start_ema(self, snapshot=None) -> None:
+        """The run's EMA: the one a resumed checkpoint stored, else a fresh one from the current weights."""
+        decay = self.config.ema_decay
+        if decay <= 0:
+            return
+        if snapshot is not None and snapshot.ema is not None:
+            self.ema = EmaWeights.restored(self.trainable_state(), decay, snapshot.ema, snapshot.path)
+            return
+        if snapshot is not None:
+            logger.warning("%s holds no EMA: the average starts from its weights", snapshot.path)
+        self.ema = EmaWeights(self.trainable_state(), decay)
 
     def load_trainable(self, state: dict[str, torch.Tensor], where: Path) -> None:
         missing = [self.names[id(p)] for p in self.params if self.names[id(p)] not in state]
@@ -216,6 +237,7 @@ class Trainer:
             warm = self.warm_start(cfg.init_from)
             if acc.is_main_process:
                 write_json_atomic(asdict(warm), self.out / "warm_start.json")
+        self.start_ema(snap if latest is not None else None)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             if cfg.tensorboard:
@@ -271,6 +293,8 @@ class Trainer:
                 )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.trainable_state(), step)
             losses.append(total)
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -290,6 +314,8 @@ class Trainer:
         bar.close()
         if cfg.sample_every == 0 or step % cfg.sample_every:
             self.write_samples(step)
+        if self.ema is not None:  # what the run hands on (exports): the average; the checkpoints keep both
+            self.ema.copy_to(self.named_params())
         if acc.is_main_process:
             self.write_curves(losses, logs)
         acc.wait_for_everyone()
@@ -316,14 +342,15 @@ class Trainer:
             "logs": logs,
             "config": asdict(self.config),
         }
-        return self.store.save(step, self.trainable_state(), optimizer_state(self.optimizer, self.names), state)
+        trainable, moments = self.trainable_state(), optimizer_state(self.optimizer, self.names)
+        return self.store.save(step, trainable, moments, state, ema=self.ema.shadow if self.ema else None)
 
     def write_samples(self, step: int) -> None:
         if not self.accelerator.is_main_process:
             return
         from ..visualize import save_png
 
-        with torch.no_grad():
+        with torch.no_grad(), self.ema.applied(self.named_params()) if self.ema else nullcontext():
             image = self.task.samples(_generator(step_seed(self.config.seed, step), self.accelerator.device))
         if image is not None:
             save_png(image, self.out / "samples" / f"step-{step:06d}.png")
