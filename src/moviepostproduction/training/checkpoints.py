@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,21 @@ class Snapshot:
     optimizer: dict[str, torch.Tensor]
     state: dict
     ema: dict[str, torch.Tensor] | None = None
+
+
+def copy_named_tensors(
+    targets: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], where, kind: str
+) -> None:
+    """Copy `state[name]` into every target tensor in place, after checking none is missing and each shape fits."""
+    missing = [name for name in targets if name not in state]
+    if missing:
+        raise WeightsError(f"{where}: lacks {len(missing)} {kind} tensors ({', '.join(missing[:3])} ...)")
+    with torch.no_grad():
+        for name, target in targets.items():
+            value = state[name]
+            if value.shape != target.shape:
+                raise WeightsError(f"{where}: {name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+            target.copy_(value.to(target.device, target.dtype))
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:

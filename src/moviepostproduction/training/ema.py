@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..errors import WeightsError
+from .checkpoints import copy_named_tensors
 
 
 def ema_decay_at(decay: float, step: int) -> float:
@@ -35,14 +35,7 @@ class EmaWeights:
     def restored(cls, params: Mapping[str, torch.Tensor], decay: float, state: Mapping[str, torch.Tensor], where):
         """The average a checkpoint stored for exactly these parameters (names and shapes must match)."""
         ema = cls(params, decay)
-        for name, value in ema.shadow.items():
-            if name not in state:
-                raise WeightsError(f"{where}: the EMA lacks {name}")
-            if state[name].shape != value.shape:
-                raise WeightsError(
-                    f"{where}: EMA {name} has shape {tuple(state[name].shape)}, expected {tuple(value.shape)}"
-                )
-            value.copy_(state[name])
+        copy_named_tensors(ema.shadow, state, where, "EMA")
         return ema
 
     @torch.no_grad()
@@ -51,20 +44,15 @@ class EmaWeights:
         for name, value in self.shadow.items():
             value.lerp_(params[name].detach().float(), weight)
 
-    @torch.no_grad()
     def copy_to(self, params: Mapping[str, torch.Tensor]) -> None:
-        for name, value in self.shadow.items():
-            params[name].copy_(value)
+        copy_named_tensors(params, self.shadow, "the EMA", "EMA")
 
     @contextmanager
     def applied(self, params: Mapping[str, torch.Tensor]) -> Iterator[None]:
         """The parameters hold the average inside the block and their own values again after it."""
-        with torch.no_grad():
-            saved = {name: params[name].detach().clone() for name in self.shadow}
+        saved = {name: p.detach().clone() for name, p in params.items()}
         self.copy_to(params)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    params[name].copy_(value)
+            copy_named_tensors(params, saved, "the saved weights", "saved")

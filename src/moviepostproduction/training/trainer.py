@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from ..checkpoint import KeyReport, load_matching, load_safetensors, write_json_atomic
-from ..errors import MppError, Problem, ValidationError, WeightsError
-from .checkpoints import CheckpointStore, load_optimizer_state, optimizer_state
+from ..errors import MppError, Problem, ValidationError
+from .checkpoints import CheckpointStore, copy_named_tensors, load_optimizer_state, optimizer_state
 from .ema import EmaWeights
 from .task import TrainTask
 
@@ -149,17 +149,7 @@ class Trainer:
         self.ema = EmaWeights(self.trainable_state(), decay)
 
     def load_trainable(self, state: dict[str, torch.Tensor], where: Path) -> None:
-        missing = [self.names[id(p)] for p in self.params if self.names[id(p)] not in state]
-        if missing:
-            raise WeightsError(f"{where}: lacks {len(missing)} trainable tensors ({', '.join(missing[:3])} ...)")
-        with torch.no_grad():
-            for p in self.params:
-                value = state[self.names[id(p)]]
-                if value.shape != p.shape:
-                    raise WeightsError(
-                        f"{where}: {self.names[id(p)]} has shape {tuple(value.shape)}, expected " f"{tuple(p.shape)}"
-                    )
-                p.copy_(value.to(p.device, p.dtype))
+        copy_named_tensors(self.named_params(), state, where, "trainable")
 
     def warm_start(self, path: str | Path) -> KeyReport:
         """Load every matching "<module>.<param>" tensor; report missing / unexpected / shape-mismatched keys."""
@@ -213,7 +203,7 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, acc = self.config, self.accelerator
         step, epoch, index, losses, logs = 0, 0, 0, [], []
-        warm = None
+        warm, snap = None, None
         latest = self.store.latest() if cfg.resume else None
         if latest is not None:
             snap = self.store.load(latest)
@@ -237,7 +227,7 @@ class Trainer:
             warm = self.warm_start(cfg.init_from)
             if acc.is_main_process:
                 write_json_atomic(asdict(warm), self.out / "warm_start.json")
-        self.start_ema(snap if latest is not None else None)
+        self.start_ema(snap)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             if cfg.tensorboard:
