@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from moviepostproduction.cli import app
 from moviepostproduction.errors import MppError, ValidationError, WeightsError
 from moviepostproduction.pipelines.compose import ComposePipeline
+from moviepostproduction.sampling import latent_image_ids
 from moviepostproduction.scene import load_scene
 from moviepostproduction.tiny import write_tiny_model_dir
 
@@ -176,11 +177,31 @@ def test_ref_guidance_extrapolates_from_the_caption_alone(model_dir, tmp_path):
         pipe(scene, num_inference_steps=1, ref_guidance_scale=float("nan"))
 
 
+def copy_with_index(model_dir: Path, target: Path, **fields) -> Path:
+    """A copy of `model_dir` whose model_index.json has `fields` set."""
+    shutil.copytree(model_dir, target)
+    index = json.loads((target / "model_index.json").read_text())
+    (target / "model_index.json").write_text(json.dumps({**index, **fields}))
+    return target
+
+
+def test_model_dir_names_its_image_position_scale(model_dir, tmp_path):
+    """model_index.json `image_position_scale` scales the image tokens' RoPE ids at every step; 1 is FLUX's."""
+    assert ComposePipeline.from_model_dir(model_dir).image_position_scale == 1.0
+    pipe = ComposePipeline.from_model_dir(copy_with_index(model_dir, tmp_path / "scaled", image_position_scale=0.5))
+    assert pipe.image_position_scale == 0.5
+    ids = []
+    original = pipe.model.forward
+    pipe.model.forward = lambda *a, **k: ids.append(a[4]) or original(*a, **k)
+    scene = load_scene(write_scene(tmp_path))
+    pipe(scene, num_inference_steps=2, output_type="pt")
+    h, w = scene.height // 16, scene.width // 16
+    assert len(ids) == 2 and all(torch.equal(i, latent_image_ids(h, w) * 0.5) for i in ids)
+    assert ids[0][-1].tolist() == [0.0, (h - 1) * 0.5, (w - 1) * 0.5]
+
+
 def test_model_dir_names_its_default_ref_guidance(model_dir, tmp_path):
-    tuned = tmp_path / "tuned"
-    shutil.copytree(model_dir, tuned)
-    index = json.loads((tuned / "model_index.json").read_text())
-    (tuned / "model_index.json").write_text(json.dumps({**index, "ref_guidance_scale": 2.5}))
+    tuned = copy_with_index(model_dir, tmp_path / "tuned", ref_guidance_scale=2.5)
     pipe = ComposePipeline.from_model_dir(tuned)
     assert pipe.ref_guidance_scale == 2.5
     scene = load_scene(write_scene(tmp_path))

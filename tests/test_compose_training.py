@@ -279,6 +279,31 @@ def test_mpp_train_recipe_reconfigures_the_adapter(world, tmp_path):
     from moviepostproduction.pipelines.compose import ComposePipeline
 
     assert ComposePipeline.from_model_dir(tmp_path / "exported").model.adapter.uses_box_positions
+    assert json.loads((tmp_path / "exported" / "model_index.json").read_text())["image_position_scale"] == 1.0
+
+
+def test_mpp_train_recipe_interpolates_image_positions(world, tmp_path):
+    """compose.image_position_scale: the task's RoPE ids are scaled, the export says so, and its pipeline uses it."""
+    import json
+
+    from moviepostproduction.pipelines.compose import ComposePipeline
+    from moviepostproduction.training import compose_task
+
+    bad = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, "image_position_scale": 0})
+    assert bad.exit_code == 2 and "compose.image_position_scale: must be a positive number (got 0)" in bad.output
+    assert "Traceback" not in bad.output
+    seen = []
+    original = compose_task.latent_image_ids
+    compose_task.latent_image_ids = lambda h, w, **k: seen.append(k["scale"]) or original(h, w, **k)
+    try:
+        compose = {"batch_size": 2, "image_position_scale": 0.5}
+        result = run_train_recipe(world, tmp_path, "compose", "toy", max_refs=MAX_REFS, compose=compose)
+    finally:
+        compose_task.latent_image_ids = original
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {0.5}
+    assert json.loads((tmp_path / "exported" / "model_index.json").read_text())["image_position_scale"] == 0.5
+    assert ComposePipeline.from_model_dir(tmp_path / "exported").image_position_scale == 0.5
 
 
 def test_warm_start_steps_follow_the_chain_of_checkpoints(tmp_path):

@@ -131,6 +131,12 @@ class ModelDir:
         """Reference guidance the model was tuned for: model_index.json's `ref_guidance_scale`, else 1.0 (off)."""
         return float(self.index.get("ref_guidance_scale", 1.0))
 
+    @property
+    def image_position_scale(self) -> float:
+        """RoPE position step between neighbouring image tokens: model_index.json's `image_position_scale`, else
+        FLUX's 1.0. A model fine-tuned at a higher resolution with interpolated positions stores e.g. 0.5."""
+        return float(self.index.get("image_position_scale", 1.0))
+
     def path(self, component: str) -> Path:
         if component not in COMPONENTS:
             raise KeyError(f"unknown component {component!r}; known: {', '.join(COMPONENTS)}")

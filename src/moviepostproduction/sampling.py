@@ -177,11 +177,19 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def latent_image_ids(
-    h: int, w: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    h: int,
+    w: int,
+    *,
+    scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """RoPE position ids (h * w, 3) for an h x w token grid: [0, row, col], row-major as `pack_latents`."""
-    rows = torch.arange(h, dtype=dtype, device=device)
-    cols = torch.arange(w, dtype=dtype, device=device)
+    """RoPE position ids (h * w, 3) for an h x w token grid: [0, row * scale, col * scale], row-major as
+    `pack_latents`. FLUX uses scale 1; a model fine-tuned at k times its training resolution with its positions
+    interpolated (scale 1 / k) keeps the position range it was trained on (model_index.json `image_position_scale`).
+    """
+    rows = torch.arange(h, dtype=dtype, device=device) * scale
+    cols = torch.arange(w, dtype=dtype, device=device) * scale
     grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)  # (h, w, 2)
     ids = torch.cat([torch.zeros(h, w, 1, dtype=dtype, device=device), grid], dim=-1)  # (h, w, 3)
     return rearrange(ids, "h w c -> (h w) c")

@@ -88,10 +88,12 @@ class ComposePipeline:
         label: str = "",
         max_text_tokens: int = 512,
         ref_guidance_scale: float = 1.0,
+        image_position_scale: float = 1.0,
     ):
         self.model = model.eval()
         self.max_text_tokens = max_text_tokens  # T5 length; model dirs trained shorter say so in model_index.json
         self.ref_guidance_scale = ref_guidance_scale  # default of __call__; model dirs may name theirs
+        self.image_position_scale = image_position_scale  # RoPE step between image tokens (model_index.json)
         self.use_layout = True  # pathway switches, for ablations (evaluation/compose_eval.py)
         self.use_modulation = True
         self.text_encoder = text_encoder
@@ -121,6 +123,7 @@ class ComposePipeline:
             label=label,
             max_text_tokens=md.max_text_tokens,
             ref_guidance_scale=md.ref_guidance_scale,
+            image_position_scale=md.image_position_scale,
         )
 
     @property
@@ -202,7 +205,7 @@ class ComposePipeline:
         v = v_caption + s (v_scene - v_caption), one more (plain) forward per step; true CFG then applies to that.
         """
         h, w = prepared.grid
-        img_ids = latent_image_ids(h, w, device=self.device, dtype=self.dtype)
+        img_ids = latent_image_ids(h, w, scale=self.image_position_scale, device=self.device, dtype=self.dtype)
         guidance_embeds = bool(self.model.transformer.config.guidance_embeds)
         calls = {"n": 0}
 

@@ -47,6 +47,7 @@ class ComposeTaskConfig:
     sample_steps: int = 12
     num_preview: int = 4  # scenes in the sample grid
     inference_steps: int = 28  # where the layout window ends in t (grounding_ratio of these steps)
+    image_position_scale: float = 1.0  # RoPE step between image tokens (ModelDir.image_position_scale)
 
 
 class ComposeTask:
@@ -134,7 +135,7 @@ class ComposeTask:
             batch["t5"],
             batch["pooled"],
             t,
-            latent_image_ids(h, w, device=dev),
+            latent_image_ids(h, w, scale=self.config.image_position_scale, device=dev),
             text_ids(batch["t5"].shape[1], device=dev),
             torch.ones_like(t) if self.guidance else None,
             conditioning=cond,

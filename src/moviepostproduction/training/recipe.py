@@ -14,7 +14,8 @@
     export: build/toy-model       # write a complete model dir with the trained weights at the end
     ref_guidance: 1.0             # the exported dir's default reference guidance (ComposePipeline)
     trainer: {max_steps: 4000, checkpoint_every: 500, sample_every: 500, log_every: 20, seed: 0}
-    compose: {batch_size: 16}
+    compose: {batch_size: 16}     # ComposeTaskConfig; image_position_scale: 0.5 fine-tunes at twice the
+                                  # model dir's resolution with its RoPE positions interpolated
 
 Relative paths are relative to the current directory.
 """
@@ -114,10 +115,15 @@ def dataclass_from(cls, values: dict, prefix: str):
     return cls(**values)
 
 
-def _task_config(recipe: Recipe):
+def _task_config(recipe: Recipe, image_position_scale: float = 1.0):
+    """The recipe's `compose:` fields; `image_position_scale` defaults to the loaded model dir's (FLUX: 1)."""
     from .compose_task import ComposeTaskConfig
 
-    return dataclass_from(ComposeTaskConfig, recipe.compose, "compose")
+    values = {"image_position_scale": image_position_scale, **recipe.compose}
+    scale = values["image_position_scale"]
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale < float("inf"):
+        raise ValidationError([Problem("compose.image_position_scale", scale, "must be a positive number")])
+    return dataclass_from(ComposeTaskConfig, values, "compose")
 
 
 def _trainer_config(recipe: Recipe) -> TrainConfig:
@@ -187,6 +193,7 @@ def build_compose_task(recipe: Recipe):
 
     md = ModelDir.at(recipe.model)
     md.check()
+    config = _task_config(recipe, md.image_position_scale)  # fail early, before the caches are built
     adapter = reconfigure_adapter(CompositionAdapter.from_pretrained(md.root / "adapter"), recipe.adapter)  # fail early
     plan = deepening(recipe)
     text, image, vae = TextEncoder.load(md), ImageEncoder.load(md), Vae.load(md)
@@ -200,7 +207,7 @@ def build_compose_task(recipe: Recipe):
         adapter, fresh = deepen_adapter(adapter, plan, seed=seed)
         logger.info("deepened by %s: %d new adapter tensors start from their init", plan, len(fresh))
     model = ConditionedFlux(transformer, adapter)
-    return ComposeTask(model, train, vae, image, config=_task_config(recipe), preview=preview), md
+    return ComposeTask(model, train, vae, image, config=config, preview=preview), md
 
 
 KEPT_FOLDERS = (NANODIT_FOLDER,)  # other capabilities' weights in an existing export dir survive a re-export
@@ -245,6 +252,7 @@ def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> 
         f"blocks{'' if steps is None else f', {steps} steps'})",
         "max_text_tokens": recipe.max_text_tokens,
         "ref_guidance_scale": float(recipe.ref_guidance),
+        "image_position_scale": float(task.config.image_position_scale),
         "trained_by": f"mpp train (stage {recipe.stage})",
     }
     index.pop("trained_steps", None)  # the source's count is not this export's
