@@ -198,6 +198,9 @@ def test_model_dir_names_its_image_position_scale(model_dir, tmp_path):
     h, w = scene.height // 16, scene.width // 16
     assert len(ids) == 2 and all(torch.equal(i, latent_image_ids(h, w) * 0.5) for i in ids)
     assert ids[0][-1].tolist() == [0.0, (h - 1) * 0.5, (w - 1) * 0.5]
+    broken = copy_with_index(model_dir, tmp_path / "broken", image_position_scale="half")
+    with pytest.raises(WeightsError, match=r"image_position_scale must be a positive number \(got 'half'\)$"):
+        ComposePipeline.from_model_dir(broken)
 
 
 def test_model_dir_names_its_default_ref_guidance(model_dir, tmp_path):

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from moviepostproduction.errors import WeightsError
+from moviepostproduction.sampling import is_positive_number
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,13 @@ class ModelDir:
     def image_position_scale(self) -> float:
         """RoPE position step between neighbouring image tokens: model_index.json's `image_position_scale`, else
         FLUX's 1.0. A model fine-tuned at a higher resolution with interpolated positions stores e.g. 0.5."""
-        return float(self.index.get("image_position_scale", 1.0))
+        scale = self.index.get("image_position_scale", 1.0)
+        if not is_positive_number(scale):
+            raise WeightsError(
+                f"model dir {self.root}: model_index.json image_position_scale must be a positive number "
+                f"(got {scale!r})"
+            )
+        return float(scale)
 
     def path(self, component: str) -> Path:
         if component not in COMPONENTS:

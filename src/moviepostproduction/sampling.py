@@ -240,6 +240,11 @@ def scale_problem(field: str, value: object) -> Problem | None:
     return None
 
 
+def is_positive_number(value: object) -> bool:
+    """A finite real number > 0 (not a bool or a string from a config file): e.g. `image_position_scale`."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
+
+
 def use_true_cfg(true_cfg_scale: float, has_negative_prompt: bool) -> bool:
     """True CFG (a second, unconditional pass) runs only when scale > 1 and a negative prompt is given."""
     return true_cfg_scale > 1.0 and has_negative_prompt

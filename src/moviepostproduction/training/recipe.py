@@ -32,7 +32,7 @@ from pathlib import Path
 from ..backbones.nanodit_io import FOLDER as NANODIT_FOLDER
 from ..checkpoint import STORAGE_DTYPES, cast_safetensors_files
 from ..errors import Problem, ValidationError
-from ..sampling import scale_problem
+from ..sampling import is_positive_number, scale_problem
 from .trainer import TrainConfig, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def _task_config(recipe: Recipe, image_position_scale: float = 1.0):
 
     values = {"image_position_scale": image_position_scale, **recipe.compose}
     scale = values["image_position_scale"]
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale < float("inf"):
+    if not is_positive_number(scale):
         raise ValidationError([Problem("compose.image_position_scale", scale, "must be a positive number")])
     return dataclass_from(ComposeTaskConfig, values, "compose")
 
