@@ -282,7 +282,7 @@ def test_mpp_train_recipe_reconfigures_the_adapter(world, tmp_path):
     assert json.loads((tmp_path / "exported" / "model_index.json").read_text())["image_position_scale"] == 1.0
 
 
-def test_mpp_train_recipe_interpolates_image_positions(world, tmp_path):
+def test_mpp_train_recipe_interpolates_image_positions(world, tmp_path, monkeypatch):
     """compose.image_position_scale: the task's RoPE ids are scaled, the export says so, and its pipeline uses it."""
     import json
 
@@ -294,12 +294,10 @@ def test_mpp_train_recipe_interpolates_image_positions(world, tmp_path):
     assert "Traceback" not in bad.output
     seen = []
     original = compose_task.latent_image_ids
-    compose_task.latent_image_ids = lambda h, w, **k: seen.append(k["scale"]) or original(h, w, **k)
-    try:
-        compose = {"batch_size": 2, "image_position_scale": 0.5}
-        result = run_train_recipe(world, tmp_path, "compose", "toy", max_refs=MAX_REFS, compose=compose)
-    finally:
-        compose_task.latent_image_ids = original
+    recording = lambda h, w, **k: seen.append(k["scale"]) or original(h, w, **k)  # noqa: E731
+    monkeypatch.setattr(compose_task, "latent_image_ids", recording)
+    compose = {"batch_size": 2, "image_position_scale": 0.5}
+    result = run_train_recipe(world, tmp_path, "compose", "toy", max_refs=MAX_REFS, compose=compose)
     assert result.exit_code == 0, result.output
     assert seen and set(seen) == {0.5}
     assert json.loads((tmp_path / "exported" / "model_index.json").read_text())["image_position_scale"] == 0.5

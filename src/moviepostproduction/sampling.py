@@ -235,14 +235,19 @@ def make_noise(
 def scale_problem(field: str, value: object) -> Problem | None:
     """The problem with a guidance scale, if any: it must be a finite number >= 0 (a config file may hand over a
     bool or a string)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+    if not (is_finite_number(value) and value >= 0):
         return Problem(field, value, "must be a finite number >= 0")
     return None
 
 
+def is_finite_number(value: object) -> bool:
+    """A finite real number (not a bool or a string, which a config file may hand over)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
 def is_positive_number(value: object) -> bool:
-    """A finite real number > 0 (not a bool or a string from a config file): e.g. `image_position_scale`."""
-    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
+    """A finite real number > 0: e.g. `image_position_scale`."""
+    return is_finite_number(value) and value > 0
 
 
 def use_true_cfg(true_cfg_scale: float, has_negative_prompt: bool) -> bool:
