@@ -18,7 +18,14 @@ from moviepostproduction.modules import CompositionAdapter
 from moviepostproduction.tiny import write_tiny_model_dir
 from moviepostproduction.training.compose_task import ComposeTask, ComposeTaskConfig
 from moviepostproduction.training.feature_cache import FeatureCache, build_cache
-from moviepostproduction.training.losses import bbox_alignment_loss, crop_boxes, predicted_x0, soft_argmax_centre
+from moviepostproduction.training.losses import (
+    bbox_alignment_loss,
+    box_token_weights,
+    crop_boxes,
+    flow_loss,
+    predicted_x0,
+    soft_argmax_centre,
+)
 from moviepostproduction.training.trainer import TrainConfig, Trainer
 
 from helpers import randomize_zero_inits
@@ -302,6 +309,44 @@ def test_mpp_train_recipe_interpolates_image_positions(world, tmp_path, monkeypa
     assert seen and set(seen) == {0.5}
     assert json.loads((tmp_path / "exported" / "model_index.json").read_text())["image_position_scale"] == 0.5
     assert ComposePipeline.from_model_dir(tmp_path / "exported").image_position_scale == 0.5
+
+
+def test_flow_loss_token_weights():
+    """Equal weights are the plain MSE; otherwise a weighted mean of per-token squared errors (mean over C)."""
+    g = torch.Generator().manual_seed(0)
+    v, x0, noise = (torch.randn(2, 6, 5, generator=g) for _ in range(3))
+    plain = flow_loss(v, x0, noise)
+    assert torch.allclose(flow_loss(v, x0, noise, torch.full((2, 6), 3.0)), plain, rtol=1e-6)
+    inside = torch.zeros(2, 6, dtype=torch.bool)
+    inside[0, :2] = True
+    weights = box_token_weights(inside, 4.0)
+    assert weights[0, :2].tolist() == [4.0, 4.0] and (weights[0, 2:] == 1).all() and (weights[1] == 1).all()
+    per_token = (v - (noise - x0)).pow(2).mean(-1)
+    expected = (per_token * weights).sum() / weights.sum()
+    assert torch.allclose(flow_loss(v, x0, noise, weights), expected, rtol=1e-6)
+    assert not torch.allclose(flow_loss(v, x0, noise, weights), plain)
+
+
+def test_box_loss_weight_weights_the_tokens_of_the_refs_the_model_sees(world):
+    _, md, cache, vae, image = world
+    assert make_task(md, cache, vae, image).flow_weights(cache.select(torch.arange(2)), cache.valid[:2]) is None
+    task = make_task(md, cache, vae, image, box_loss_weight=4.0)
+    batch = cache.select(torch.arange(3))
+    valid = batch["valid"].clone()
+    valid[1] = False  # a sample trained without refs: every token weighs 1
+    weights = task.flow_weights(batch, valid)
+    inside = task.inside_boxes(batch, valid)
+    assert weights.shape == (3, 16) and inside[0].any() and not inside[0].all() and not inside[1].any()
+    assert (weights[inside] == 4.0).all() and (weights[~inside] == 1.0).all()
+    out = task.loss(torch.arange(2), torch.Generator().manual_seed(0))
+    assert math.isfinite(out.logs["flow"])
+
+
+def test_mpp_train_recipe_rejects_a_bad_box_loss_weight(world, tmp_path):
+    for value, shown in ((0, "0"), ("heavy", "'heavy'"), (float("nan"), "nan")):
+        bad = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, "box_loss_weight": value})
+        assert bad.exit_code == 2 and f"compose.box_loss_weight: must be a positive number (got {shown})" in bad.output
+        assert "Traceback" not in bad.output
 
 
 def test_warm_start_steps_follow_the_chain_of_checkpoints(tmp_path):

@@ -23,6 +23,7 @@ from ..sampling import euler_sample, get_timesteps, latent_image_ids, noise_late
 from .feature_cache import FeatureCache
 from .losses import (
     bbox_alignment_loss,
+    box_token_weights,
     crop_boxes,
     flow_loss,
     identity_loss,
@@ -48,6 +49,7 @@ class ComposeTaskConfig:
     num_preview: int = 4  # scenes in the sample grid
     inference_steps: int = 28  # where the layout window ends in t (grounding_ratio of these steps)
     image_position_scale: float = 1.0  # RoPE step between image tokens (ModelDir.image_position_scale)
+    box_loss_weight: float = 1.0  # flow-loss weight of tokens inside a ref's box (1: plain MSE over all tokens)
 
 
 class ComposeTask:
@@ -162,7 +164,7 @@ class ComposeTask:
             t = self.layout_t + u if layout_active else t * self.layout_t
         x_t = noise_latents(x0, noise, t)
         v, cond = self.velocity(batch, x_t, t, valid, layout_active)
-        flow = flow_loss(v, x0, noise)
+        flow = flow_loss(v, x0, noise, self.flow_weights(batch, valid))
         total, logs = flow, {"flow": float(flow.detach())}
         draws = torch.rand(2, generator=generator, device=generator.device).tolist()
         if ("identity" in self.weights or "bbox" in self.weights) and draws[0] < cfg.aux_prob:
@@ -174,11 +176,21 @@ class ComposeTask:
             dropped = valid & (torch.rand(valid.shape, generator=generator, device=generator.device).to(dev) < 0.5)
             with torch.no_grad():
                 v_drop, _ = self.velocity(batch, x_t, t, valid & ~dropped, layout_active)
-            inside = (bbox_token_mask(batch["bboxes"], self.cache.grid) & dropped[..., None]).any(1)  # (B, N)
-            region = region_preservation_loss(v, v_drop, ~inside)
+            region = region_preservation_loss(v, v_drop, ~self.inside_boxes(batch, dropped))
             total = total + self.weights["region"] * region
             logs["region"] = float(region.detach())
         return LossOutput(total, logs)
+
+    def flow_weights(self, batch: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor | None:
+        """(B, N) per-token flow-loss weights, `box_loss_weight` inside the boxes of the refs the model sees; None
+        (plain MSE) at the default weight 1."""
+        if self.config.box_loss_weight == 1.0:
+            return None
+        return box_token_weights(self.inside_boxes(batch, valid), self.config.box_loss_weight)
+
+    def inside_boxes(self, batch: dict[str, torch.Tensor], refs: torch.Tensor) -> torch.Tensor:
+        """(B, N) bool: tokens inside the box of any ref selected by `refs` (B, R) bool."""
+        return (bbox_token_mask(batch["bboxes"], self.cache.grid) & refs[..., None]).any(1)
 
     def decoded_losses(self, batch, x_t, v, t, cond, valid) -> dict[str, torch.Tensor]:
         k = min(self.config.aux_samples, x_t.shape[0])

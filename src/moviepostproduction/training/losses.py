@@ -12,9 +12,23 @@ def sample_times(batch: int, generator: torch.Generator, device: torch.device) -
     return torch.sigmoid(torch.randn(batch, generator=generator, device=device))
 
 
-def flow_loss(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Rectified flow: x_t = (1 - t) x0 + t noise, target v = noise - x0; MSE over everything (float32)."""
-    return F.mse_loss(velocity.float(), (noise - x0).float())
+def flow_loss(
+    velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, token_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rectified flow: x_t = (1 - t) x0 + t noise, target v = noise - x0; MSE in float32.
+
+    velocity / x0 / noise (B, N, C). `token_weights` (B, N), if given, weights each token's squared error
+    (mean over C) in a weighted mean over tokens; None, or all weights equal, is the plain MSE over everything.
+    """
+    if token_weights is None:
+        return F.mse_loss(velocity.float(), (noise - x0).float())
+    per_token = (velocity.float() - (noise - x0).float()).pow(2).mean(-1)  # (B, N)
+    return weighted_mean(per_token, token_weights.float())
+
+
+def box_token_weights(inside: torch.Tensor, box_weight: float) -> torch.Tensor:
+    """(B, N) flow-loss weights: `box_weight` on tokens inside a ref's box (inside (B, N) bool), 1 elsewhere."""
+    return 1.0 + (box_weight - 1.0) * inside.float()
 
 
 def predicted_x0(x_t: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

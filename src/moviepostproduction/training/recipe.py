@@ -15,7 +15,8 @@
     ref_guidance: 1.0             # the exported dir's default reference guidance (ComposePipeline)
     trainer: {max_steps: 4000, checkpoint_every: 500, sample_every: 500, log_every: 20, seed: 0}
     compose: {batch_size: 16}     # ComposeTaskConfig; image_position_scale: 0.5 fine-tunes at twice the
-                                  # model dir's resolution with its RoPE positions interpolated
+                                  # model dir's resolution with its RoPE positions interpolated; box_loss_weight: 4
+                                  # weights the flow loss 4x on tokens inside the refs' boxes
 
 Relative paths are relative to the current directory.
 """
@@ -120,9 +121,13 @@ def _task_config(recipe: Recipe, image_position_scale: float = 1.0):
     from .compose_task import ComposeTaskConfig
 
     values = {"image_position_scale": image_position_scale, **recipe.compose}
-    scale = values["image_position_scale"]
-    if not is_positive_number(scale):
-        raise ValidationError([Problem("compose.image_position_scale", scale, "must be a positive number")])
+    problems = [
+        Problem(f"compose.{name}", values[name], "must be a positive number")
+        for name in ("image_position_scale", "box_loss_weight")
+        if name in values and not is_positive_number(values[name])
+    ]
+    if problems:
+        raise ValidationError(problems)
     return dataclass_from(ComposeTaskConfig, values, "compose")
 
 
