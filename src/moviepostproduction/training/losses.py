@@ -12,6 +12,10 @@ def sample_times(batch: int, generator: torch.Generator, device: torch.device) -
     return torch.sigmoid(torch.randn(batch, generator=generator, device=device))
 
 
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (values * weights).sum() / weights.sum().clamp(min=1e-6)
+
+
 def flow_loss(
     velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, token_weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -48,10 +52,6 @@ def crop_boxes(pixels: torch.Tensor, bboxes: torch.Tensor, size: int) -> torch.T
     grid = F.affine_grid(theta.view(b * r, 2, 3), [b * r, 3, size, size], align_corners=False)
     source = pixels.float().repeat_interleave(r, dim=0)  # (B * R, 3, H, W)
     return F.grid_sample(source, grid, align_corners=False, padding_mode="border")
-
-
-def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return (values * weights).sum() / weights.sum().clamp(min=1e-6)
 
 
 def identity_loss(crop_dino: torch.Tensor, ref_dino: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
