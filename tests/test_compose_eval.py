@@ -43,9 +43,34 @@ def test_identity_parts_split_colour_from_shape():
 
 
 def test_table_has_one_row_per_model_and_an_iou_column():
-    rows = [VariantScore("a", [0.5], [0.1], [True], [0.01]).row(), VariantScore("b", [0.0], [], [False]).row()]
+    rows = [
+        VariantScore("a", [0.5], [0.1], [True], [0.01], unseen=[True]).row(),
+        VariantScore("b", [0.0], [], [False], unseen=[False]).row(),
+    ]
     table = format_table(rows).splitlines()
     assert table[0].split("|")[2].strip() == "IoU"
-    assert table[0].split("|")[4:7] == [" fg identity ", " fg colour ", " fg shape "]
-    assert table[2].startswith("| a | 0.500 | 0.100 | 1.000 | nan | nan | 0.010 | 1 |")
-    assert table[3].startswith("| b | 0.000 | nan |")
+    assert table[0].split("|")[4:9] == [
+        " fg identity ", " fg colour ", " fg shape ", " fg identity (seen pairs) ", " fg identity (unseen pairs) "
+    ]  # fmt: skip
+    assert table[2].startswith("| a | 0.500 | 0.100 | 1.000 | nan | nan | nan | 1.000 | 0.010 | 1 |")
+    assert table[3].startswith("| b | 0.000 | nan | 0.000 | nan | nan | 0.000 | nan |")
+
+
+def test_fg_identity_is_split_by_whether_the_shape_colour_pair_was_held_out_of_training(tmp_path):
+    """Seen + unseen refs = all judged refs, and the two means weight back to the overall fg identity."""
+    cfg = ToyWorldConfig(max_refs=3)
+    scenes = heldout_scenes(12, 0, cfg, tmp_path)
+    score, all_seen = VariantScore("half blank"), VariantScore("no pair held out")
+    for k, (toy, _) in enumerate(scenes):
+        image = toy.image if k % 2 == 0 else np.full_like(toy.image, 128)
+        score_image(score, image, toy, cfg.heldout_combos)
+        score_image(all_seen, image, toy, heldout_combos=())
+    fg = [r for toy, _ in scenes for r in toy.refs if r.depth == "fg" and r.visible >= 0.9]
+    assert score.unseen == [(r.shape, r.colour) in cfg.heldout_combos for r in fg]
+    row = score.row()
+    seen, unseen = row["fg refs (seen pairs)"], row["fg refs (unseen pairs)"]
+    assert seen > 0 and unseen > 0 and seen + unseen == len(score.identity)
+    weighted = (seen * row["fg identity (seen pairs)"] + unseen * row["fg identity (unseen pairs)"]) / (seen + unseen)
+    assert abs(weighted - row["fg identity"]) < 1e-12
+    assert all_seen.row()["fg refs (unseen pairs)"] == 0 and np.isnan(all_seen.row()["fg identity (unseen pairs)"])
+    assert all_seen.row()["fg identity (seen pairs)"] == row["fg identity"]

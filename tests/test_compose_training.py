@@ -209,11 +209,18 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     assert math.isnan(rows[-1]["leakage"])  # the round trip generates nothing: leakage is not defined
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["ref_guidance"] == 2.0
     assert all(0.0 <= r["IoU"] <= 1.0 for r in rows)
+    assert len({(r["fg refs (seen pairs)"], r["fg refs (unseen pairs)"]) for r in rows}) == 1  # same refs judged
+    assert (
+        f"fg refs judged for identity: {rows[0]['fg refs (seen pairs)']} with a (shape, colour) pair seen in"
+        in (tmp_path / "eval" / "eval.md").read_text()
+    )
     from PIL import Image
 
     assert Image.open(tmp_path / "eval" / "grid.png").size == (6 * 64, 2 * 64)  # target + 5 variants, 2 scenes
     bad = CliRunner().invoke(app, [*args, "--variants", "model,best"])
     assert bad.exit_code == 2 and "--variants: " in bad.output and "best" in bad.output
+    empty = CliRunner().invoke(app, [*args, "--variants", " , "])
+    assert empty.exit_code == 2 and "--variants: expected some of model, " in empty.output
 
 
 def test_mpp_train_bad_recipe_is_one_line_exit_2(tmp_path):

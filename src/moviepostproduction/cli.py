@@ -238,7 +238,8 @@ def eval_(
     ),
     out: str | None = typer.Option(None, "--out", help="Write eval.md, eval.json and grid.png here."),
 ) -> None:
-    """Bbox alignment (IoU, centre error), fg identity and leakage of a toy-world model and its ablations."""
+    """Bbox alignment (IoU, centre error), fg identity (also on seen / unseen shape-colour pairs) and leakage of a
+    toy-world model and its ablations."""
     from .evaluation.compose_eval import run_eval
 
     report = run_eval(

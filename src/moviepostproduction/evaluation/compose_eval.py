@@ -3,7 +3,9 @@
 Per scene and ref: the sprite of the ref's colour is located in the generated image (largest region of that
 colour) and compared with the requested bbox (IoU, centre error; a ref that is not found scores IoU 0);
 fg refs that the layout leaves >= 90% visible are checked for identity (same named colour and shape class
-in the ref and in the crop at the requested bbox; both parts are also reported alone: fg colour, fg shape).
+in the ref and in the crop at the requested bbox; both parts are also reported alone: fg colour, fg shape), and
+fg identity is also split by whether the ref's (shape, colour) pair occurs in training or is one of the world's
+held-out pairs (`ToyWorldConfig.heldout_combos`: compositional generalisation).
 Leakage: the scene is generated again without its last ref (same seed) and the mean change outside every box
 is measured. Variants: the model as is, its two pathway ablations (layout-only: the modulation offsets and
 feedback off; modulation-only: Assemble-Attn off), the untrained model (same architecture and frozen encoders,
@@ -23,7 +25,7 @@ import torch
 from PIL import Image
 
 from ..data.shards import encode_png
-from ..data.synthetic import ToyScene, ToyWorldConfig, generate_scene
+from ..data.synthetic import HELDOUT_COMBOS, ToyScene, ToyWorldConfig, generate_scene
 from ..scene import Scene, scene_from_dict
 from .metrics import bbox_iou, centre_error, leakage
 from .sprite_match import identity_parts, locate_sprite
@@ -41,16 +43,20 @@ class VariantScore:
     leak: list[float] = field(default_factory=list)
     colour: list[bool] = field(default_factory=list)  # per fg ref judged for identity: the colour part
     shape: list[bool] = field(default_factory=list)  # and the shape part (identity = both)
+    unseen: list[bool] = field(default_factory=list)  # and whether its (shape, colour) pair is held out of training
 
     def row(self) -> dict[str, float | str | int]:
         def mean(xs):
             xs = [x for x in xs if not math.isnan(x)]
             return float(np.mean(xs)) if xs else float("nan")
 
+        by_pair = {u: [float(x) for x, un in zip(self.identity, self.unseen, strict=True) if un == u] for u in (0, 1)}
         return {"model": self.name, "IoU": mean(self.iou), "centre error": mean(self.centre),
                 "fg identity": mean([float(x) for x in self.identity]),
                 "fg colour": mean([float(x) for x in self.colour]), "fg shape": mean([float(x) for x in self.shape]),
-                "leakage": mean(self.leak), "refs": len(self.iou)}  # fmt: skip
+                "fg identity (seen pairs)": mean(by_pair[0]), "fg identity (unseen pairs)": mean(by_pair[1]),
+                "leakage": mean(self.leak), "refs": len(self.iou),
+                "fg refs (seen pairs)": len(by_pair[0]), "fg refs (unseen pairs)": len(by_pair[1])}  # fmt: skip
 
 
 def heldout_scenes(
@@ -72,7 +78,12 @@ def heldout_scenes(
     return out
 
 
-def score_image(score: VariantScore, image: np.ndarray, toy: ToyScene) -> None:
+def score_image(
+    score: VariantScore, image: np.ndarray, toy: ToyScene, heldout_combos: tuple[tuple[str, str], ...] = HELDOUT_COMBOS
+) -> None:
+    """Append the scores of one generated image of `toy`; `heldout_combos`: the (shape, colour) pairs of the
+    world that training never showed (its `ToyWorldConfig.heldout_combos`)."""
+    held = {tuple(c) for c in heldout_combos}
     for ref in toy.refs:
         found = locate_sprite(image, ref.image)
         score.iou.append(float(bbox_iou(found, ref.bbox)) if found is not None else 0.0)
@@ -87,6 +98,7 @@ def score_image(score: VariantScore, image: np.ndarray, toy: ToyScene) -> None:
             score.colour.append(colour)
             score.shape.append(shape)
             score.identity.append(colour and shape)
+            score.unseen.append((ref.shape, ref.colour) in held)
 
 
 class Ablation:
@@ -137,10 +149,12 @@ def evaluate(
     leak_scenes: int | None = None,
     progress=True,
     ref_guidance: float | None = None,
+    heldout_combos: tuple[tuple[str, str], ...] = HELDOUT_COMBOS,
 ):
     """Scores per variant and the generated images (variant -> list of (H, W, 3) uint8), scene order.
 
-    `ref_guidance`: the same reference guidance scale for every variant (None: the pipeline's default).
+    `ref_guidance`: the same reference guidance scale for every variant (None: the pipeline's default);
+    `heldout_combos`: the world's held-out (shape, colour) pairs, for the seen / unseen identity split.
     """
     from tqdm import tqdm
 
@@ -153,7 +167,7 @@ def evaluate(
         with Ablation(pipe, variant):
             for k, (toy, scene) in enumerate(tqdm(scenes, desc=f"eval {variant}", disable=not progress)):
                 image = vae_roundtrip(pipe, toy.image) if variant == "vae-roundtrip" else generate(scene)
-                score_image(score, image, toy)
+                score_image(score, image, toy, heldout_combos)
                 leak = variant != "vae-roundtrip" and (leak_scenes is None or k < leak_scenes)
                 if len(toy.refs) > 1 and leak:
                     without = generate(scene.model_copy(update={"refs": scene.refs[:-1]}))
@@ -177,8 +191,9 @@ def eval_grid(scenes, images: dict[str, list[np.ndarray]], rows: int = 6) -> Ima
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table: one row per model, columns model | IoU | centre error | fg identity | fg colour | fg shape |
-    leakage | refs."""
-    cols = ["model", "IoU", "centre error", "fg identity", "fg colour", "fg shape", "leakage", "refs"]
+    fg identity (seen pairs) | fg identity (unseen pairs) | leakage | refs."""
+    cols = ["model", "IoU", "centre error", "fg identity", "fg colour", "fg shape", "fg identity (seen pairs)",
+            "fg identity (unseen pairs)", "leakage", "refs"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         cells = [row[c] if isinstance(row[c], str | int) else f"{row[c]:.3f}" for c in cols]
@@ -212,6 +227,8 @@ def run_eval(
     problems = [
         Problem("--variants", v, f"expected some of {', '.join(VARIANTS)}") for v in chosen if v not in VARIANTS
     ]
+    if not chosen:
+        problems.append(Problem("--variants", variants, f"expected some of {', '.join(VARIANTS)}"))
     if split not in SPLITS:
         problems.append(Problem("--split", split, f"expected one of {', '.join(SPLITS)}"))
     if problems:
@@ -226,17 +243,23 @@ def run_eval(
     guidance = pipe.ref_guidance_scale if ref_guidance is None else ref_guidance  # reported as used
     with tempfile.TemporaryDirectory() as tmp:
         scenes = heldout_scenes(n, int(world["seed"]), cfg, Path(tmp), split=split, start=start)
-        scores, images = evaluate(pipe, scenes, chosen, steps=steps, leak_scenes=leak_scenes, ref_guidance=guidance)
+        scores, images = evaluate(pipe, scenes, chosen, steps=steps, leak_scenes=leak_scenes, ref_guidance=guidance,
+                                  heldout_combos=cfg.heldout_combos)  # fmt: skip
     rows = [scores[v].row() for v in chosen]
     table = format_table(rows)
+    counts = (  # the same refs are judged in every variant
+        f"fg refs judged for identity: {rows[0]['fg refs (seen pairs)']} with a (shape, colour) pair seen in "
+        f"training, {rows[0]['fg refs (unseen pairs)']} with a held-out pair"
+    )
     lines = [
         f"{split} split, scenes {start}-{start + n - 1}, {steps} steps, ref guidance {guidance:g}, model {md.root}",
         table,
+        counts,
     ]
     if out:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "eval.md").write_text(table + "\n")
+        (folder / "eval.md").write_text(f"{table}\n\n{counts}\n")
         report = {
             "split": split,
             "start": start,
