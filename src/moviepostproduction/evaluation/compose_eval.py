@@ -50,13 +50,14 @@ class VariantScore:
             xs = [x for x in xs if not math.isnan(x)]
             return float(np.mean(xs)) if xs else float("nan")
 
-        by_pair = {u: [float(x) for x, un in zip(self.identity, self.unseen, strict=True) if un == u] for u in (0, 1)}
+        pairs = list(zip(self.identity, self.unseen, strict=True))  # (identity, pair unseen) per judged fg ref
+        by_pair = {u: [float(x) for x, unseen in pairs if bool(unseen) == u] for u in (False, True)}
         return {"model": self.name, "IoU": mean(self.iou), "centre error": mean(self.centre),
                 "fg identity": mean([float(x) for x in self.identity]),
                 "fg colour": mean([float(x) for x in self.colour]), "fg shape": mean([float(x) for x in self.shape]),
-                "fg identity (seen pairs)": mean(by_pair[0]), "fg identity (unseen pairs)": mean(by_pair[1]),
+                "fg identity (seen pairs)": mean(by_pair[False]), "fg identity (unseen pairs)": mean(by_pair[True]),
                 "leakage": mean(self.leak), "refs": len(self.iou),
-                "fg refs (seen pairs)": len(by_pair[0]), "fg refs (unseen pairs)": len(by_pair[1])}  # fmt: skip
+                "fg refs (seen pairs)": len(by_pair[False]), "fg refs (unseen pairs)": len(by_pair[True])}  # fmt: skip
 
 
 def heldout_scenes(
