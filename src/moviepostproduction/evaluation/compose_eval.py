@@ -225,11 +225,10 @@ def run_eval(
     from ..visualize import save_png
 
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
-    problems = [
-        Problem("--variants", v, f"expected some of {', '.join(VARIANTS)}") for v in chosen if v not in VARIANTS
-    ]
+    expected = f"expected some of {', '.join(VARIANTS)}"
+    problems = [Problem("--variants", v, expected) for v in chosen if v not in VARIANTS]
     if not chosen:
-        problems.append(Problem("--variants", variants, f"expected some of {', '.join(VARIANTS)}"))
+        problems.append(Problem("--variants", variants, expected))
     if split not in SPLITS:
         problems.append(Problem("--split", split, f"expected one of {', '.join(SPLITS)}"))
     if problems:
