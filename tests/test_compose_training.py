@@ -356,6 +356,41 @@ def test_mpp_train_recipe_rejects_a_bad_box_loss_weight(world, tmp_path):
         assert "Traceback" not in bad.output
 
 
+def test_drop_caption_trains_those_samples_on_the_empty_caption_without_spans(world):
+    _, md, cache, vae, image = world
+    with pytest.raises(ValueError, match="drop_caption > 0 needs the empty caption"):
+        make_task(md, cache, vae, image, drop_caption=0.5)
+    with torch.no_grad():
+        empty = TextEncoder.load(md).encode([""], TEXT)  # what ComposePipeline.prepare encodes for negative ""
+    torch.manual_seed(0)
+    task = make_task(md, cache, vae, image)
+    task.config.drop_caption, task.empty_caption = 1.0, (empty.t5, empty.pooled)
+    batch = cache.select(torch.arange(3))
+    out = task.without_caption(batch, torch.tensor([True, False, True]))
+    for k in (0, 2):
+        assert torch.equal(out["t5"][k], empty.t5[0].to(out["t5"])) and torch.equal(out["pooled"][k], empty.pooled[0])
+        assert not out["spans"][k].any()
+    assert torch.equal(out["t5"][1], batch["t5"][1]) and torch.equal(out["spans"][1], batch["spans"][1])
+    assert batch["spans"][0].any()  # the toy captions name their refs: there was something to clear
+    seen = []
+    forward = task.forward
+    task.forward = lambda b, *a, **kw: seen.append(b["t5"]) or forward(b, *a, **kw)
+    out = task.loss(torch.arange(2), torch.Generator().manual_seed(0))
+    assert math.isfinite(out.logs["flow"]) and seen
+    assert all(torch.equal(t5, empty.t5.to(t5).expand_as(t5)) for t5 in seen)  # drop_caption 1: every sample
+
+
+@pytest.mark.parametrize("value", [0.5, 1.5, "often"])
+def test_mpp_train_recipe_checks_and_uses_drop_caption(world, tmp_path, value):
+    result = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, "drop_caption": value})
+    if value == 0.5:
+        assert result.exit_code == 0, result.output
+        return
+    shown = repr(value) if isinstance(value, str) else str(value)
+    assert result.exit_code == 2 and f"compose.drop_caption: must be a number in [0, 1] (got {shown})" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_warm_start_steps_follow_the_chain_of_checkpoints(tmp_path):
     import json
 

@@ -4,7 +4,9 @@ One micro-batch: noise the cached clean latents at logit-normal times, predict t
 refs, and add the stage's auxiliary losses (DESIGN 5) on a random subset of micro-batches, drawn from the
 step generator so resume stays exact: identity and bbox alignment decode the predicted x0 through the frozen
 VAE and read it with the frozen DINO; region preservation re-runs the model with a random subset of refs
-dropped. Refs are dropped as a whole for `drop_refs` of the samples, so the model also generates without refs.
+dropped. Refs are dropped as a whole for `drop_refs` of the samples, so the model also generates without refs;
+the caption is replaced by the empty one for `drop_caption` of them (spans cleared, refs kept), which is what true
+CFG with the negative prompt "" runs as its other branch.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 class ComposeTaskConfig:
     batch_size: int = 16
     drop_refs: float = 0.1  # samples trained with no refs at all
+    drop_caption: float = 0.0  # samples trained with the empty caption instead of theirs (true CFG, negative "")
     aux_prob: float = 0.25  # micro-batches that also get identity / bbox losses (they decode x0)
     aux_samples: int = 4  # samples of such a micro-batch that are decoded
     region_prob: float = 0.25  # micro-batches that also get the region-preservation loss
@@ -63,9 +66,13 @@ class ComposeTask:
         image_encoder: nn.Module | None = None,
         config: ComposeTaskConfig | None = None,
         preview: FeatureCache | None = None,
+        empty_caption: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         self.model, self.cache, self.vae, self.image_encoder = model, cache, vae, image_encoder
         self.config = config or ComposeTaskConfig()
+        if self.config.drop_caption > 0 and empty_caption is None:
+            raise ValueError("drop_caption > 0 needs the empty caption's (T5 (1, T, d), pooled (1, d)) embeddings")
+        self.empty_caption = empty_caption
         self.preview = preview or cache
         self.weights: dict[str, float] = {}
         self.guidance = bool(model.transformer.config.guidance_embeds)
@@ -157,6 +164,10 @@ class ComposeTask:
         t = sample_times(b, generator, generator.device).to(dev)
         keep = torch.rand(b, generator=generator, device=generator.device).to(dev) >= cfg.drop_refs
         valid = batch["valid"] & keep[:, None]
+        if cfg.drop_caption > 0:  # drawn only then, so recipes without it keep their exact random stream
+            batch = self.without_caption(
+                batch, torch.rand(b, generator=generator, device=generator.device) < cfg.drop_caption
+            )
         layout_active = True
         if self.layout_t > 0:  # the layout pathway only sees the times where inference runs it
             layout_active = bool(torch.rand((), generator=generator, device=generator.device) < 0.5)
@@ -180,6 +191,17 @@ class ComposeTask:
             total = total + self.weights["region"] * region
             logs["region"] = float(region.detach())
         return LossOutput(total, logs)
+
+    def without_caption(self, batch: dict[str, torch.Tensor], drop: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch with the samples where `drop` (B,) is set given the empty caption and no caption spans."""
+        t5, pooled = self.empty_caption
+        drop = drop.to(batch["t5"].device)
+        return {
+            **batch,
+            "t5": torch.where(drop[:, None, None], t5.to(batch["t5"]), batch["t5"]),  # (B, T, d_t5)
+            "pooled": torch.where(drop[:, None], pooled.to(batch["pooled"]), batch["pooled"]),  # (B, d_clip)
+            "spans": batch["spans"] & ~drop[:, None, None],  # (B, R, T)
+        }
 
     def flow_weights(self, batch: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor | None:
         """(B, N) per-token flow-loss weights, `box_loss_weight` inside the boxes of the refs the model sees; None
