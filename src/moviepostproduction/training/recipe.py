@@ -212,9 +212,11 @@ def build_compose_task(recipe: Recipe):
     text, image, vae = TextEncoder.load(md), ImageEncoder.load(md), Vae.load(md)
     train = cached_features(recipe, "train", text, image, vae, recipe.limit)
     preview = cached_features(recipe, "heldout", text, image, vae, 8)
-    with torch.no_grad():  # true CFG's negative prompt "", as ComposePipeline.prepare encodes it
-        empty = text.encode([""], recipe.max_text_tokens)
-    empty_caption = (empty.t5.half().float(), empty.pooled.float())  # the cache stores T5 in fp16
+    empty_caption = None
+    if config.drop_caption > 0:
+        with torch.no_grad():  # true CFG's negative prompt "", as ComposePipeline.prepare encodes it
+            empty = text.encode([""], recipe.max_text_tokens)
+        empty_caption = (empty.t5.half().float(), empty.pooled.float())  # the cache stores T5 in fp16
     del text
     transformer = load_transformer(md)
     if plan != Deepening():
