@@ -386,7 +386,10 @@ def test_mpp_train_recipe_checks_and_uses_drop_caption(world, tmp_path, value):
         assert result.exit_code == 0, result.output
         return
     shown = repr(value) if isinstance(value, str) else str(value)
-    assert result.exit_code == 2 and f"compose.drop_caption: must be a number in [0, 1] (got {shown})" in result.output
+    assert (
+        result.exit_code == 2
+        and f"compose.drop_caption: must be a probability in [0, 1] (got {shown})" in result.output
+    )
     assert "Traceback" not in result.output
 
 

@@ -250,6 +250,11 @@ def is_positive_number(value: object) -> bool:
     return is_finite_number(value) and value > 0
 
 
+def is_probability(value: object) -> bool:
+    """A finite real number in [0, 1]: e.g. a dropout rate."""
+    return is_finite_number(value) and 0 <= value <= 1
+
+
 def use_true_cfg(true_cfg_scale: float, has_negative_prompt: bool) -> bool:
     """True CFG (a second, unconditional pass) runs only when scale > 1 and a negative prompt is given."""
     return true_cfg_scale > 1.0 and has_negative_prompt

@@ -34,7 +34,7 @@ from pathlib import Path
 from ..backbones.nanodit_io import FOLDER as NANODIT_FOLDER
 from ..checkpoint import STORAGE_DTYPES, cast_safetensors_files
 from ..errors import Problem, ValidationError
-from ..sampling import is_finite_number, is_positive_number, scale_problem
+from ..sampling import is_positive_number, is_probability, scale_problem
 from .trainer import TrainConfig, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -128,9 +128,9 @@ def _task_config(recipe: Recipe, image_position_scale: float = 1.0):
         if name in values and not is_positive_number(values[name])
     ]
     problems += [
-        Problem(f"compose.{name}", values[name], "must be a number in [0, 1]")
+        Problem(f"compose.{name}", values[name], "must be a probability in [0, 1]")
         for name in ("drop_refs", "drop_caption")
-        if name in values and not (is_finite_number(values[name]) and 0 <= values[name] <= 1)
+        if name in values and not is_probability(values[name])
     ]
     if problems:
         raise ValidationError(problems)

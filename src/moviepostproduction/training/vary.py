@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..backbones.nanodit import VaryConditioning
 from ..errors import Problem, ValidationError
-from ..sampling import make_noise, noise_latents
+from ..sampling import is_probability, make_noise, noise_latents
 
 __all__ = ["TIMESTEP_SAMPLING", "DropoutProbs", "flow_matching_loss", "sample_dropout", "sample_timesteps"]
 
@@ -39,7 +39,9 @@ class DropoutProbs:
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        problems = [Problem(k, v, "must be a probability in [0, 1]") for k, v in values.items() if not 0 <= v <= 1]
+        problems = [
+            Problem(k, v, "must be a probability in [0, 1]") for k, v in values.items() if not is_probability(v)
+        ]
         total = math.fsum(values.values())
         if not problems and abs(total - 1.0) > 1e-6:
             problems.append(Problem("dropout", values, f"probabilities sum to {total:g}, not 1"))

@@ -24,6 +24,7 @@ from ..data.sprites import COLOURS
 from ..data.synthetic import ToyWorldConfig
 from ..errors import Problem, ValidationError
 from ..evaluation.vary_metrics import colour_presence, feature_swap, reconstruction_error, text_only
+from ..sampling import is_probability
 from .task import LossOutput
 from .vary import TIMESTEP_SAMPLING, DropoutProbs, flow_matching_loss
 from .vary_data import VaryFeatures, build_vary_features, scene_signature
@@ -52,7 +53,7 @@ class VaryTaskConfig:
         problems = []
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             problems.append(Problem("batch_size", self.batch_size, "must be an integer >= 1"))
-        if not 0.0 <= self.ref_prob <= 1.0:
+        if not is_probability(self.ref_prob):
             problems.append(Problem("ref_prob", self.ref_prob, "must be a probability in [0, 1]"))
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
             problems.append(Problem("timestep_sampling", self.timestep_sampling, f"one of {TIMESTEP_SAMPLING}"))
