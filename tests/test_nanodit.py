@@ -207,6 +207,8 @@ def test_dropout_is_seeded_and_configurable():
         DropoutProbs(0.1, 0.3, 0.05, 0.45)
     with pytest.raises(MppError, match=r"uncond: must be a probability in \[0, 1\] \(got -0.1\)"):
         DropoutProbs(-0.1, 0.4, 0.15, 0.55)
+    with pytest.raises(MppError, match=r"both: must be a probability in \[0, 1\] \(got 'often'\)"):
+        DropoutProbs(0.1, 0.3, 0.05, "often")  # a config file's string: a problem, not a TypeError
 
 
 # ------------------------------------------------------------------------------------------- gradient flow

@@ -42,8 +42,8 @@ class DropoutProbs:
         problems = [
             Problem(k, v, "must be a probability in [0, 1]") for k, v in values.items() if not is_probability(v)
         ]
-        total = math.fsum(values.values())
-        if not problems and abs(total - 1.0) > 1e-6:
+        total = math.fsum(values.values()) if not problems else 1.0  # only numbers in range are summed
+        if abs(total - 1.0) > 1e-6:
             problems.append(Problem("dropout", values, f"probabilities sum to {total:g}, not 1"))
         if problems:
             raise DropoutValueError(problems, source="DropoutProbs")
