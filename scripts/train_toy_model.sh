@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped toy-world model (src/moviepostproduction/assets/toy-model) from nothing, on CPU.
-# Steps: data -> frozen encoders + VAE -> backbone + adapter (mpp train, 6 recipes) -> NanoDiT (vary) -> package.
+# Steps: data -> frozen encoders + VAE -> backbone + adapter (mpp train, 6 recipes) -> NanoDiT (vary) -> box patches
+# (mpp train, 3 recipes) -> package.
 # Wall time on the 2-core CI-class CPU: see docs/toy-model.md. Every step resumes if re-run.
 set -euo pipefail
 THREADS=${THREADS:-2}
@@ -14,7 +15,7 @@ python scripts/train_toy_encoders.py --out build/toy-encoders --seed 0 --vae-ste
 # added to Assemble-Attn for the cycle's last 22250 steps (cooldown over 15000), exported to build/toy-model-75k;
 # a third LR cycle of 16000 steps (cooldown over 7000) loads that dir and exports build/toy-model-91k; a fourth,
 # the same recipe with seed 3, loads that one and exports build/toy-model-107k; a fifth adds Assemble-Attn to double
-# block 1, widens the grounding window to 50 % of the steps, trains 10000 steps and exports build/toy-model.
+# block 1, widens the grounding window to 50 % of the steps, trains 10000 steps and exports build/toy-model-117k.
 OMP_NUM_THREADS=$THREADS mpp train examples/train/toy.yaml
 OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-cycle2.yaml
 OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-boxpos.yaml
@@ -22,5 +23,10 @@ OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-cycle3.yaml
 OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-cycle4.yaml
 OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-layout.yaml
 python scripts/train_vary.py --model build/toy-encoders --out runs/vary --scenes 4096 --steps 3000 --batch-size 32 \
-    --lr 5e-4 --preset toy-cpu --seed 0 --threads "$THREADS" --export build/toy-model
+    --lr 5e-4 --preset toy-cpu --seed 0 --threads "$THREADS" --export build/toy-model-117k
+# Box patches (the refs' DINO patch tokens laid into their boxes in Assemble-Attn): three LR cycles of 8000, 12000 and
+# 12000 steps on top of build/toy-model-117k (its NanoDiT travels along), the last exporting build/toy-model.
+OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-patches.yaml
+OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-patches2.yaml
+OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-patches3.yaml
 python scripts/ship_toy_model.py build/toy-model

@@ -76,6 +76,35 @@ def random_refs(
     )
 
 
+def refs_at(
+    bboxes: list[list[float]], cfg: ConditioningConfig, seed: int = 0, patches: torch.Tensor | None = None
+) -> RefBatch:
+    """One sample with a fg ref in each of `bboxes`, random features; `patches` (1, R, P, G): its DINO patch tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    r = len(bboxes)
+    return RefBatch(
+        bboxes=torch.tensor([bboxes]),
+        depth=torch.zeros(1, r, dtype=torch.long),
+        valid=torch.ones(1, r, dtype=torch.bool),
+        clip=torch.randn(1, r, cfg.clip_dim, generator=gen),
+        dino=torch.randn(1, r, cfg.dino_dim, generator=gen),
+        dino_patches=patches,
+    )
+
+
+def trained_assemble_part(cfg: ConditioningConfig, refs: RefBatch, part: str, grid=(8, 8), text_len: int = 6):
+    """One backward pass of a tiny model through Assemble-Attn: returns the conditioning and the gradient reaching the
+    (zero-init) `out` weight of layout block 0's `part` ("position", "patches")."""
+    from moviepostproduction.backbones.flux import ConditionedFlux
+    from moviepostproduction.modules import CompositionAdapter
+
+    torch.manual_seed(0)
+    model = ConditionedFlux(make_tiny_flux(0), CompositionAdapter(cfg))
+    cond = model.prepare(refs, grid, text_len)
+    model(**flux_inputs(1, grid, text_len), conditioning=cond).square().mean().backward()
+    return cond, getattr(model.adapter.assemble["0"], part).out.weight.grad
+
+
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     """A random tiny FLUX-like AutoencoderKL (8x down, 16 latent channels, FLUX's latent scale and shift)."""
     torch.manual_seed(seed)

@@ -12,7 +12,8 @@ from moviepostproduction.layout import bbox_token_mask, box_token_coords
 from moviepostproduction.modules import PRESETS, CompositionAdapter, ConditioningConfig
 from moviepostproduction.panorama import remap_conditioning, token_sources
 
-from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits
+from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits, trained_assemble_part
+from helpers import refs_at as boxed_refs
 
 GRID = (8, 8)
 TEXT = 6
@@ -20,15 +21,7 @@ CFG = PRESETS["tiny"].with_(box_position_freqs=3, box_position_rank=8)
 
 
 def refs_at(bboxes: list[list[float]], cfg: ConditioningConfig = CFG, seed: int = 0) -> RefBatch:
-    gen = torch.Generator().manual_seed(seed)
-    r = len(bboxes)
-    return RefBatch(
-        bboxes=torch.tensor([bboxes]),
-        depth=torch.zeros(1, r, dtype=torch.long),
-        valid=torch.ones(1, r, dtype=torch.bool),
-        clip=torch.randn(1, r, cfg.clip_dim, generator=gen),
-        dino=torch.randn(1, r, cfg.dino_dim, generator=gen),
-    )
+    return boxed_refs(bboxes, cfg, seed)
 
 
 def test_box_token_coords_put_covered_centres_in_the_unit_square():
@@ -101,15 +94,10 @@ def test_box_position_residual_moves_with_its_box_and_averages_overlaps():
 
 
 def test_box_positions_learn_from_zero_init_and_survive_a_panorama_remap():
-    torch.manual_seed(0)
-    model = ConditionedFlux(make_tiny_flux(0), CompositionAdapter(CFG))
-    inputs = flux_inputs(1, GRID, TEXT)
-    cond = model.prepare(refs_at([[0.1, 0.1, 0.6, 0.5]]), GRID, TEXT)
-    model(**inputs, conditioning=cond).square().mean().backward()
-    out = model.adapter.assemble["0"].position.out
-    assert out.weight.grad is not None and out.weight.grad.abs().sum() > 0  # zero-init, yet it trains
+    _, grad = trained_assemble_part(CFG, refs_at([[0.1, 0.1, 0.6, 0.5]]), "position", GRID, TEXT)
+    assert grad is not None and grad.abs().sum() > 0  # zero-init, yet it trains
 
-    wide = model.prepare(refs_at([[0.75, 0.0, 0.25, 1.0]]), GRID, TEXT)  # wraps the seam
+    wide = CompositionAdapter(CFG).prepare(refs_at([[0.75, 0.0, 0.25, 1.0]]), GRID, TEXT)  # wraps the seam
     remapped = remap_conditioning(wide, GRID, pad=1, shift=3)
     src = token_sources(GRID, 1, 3)
     for packing, tokens in ((wide.packing, torch.arange(64)), (remapped.packing, src)):

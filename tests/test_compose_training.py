@@ -67,6 +67,21 @@ def test_feature_cache_shapes_and_round_trip(world, tmp_path):
     assert back.grid == cache.grid and torch.equal(back.spans, cache.spans) and torch.equal(back.latents, cache.latents)
     with pytest.raises(WeightsError, match="was built with model="):
         FeatureCache.load(path, expect={"model": "elsewhere"})
+    assert cache.dino_patches.shape[:2] == (n, MAX_REFS) and torch.equal(back.dino_patches, cache.dino_patches)
+    assert (cache.dino_patches.flatten(2).abs().sum(-1) > 0).eq(cache.valid).all()  # padded refs hold zeros
+
+
+def test_a_cache_without_patch_tokens_loads_and_is_refused_for_box_patches(world, tmp_path):
+    from dataclasses import replace
+
+    _, md, cache, vae, image = world
+    old = replace(cache, dino_patches=None)  # a cache written before the patch tokens were stored
+    back = FeatureCache.load(old.save(tmp_path / "old.safetensors", {}))
+    assert back.dino_patches is None and "dino_patches" not in back.select(torch.tensor([0]))
+    adapter = CompositionAdapter.from_pretrained(md.root / "adapter").reconfigured(box_patch_rank=4)[0]
+    model = ConditionedFlux(load_transformer(md), adapter)
+    with pytest.raises(ValueError, match="the feature cache holds none .* delete the run's cache/ to rebuild it"):
+        ComposeTask(model, back, vae, image)
 
 
 def test_toy_stage_trains_everything_with_all_four_losses_and_resumes_exactly(world, tmp_path):
@@ -285,14 +300,23 @@ def test_mpp_train_recipe_reconfigures_the_adapter(world, tmp_path):
         listed.exit_code == 2 and "adapter: must be a mapping of ConditioningConfig fields (got [4])" in listed.output
     )
     assert "Traceback" not in bad.output + negative.output + listed.output
-    changes = {"box_position_freqs": 2, "box_position_rank": 4}
+    changes = {"box_position_freqs": 2, "box_position_rank": 4, "box_patch_rank": 4}
     result = run_train_recipe(world, tmp_path, "compose", "toy", adapter=changes, max_refs=MAX_REFS, compose=compose)
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "exported" / "adapter" / "config.json").read_text())
-    assert (saved["box_position_freqs"], saved["box_position_rank"]) == (2, 4)
+    assert (saved["box_position_freqs"], saved["box_position_rank"], saved["box_patch_rank"]) == (2, 4, 4)
     from moviepostproduction.pipelines.compose import ComposePipeline
 
-    assert ComposePipeline.from_model_dir(tmp_path / "exported").model.adapter.uses_box_positions
+    pipe = ComposePipeline.from_model_dir(tmp_path / "exported")
+    assert pipe.model.adapter.uses_box_positions and pipe.model.adapter.uses_box_patches
+    assert pipe.model.adapter.assemble["0"].patches.out.weight.abs().sum() > 0  # trained from its zero init
+    from moviepostproduction.scene import load_scene
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    scene = load_scene(examples / "scene.json")
+    cond = pipe.prepare(scene).conditioning
+    assert cond.ref_patches.shape[:2] == (1, len(scene.refs)) and cond.token_extent.shape == (1, len(scene.refs), 2)
+    assert pipe(scene, num_inference_steps=2).images[0].size == (scene.width, scene.height)
     assert json.loads((tmp_path / "exported" / "model_index.json").read_text())["image_position_scale"] == 1.0
 
 

@@ -22,7 +22,7 @@ import torch
 
 from .backbones.assemble_rows import MAX_BUCKETS, pack_rows
 from .bench_memory import PeakMemory
-from .bench_setup import BenchShape, bench_refs, build_image_encoder, build_model, make_inputs, refs_to, token_grid
+from .bench_setup import BenchShape, bench_refs, build_image_encoder, build_model, make_inputs, token_grid
 from .cpu_heap import heap_kept, keep_freed_memory
 from .errors import Problem, ValidationError
 from .layout import bbox_token_mask
@@ -242,7 +242,7 @@ def _group(model, cfg: BenchConfig, mode: str, tokens: int, memory: PeakMemory) 
     scenes = {}
     for r in cfg.refs:
         refs = bench_refs(r, model.adapter.cfg, cfg.coverage, cfg.text_tokens, cfg.seed + r)
-        refs = refs_to(refs, device, dtype)
+        refs = refs.to(device, dtype)
         with torch.no_grad():
             scenes[r] = (refs, model.prepare(refs, grid, cfg.text_tokens))
     variants = {"plain": _step(model, inputs, mode, None, cfg.layout_active)}
@@ -273,7 +273,7 @@ def _prepare_time(model, cfg: BenchConfig, case: CaseResult) -> PrepareResult:
     """Median `adapter.prepare` time of the case's scene, against its median conditioned forward step."""
     device, grid = torch.device(cfg.device), token_grid(case.tokens)
     refs = bench_refs(case.refs, model.adapter.cfg, cfg.coverage, cfg.text_tokens, cfg.seed + case.refs)
-    refs = refs_to(refs, device, DTYPES[cfg.dtype])
+    refs = refs.to(device, DTYPES[cfg.dtype])
 
     def prepare() -> None:
         with torch.no_grad():

@@ -166,8 +166,3 @@ def make_inputs(shape: BenchShape, grid: tuple[int, int], text_len: int, device,
         guidance=torch.full((1,), 3.5),
     )
     return {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
-
-
-def refs_to(refs: RefBatch, device: torch.device, dtype: torch.dtype) -> RefBatch:
-    moved = {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in vars(refs).items()}
-    return RefBatch(**moved)

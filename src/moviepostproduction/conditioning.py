@@ -21,21 +21,34 @@ class RefBatch:
     clip: torch.Tensor  # (B, R, C) CLIP image embeds
     dino: torch.Tensor  # (B, R, G) DINO CLS
     text_spans: torch.Tensor | None = None  # (B, R, T) bool: text tokens of ref r's caption
+    dino_patches: torch.Tensor | None = None  # (B, R, P, G) DINO patch tokens (box patches only)
 
     def __post_init__(self) -> None:
         b, r = self.valid.shape
-        expected = {"bboxes": (b, r, 4), "depth": (b, r), "clip": (b, r), "dino": (b, r)}
+        expected = {"bboxes": (b, r, 4), "depth": (b, r), "clip": (b, r), "dino": (b, r), "dino_patches": (b, r)}
         for name, shape in expected.items():
-            got = tuple(getattr(self, name).shape[: len(shape)])
+            value = getattr(self, name)
+            got = tuple(value.shape[: len(shape)]) if value is not None else shape
             if got != shape:
                 raise ValueError(f"RefBatch.{name} has leading shape {got}, expected {shape} from valid")
-        for name in ("bboxes", "clip", "dino"):
-            if not torch.isfinite(getattr(self, name)).all():
+        for name in ("bboxes", "clip", "dino", "dino_patches"):
+            value = getattr(self, name)
+            if value is not None and not torch.isfinite(value).all():
                 raise ValueError(f"RefBatch.{name} contains NaN or Inf")
 
     @property
     def num_refs(self) -> int:
         return self.valid.shape[1]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> RefBatch:
+        """Floating tensors to `dtype` / `device` (masks and indices keep their dtype; absent fields stay None)."""
+
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+
+        return RefBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass
@@ -86,6 +99,8 @@ class Conditioning:
     joint_regions: RegionMap  # single blocks, [text ; image] (foreground refs only)
     packing: LayoutPacking
     grid: tuple[int, int]
+    ref_patches: torch.Tensor | None = None  # (B, R, P, G) DINO patch tokens, when the adapter lays them into boxes
+    token_extent: torch.Tensor | None = None  # (B, R, 2) one image token's size in each box's frame (same condition)
 
     @property
     def num_refs(self) -> int:

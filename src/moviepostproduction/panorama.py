@@ -212,6 +212,8 @@ def remap_conditioning(cond: Conditioning, grid: tuple[int, int], pad: int, shif
         joint_regions=_gather_regions(cond.joint_regions, src, text_len),
         packing=build_packing(masks, cond.valid, coords),
         grid=(h, w + 2 * pad),
+        ref_patches=cond.ref_patches,
+        token_extent=cond.token_extent,
     )
 
 

@@ -127,9 +127,11 @@ def assemble_residual(
     packing: LayoutPacking,
     rows: PackedRows,
     rope: tuple[torch.Tensor, torch.Tensor],
+    ref_patches: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The Assemble-Attn branch of one double block before its gate, on the covered tokens only: (M, D) at
-    `rows.covered` (the branch is zero on every other token).
+    `rows.covered` (the branch is zero on every other token). `ref_patches`: (B, R, P, G) DINO patch tokens and
+    (B, R, 2) token extents (`Conditioning.ref_patches` / `token_extent`), needed when the block has box patches.
 
     Equals `scatter_mean(out_proj(assemble_attention(...)))` there: `to_out` and `out_proj` are affine, so they
     commute with the average over the boxes covering a token and run once per covered token.
@@ -144,7 +146,17 @@ def assemble_residual(
     values = project_out(attn, out_proj, total[:m] / cover[:, None])  # (M, D)
     if getattr(out_proj, "position", None) is not None:
         values = values + box_position_residual(out_proj.position, layout_tokens, packing, rows.covered, cover)
+    if getattr(out_proj, "patches", None) is not None:
+        values = values + box_patch_residual(out_proj.patches, ref_patches, packing, rows.covered, cover)
     return values
+
+
+def _average_on_covered(values: torch.Tensor, packing: LayoutPacking, covered: torch.Tensor, cover: torch.Tensor):
+    """(S, D) values of the real (group, token) slots -> (M, D) at `covered`, averaged over the covering boxes."""
+    real = packing.key_mask[:, 1:]  # (G, L)
+    at = torch.searchsorted(covered, packing.token_index[real])  # (S,) rows of `covered`
+    total = values.new_zeros(covered.numel(), values.shape[-1]).index_add_(0, at, values)
+    return total / cover[:, None].to(total.dtype)
 
 
 def box_position_residual(
@@ -155,12 +167,29 @@ def box_position_residual(
     if packing.coords is None:
         raise ValueError("box positions are enabled but the conditioning has no box coordinates (LayoutPacking.coords)")
     real = packing.key_mask[:, 1:]  # (G, L)
-    group = packing.slot_groups()  # (S,)
     tokens = layout_tokens[packing.group_batch, packing.group_ref]  # (G, D)
-    values = position(packing.coords[real], group, tokens)  # (S, D)
-    at = torch.searchsorted(covered, packing.token_index[real])  # (S,) rows of `covered`
-    total = values.new_zeros(covered.numel(), values.shape[-1]).index_add_(0, at, values)
-    return total / cover[:, None].to(total.dtype)
+    values = position(packing.coords[real], packing.slot_groups(), tokens)  # (S, D)
+    return _average_on_covered(values, packing, covered, cover)
+
+
+def box_patch_residual(
+    encoding: nn.Module,
+    ref_patches: tuple[torch.Tensor, torch.Tensor] | None,
+    packing: LayoutPacking,
+    covered: torch.Tensor,
+    cover: torch.Tensor,
+) -> torch.Tensor:
+    """`BoxPatchEncoding` of every (group, token) slot, averaged over the boxes covering each token: (M, D) at
+    `covered`. ref_patches: (B, R, P, G) patch tokens and (B, R, 2) token extents."""
+    if packing.coords is None or ref_patches is None:
+        raise ValueError(
+            "box patches are enabled but the conditioning has no box coordinates or DINO patch tokens "
+            "(LayoutPacking.coords, Conditioning.ref_patches)"
+        )
+    patches, extent = (x[packing.group_batch, packing.group_ref] for x in ref_patches)  # (G, P, G_d), (G, 2)
+    real = packing.key_mask[:, 1:]  # (G, L)
+    values = encoding(patches, extent, packing.coords[real], packing.slot_groups())  # (S, D)
+    return _average_on_covered(values, packing, covered, cover)
 
 
 def _fusable(attn, out_proj: nn.Module) -> bool:

@@ -100,7 +100,10 @@ def double_block_forward(block, x, ctx, temb, rope, inputs: BlockInputs):
     if layout:
         qkv = image_qkv(block.attn, norm_x, found)
         rows = inputs.rows if inputs.rows is not None else pack_rows(cond.packing, x.shape[0] * x.shape[1])
-        values = assemble_residual(block.attn, inputs.assemble, qkv, cond.layout_tokens, cond.packing, rows, rope[2])
+        patches = (cond.ref_patches, cond.token_extent) if cond.ref_patches is not None else None
+        values = assemble_residual(
+            block.attn, inputs.assemble, qkv, cond.layout_tokens, cond.packing, rows, rope[2], patches
+        )
         x = add_on_covered(x, gate, values, rows.covered)
     x = multiply_add(x, gate_ff, block.ff(_modulate(block.norm2, x, shift_ff, scale_ff)))
 

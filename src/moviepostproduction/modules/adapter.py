@@ -14,6 +14,7 @@ from ..conditioning import Conditioning, RefBatch, build_packing, build_regions
 from ..errors import WeightsError
 from ..layout import bbox_area, bbox_token_mask, box_token_coords, gaussian_token_mask
 from .alpha_predictor import AlphaPredictor
+from .box_patches import token_extent
 from .config import ConditioningConfig
 from .feedback_bridge import FeedbackBridge
 from .instance_encoder import InstanceEncoder
@@ -67,6 +68,10 @@ class CompositionAdapter(nn.Module):
     def uses_box_positions(self) -> bool:
         return self.cfg.box_position_freqs > 0 and len(self.assemble) > 0
 
+    @property
+    def uses_box_patches(self) -> bool:
+        return self.cfg.box_patch_rank > 0 and len(self.assemble) > 0
+
     def reconfigured(self, **changes) -> tuple[CompositionAdapter, list[str]]:
         """A new adapter with `cfg.with_(**changes)` carrying every tensor of this one that still fits.
 
@@ -110,7 +115,16 @@ class CompositionAdapter(nn.Module):
             else soft.new_zeros(b, r, text_len)
         )
         counts = hard.sum(-1, keepdim=True).clamp(min=1)
-        coords = box_token_coords(refs.bboxes, grid) if self.uses_box_positions else None  # (B, R, N, 2)
+        box_frame = self.uses_box_positions or self.uses_box_patches
+        coords = box_token_coords(refs.bboxes, grid) if box_frame else None  # (B, R, N, 2)
+        patches = extent = None
+        if self.uses_box_patches:
+            if refs.dino_patches is None:
+                raise ValueError(
+                    f"box patches are on (box_patch_rank={self.cfg.box_patch_rank}) but the refs carry no DINO "
+                    "patch tokens (RefBatch.dino_patches)"
+                )
+            patches, extent = refs.dino_patches, token_extent(refs.bboxes, grid)  # (B, R, P, G), (B, R, 2)
         return Conditioning(
             alpha=alpha,
             valid=valid,
@@ -125,4 +139,6 @@ class CompositionAdapter(nn.Module):
             joint_regions=build_regions(torch.cat([text, soft], dim=-1) * foreground[..., None], alpha * foreground),
             packing=build_packing(hard, valid, coords),
             grid=grid,
+            ref_patches=patches,
+            token_extent=extent,
         )

@@ -30,13 +30,14 @@ class ConditioningConfig:
     max_refs: int = 50
     box_position_freqs: int = 0  # > 0: Assemble-Attn adds a BoxPositionEncoding per layout block (0: off, DESIGN 3)
     box_position_rank: int = 64  # its hidden width
+    box_patch_rank: int = 0  # > 0: Assemble-Attn lays each ref's DINO patch tokens into its box (0: off; design note)
 
     def __post_init__(self) -> None:
         problems = []
         for name in ("hidden_dim", "clip_dim", "dino_dim", "instance_dim", "dense_k", "fourier_freqs"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("box_position_freqs", "box_position_rank"):
+        for name in ("box_position_freqs", "box_position_rank", "box_patch_rank"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
         if self.dense_k < 2:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .box_patches import BoxPatchEncoding
 from .box_position import BoxPositionEncoding
 from .config import ConditioningConfig
 
@@ -32,8 +33,8 @@ class LayoutHead(nn.Module):
 
 
 class AssembleAttention(nn.Module):
-    """Per layout block: the zero-init output projection of the Assemble-Attn branch, and (when
-    `cfg.box_position_freqs > 0`) its zero-init `BoxPositionEncoding`.
+    """Per layout block: the zero-init output projection of the Assemble-Attn branch, and its zero-init
+    `BoxPositionEncoding` (when `cfg.box_position_freqs > 0`) and `BoxPatchEncoding` (when `cfg.box_patch_rank > 0`).
 
     The attention itself is the FLUX block's own (its projections, qk-norms, and LoRA if any); see
     `backbones.assemble.assemble_attention`. Zero init keeps the branch silent until it is trained.
@@ -43,6 +44,7 @@ class AssembleAttention(nn.Module):
         super().__init__()
         self.out = nn.Linear(cfg.hidden_dim, cfg.hidden_dim)
         self.position = BoxPositionEncoding(cfg) if cfg.box_position_freqs > 0 else None
+        self.patches = BoxPatchEncoding(cfg) if cfg.box_patch_rank > 0 else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +100,7 @@ class ComposePipeline:
         self.image_encoder = image_encoder
         self.vae = vae
         self.label = label
-        self._ref_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ref_cache: dict[tuple, ImageEmbeddings] = {}  # per image file: its embeddings without the R dim
 
     @classmethod
     def from_model_dir(
@@ -135,21 +135,21 @@ class ComposePipeline:
         return next(self.model.parameters()).dtype
 
     # ------------------------------------------------------------------------------------------ preparation
-    def encode_references(self, scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, C) CLIP embeds and (R, G) DINO CLS; each distinct image file is encoded once (storyboards)."""
+    def encode_references(self, scene: Scene) -> ImageEmbeddings:
+        """(R, C) CLIP embeds, (R, G) DINO CLS and (R, P, G) DINO patch tokens; each distinct image file is encoded
+        once (storyboards)."""
         keys = [(str(r.image), r.image.stat().st_mtime_ns) for r in scene.refs]
         todo = [i for i, k in enumerate(keys) if k not in self._ref_cache]
         if todo:
             images = scene.load_ref_images()
             emb: ImageEmbeddings = self.image_encoder.encode([images[i] for i in todo])
             for j, i in enumerate(todo):
-                self._ref_cache[keys[i]] = (emb.clip[j], emb.dino_cls[j])
+                self._ref_cache[keys[i]] = ImageEmbeddings(emb.clip[j], emb.dino_cls[j], emb.dino_patches[j])
         if not keys:
-            c, g = self.model.adapter.cfg.clip_dim, self.model.adapter.cfg.dino_dim
-            return torch.zeros(0, c, device=self.device), torch.zeros(0, g, device=self.device)
-        clip = torch.stack([self._ref_cache[k][0] for k in keys])
-        dino = torch.stack([self._ref_cache[k][1] for k in keys])
-        return clip, dino
+            return self.image_encoder.encode([])
+        return ImageEmbeddings(
+            *(torch.stack([getattr(self._ref_cache[k], f.name) for k in keys]) for f in fields(ImageEmbeddings))
+        )
 
     def prepare(
         self, scene: Scene, negative_prompt: str | None = None, max_text_tokens: int | None = None
@@ -157,9 +157,12 @@ class ComposePipeline:
         max_text_tokens = max_text_tokens or self.max_text_tokens
         grid = (scene.height // TOKEN_PIXELS, scene.width // TOKEN_PIXELS)
         text, spans, _ = self.text_encoder.encode_spans(scene.caption, [r.caption for r in scene.refs], max_text_tokens)
-        clip, dino = self.encode_references(scene)
-        check_finite("refs (CLIP features)", clip)
-        check_finite("refs (DINO features)", dino)
+        emb = self.encode_references(scene)
+        check_finite("refs (CLIP features)", emb.clip)
+        check_finite("refs (DINO features)", emb.dino_cls)
+        patches = emb.dino_patches if self.model.adapter.uses_box_patches else None
+        if patches is not None:
+            check_finite("refs (DINO patch features)", patches)
         n, t = len(scene.refs), text.t5.shape[1]
         text_spans = torch.zeros(1, n, t, dtype=torch.bool)
         for i, span in enumerate(spans):
@@ -169,13 +172,14 @@ class ComposePipeline:
             bboxes=torch.tensor([[list(r.bbox) for r in scene.refs]], dtype=torch.float32).view(1, n, 4),
             depth=torch.tensor([[DEPTHS.index(r.depth) for r in scene.refs]], dtype=torch.long).view(1, n),
             valid=torch.ones(1, n, dtype=torch.bool),
-            clip=clip[None].float().cpu(),
-            dino=dino[None].float().cpu(),
+            clip=emb.clip[None].float().cpu(),
+            dino=emb.dino_cls[None].float().cpu(),
             text_spans=text_spans,
+            dino_patches=patches[None].float().cpu() if patches is not None else None,
         )
         adapter = self.model.adapter
         with torch.no_grad():
-            cond = adapter.prepare(_to(refs, self.device, self.dtype), grid, t)
+            cond = adapter.prepare(refs.to(self.device, self.dtype), grid, t)
             if not self.use_modulation:
                 cond = without_modulation(cond)
             prepared = PreparedScene(text=text, conditioning=cond, grid=grid, alphas=cond.alpha[0].tolist())
@@ -184,7 +188,7 @@ class ComposePipeline:
                 refs.text_spans = None
                 prepared.negative = neg
                 prepared.negative_conditioning = adapter.prepare(
-                    _to(refs, self.device, self.dtype), grid, neg.t5.shape[1]
+                    refs.to(self.device, self.dtype), grid, neg.t5.shape[1]
                 )
                 if not self.use_modulation:
                     prepared.negative_conditioning = without_modulation(prepared.negative_conditioning)
@@ -297,14 +301,3 @@ class ComposePipeline:
         if output_type == "pt":
             images = torch.stack(images)
         return ComposeOutput(images=images, alphas=alphas, label=self.label)
-
-
-def _to(refs: RefBatch, device: torch.device, dtype: torch.dtype) -> RefBatch:
-    return RefBatch(
-        bboxes=refs.bboxes.to(device, dtype),
-        depth=refs.depth.to(device),
-        valid=refs.valid.to(device),
-        clip=refs.clip.to(device, dtype),
-        dino=refs.dino.to(device, dtype),
-        text_spans=refs.text_spans.to(device) if refs.text_spans is not None else None,
-    )

@@ -73,6 +73,11 @@ class ComposeTask:
         if self.config.drop_caption > 0 and empty_caption is None:
             raise ValueError("drop_caption > 0 needs the empty caption's (T5 (1, T, d), pooled (1, d)) embeddings")
         self.empty_caption = empty_caption
+        if model.adapter.uses_box_patches and cache.dino_patches is None:
+            raise ValueError(
+                "the adapter lays DINO patch tokens into boxes (box_patch_rank > 0) but the feature cache holds none "
+                "(written before they were stored): delete the run's cache/ to rebuild it"
+            )
         self.preview = preview or cache
         self.weights: dict[str, float] = {}
         self.guidance = bool(model.transformer.config.guidance_embeds)
@@ -133,6 +138,7 @@ class ComposeTask:
             clip=batch["clip"],
             dino=batch["dino"],
             text_spans=batch["spans"],
+            dino_patches=batch.get("dino_patches"),
         )
 
     def forward(self, batch, x_t, t, cond, layout_active: bool) -> torch.Tensor:

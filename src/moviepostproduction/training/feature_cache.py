@@ -2,8 +2,9 @@
 
 The frozen encoders run once per sample, never per training step: VAE latents of the scene (packed FLUX
 tokens), T5 + pooled CLIP text embeddings with each ref caption's token span, CLIP / DINO features of every
-ref crop, and the labels (bbox, depth) padded to `max_refs`. One safetensors file per split, written
-atomically; a cache records the model dir and sizes it was built with and is refused for another.
+ref crop (CLS and patch tokens), and the labels (bbox, depth) padded to `max_refs`. One safetensors file per split,
+written atomically; a cache records the model dir and sizes it was built with and is refused for another. Caches
+written before the DINO patch tokens were stored load without them (`dino_patches` None).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..scene import DEPTHS
 
 CACHE_VERSION = "1"
 FIELDS = ("latents", "t5", "pooled", "spans", "bboxes", "depth", "valid", "clip", "dino")
+OPTIONAL_FIELDS = ("dino_patches",)
 
 
 @dataclass
@@ -39,6 +41,11 @@ class FeatureCache:
     clip: torch.Tensor  # (N, R, C)
     dino: torch.Tensor  # (N, R, G)
     grid: tuple[int, int]  # image-token grid (h, w)
+    dino_patches: torch.Tensor | None = None  # (N, R, P, G); None in caches written before they were stored
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return FIELDS + tuple(name for name in OPTIONAL_FIELDS if getattr(self, name) is not None)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -46,14 +53,14 @@ class FeatureCache:
     def select(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """A batch: every field indexed by `index`, as float32 / bool / long."""
         out = {}
-        for name in FIELDS:
+        for name in self.fields:
             value = getattr(self, name)[index]
             out[name] = value.float() if value.is_floating_point() else value
         return out
 
     def save(self, path: str | Path, meta: dict[str, str]) -> Path:
         state = {}
-        for name in FIELDS:
+        for name in self.fields:
             value = getattr(self, name)
             state[name] = value.to(torch.uint8) if value.dtype == torch.bool else value
         info = {**meta, "version": CACHE_VERSION, "grid": f"{self.grid[0]}x{self.grid[1]}"}
@@ -72,7 +79,8 @@ class FeatureCache:
         h, w = (int(v) for v in meta["grid"].split("x"))
         for name in ("spans", "valid"):
             state[name] = state[name].bool()
-        return cls(**{name: state[name] for name in FIELDS}, grid=(h, w))
+        present = [name for name in FIELDS + OPTIONAL_FIELDS if name in state]
+        return cls(**{name: state[name] for name in present}, grid=(h, w))
 
 
 def _pixels(array: np.ndarray) -> torch.Tensor:
@@ -100,6 +108,7 @@ def encode_samples(
     emb = image_encoder.encode(refs)
     clip = torch.zeros(n, max_refs, emb.clip.shape[-1])
     dino = torch.zeros(n, max_refs, emb.dino_cls.shape[-1])
+    patches = torch.zeros(n, max_refs, *emb.dino_patches.shape[1:])
     bboxes = torch.zeros(n, max_refs, 4)
     depth = torch.zeros(n, max_refs, dtype=torch.long)
     valid = torch.zeros(n, max_refs, dtype=torch.bool)
@@ -107,6 +116,7 @@ def encode_samples(
     for i, s in enumerate(samples):
         r = min(len(s.refs), max_refs)
         clip[i, :r], dino[i, :r] = emb.clip[k : k + r].float(), emb.dino_cls[k : k + r].float()
+        patches[i, :r] = emb.dino_patches[k : k + r].float()
         bboxes[i, :r] = torch.from_numpy(s.bboxes[:r]).float()
         depth[i, :r] = torch.tensor([DEPTHS.index(d) for d in s.depths[:r]])
         valid[i, :r] = True
@@ -121,6 +131,7 @@ def encode_samples(
         "valid": valid,
         "clip": clip.half(),
         "dino": dino.half(),
+        "dino_patches": patches.half(),
     }
 
 
@@ -160,4 +171,4 @@ def build_cache(
     bar.close()
     if not parts:
         raise WeightsError(f"{shards}: no samples to encode")
-    return FeatureCache(**{k: torch.cat([p[k] for p in parts]) for k in FIELDS}, grid=grid)
+    return FeatureCache(**{k: torch.cat([p[k] for p in parts]) for k in FIELDS + OPTIONAL_FIELDS}, grid=grid)
