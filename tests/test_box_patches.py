@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moviepostproduction.backbones.assemble import box_patch_residual
+from moviepostproduction.backbones.assemble import average_on_covered, box_patch_values
 from moviepostproduction.backbones.flux import ConditionedFlux
 from moviepostproduction.conditioning import RefBatch
-from moviepostproduction.layout import bbox_token_mask
+from moviepostproduction.layout import bbox_token_mask, token_extent
 from moviepostproduction.modules import PRESETS, CompositionAdapter, ConditioningConfig
-from moviepostproduction.modules.box_patches import BoxPatchEncoding, patch_side, sample_grid, token_extent
+from moviepostproduction.modules.box_patches import BoxPatchEncoding, patch_side, sample_grid
 from moviepostproduction.panorama import remap_conditioning
 
 from helpers import flux_inputs, make_tiny_flux, randomize_zero_inits, trained_assemble_part
@@ -88,7 +88,8 @@ def test_box_patch_residual_follows_the_patch_grid_inside_the_box():
         covered = packing.cover.reshape(-1).nonzero().squeeze(1)
         cover = packing.cover.reshape(-1)[covered]
         dense = torch.zeros(64, CFG.hidden_dim)
-        dense[covered] = box_patch_residual(encoding, (cond.ref_patches, cond.token_extent), packing, covered, cover)
+        slots = box_patch_values(encoding, (cond.ref_patches, cond.token_extent), packing)
+        dense[covered] = average_on_covered(slots, packing, covered, cover)
         return dense.view(8, 8, -1)
 
     with torch.no_grad():

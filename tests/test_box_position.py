@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moviepostproduction.backbones.assemble import box_position_residual
+from moviepostproduction.backbones.assemble import average_on_covered, box_position_values
 from moviepostproduction.backbones.flux import BlockInputs, ConditionedFlux, double_block_forward
 from moviepostproduction.conditioning import RefBatch
 from moviepostproduction.layout import bbox_token_mask, box_token_coords
@@ -78,7 +78,8 @@ def test_box_position_residual_moves_with_its_box_and_averages_overlaps():
         covered = packing.cover.reshape(-1).nonzero().squeeze(1)
         cover = packing.cover.reshape(-1)[covered]
         dense = torch.zeros(64, CFG.hidden_dim)
-        dense[covered] = box_position_residual(position, layout_tokens, packing, covered, cover)
+        slots = box_position_values(position, layout_tokens, packing)
+        dense[covered] = average_on_covered(slots, packing, covered, cover)
         return dense.view(8, 8, -1)
 
     with torch.no_grad():

@@ -56,7 +56,7 @@ def box_token_coords(bboxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     h, w = grid
     x0, y0, x1, y1 = (c[..., None] for c in bboxes.unbind(-1))  # each (..., 1)
     wraps = x0 > x1
-    width = torch.where(wraps, 1.0 - x0 + x1, x1 - x0).clamp(min=1e-6)
+    width = box_width(bboxes)[..., None].clamp(min=1e-6)
     xc = (torch.arange(w, dtype=bboxes.dtype, device=bboxes.device) + 0.5) / w  # (W,)
     yc = (torch.arange(h, dtype=bboxes.dtype, device=bboxes.device) + 0.5) / h  # (H,)
     dx = xc - x0  # (..., W)
@@ -124,8 +124,21 @@ def fourier_dim(k: int, num_freqs: int) -> int:
     return k * k * 2 * 2 * num_freqs
 
 
+def box_width(bboxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) -> (...) normalised width; a wrapping box (x0 > x1) has width 1 - x0 + x1."""
+    x0, _, x1, _ = bboxes.unbind(-1)
+    return torch.where(x0 > x1, 1.0 - x0 + x1, x1 - x0)
+
+
 def bbox_area(bboxes: torch.Tensor) -> torch.Tensor:
-    """(..., 4) -> (...) normalised area; a wrapping box (x0 > x1) has width 1 - x0 + x1."""
-    x0, y0, x1, y1 = bboxes.unbind(-1)
-    width = torch.where(x0 > x1, 1.0 - x0 + x1, x1 - x0)
-    return width * (y1 - y0)
+    """(..., 4) -> (...) normalised area (`box_width` x height)."""
+    return box_width(bboxes) * (bboxes[..., 3] - bboxes[..., 1])
+
+
+def token_extent(bboxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """bboxes (..., 4) -> (..., 2): one image token's width and height in the box's frame (the frame of
+    `box_token_coords`, so a wrapping box is measured across the seam)."""
+    h, w = grid
+    width = box_width(bboxes).clamp(min=1e-6)
+    height = (bboxes[..., 3] - bboxes[..., 1]).clamp(min=1e-6)
+    return torch.stack([1.0 / (w * width), 1.0 / (h * height)], dim=-1)

@@ -144,43 +144,51 @@ def assemble_residual(
         total.index_add_(0, bucket.target, out)
     cover = packing.cover.reshape(b * n).index_select(0, rows.covered).to(total.dtype)  # (M,)
     values = project_out(attn, out_proj, total[:m] / cover[:, None])  # (M, D)
-    if getattr(out_proj, "position", None) is not None:
-        values = values + box_position_residual(out_proj.position, layout_tokens, packing, rows.covered, cover)
-    if getattr(out_proj, "patches", None) is not None:
-        values = values + box_patch_residual(out_proj.patches, ref_patches, packing, rows.covered, cover)
+    slots = box_frame_values(out_proj, layout_tokens, ref_patches, packing)
+    if slots is not None:
+        values = values + average_on_covered(slots, packing, rows.covered, cover)
     return values
 
 
-def _average_on_covered(values: torch.Tensor, packing: LayoutPacking, covered: torch.Tensor, cover: torch.Tensor):
-    """(S, D) values of the real (group, token) slots -> (M, D) at `covered`, averaged over the covering boxes."""
+def box_frame_values(
+    out_proj: nn.Module,
+    layout_tokens: torch.Tensor,
+    ref_patches: tuple[torch.Tensor, torch.Tensor] | None,
+    packing: LayoutPacking,
+) -> torch.Tensor | None:
+    """The summed box-frame residuals of the block (`BoxPositionEncoding`, `BoxPatchEncoding`) at every real
+    (group, token) slot: (S, D); None when it has neither. They are averaged over covering boxes once, together."""
+    parts = []
+    if getattr(out_proj, "position", None) is not None:
+        parts.append(box_position_values(out_proj.position, layout_tokens, packing))
+    if getattr(out_proj, "patches", None) is not None:
+        parts.append(box_patch_values(out_proj.patches, ref_patches, packing))
+    return sum(parts[1:], parts[0]) if parts else None
+
+
+def average_on_covered(values: torch.Tensor, packing: LayoutPacking, covered: torch.Tensor, cover: torch.Tensor):
+    """(S, D) values of the real (group, token) slots -> (M, D) at `covered` (sorted flat tokens), averaged over the
+    `cover` (M,) boxes covering each."""
     real = packing.key_mask[:, 1:]  # (G, L)
     at = torch.searchsorted(covered, packing.token_index[real])  # (S,) rows of `covered`
     total = values.new_zeros(covered.numel(), values.shape[-1]).index_add_(0, at, values)
     return total / cover[:, None].to(total.dtype)
 
 
-def box_position_residual(
-    position: nn.Module, layout_tokens: torch.Tensor, packing: LayoutPacking, covered: torch.Tensor, cover: torch.Tensor
-) -> torch.Tensor:
-    """`BoxPositionEncoding` of every (group, token) slot, averaged over the boxes covering each token: (M, D) at
-    `covered` (sorted flat tokens), `cover` (M,) their box counts."""
+def box_position_values(position: nn.Module, layout_tokens: torch.Tensor, packing: LayoutPacking) -> torch.Tensor:
+    """`BoxPositionEncoding` of every real (group, token) slot: (S, D)."""
     if packing.coords is None:
         raise ValueError("box positions are enabled but the conditioning has no box coordinates (LayoutPacking.coords)")
     real = packing.key_mask[:, 1:]  # (G, L)
     tokens = layout_tokens[packing.group_batch, packing.group_ref]  # (G, D)
-    values = position(packing.coords[real], packing.slot_groups(), tokens)  # (S, D)
-    return _average_on_covered(values, packing, covered, cover)
+    return position(packing.coords[real], packing.slot_groups(), tokens)
 
 
-def box_patch_residual(
-    encoding: nn.Module,
-    ref_patches: tuple[torch.Tensor, torch.Tensor] | None,
-    packing: LayoutPacking,
-    covered: torch.Tensor,
-    cover: torch.Tensor,
+def box_patch_values(
+    encoding: nn.Module, ref_patches: tuple[torch.Tensor, torch.Tensor] | None, packing: LayoutPacking
 ) -> torch.Tensor:
-    """`BoxPatchEncoding` of every (group, token) slot, averaged over the boxes covering each token: (M, D) at
-    `covered`. ref_patches: (B, R, P, G) patch tokens and (B, R, 2) token extents."""
+    """`BoxPatchEncoding` of every real (group, token) slot: (S, D). ref_patches: (B, R, P, G) patch tokens and
+    (B, R, 2) token extents."""
     if packing.coords is None or ref_patches is None:
         raise ValueError(
             "box patches are enabled but the conditioning has no box coordinates or DINO patch tokens "
@@ -188,8 +196,7 @@ def box_patch_residual(
         )
     patches, extent = (x[packing.group_batch, packing.group_ref] for x in ref_patches)  # (G, P, G_d), (G, 2)
     real = packing.key_mask[:, 1:]  # (G, L)
-    values = encoding(patches, extent, packing.coords[real], packing.slot_groups())  # (S, D)
-    return _average_on_covered(values, packing, covered, cover)
+    return encoding(patches, extent, packing.coords[real], packing.slot_groups())
 
 
 def _fusable(attn, out_proj: nn.Module) -> bool:

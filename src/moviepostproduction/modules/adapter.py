@@ -12,9 +12,8 @@ from torch import nn
 from ..checkpoint import load_strict, save_safetensors, write_json_atomic
 from ..conditioning import Conditioning, RefBatch, build_packing, build_regions
 from ..errors import WeightsError
-from ..layout import bbox_area, bbox_token_mask, box_token_coords, gaussian_token_mask
+from ..layout import bbox_area, bbox_token_mask, box_token_coords, gaussian_token_mask, token_extent
 from .alpha_predictor import AlphaPredictor
-from .box_patches import token_extent
 from .config import ConditioningConfig
 from .feedback_bridge import FeedbackBridge
 from .instance_encoder import InstanceEncoder

@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .config import ConditioningConfig
@@ -78,25 +79,14 @@ class BoxPatchEncoding(nn.Module):
     ) -> torch.Tensor:
         """patches (G, P, dino_dim) each group's reference patch tokens; extent (G, 2) one token's size in its box's
         frame; coords (S, 2) box-frame centres of S (group, token) slots; group (S,) their group. Returns (S, D)."""
-        g, p, c = patches.shape
-        s = patch_side(p)
-        weight = self.patches.weight.view(-1, len(QUARTERS), c)  # (rank, 4, C): one block per quarter
-        projected = torch.einsum("gpc,rkc->gpkr", patches.to(weight.dtype), weight)  # (G, P, 4, rank)
-        grids = projected.reshape(g, s, s, -1)  # (G, s, s, 4 * rank): quarter k's map in block k
+        k = len(QUARTERS)
+        s = patch_side(patches.shape[1])
+        weight = self.patches.weight.view(-1, k, patches.shape[2])  # (rank, 4, C): one block per quarter
+        projected = torch.einsum("gpc,rkc->gkpr", patches.to(weight.dtype), weight)  # (G, 4, P, rank)
+        grids = rearrange(projected, "g k (y x) r -> (g k) y x r", y=s)  # one grid per (group, quarter)
         size = extent.to(weight.dtype).index_select(0, group)  # (S, 2)
-        hidden = self.patches.bias
-        rank = weight.shape[0]
-        for k, offset in enumerate(QUARTERS):
-            point = coords.to(weight.dtype) + size * size.new_tensor(offset)
-            hidden = hidden + sample_grid(grids[..., k * rank : (k + 1) * rank], group, point)  # (S, rank)
-        return self.out(F.silu(hidden))
-
-
-def token_extent(bboxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """bboxes (..., 4) -> (..., 2): one image token's width and height in the box's frame (a wrapping box, x0 > x1,
-    measured across the seam, as `layout.box_token_coords`)."""
-    h, w = grid
-    x0, y0, x1, y1 = bboxes.unbind(-1)
-    width = torch.where(x0 > x1, 1.0 - x0 + x1, x1 - x0).clamp(min=1e-6)
-    height = (y1 - y0).clamp(min=1e-6)
-    return torch.stack([1.0 / (w * width), 1.0 / (h * height)], dim=-1)
+        offsets = size.new_tensor(QUARTERS)  # (4, 2)
+        points = coords.to(weight.dtype)[:, None] + size[:, None] * offsets  # (S, 4, 2)
+        index = group[:, None] * k + torch.arange(k, device=group.device)  # (S, 4): quarter q reads grid g * 4 + q
+        reads = sample_grid(grids, index.flatten(), points.flatten(0, 1)).view(-1, k, weight.shape[0])  # (S, 4, rank)
+        return self.out(F.silu(self.patches.bias + reads.sum(1)))
