@@ -299,17 +299,21 @@ def test_mpp_train_recipe_reconfigures_the_adapter(world, tmp_path):
     assert (
         listed.exit_code == 2 and "adapter: must be a mapping of ConditioningConfig fields (got [4])" in listed.output
     )
-    assert "Traceback" not in bad.output + negative.output + listed.output
-    changes = {"box_position_freqs": 2, "box_position_rank": 4, "box_patch_rank": 4}
+    worded = run_train_recipe(world, tmp_path, "compose", "toy", adapter={"occlusion_priority": "yes"}, compose=compose)
+    assert worded.exit_code == 2 and "occlusion_priority='yes' must be true or false" in worded.output
+    assert "Traceback" not in bad.output + negative.output + listed.output + worded.output
+    changes = {"box_position_freqs": 2, "box_position_rank": 4, "box_patch_rank": 4, "occlusion_priority": True}
     result = run_train_recipe(world, tmp_path, "compose", "toy", adapter=changes, max_refs=MAX_REFS, compose=compose)
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "exported" / "adapter" / "config.json").read_text())
     assert (saved["box_position_freqs"], saved["box_position_rank"], saved["box_patch_rank"]) == (2, 4, 4)
+    assert saved["occlusion_priority"] is True
     from moviepostproduction.pipelines.compose import ComposePipeline
 
     pipe = ComposePipeline.from_model_dir(tmp_path / "exported")
     assert pipe.model.adapter.uses_box_positions and pipe.model.adapter.uses_box_patches
     assert pipe.model.adapter.assemble["0"].patches.out.weight.abs().sum() > 0  # trained from its zero init
+    assert pipe.model.adapter.occlusion.logits.shape == (2, 3)
     from moviepostproduction.scene import load_scene
 
     examples = Path(__file__).resolve().parents[1] / "examples"

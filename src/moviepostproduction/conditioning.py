@@ -73,6 +73,8 @@ class LayoutPacking:
     group_ref: torch.Tensor  # (G,) long
     cover: torch.Tensor  # (B, N) float: how many boxes cover each token (overlaps are averaged)
     coords: torch.Tensor | None = None  # (G, L, 2) float: each token's centre in its box's frame (box_token_coords)
+    group_weight: torch.Tensor | None = None  # (G,) float > 0: occlusion priority of each group (None: all 1)
+    cover_weight: torch.Tensor | None = None  # (B, N) float: sum of the covering groups' weights (None: cover)
 
     @property
     def num_groups(self) -> int:
@@ -82,6 +84,16 @@ class LayoutPacking:
         """(S,) long: the group of each real image-token slot, in the order of `token_index[key_mask[:, 1:]]`."""
         real = self.key_mask[:, 1:]  # (G, L)
         return torch.arange(self.num_groups, device=real.device)[:, None].expand_as(real)[real]
+
+    def weighted(self, values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """values (S, D) of slots of `groups` (S,) times their group's occlusion weight (unchanged when all are 1)."""
+        if self.group_weight is None:
+            return values
+        return values * self.group_weight.index_select(0, groups).to(values.dtype)[:, None]
+
+    def denominator(self) -> torch.Tensor:
+        """(B, N): what a token's summed (weighted) group values are divided by, the weighted average's norm."""
+        return self.cover if self.cover_weight is None else self.cover_weight
 
 
 @dataclass
@@ -101,6 +113,7 @@ class Conditioning:
     grid: tuple[int, int]
     ref_patches: torch.Tensor | None = None  # (B, R, P, G) DINO patch tokens, when the adapter lays them into boxes
     token_extent: torch.Tensor | None = None  # (B, R, 2) one image token's size in each box's frame (same condition)
+    layout_priority: torch.Tensor | None = None  # (B, R) occlusion weights of Assemble-Attn overlaps (None: average)
 
     @property
     def num_refs(self) -> int:
@@ -119,10 +132,12 @@ class Conditioning:
         return Conditioning(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
 
-def build_regions(masks: torch.Tensor, weights: torch.Tensor) -> RegionMap:
+def build_regions(masks: torch.Tensor, weights: torch.Tensor, priority: torch.Tensor | None = None) -> RegionMap:
     """masks (B, R, N) in [0, 1], weights (B, R) -> RegionMap with coef = mask value x weight.
 
     Regions are the distinct columns of `masks` per sample (padded to the batch's largest U with zero rows).
+    priority (B, R) > 0 (`OcclusionPriority`): coef of ref r in a region with mask values m is further multiplied
+    by p_r sum(m) / sum(m p), so overlapping refs share the region's total weight by priority; all 1: unchanged.
     """
     b, r, n = masks.shape
     index = torch.zeros(b, n, dtype=torch.long, device=masks.device)
@@ -138,13 +153,21 @@ def build_regions(masks: torch.Tensor, weights: torch.Tensor) -> RegionMap:
     region_masks = masks.new_zeros(b, u, r)
     for i, uniq in enumerate(per_sample):
         region_masks[i, : uniq.shape[0]] = uniq
-    return RegionMap(index=index, coef=region_masks * weights[:, None, :])
+    coef = region_masks * weights[:, None, :]  # (B, U, R)
+    if priority is not None:
+        p = priority[:, None, :].to(coef.dtype)  # (B, 1, R)
+        total, weighted = region_masks.sum(-1, keepdim=True), (region_masks * p).sum(-1, keepdim=True)  # (B, U, 1)
+        coef = coef * p * torch.where(weighted > 0, total / weighted.clamp(min=torch.finfo(coef.dtype).tiny), 1.0)
+    return RegionMap(index=index, coef=coef)
 
 
-def build_packing(masks: torch.Tensor, valid: torch.Tensor, coords: torch.Tensor | None = None) -> LayoutPacking:
+def build_packing(
+    masks: torch.Tensor, valid: torch.Tensor, coords: torch.Tensor | None = None, priority: torch.Tensor | None = None
+) -> LayoutPacking:
     """Hard masks (B, R, N) bool and valid (B, R) -> padded groups of token indices for one attention call.
 
     coords (B, R, N, 2): box-frame token coordinates (`layout.box_token_coords`), gathered per group slot.
+    priority (B, R) > 0: occlusion weights (`OcclusionPriority`); overlaps are then averaged with these weights.
     """
     b, r, n = masks.shape
     masks = masks & valid[..., None]
@@ -163,6 +186,10 @@ def build_packing(masks: torch.Tensor, valid: torch.Tensor, coords: torch.Tensor
     if coords is not None:
         group_coords = coords.new_zeros(group_b.numel(), length, 2)
         group_coords[rows, slot] = coords[group_b[rows], group_r[rows], cols]
+    group_weight = cover_weight = None
+    if priority is not None:
+        group_weight = priority[group_b, group_r]  # (G,)
+        cover_weight = (masks.to(priority.dtype) * priority[..., None]).sum(1)  # (B, N)
     return LayoutPacking(
         token_index=token_index,
         key_mask=key_mask,
@@ -170,6 +197,8 @@ def build_packing(masks: torch.Tensor, valid: torch.Tensor, coords: torch.Tensor
         group_ref=group_r,
         cover=masks.sum(1).float(),
         coords=group_coords,
+        group_weight=group_weight,
+        cover_weight=cover_weight,
     )
 
 

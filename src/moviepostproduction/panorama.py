@@ -210,10 +210,11 @@ def remap_conditioning(cond: Conditioning, grid: tuple[int, int], pad: int, shif
         image_regions=_gather_regions(cond.image_regions, src),
         text_regions=cond.text_regions,
         joint_regions=_gather_regions(cond.joint_regions, src, text_len),
-        packing=build_packing(masks, cond.valid, coords),
+        packing=build_packing(masks, cond.valid, coords, cond.layout_priority),
         grid=(h, w + 2 * pad),
         ref_patches=cond.ref_patches,
         token_extent=cond.token_extent,
+        layout_priority=cond.layout_priority,
     )
 
 

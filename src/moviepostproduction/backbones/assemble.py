@@ -134,15 +134,16 @@ def assemble_residual(
     (B, R, 2) token extents (`Conditioning.ref_patches` / `token_extent`), needed when the block has box patches.
 
     Equals `scatter_mean(out_proj(assemble_attention(...)))` there: `to_out` and `out_proj` are affine, so they
-    commute with the average over the boxes covering a token and run once per covered token.
+    commute with the average over the boxes covering a token and run once per covered token. The average is
+    weighted by the packing's occlusion priority when it has one (`LayoutPacking.group_weight`).
     """
     b, n = qkv[0].shape[:2]
     attended = attend_rows(attn, qkv, layout_tokens, packing, rows, rope)  # per bucket (P_b * S_b, D)
     m = rows.covered.numel()
     total = attended[0].new_zeros(m + 1, attended[0].shape[-1])
     for bucket, out in zip(rows.buckets, attended, strict=True):
-        total.index_add_(0, bucket.target, out)
-    cover = packing.cover.reshape(b * n).index_select(0, rows.covered).to(total.dtype)  # (M,)
+        total.index_add_(0, bucket.target, packing.weighted(out, bucket.segment.flatten().clamp(min=0)))
+    cover = packing.denominator().reshape(b * n).index_select(0, rows.covered).to(total.dtype)  # (M,)
     values = project_out(attn, out_proj, total[:m] / cover[:, None])  # (M, D)
     slots = box_frame_values(out_proj, layout_tokens, ref_patches, packing)
     if slots is not None:
@@ -168,9 +169,10 @@ def box_frame_values(
 
 def average_on_covered(values: torch.Tensor, packing: LayoutPacking, covered: torch.Tensor, cover: torch.Tensor):
     """(S, D) values of the real (group, token) slots -> (M, D) at `covered` (sorted flat tokens), averaged over the
-    `cover` (M,) boxes covering each."""
+    boxes covering each: `cover` (M,) is their count, or their summed weight under an occlusion priority."""
     real = packing.key_mask[:, 1:]  # (G, L)
     at = torch.searchsorted(covered, packing.token_index[real])  # (S,) rows of `covered`
+    values = packing.weighted(values, packing.slot_groups())
     total = values.new_zeros(covered.numel(), values.shape[-1]).index_add_(0, at, values)
     return total / cover[:, None].to(total.dtype)
 
@@ -261,9 +263,11 @@ def assemble_attention(
 
 
 def scatter_mean(values: torch.Tensor, packing: LayoutPacking, shape: tuple[int, int, int]) -> torch.Tensor:
-    """(G, L, D) group outputs -> (B, N, D), averaged where boxes overlap, zero outside every box."""
+    """(G, L, D) group outputs -> (B, N, D), averaged where boxes overlap (weighted by the occlusion priority
+    when the packing has one), zero outside every box."""
     b, n, d = shape
     real = packing.key_mask[:, 1:]  # (G, L)
-    total = values.new_zeros(b * n, d).index_add_(0, packing.token_index[real], values[real])
-    cover = packing.cover.reshape(b * n, 1).clamp(min=1).to(values.dtype)
+    weighted = packing.weighted(values[real], packing.slot_groups())
+    total = values.new_zeros(b * n, d).index_add_(0, packing.token_index[real], weighted)
+    cover = torch.where(packing.cover > 0, packing.denominator(), 1.0).reshape(b * n, 1).to(values.dtype)
     return (total / cover).view(b, n, d)

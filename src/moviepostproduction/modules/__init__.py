@@ -8,6 +8,7 @@ from .feedback_bridge import FeedbackBridge
 from .instance_encoder import InstanceEncoder
 from .layout_head import AssembleAttention, LayoutHead
 from .modulation_head import LowRank, ModulationHead
+from .occlusion import OcclusionPriority
 
 __all__ = [
     "DEPTHS",
@@ -22,4 +23,5 @@ __all__ = [
     "LayoutHead",
     "LowRank",
     "ModulationHead",
+    "OcclusionPriority",
 ]

@@ -19,6 +19,7 @@ from .feedback_bridge import FeedbackBridge
 from .instance_encoder import InstanceEncoder
 from .layout_head import AssembleAttention, LayoutHead
 from .modulation_head import ModulationHead
+from .occlusion import OcclusionPriority
 
 
 class CompositionAdapter(nn.Module):
@@ -33,6 +34,7 @@ class CompositionAdapter(nn.Module):
         self.modulation_head = ModulationHead(cfg)
         self.feedback_bridge = FeedbackBridge(cfg)
         self.assemble = nn.ModuleDict({str(b): AssembleAttention(cfg) for b in cfg.resolved_layout_blocks})
+        self.occlusion = OcclusionPriority() if cfg.occlusion_priority else None
 
     CONFIG_NAME = "config.json"
     WEIGHTS_NAME = "model.safetensors"
@@ -114,6 +116,9 @@ class CompositionAdapter(nn.Module):
             else soft.new_zeros(b, r, text_len)
         )
         counts = hard.sum(-1, keepdim=True).clamp(min=1)
+        layout_priority = modulation_priority = None
+        if self.occlusion is not None:
+            layout_priority, modulation_priority = self.occlusion(refs.depth, valid)  # each (B, R)
         box_frame = self.uses_box_positions or self.uses_box_patches
         coords = box_token_coords(refs.bboxes, grid) if box_frame else None  # (B, R, N, 2)
         patches = extent = None
@@ -131,13 +136,16 @@ class CompositionAdapter(nn.Module):
             layout_tokens=self.layout_head(instance, alpha),
             shared_offsets=self.modulation_head.shared_offset(instance),
             pool_weights=hard.to(dtype) / counts,
-            image_regions=build_regions(soft, alpha),
+            image_regions=build_regions(soft, alpha, modulation_priority),
             text_regions=build_regions(text, alpha) if refs.text_spans is not None else None,
             # Background refs do not modulate single blocks: grouping on foreground masks only merges the tokens
             # that differ only in background boxes (same temb), so fewer AdaLN rows, same values and gradients.
-            joint_regions=build_regions(torch.cat([text, soft], dim=-1) * foreground[..., None], alpha * foreground),
-            packing=build_packing(hard, valid, coords),
+            joint_regions=build_regions(
+                torch.cat([text, soft], dim=-1) * foreground[..., None], alpha * foreground, modulation_priority
+            ),
+            packing=build_packing(hard, valid, coords, layout_priority),
             grid=grid,
             ref_patches=patches,
             token_extent=extent,
+            layout_priority=layout_priority,
         )

@@ -31,6 +31,7 @@ class ConditioningConfig:
     box_position_freqs: int = 0  # > 0: Assemble-Attn adds a BoxPositionEncoding per layout block (0: off, DESIGN 3)
     box_position_rank: int = 64  # its hidden width
     box_patch_rank: int = 0  # > 0: Assemble-Attn lays each ref's DINO patch tokens into its box (0: off; design note)
+    occlusion_priority: bool = False  # learned per-depth weights where boxes overlap (False: average; design note)
 
     def __post_init__(self) -> None:
         problems = []
@@ -40,6 +41,8 @@ class ConditioningConfig:
         for name in ("box_position_freqs", "box_position_rank", "box_patch_rank"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
+        if not isinstance(self.occlusion_priority, bool):
+            problems.append(f"occlusion_priority={self.occlusion_priority!r} must be true or false")
         if self.dense_k < 2:
             problems.append(f"dense_k={self.dense_k} must be >= 2 (corners are included)")
         if not 0.0 <= self.grounding_ratio <= 1.0:

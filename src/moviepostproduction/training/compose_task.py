@@ -114,7 +114,9 @@ class ComposeTask:
         elif spec.backbone == "full":
             tr.requires_grad_(True)
         for part in spec.adapter_parts:
-            getattr(self.model.adapter, part).requires_grad_(True)
+            module = getattr(self.model.adapter, part)
+            if module is not None:  # optional modules (occlusion) exist only when their config asks for them
+                module.requires_grad_(True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         return [{"params": params, "lr": spec.lr}]
 

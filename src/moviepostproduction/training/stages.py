@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 from ..errors import Problem, ValidationError
 
-LAYOUT_PARTS = ("alpha_predictor", "instance_encoder", "layout_head", "assemble")
+LAYOUT_PARTS = ("alpha_predictor", "instance_encoder", "layout_head", "assemble", "occlusion")
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    adapter_parts: tuple[str, ...]  # CompositionAdapter children that train
+    adapter_parts: tuple[str, ...]  # CompositionAdapter children that train (optional ones only when present)
     lr: float
     backbone: str = "frozen"  # frozen | lora | full
     losses: dict[str, float] = field(default_factory=dict)  # loss name -> weight (flow is always 1)

@@ -1,0 +1,45 @@
+"""Copy a model dir with its adapter's occlusion priority switched on and imposed: the fg ref owns an overlap.
+
+    python scripts/front_priority_model.py build/toy-model build/toy-model-front --fg-logit 0.3
+
+The adapter gets `occlusion_priority: true` (docs/design-notes.md, "Occlusion priority"); both pathways' fg logit is
+set to FG_LOGIT (weight exp(10 x FG_LOGIT) against 1 for mg and bg refs), every other tensor is kept. The starting
+point of examples/train/toy-front.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from moviepostproduction.model_dir import ModelDir
+from moviepostproduction.modules import CompositionAdapter
+from moviepostproduction.modules.config import DEPTHS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="a model dir with a trained adapter")
+    parser.add_argument("out", help="the new model dir (must not exist)")
+    parser.add_argument("--fg-logit", type=float, default=0.3, help="logit of fg refs in both pathways (mg, bg: 0)")
+    args = parser.parse_args(argv)
+    source, out = Path(args.source), Path(args.out)
+    ModelDir.at(source).check()
+    if out.exists():
+        parser.error(f"{out} exists; pick a new directory")
+    adapter, _ = CompositionAdapter.from_pretrained(source / "adapter").reconfigured(occlusion_priority=True)
+    with torch.no_grad():
+        adapter.occlusion.logits[:, DEPTHS.index("fg")] = args.fg_logit
+    shutil.copytree(source, out)
+    adapter.save_pretrained(out / "adapter")
+    print(f"wrote {out}: occlusion priority on, fg logit {args.fg_logit:g} in both pathways")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(main())
