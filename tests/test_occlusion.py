@@ -18,7 +18,7 @@ from moviepostproduction.backbones.flux import ConditionedFlux
 from moviepostproduction.conditioning import RefBatch, build_packing, build_regions
 from moviepostproduction.layout import bbox_token_mask
 from moviepostproduction.modules import PRESETS, CompositionAdapter, ConditioningConfig, OcclusionPriority
-from moviepostproduction.modules.occlusion import LOGIT_SCALE
+from moviepostproduction.modules.occlusion import LOGIT_SCALE, MIN_WEIGHT
 from moviepostproduction.panorama import remap_conditioning
 
 from helpers import flux_inputs, make_tiny_flux, randomize_zero_inits
@@ -54,8 +54,12 @@ def test_priority_starts_at_one_and_indexes_depths():
     with torch.no_grad():
         priority.logits.copy_(torch.tensor([[0.2, 0.1, 0.0], [0.0, 0.0, -0.1]]))
     layout, modulation = priority(depth, valid)
-    torch.testing.assert_close(layout, torch.tensor([[math.exp(2.0), 1.0, 1.0]]))  # padding stays 1
+    torch.testing.assert_close(layout, torch.tensor([[1.0, math.exp(-2.0), 1.0]]))  # relative to fg's; padding: 1
     torch.testing.assert_close(modulation, torch.tensor([[1.0, math.exp(-1.0), 1.0]]))
+    with torch.no_grad():
+        priority.logits.copy_(torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    layout, _ = priority(depth.half().long(), valid)
+    assert layout.dtype == torch.float32 and torch.equal(layout, torch.tensor([[1.0, MIN_WEIGHT, 1.0]]))
 
 
 def test_regions_share_an_overlap_by_priority_and_keep_single_boxes():
@@ -127,7 +131,7 @@ def test_zero_init_priority_changes_nothing_and_learns_from_overlaps():
     out.square().mean().backward()
     grad = adapter.occlusion.logits.grad.clone()
     assert grad[:, 0].abs().min() > 0 and grad[:, 2].abs().min() > 0  # fg and bg overlap: both pathways learn
-    assert torch.equal(grad[:, 1], torch.zeros(2))  # no mg ref in the scene
+    assert grad[:, 1].abs().max() < 1e-4 * grad[:, 0].abs().min()  # no mg ref in the scene (up to rounding)
     torch.testing.assert_close(grad[:, 0], -grad[:, 2])  # only the ratio of the two weights matters
     separate = layered_refs(("fg", "bg"), boxes=([0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]))
     adapter.occlusion.logits.grad = None
@@ -147,8 +151,12 @@ def test_the_front_ref_owns_the_overlap_under_a_strong_priority():
         front_only = model.prepare(layered_refs(("fg",), boxes=(FRONT,)), GRID, TEXT)
     overlap = 3 * 8 + 3
     image = cond.image_regions.coef[0, cond.image_regions.index[0, overlap]]  # (R,)
-    torch.testing.assert_close(image, torch.stack([2 * cond.alpha[0, 0], torch.tensor(0.0)]), rtol=1e-6, atol=1e-6)
-    assert cond.packing.denominator()[0, overlap] == pytest.approx(math.exp(30.0) + 1, rel=1e-6)
+    share = 2 / (1 + MIN_WEIGHT)  # the two boxes' total, by weights 1 (fg) and MIN_WEIGHT (bg: 1000 times less)
+    want = torch.stack([share * cond.alpha[0, 0], share * MIN_WEIGHT * cond.alpha[0, 1]])
+    torch.testing.assert_close(image, want, rtol=1e-6, atol=1e-7)
+    assert cond.packing.denominator()[0, overlap] == pytest.approx(1 + MIN_WEIGHT, rel=1e-6)
+    half = model.prepare(layered_refs(("bg", "bg")), GRID, TEXT).to(dtype=torch.float16)  # both at MIN_WEIGHT
+    assert half.packing.denominator()[0, overlap] > 0 and torch.isfinite(half.image_regions.coef).all()
     assert front_only.layout_priority.shape == (1, 1)
     remapped = remap_conditioning(cond, GRID, pad=1, shift=2)
     assert remapped.layout_priority is cond.layout_priority
@@ -166,3 +174,25 @@ def test_occlusion_priority_config_is_checked_and_saved(tmp_path):
     set_logits(adapter, [1.0, 0.5, 0.0], [0.0, -1.0, 0.0])
     loaded = CompositionAdapter.from_pretrained(adapter.save_pretrained(tmp_path / "adapter"))
     assert loaded.cfg.occlusion_priority and torch.equal(loaded.occlusion.logits, adapter.occlusion.logits)
+
+
+def test_front_priority_script_switches_the_priority_on_and_keeps_every_other_tensor(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moviepostproduction.tiny import write_tiny_model_dir
+
+    source = write_tiny_model_dir(tmp_path / "model", seed=0)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "front_priority_model.py"
+    command = [sys.executable, str(script), str(source), str(tmp_path / "front"), "--fg-logit", "0.2"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    before = CompositionAdapter.from_pretrained(source / "adapter")
+    after = CompositionAdapter.from_pretrained(tmp_path / "front" / "adapter")
+    assert after.cfg == before.cfg.with_(occlusion_priority=True)
+    torch.testing.assert_close(after.occlusion.logits, torch.tensor([[0.2, 0.0, 0.0], [0.2, 0.0, 0.0]]))
+    kept = after.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in before.state_dict().items())
+    again = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert again.returncode == 2 and "front exists; pick a new directory" in again.stderr

@@ -7,8 +7,9 @@ learned priority per pathway, and a token covered by boxes i, j, ... weighs ref 
 
     w_i / sum_j w_j  (layout: instead of 1 / cover)    and    w_i sum_j m_j / sum_j m_j w_j  (modulation: instead of 1)
 
-with w = exp(LOGIT_SCALE * logit[depth]) and m the token's mask values. The logits start at zero, so w = 1 and both
-are exactly DESIGN 3's average / sum until training moves them; a token inside one box only is never reweighted.
+with w = exp(LOGIT_SCALE * logit[depth]) (relative to the top label's) and m the token's mask values. The logits
+start at zero, so w = 1 and both are exactly DESIGN 3's average / sum until training moves them; a token inside one
+box only is never reweighted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ PATHWAYS = ("layout", "modulation")
 # the gradient's size, so at the adapter's LR the six logits would need tens of thousands of steps to reach the
 # few units a priority needs; the scale gives them a 10x learning rate without a separate optimiser group.
 LOGIT_SCALE = 10.0
+# Both uses are scale-free (a ratio of weights), so the weights are taken relative to the highest label's, in fp32,
+# and kept >= MIN_WEIGHT: at most 1000:1 between labels, and no weight rounds to 0 when the model runs in fp16.
+MIN_WEIGHT = 1e-3
 
 
 class OcclusionPriority(nn.Module):
@@ -35,8 +39,9 @@ class OcclusionPriority(nn.Module):
         nn.init.zeros_(self.logits)
 
     def forward(self, depth: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """depth (B, R) long index into DEPTHS, valid (B, R) bool -> (layout, modulation) weights, each (B, R) > 0
-        on valid refs (padding: 1, never read: padded refs cover no token)."""
-        weights = (LOGIT_SCALE * self.logits).exp()[:, depth]  # (2, B, R)
+        """depth (B, R) long index into DEPTHS, valid (B, R) bool -> (layout, modulation) weights, each (B, R) fp32
+        in [MIN_WEIGHT, 1] on valid refs (padding: 1, never read: padded refs cover no token)."""
+        logits = LOGIT_SCALE * self.logits.float()  # (2, 3)
+        weights = (logits - logits.amax(-1, keepdim=True)).exp().clamp(min=MIN_WEIGHT)[:, depth]  # (2, B, R)
         weights = torch.where(valid, weights, torch.ones_like(weights))
         return weights[0], weights[1]
