@@ -85,10 +85,15 @@ class LayoutPacking:
         real = self.key_mask[:, 1:]  # (G, L)
         return torch.arange(self.num_groups, device=real.device)[:, None].expand_as(real)[real]
 
-    def weighted(self, values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        """values (S, D) of slots of `groups` (S,) times their group's occlusion weight (unchanged when all are 1)."""
+    def weighted(self, values: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """values (S, D) times their group's occlusion weight; returned as they are (no work) when there is none.
+
+        groups (S,): each row's group (< 0 for padding rows, whose value is discarded anyway); None: the rows are the
+        real slots in `slot_groups` order.
+        """
         if self.group_weight is None:
             return values
+        groups = self.slot_groups() if groups is None else groups.clamp(min=0)
         return values * self.group_weight.index_select(0, groups).to(values.dtype)[:, None]
 
     def denominator(self) -> torch.Tensor:

@@ -142,7 +142,7 @@ def assemble_residual(
     m = rows.covered.numel()
     total = attended[0].new_zeros(m + 1, attended[0].shape[-1])
     for bucket, out in zip(rows.buckets, attended, strict=True):
-        total.index_add_(0, bucket.target, packing.weighted(out, bucket.segment.flatten().clamp(min=0)))
+        total.index_add_(0, bucket.target, packing.weighted(out, bucket.segment.flatten()))
     cover = packing.denominator().reshape(b * n).index_select(0, rows.covered).to(total.dtype)  # (M,)
     values = project_out(attn, out_proj, total[:m] / cover[:, None])  # (M, D)
     slots = box_frame_values(out_proj, layout_tokens, ref_patches, packing)
@@ -172,7 +172,7 @@ def average_on_covered(values: torch.Tensor, packing: LayoutPacking, covered: to
     boxes covering each: `cover` (M,) is their count, or their summed weight under an occlusion priority."""
     real = packing.key_mask[:, 1:]  # (G, L)
     at = torch.searchsorted(covered, packing.token_index[real])  # (S,) rows of `covered`
-    values = packing.weighted(values, packing.slot_groups())
+    values = packing.weighted(values)
     total = values.new_zeros(covered.numel(), values.shape[-1]).index_add_(0, at, values)
     return total / cover[:, None].to(total.dtype)
 
@@ -267,7 +267,7 @@ def scatter_mean(values: torch.Tensor, packing: LayoutPacking, shape: tuple[int,
     when the packing has one), zero outside every box."""
     b, n, d = shape
     real = packing.key_mask[:, 1:]  # (G, L)
-    weighted = packing.weighted(values[real], packing.slot_groups())
+    weighted = packing.weighted(values[real])
     total = values.new_zeros(b * n, d).index_add_(0, packing.token_index[real], weighted)
     cover = torch.where(packing.cover > 0, packing.denominator(), 1.0).reshape(b * n, 1).to(values.dtype)
     return (total / cover).view(b, n, d)
