@@ -88,7 +88,8 @@ def test_box_patch_residual_follows_the_patch_grid_inside_the_box():
         covered = packing.cover.reshape(-1).nonzero().squeeze(1)
         cover = packing.cover.reshape(-1)[covered]
         dense = torch.zeros(64, CFG.hidden_dim)
-        slots = box_patch_values(encoding, (cond.ref_patches, cond.token_extent), packing)
+        frame = packing.coords[packing.key_mask[:, 1:]], packing.slot_groups()
+        slots = box_patch_values(encoding, (cond.ref_patches, cond.token_extent), packing, *frame)
         dense[covered] = average_on_covered(slots, packing, covered, cover)
         return dense.view(8, 8, -1)
 

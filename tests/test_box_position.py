@@ -78,7 +78,8 @@ def test_box_position_residual_moves_with_its_box_and_averages_overlaps():
         covered = packing.cover.reshape(-1).nonzero().squeeze(1)
         cover = packing.cover.reshape(-1)[covered]
         dense = torch.zeros(64, CFG.hidden_dim)
-        slots = box_position_values(position, layout_tokens, packing)
+        frame = packing.coords[packing.key_mask[:, 1:]], packing.slot_groups()
+        slots = box_position_values(position, layout_tokens, packing, *frame)
         dense[covered] = average_on_covered(slots, packing, covered, cover)
         return dense.view(8, 8, -1)
 

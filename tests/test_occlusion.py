@@ -157,10 +157,10 @@ def test_the_front_ref_owns_the_overlap_under_a_strong_priority():
     assert cond.packing.denominator()[0, overlap] == pytest.approx(1 + MIN_WEIGHT, rel=1e-6)
     half = model.prepare(layered_refs(("bg", "bg")), GRID, TEXT).to(dtype=torch.float16)  # both at MIN_WEIGHT
     assert half.packing.denominator()[0, overlap] > 0 and torch.isfinite(half.image_regions.coef).all()
-    assert front_only.layout_priority.shape == (1, 1)
+    assert front_only.packing.group_weight.shape == (1,)
     remapped = remap_conditioning(cond, GRID, pad=1, shift=2)
-    assert remapped.layout_priority is cond.layout_priority
     assert torch.equal(remapped.packing.group_weight, cond.packing.group_weight)
+    assert torch.equal(remapped.packing.cover_weight.unique(), cond.packing.cover_weight.unique())
     assert cond.to(dtype=torch.float64).packing.cover_weight.dtype == torch.float64
     with torch.no_grad():
         assert torch.isfinite(model(**inputs, conditioning=cond)).all()

@@ -118,7 +118,6 @@ class Conditioning:
     grid: tuple[int, int]
     ref_patches: torch.Tensor | None = None  # (B, R, P, G) DINO patch tokens, when the adapter lays them into boxes
     token_extent: torch.Tensor | None = None  # (B, R, 2) one image token's size in each box's frame (same condition)
-    layout_priority: torch.Tensor | None = None  # (B, R) occlusion weights of Assemble-Attn overlaps (None: average)
 
     @property
     def num_refs(self) -> int:

@@ -163,9 +163,11 @@ def _gather_regions(regions: RegionMap, src: torch.Tensor, text_len: int = 0) ->
     return RegionMap(index=index, coef=regions.coef)
 
 
-def _packing_masks(packing: LayoutPacking, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Recover the hard (B, R, N) box masks a LayoutPacking was built from, and its (B, R, N, 2) box coordinates
-    (None when it has none)."""
+def _packing_masks(
+    packing: LayoutPacking, shape: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Recover the hard (B, R, N) box masks a LayoutPacking was built from, its (B, R, N, 2) box coordinates and its
+    (B, R) occlusion priority (each None when it has none; refs that cover no token get priority 1, never read)."""
     b, r, n = shape
     masks = torch.zeros(b, r, n, dtype=torch.bool, device=packing.token_index.device)
     real = packing.key_mask[:, 1:]  # (G, L)
@@ -173,11 +175,15 @@ def _packing_masks(packing: LayoutPacking, shape: tuple[int, int, int]) -> tuple
     tokens = packing.token_index[real] % n  # (M,)
     where = (packing.group_batch[group], packing.group_ref[group], tokens)
     masks[where] = True
+    priority = None
+    if packing.group_weight is not None:
+        priority = packing.group_weight.new_ones(b, r)
+        priority[packing.group_batch, packing.group_ref] = packing.group_weight
     if packing.coords is None:
-        return masks, None
+        return masks, None, priority
     coords = packing.coords.new_zeros(b, r, n, 2)
     coords[where] = packing.coords[real]
-    return masks, coords
+    return masks, coords, priority
 
 
 def remap_conditioning(cond: Conditioning, grid: tuple[int, int], pad: int, shift: int = 0) -> Conditioning:
@@ -196,7 +202,7 @@ def remap_conditioning(cond: Conditioning, grid: tuple[int, int], pad: int, shif
     cols = torch.arange(w + 2 * pad, device=device)
     real = ((cols >= pad) & (cols < pad + w)).repeat(h)  # (N',) True on the interior (non-pad) tokens
     b, r, n = cond.pool_weights.shape
-    masks, coords = _packing_masks(cond.packing, (b, r, n))
+    masks, coords, priority = _packing_masks(cond.packing, (b, r, n))
     masks = masks[..., src]  # (B, R, N')
     coords = coords[:, :, src] if coords is not None else None  # pads hold their source token's place in the box
     text_len = cond.joint_regions.index.shape[1] - n
@@ -210,11 +216,10 @@ def remap_conditioning(cond: Conditioning, grid: tuple[int, int], pad: int, shif
         image_regions=_gather_regions(cond.image_regions, src),
         text_regions=cond.text_regions,
         joint_regions=_gather_regions(cond.joint_regions, src, text_len),
-        packing=build_packing(masks, cond.valid, coords, cond.layout_priority),
+        packing=build_packing(masks, cond.valid, coords, priority),
         grid=(h, w + 2 * pad),
         ref_patches=cond.ref_patches,
         token_extent=cond.token_extent,
-        layout_priority=cond.layout_priority,
     )
 
 

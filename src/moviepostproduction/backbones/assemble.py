@@ -158,13 +158,23 @@ def box_frame_values(
     packing: LayoutPacking,
 ) -> torch.Tensor | None:
     """The summed box-frame residuals of the block (`BoxPositionEncoding`, `BoxPatchEncoding`) at every real
-    (group, token) slot: (S, D); None when it has neither. They are averaged over covering boxes once, together."""
+    (group, token) slot: (S, D); None when it has neither. They are averaged over covering boxes once, together, and
+    share the slots' box-frame coordinates and groups, gathered once."""
+    position, patches = getattr(out_proj, "position", None), getattr(out_proj, "patches", None)
+    if position is None and patches is None:
+        return None
+    if packing.coords is None:
+        raise ValueError(
+            "box positions or box patches are enabled but the conditioning has no box coordinates "
+            "(LayoutPacking.coords)"
+        )
+    coords, groups = packing.coords[packing.key_mask[:, 1:]], packing.slot_groups()  # (S, 2), (S,)
     parts = []
-    if getattr(out_proj, "position", None) is not None:
-        parts.append(box_position_values(out_proj.position, layout_tokens, packing))
-    if getattr(out_proj, "patches", None) is not None:
-        parts.append(box_patch_values(out_proj.patches, ref_patches, packing))
-    return sum(parts[1:], parts[0]) if parts else None
+    if position is not None:
+        parts.append(box_position_values(position, layout_tokens, packing, coords, groups))
+    if patches is not None:
+        parts.append(box_patch_values(patches, ref_patches, packing, coords, groups))
+    return sum(parts[1:], parts[0])
 
 
 def average_on_covered(values: torch.Tensor, packing: LayoutPacking, covered: torch.Tensor, cover: torch.Tensor):
@@ -177,28 +187,30 @@ def average_on_covered(values: torch.Tensor, packing: LayoutPacking, covered: to
     return total / cover[:, None].to(total.dtype)
 
 
-def box_position_values(position: nn.Module, layout_tokens: torch.Tensor, packing: LayoutPacking) -> torch.Tensor:
-    """`BoxPositionEncoding` of every real (group, token) slot: (S, D)."""
-    if packing.coords is None:
-        raise ValueError("box positions are enabled but the conditioning has no box coordinates (LayoutPacking.coords)")
-    real = packing.key_mask[:, 1:]  # (G, L)
+def box_position_values(
+    position: nn.Module, layout_tokens: torch.Tensor, packing: LayoutPacking, coords: torch.Tensor, groups: torch.Tensor
+) -> torch.Tensor:
+    """`BoxPositionEncoding` of every real (group, token) slot: (S, D). coords (S, 2) / groups (S,): the slots'
+    box-frame coordinates and groups (`packing.coords[packing.key_mask[:, 1:]]`, `packing.slot_groups()`)."""
     tokens = layout_tokens[packing.group_batch, packing.group_ref]  # (G, D)
-    return position(packing.coords[real], packing.slot_groups(), tokens)
+    return position(coords, groups, tokens)
 
 
 def box_patch_values(
-    encoding: nn.Module, ref_patches: tuple[torch.Tensor, torch.Tensor] | None, packing: LayoutPacking
+    encoding: nn.Module,
+    ref_patches: tuple[torch.Tensor, torch.Tensor] | None,
+    packing: LayoutPacking,
+    coords: torch.Tensor,
+    groups: torch.Tensor,
 ) -> torch.Tensor:
     """`BoxPatchEncoding` of every real (group, token) slot: (S, D). ref_patches: (B, R, P, G) patch tokens and
-    (B, R, 2) token extents."""
-    if packing.coords is None or ref_patches is None:
+    (B, R, 2) token extents; coords / groups as for `box_position_values`."""
+    if ref_patches is None:
         raise ValueError(
-            "box patches are enabled but the conditioning has no box coordinates or DINO patch tokens "
-            "(LayoutPacking.coords, Conditioning.ref_patches)"
+            "box patches are enabled but the conditioning has no DINO patch tokens (Conditioning.ref_patches)"
         )
     patches, extent = (x[packing.group_batch, packing.group_ref] for x in ref_patches)  # (G, P, G_d), (G, 2)
-    real = packing.key_mask[:, 1:]  # (G, L)
-    return encoding(patches, extent, packing.coords[real], packing.slot_groups())
+    return encoding(patches, extent, coords, groups)
 
 
 def _fusable(attn, out_proj: nn.Module) -> bool:

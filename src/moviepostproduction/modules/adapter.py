@@ -147,5 +147,4 @@ class CompositionAdapter(nn.Module):
             grid=grid,
             ref_patches=patches,
             token_extent=extent,
-            layout_priority=layout_priority,
         )
