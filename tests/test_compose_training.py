@@ -16,6 +16,7 @@ from moviepostproduction.errors import WeightsError
 from moviepostproduction.model_dir import ModelDir
 from moviepostproduction.modules import CompositionAdapter
 from moviepostproduction.tiny import write_tiny_model_dir
+from moviepostproduction.training import compose_task
 from moviepostproduction.training.compose_task import ComposeTask, ComposeTaskConfig
 from moviepostproduction.training.feature_cache import FeatureCache, build_cache
 from moviepostproduction.training.losses import (
@@ -24,6 +25,7 @@ from moviepostproduction.training.losses import (
     crop_boxes,
     flow_loss,
     predicted_x0,
+    sample_times,
     soft_argmax_centre,
 )
 from moviepostproduction.training.trainer import TrainConfig, Trainer
@@ -381,6 +383,33 @@ def test_mpp_train_recipe_rejects_a_bad_box_loss_weight(world, tmp_path):
     for value, shown in ((0, "0"), ("heavy", "'heavy'"), (float("nan"), "nan")):
         bad = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, "box_loss_weight": value})
         assert bad.exit_code == 2 and f"compose.box_loss_weight: must be a positive number (got {shown})" in bad.output
+        assert "Traceback" not in bad.output
+
+
+def test_time_mu_shifts_the_logit_normal_training_times_as_the_samplers_time_shift(world, monkeypatch):
+    """logit-normal(mu, 1) = logit-normal(0, 1) moved by the time shift s = e^mu (t' = s t / (1 + (s - 1) t)), from the
+    same draws; mu = 0 is the plain sigmoid of the normal draws, bit for bit."""
+    z = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    plain = sample_times(1000, torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert torch.equal(plain, torch.sigmoid(z))
+    assert torch.equal(sample_times(1000, torch.Generator().manual_seed(3), torch.device("cpu"), 0.0), plain)
+    s = 3.0
+    shifted = sample_times(1000, torch.Generator().manual_seed(3), torch.device("cpu"), math.log(s))
+    assert torch.allclose(shifted, s * plain / (1 + (s - 1) * plain), atol=1e-6)
+    assert (shifted > plain).all() and abs(float(shifted.median()) - 0.75) < 0.05  # median sigmoid(ln 3) = 0.75
+    _, md, cache, vae, image = world
+    seen = []
+    monkeypatch.setattr(compose_task, "sample_times", lambda *a: seen.append(a[3]) or sample_times(*a))
+    for mu in (0.0, 0.47):
+        out = make_task(md, cache, vae, image, time_mu=mu).loss(torch.arange(2), torch.Generator().manual_seed(0))
+        assert math.isfinite(out.logs["flow"])
+    assert seen == [0.0, 0.47]
+
+
+def test_mpp_train_recipe_rejects_a_time_mu_that_is_not_a_finite_number(world, tmp_path):
+    for value, shown in (("high", "'high'"), (float("inf"), "inf"), (True, "True")):
+        bad = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, "time_mu": value})
+        assert bad.exit_code == 2 and f"compose.time_mu: must be a finite number (got {shown})" in bad.output
         assert "Traceback" not in bad.output
 
 

@@ -53,6 +53,7 @@ class ComposeTaskConfig:
     inference_steps: int = 28  # where the layout window ends in t (grounding_ratio of these steps)
     image_position_scale: float = 1.0  # RoPE step between image tokens (ModelDir.image_position_scale)
     box_loss_weight: float = 1.0  # flow-loss weight of tokens inside a ref's box (1: plain MSE over all tokens)
+    time_mu: float = 0.0  # training times are logit-normal(time_mu, 1): the time shift ln(s) (0: SD3's logit-normal)
 
 
 class ComposeTask:
@@ -169,7 +170,7 @@ class ComposeTask:
         x0 = batch["latents"]
         b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(dev)
-        t = sample_times(b, generator, generator.device).to(dev)
+        t = sample_times(b, generator, generator.device, cfg.time_mu).to(dev)
         keep = torch.rand(b, generator=generator, device=generator.device).to(dev) >= cfg.drop_refs
         valid = batch["valid"] & keep[:, None]
         if cfg.drop_caption > 0:  # drawn only then, so recipes without it keep their exact random stream

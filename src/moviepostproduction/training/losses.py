@@ -7,9 +7,13 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-def sample_times(batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """(B,) logit-normal(0, 1) training times in (0, 1), as SD3 / FLUX training."""
-    return torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+def sample_times(batch: int, generator: torch.Generator, device: torch.device, mu: float = 0.0) -> torch.Tensor:
+    """(B,) logit-normal(mu, 1) training times in (0, 1), as SD3 / FLUX training.
+
+    mu = ln(s) is the time shift t' = s t / (1 + (s - 1) t) of logit-normal(0, 1) times (the sampler's `shift`):
+    it moves training towards high noise (mu > 0) as the shifted schedule moves the sampling steps there.
+    """
+    return torch.sigmoid(torch.randn(batch, generator=generator, device=device) + mu)
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

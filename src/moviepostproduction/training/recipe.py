@@ -18,6 +18,7 @@
                                   # model dir's resolution with its RoPE positions interpolated; box_loss_weight: 4
                                   # weights the flow loss 4x on tokens inside the refs' boxes
                                   # drop_caption: 0.15 trains 15 % of the samples on the empty caption
+                                  # time_mu: 0.5 draws training times from logit-normal(0.5, 1) (time shift e^0.5)
 
 Relative paths are relative to the current directory.
 """
@@ -34,7 +35,7 @@ from pathlib import Path
 from ..backbones.nanodit_io import FOLDER as NANODIT_FOLDER
 from ..checkpoint import STORAGE_DTYPES, cast_safetensors_files
 from ..errors import Problem, ValidationError
-from ..sampling import is_positive_number, is_probability, scale_problem
+from ..sampling import is_finite_number, is_positive_number, is_probability, scale_problem
 from .trainer import TrainConfig, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ def _task_config(recipe: Recipe, image_position_scale: float = 1.0):
         for name in ("drop_refs", "drop_caption")
         if name in values and not is_probability(values[name])
     ]
+    if "time_mu" in values and not is_finite_number(values["time_mu"]):
+        problems.append(Problem("compose.time_mu", values["time_mu"], "must be a finite number"))
     if problems:
         raise ValidationError(problems)
     return dataclass_from(ComposeTaskConfig, values, "compose")
