@@ -202,6 +202,21 @@ def test_corrupt_and_pickled_checkpoints_are_refused_in_one_line(tmp_path, case)
     assert not (tmp_path / "pwned").exists()  # nothing was unpickled
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o007])
+def test_saved_safetensors_get_the_umask_mode_not_0600(tmp_path, mask):
+    """safetensors itself creates 0600 files: an exported model dir on a shared disk would be unreadable to the
+    rest of the team. The atomic writer gives its files the mode any file the process creates would get."""
+    old = os.umask(mask)
+    try:
+        path = save_safetensors({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == oct(plain.stat().st_mode & 0o777) == oct(0o666 & ~mask)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".bin", ".ckpt", ".pth", ".pkl"])
 def test_pickle_suffixes_are_refused_before_the_file_is_opened(tmp_path, suffix):
     path = tmp_path / f"model{suffix}"

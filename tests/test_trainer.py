@@ -162,6 +162,20 @@ def test_schedule_warms_up_holds_and_cools_down_to_zero(tmp_path):
     assert [e["lr"] for e in result.logs] == pytest.approx([0.1, 0.1, 0.1, 0.075, 0.025])  # logged every 2 steps
 
 
+def test_lr_scale_multiplies_the_stage_rates_over_the_whole_schedule(tmp_path):
+    kw = dict(max_steps=10, warmup_steps=2, decay_steps=4)
+    full = Trainer(LinearTask(), config(tmp_path / "full", **kw)).run()
+    scaled = Trainer(LinearTask(), config(tmp_path / "scaled", lr_scale=0.25, **kw)).run()
+    assert [e["lr"] for e in scaled.logs] == pytest.approx([0.25 * e["lr"] for e in full.logs])
+    assert scaled.losses[0] == full.losses[0] and scaled.losses[-1] != full.losses[-1]  # same batches, smaller steps
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), "0.1", True])
+def test_lr_scale_must_be_a_positive_number(tmp_path, value):
+    with pytest.raises(ValidationError, match=r"^lr_scale: must be a positive number \(1: the stage's LRs\) \(got "):
+        config(tmp_path, lr_scale=value)
+
+
 def test_schedule_lengths_must_fit_in_the_run(tmp_path):
     with pytest.raises(ValidationError, match=r"^decay_steps: must be an integer in \[0, max_steps=8\] \(got 20\)$"):
         config(tmp_path, decay_steps=20)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_safetensors, load_strict, save_safetensors, write_json_atomic
+from .checkpoint import load_safetensors, load_strict, save_pretrained_readable, save_safetensors, write_json_atomic
 from .encoders import load_transformer
 from .errors import WeightsError
 from .fill import LAYOUTS, FillChannels, FillFlux, expand_to_fill
@@ -146,7 +146,7 @@ def write_fill_model_dir(base: str | Path, out: str | Path, *, layout: str = "si
     vae_cfg = read_json(md.vae / "config.json", "an AutoencoderKL config", md.root)
     channels = FillChannels.from_vae(vae_cfg["latent_channels"], 2 ** (len(vae_cfg["block_out_channels"]) - 1))
     wide = expand_to_fill(load_transformer(md), channels)
-    wide.save_pretrained(out / "transformer", safe_serialization=True)
+    save_pretrained_readable(wide, out / "transformer")
     cfg = SemanticAttentionConfig(dim=channels.latent, context_dim=channels.latent)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

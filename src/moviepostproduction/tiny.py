@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from moviepostproduction.checkpoint import save_pretrained_readable
 from moviepostproduction.model_dir import quiet_progress
 
 logger = logging.getLogger(__name__)
@@ -341,7 +342,7 @@ def write_tiny_model_dir(
     with quiet_progress():
         for offset, (sub, build) in enumerate(models.items()):
             given = (modules or {}).get(sub)
-            (given if given is not None else _seeded(seed * 1000 + offset, build)).save_pretrained(root / sub)
+            save_pretrained_readable(given if given is not None else _seeded(seed * 1000 + offset, build), root / sub)
         clip_tok.save_pretrained(root / "tokenizer")
         t5_tok.save_pretrained(root / "tokenizer_2")
     CLIPImageProcessorPil(**cfg.clip_preprocessor).save_pretrained(root / "image_encoders/clip")

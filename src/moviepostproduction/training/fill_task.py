@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..checkpoint import save_pretrained_readable
 from ..data.triptych import TriptychBatch, TriptychConfig, collate, make_triptych
 from ..encoders import TextEncoder, Vae, load_transformer
 from ..errors import Problem, ValidationError
@@ -249,6 +250,6 @@ def export_fill_model_dir(task: FillTask, source: str | Path, out: str | Path) -
     base = load_transformer(md)
     if int(base.config.in_channels) == task.channels.latent:
         shutil.rmtree(out / "transformer")
-        expand_to_fill(base, task.channels).save_pretrained(out / "transformer", safe_serialization=True)
+        save_pretrained_readable(expand_to_fill(base, task.channels), out / "transformer")
     task.save(out)
     return out

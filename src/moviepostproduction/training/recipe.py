@@ -14,6 +14,7 @@
     export: build/toy-model       # write a complete model dir with the trained weights at the end
     ref_guidance: 1.0             # the exported dir's default reference guidance (ComposePipeline)
     trainer: {max_steps: 4000, checkpoint_every: 500, sample_every: 500, log_every: 20, seed: 0}
+                                  # TrainConfig; lr_scale: 0.2 runs every stage LR at a fifth
     compose: {batch_size: 16}     # ComposeTaskConfig; image_position_scale: 0.5 fine-tunes at twice the
                                   # model dir's resolution with its RoPE positions interpolated; box_loss_weight: 4
                                   # weights the flow loss 4x on tokens inside the refs' boxes
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backbones.nanodit_io import FOLDER as NANODIT_FOLDER
-from ..checkpoint import STORAGE_DTYPES, cast_safetensors_files
+from ..checkpoint import STORAGE_DTYPES, cast_safetensors_files, save_pretrained_readable
 from ..errors import Problem, ValidationError
 from ..sampling import is_finite_number, is_positive_number, is_probability, scale_problem
 from .trainer import TrainConfig, Trainer, TrainResult
@@ -258,7 +259,7 @@ def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> 
                 )
             ]
         )
-    transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+    save_pretrained_readable(transformer, tmp / "transformer")
     cast_safetensors_files(tmp / "transformer", STORAGE_DTYPES[recipe.export_dtype])  # the live model stays as is
     adapter.save_pretrained(tmp / "adapter")
     from ..data.shards import read_manifest

@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoint import KeyReport, load_matching, load_safetensors, write_json_atomic
 from ..errors import MppError, Problem, ValidationError
+from ..sampling import is_positive_number
 from .checkpoints import CheckpointStore, copy_named_tensors, load_optimizer_state, optimizer_state
 from .ema import EmaWeights
 from .task import TrainTask
@@ -48,6 +49,7 @@ class TrainConfig:
     grad_accum: int = 1
     mixed_precision: str = "no"
     max_grad_norm: float | None = 1.0
+    lr_scale: float = 1.0  # multiplies every parameter group's stage learning rate (e.g. 0.2 for a gentle fine-tune)
     warmup_steps: int = 0
     decay_steps: int = 0  # linear cooldown to 0 over the last decay_steps steps (0: constant after warm-up)
     weight_decay: float = 0.0
@@ -72,6 +74,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value <= self.max_steps:
                 problems.append(Problem(name, value, f"must be an integer in [0, max_steps={self.max_steps}]"))
+        if not is_positive_number(self.lr_scale):
+            problems.append(Problem("lr_scale", self.lr_scale, "must be a positive number (1: the stage's LRs)"))
         if not isinstance(self.ema_decay, int | float) or not 0.0 <= self.ema_decay < 1.0:
             problems.append(Problem("ema_decay", self.ema_decay, "must be a number in [0, 1) (0: no EMA)"))
         if problems:
@@ -125,7 +129,7 @@ class Trainer:
         if not self.params:
             raise ValidationError([Problem("stage", config.stage, f"task {task.name!r} trains nothing in it")])
         for g in self.groups:
-            g.setdefault("base_lr", g["lr"])
+            g["base_lr"] = g.get("base_lr", g["lr"]) * config.lr_scale
         self.optimizer = torch.optim.AdamW(self.groups, weight_decay=config.weight_decay)
         self.ema: EmaWeights | None = None  # set by run() when config.ema_decay > 0
 
