@@ -190,10 +190,10 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
 
     stored = load_safetensors(next((tmp_path / "exported" / "transformer").glob("*.safetensors")))
     assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}  # export_dtype fp16
-    from moviepostproduction.checkpoint import current_umask
+    from moviepostproduction.checkpoint import default_file_mode
 
     weights = [*(tmp_path / "exported").rglob("*.safetensors"), *(tmp_path / "run").rglob("*.safetensors")]
-    assert {oct(f.stat().st_mode & 0o777) for f in weights} == {oct(0o666 & ~current_umask())}  # never 0600
+    assert {oct(f.stat().st_mode & 0o777) for f in weights} == {oct(default_file_mode())}  # never 0600
     pipe = ComposePipeline.from_model_dir(tmp_path / "exported")
     assert pipe.dtype == torch.float32
     assert pipe.max_text_tokens == TEXT and pipe.ref_guidance_scale == 2.0  # the recipe's, via model_index.json

@@ -346,10 +346,10 @@ def test_trainer_steps_then_export_loads_in_the_pipeline(tiny_dir, tmp_path):
     assert (tmp_path / "run" / "samples").is_dir()
     assert task.model.semantic.gate.item() != 0  # the gate opened
     out = export_fill_model_dir(task, tiny_dir, tmp_path / "model")
-    from moviepostproduction.checkpoint import current_umask
+    from moviepostproduction.checkpoint import default_file_mode
 
     widened = list((out / "transformer").glob("*.safetensors"))
-    assert widened and {oct(f.stat().st_mode & 0o777) for f in widened} == {oct(0o666 & ~current_umask())}
+    assert widened and {oct(f.stat().st_mode & 0o777) for f in widened} == {oct(default_file_mode())}
     pipe = FillPipeline.from_model_dir(out, semantic=True)
     tri = make_triptych(1, 0, TOY, split="heldout")
     assert torch.equal(pipe.model.semantic.gate.detach(), task.model.semantic.gate.detach())

@@ -28,7 +28,7 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600 files; a shared model dir must stay readable
+    os.chmod(tmp, default_file_mode())  # safetensors creates 0600 files; a shared model dir must stay readable
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -40,18 +40,19 @@ def save_pretrained_readable(model, folder: str | Path) -> Path:
     them, with the files given the umask's mode: the safetensors writer underneath creates them 0600."""
     folder = Path(folder)
     model.save_pretrained(folder)
-    mode = 0o666 & ~current_umask()
+    mode = default_file_mode()
     for file in folder.rglob("*"):
         if file.is_file():
             os.chmod(file, mode)
     return folder
 
 
-def current_umask() -> int:
-    """The process's file-creation mask (os.umask can only be read by setting it, so it is set back at once)."""
+def default_file_mode() -> int:
+    """The mode a plain new file of this process gets: 0o666 less the umask (os.umask can only be read by setting
+    it, so it is set back at once)."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def load_safetensors(path: str | Path, what: str = "a safetensors checkpoint") -> dict[str, torch.Tensor]:
