@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from moviepostproduction.data.shards import write_dataset
 from moviepostproduction.data.synthetic import ToyWorldConfig
 from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae, load_transformer
 from moviepostproduction.errors import WeightsError
+from moviepostproduction.layout import covered_fraction
 from moviepostproduction.model_dir import ModelDir
 from moviepostproduction.modules import CompositionAdapter
 from moviepostproduction.tiny import write_tiny_model_dir
@@ -414,6 +416,57 @@ def test_mpp_train_recipe_rejects_a_time_mu_that_is_not_a_finite_number(world, t
     for value, shown in (("high", "'high'"), (float("inf"), "inf"), (True, "True")):
         bad = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, "time_mu": value})
         assert bad.exit_code == 2 and f"compose.time_mu: must be a finite number (got {shown})" in bad.output
+        assert "Traceback" not in bad.output
+
+
+def test_covered_fraction_is_the_largest_share_of_a_box_another_valid_box_covers():
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.7, 0.7], [0.0, 0.0, 0.25, 1.0]])
+    both = covered_fraction(boxes, torch.tensor([True, True, False]))
+    assert torch.allclose(both, torch.tensor([0.3 * 0.3 / 0.25, 0.3 * 0.3 / 0.25, 0.0]))  # the invalid box: 0
+    every = covered_fraction(boxes, torch.ones(3, dtype=torch.bool))
+    assert torch.allclose(every, torch.tensor([0.5, 0.3 * 0.3 / 0.25, 0.5]))  # box 0 by box 2: 0.125 of 0.25
+    assert covered_fraction(boxes[None, :2].expand(4, 2, 4), torch.ones(4, 2, dtype=torch.bool)).shape == (4, 2)
+
+
+def test_overlap_repeat_draws_the_scenes_with_a_covered_fg_box_more_often_and_zero_keeps_the_old_order(world):
+    """Per epoch every scene once, and overlap_repeat more times each scene with a fg box that another valid ref's box
+    covers over more than overlap_min of its area; the default (0) is exactly the old permutation."""
+    _, md, cache, vae, image = world
+    n = len(cache)
+    fg, mg = 0, 1
+    bboxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]]).repeat(n, 1, 1)  # disjoint boxes
+    depth, valid = torch.full((n, MAX_REFS), fg), torch.ones(n, MAX_REFS, dtype=torch.bool)
+    bboxes[0, 1] = torch.tensor([0.2, 0.2, 0.7, 0.7])  # scene 0: fg covered 0.36 by an mg box -> hard
+    depth[0, 1] = mg
+    bboxes[1] = torch.tensor([[0.1, 0.1, 0.9, 0.9], [0.4, 0.4, 0.6, 0.6]])  # scene 1: only the mg box is covered
+    depth[1, 1] = mg
+    bboxes[2, 1] = torch.tensor([0.2, 0.2, 0.7, 0.7])  # scene 2: the covering box is padding
+    valid[2, 1] = False
+    bboxes[3, 1] = torch.tensor([0.4, 0.4, 0.9, 0.9])  # scene 3: fg covered 0.01 / 0.25 = 0.04 -> not hard
+    scenes = dataclasses.replace(cache, bboxes=bboxes, depth=depth, valid=valid)
+
+    plain = make_task(md, scenes, vae, image)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(5 * 7919 + 1))
+    assert [b.tolist() for b in plain.batches(1, 5)] == [order[i : i + 2].tolist() for i in range(0, n - 1, 2)]
+    assert torch.equal(plain.epoch_scenes(), torch.arange(n))
+
+    task = make_task(md, scenes, vae, image, overlap_repeat=2)
+    assert torch.equal(task.epoch_scenes(), torch.cat([torch.arange(n), torch.tensor([0, 0])]))
+    drawn = torch.cat(list(make_task(md, scenes, vae, image, overlap_repeat=2, batch_size=1).batches(0, 5)))
+    assert len(drawn) == n + 2 and torch.bincount(drawn, minlength=n).tolist() == [3] + [1] * (n - 1)
+    loose = make_task(md, scenes, vae, image, overlap_repeat=1, overlap_min=0.0)  # any overlap of a fg box
+    assert torch.equal(loose.epoch_scenes(), torch.cat([torch.arange(n), torch.tensor([0, 1, 3])]))
+
+
+def test_mpp_train_recipe_rejects_a_bad_overlap_repeat_or_overlap_min(world, tmp_path):
+    for field, value, shown, why in (
+        ("overlap_repeat", -1, "-1", "must be a whole number >= 0"),
+        ("overlap_repeat", 1.5, "1.5", "must be a whole number >= 0"),
+        ("overlap_repeat", True, "True", "must be a whole number >= 0"),
+        ("overlap_min", 2, "2", "must be a fraction in [0, 1]"),
+    ):
+        bad = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, field: value})
+        assert bad.exit_code == 2 and f"compose.{field}: {why} (got {shown})" in bad.output
         assert "Traceback" not in bad.output
 
 

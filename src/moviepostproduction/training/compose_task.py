@@ -20,8 +20,9 @@ from torch import nn
 
 from ..backbones.flux import ConditionedFlux
 from ..conditioning import RefBatch
-from ..layout import bbox_token_mask
+from ..layout import bbox_token_mask, covered_fraction
 from ..sampling import euler_sample, get_timesteps, latent_image_ids, noise_latents, text_ids, unpack_latents
+from ..scene import DEPTHS
 from .feature_cache import FeatureCache
 from .losses import (
     bbox_alignment_loss,
@@ -54,6 +55,8 @@ class ComposeTaskConfig:
     image_position_scale: float = 1.0  # RoPE step between image tokens (ModelDir.image_position_scale)
     box_loss_weight: float = 1.0  # flow-loss weight of tokens inside a ref's box (1: plain MSE over all tokens)
     time_mu: float = 0.0  # training times are logit-normal(time_mu, 1): the time shift ln(s) (0: SD3's logit-normal)
+    overlap_repeat: int = 0  # extra times per epoch a scene appears whose fg ref is covered by another box ...
+    overlap_min: float = 0.25  # ... over more than this fraction of its area (0 repeats: every scene once)
 
 
 class ComposeTask:
@@ -121,9 +124,23 @@ class ComposeTask:
         params = [p for p in self.model.parameters() if p.requires_grad]
         return [{"params": params, "lr": spec.lr}]
 
+    def epoch_scenes(self) -> torch.Tensor:
+        """The cache indices one epoch draws: every scene once, and `overlap_repeat` more times each scene with a fg
+        ref whose box another ref's box covers over more than `overlap_min` of its area (the hard case: a fg sprite
+        drawn over or under another)."""
+        every = torch.arange(len(self.cache))
+        if self.config.overlap_repeat == 0:
+            return every
+        valid = self.cache.valid.bool()
+        fg = valid & (self.cache.depth == DEPTHS.index("fg"))
+        covered = covered_fraction(self.cache.bboxes.float(), valid) > self.config.overlap_min
+        hard = every[(fg & covered).any(-1)]
+        return torch.cat([every, hard.repeat(self.config.overlap_repeat)])
+
     def batches(self, epoch: int, seed: int):
         g = torch.Generator().manual_seed(seed * 7919 + epoch)
-        order = torch.randperm(len(self.cache), generator=g)
+        scenes = self.epoch_scenes()
+        order = scenes[torch.randperm(len(scenes), generator=g)]
         bs = self.config.batch_size
         for i in range(0, len(order) - bs + 1, bs):
             yield order[i : i + bs]

@@ -20,6 +20,8 @@
                                   # weights the flow loss 4x on tokens inside the refs' boxes
                                   # drop_caption: 0.15 trains 15 % of the samples on the empty caption
                                   # time_mu: 0.5 draws training times from logit-normal(0.5, 1) (time shift e^0.5)
+                                  # overlap_repeat: 2 draws scenes whose fg box another box covers over more
+                                  # than overlap_min (0.25) of its area three times per epoch
 
 Relative paths are relative to the current directory.
 """
@@ -136,6 +138,11 @@ def _task_config(recipe: Recipe, image_position_scale: float = 1.0):
     ]
     if "time_mu" in values and not is_finite_number(values["time_mu"]):
         problems.append(Problem("compose.time_mu", values["time_mu"], "must be a finite number"))
+    repeat = values.get("overlap_repeat", 0)
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 0:
+        problems.append(Problem("compose.overlap_repeat", repeat, "must be a whole number >= 0"))
+    if "overlap_min" in values and not is_probability(values["overlap_min"]):
+        problems.append(Problem("compose.overlap_min", values["overlap_min"], "must be a fraction in [0, 1]"))
     if problems:
         raise ValidationError(problems)
     return dataclass_from(ComposeTaskConfig, values, "compose")
