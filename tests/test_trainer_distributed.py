@@ -115,7 +115,7 @@ def test_two_processes_equal_one_with_double_accumulation_and_resume_exactly(tmp
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
 def test_no_gloo_thread_outlives_a_distributed_run(tmp_path: Path) -> None:
     """A gloo worker thread left alive at interpreter exit may free a collective's tensors during finalisation and
-    abort a finished run (SIGABRT, "terminate called without an active exception"; seen in CI about once in 40
+    abort a finished run (SIGABRT, "terminate called without an active exception"; about 1 in 100
     runs). After run() every rank's process group is gone with its threads."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
