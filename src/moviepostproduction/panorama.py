@@ -26,6 +26,7 @@ from einops import rearrange
 
 from .conditioning import Conditioning, LayoutPacking, RegionMap, build_packing
 from .errors import Problem, ValidationError
+from .sampling import is_count
 
 __all__ = [
     "PAD_IDS",
@@ -72,7 +73,7 @@ class PanoramaConfig:
     roll_step: int = 1  # token columns added to the offset at every step when roll="fixed"
 
     def __post_init__(self) -> None:
-        if isinstance(self.pad, bool) or not isinstance(self.pad, int) or self.pad < 0:
+        if not is_count(self.pad):
             raise _invalid("pad", self.pad, "must be an integer >= 0")
         if self.pad_ids not in PAD_IDS:
             raise _invalid("pad_ids", self.pad_ids, f"must be one of {', '.join(PAD_IDS)}")

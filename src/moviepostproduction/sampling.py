@@ -250,6 +250,11 @@ def is_positive_number(value: object) -> bool:
     return is_finite_number(value) and value > 0
 
 
+def is_count(value: object) -> bool:
+    """An integer >= 0 (not a bool, which is an int to Python): e.g. a number of blocks or repeats."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 0
+
+
 def is_probability(value: object) -> bool:
     """A finite real number in [0, 1]: e.g. a dropout rate."""
     return is_finite_number(value) and 0 <= value <= 1

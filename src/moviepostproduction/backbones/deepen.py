@@ -19,6 +19,7 @@ from torch import nn
 
 from ..model_dir import freeze
 from ..modules.adapter import CompositionAdapter
+from ..sampling import is_count
 
 # Chunk positions of the gates in the outputs of AdaLayerNormZero (6 chunks: shift, scale, gate for attention,
 # then for the MLP) and AdaLayerNormZeroSingle (3 chunks: shift, scale, gate).
@@ -35,7 +36,7 @@ class Deepening:
     def __post_init__(self) -> None:
         for name in ("double_blocks", "single_blocks"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_count(value):
                 raise ValueError(f"{name}={value!r} must be an integer >= 0")
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from ..backbones.nanodit_io import FOLDER as NANODIT_FOLDER
 from ..checkpoint import STORAGE_DTYPES, cast_safetensors_files, save_pretrained_readable
 from ..errors import Problem, ValidationError
-from ..sampling import is_finite_number, is_positive_number, is_probability, scale_problem
+from ..sampling import is_count, is_finite_number, is_positive_number, is_probability, scale_problem
 from .trainer import TrainConfig, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -138,9 +138,8 @@ def _task_config(recipe: Recipe, image_position_scale: float = 1.0):
     ]
     if "time_mu" in values and not is_finite_number(values["time_mu"]):
         problems.append(Problem("compose.time_mu", values["time_mu"], "must be a finite number"))
-    repeat = values.get("overlap_repeat", 0)
-    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 0:
-        problems.append(Problem("compose.overlap_repeat", repeat, "must be a whole number >= 0"))
+    if "overlap_repeat" in values and not is_count(values["overlap_repeat"]):
+        problems.append(Problem("compose.overlap_repeat", values["overlap_repeat"], "must be a whole number >= 0"))
     if "overlap_min" in values and not is_probability(values["overlap_min"]):
         problems.append(Problem("compose.overlap_min", values["overlap_min"], "must be a fraction in [0, 1]"))
     if problems:

@@ -108,14 +108,14 @@ def _generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 class Trainer:
     def __init__(self, task: TrainTask, config: TrainConfig, accelerator: Any | None = None):
-        import torch._dynamo  # noqa: F401  before the process group exists: see the note below
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
-
         # torch 2.13: torch._dynamo imported after a process group is created (the optimizer below imports it)
         # keeps that group alive past destroy_process_group, so its gloo worker threads outlive end_training()
         # and may release a collective's tensors while the interpreter shuts down: SIGABRT ("terminate called
         # without an active exception") in a run that finished. Imported first, the group's threads end.
+        import torch._dynamo  # noqa: F401
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
         self.task, self.config = task, config
         self.out = Path(config.out_dir)
         self.owns_accelerator = accelerator is None  # then run() also ends it: trackers, process group
