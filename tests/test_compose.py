@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from moviepostproduction.cli import app
 from moviepostproduction.errors import MppError, ValidationError, WeightsError
 from moviepostproduction.pipelines.compose import ComposePipeline
-from moviepostproduction.sampling import latent_image_ids
+from moviepostproduction.sampling import latent_image_ids, make_noise
 from moviepostproduction.scene import load_scene
 from moviepostproduction.tiny import write_tiny_model_dir
 
@@ -201,6 +201,44 @@ def test_model_dir_names_its_image_position_scale(model_dir, tmp_path):
     broken = copy_with_index(model_dir, tmp_path / "broken", image_position_scale="half")
     with pytest.raises(WeightsError, match=r"image_position_scale must be a positive number \(got 'half'\)$"):
         ComposePipeline.from_model_dir(broken)
+
+
+def test_noise_temperature_scales_the_starting_noise_and_the_model_dir_names_its_default(model_dir, tmp_path):
+    """The starting noise, drawn or given, is multiplied by the temperature; 1 (no model_index.json entry) leaves
+    it as is; a model dir may name its own default."""
+    pipe = ComposePipeline.from_model_dir(model_dir)
+    assert pipe.noise_temperature == 1.0
+    scene = load_scene(write_scene(tmp_path))
+    h, w = scene.height // 16, scene.width // 16
+    noise = make_noise((1, h * w, pipe.vae.latent_channels * 4), seed=scene.seed or 0)
+
+    def latents(**kwargs) -> torch.Tensor:
+        return pipe(scene, num_inference_steps=2, output_type="latent", **kwargs).images[0]
+
+    drawn = latents()
+    assert torch.equal(drawn, latents(latents=noise)) and torch.equal(drawn, latents(noise_temperature=1.0))
+    cool = latents(noise_temperature=0.6)
+    assert torch.equal(cool, latents(latents=noise * 0.6)) and not torch.equal(cool, drawn)
+    assert torch.equal(cool, latents(latents=noise, noise_temperature=0.6))  # given latents are scaled too
+    tuned = ComposePipeline.from_model_dir(copy_with_index(model_dir, tmp_path / "cool", noise_temperature=0.6))
+    assert tuned.noise_temperature == 0.6
+    tuned_out = tuned(scene, num_inference_steps=2, output_type="latent").images[0]
+    assert torch.equal(tuned_out, cool)
+    assert torch.equal(
+        tuned(scene, num_inference_steps=2, output_type="latent", noise_temperature=1.0).images[0], drawn
+    )
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValidationError, match=rf"^noise_temperature: must be a positive number \(got {bad}\)$"):
+            pipe(scene, num_inference_steps=1, noise_temperature=bad)
+    broken = copy_with_index(model_dir, tmp_path / "broken", noise_temperature=0)
+    with pytest.raises(WeightsError, match=r"model_index.json noise_temperature must be a positive number \(got 0\)$"):
+        ComposePipeline.from_model_dir(broken)
+    result = CliRunner().invoke(
+        app, ["compose", str(write_scene(tmp_path)), "-o", str(tmp_path / "o.png"), "--model", str(model_dir),
+              "--steps", "1", "--noise-temperature", "-2"]
+    )  # fmt: skip
+    assert result.exit_code == 2 and "noise_temperature: must be a positive number (got -2.0)" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_model_dir_names_its_default_ref_guidance(model_dir, tmp_path):

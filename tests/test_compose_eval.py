@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from moviepostproduction.data.synthetic import ToyWorldConfig
 from moviepostproduction.evaluation.compose_eval import VariantScore, format_table, heldout_scenes, score_image
@@ -74,3 +75,18 @@ def test_fg_identity_is_split_by_whether_the_shape_colour_pair_was_held_out_of_t
     assert abs(weighted - row["fg identity"]) < 1e-12
     assert all_seen.row()["fg refs (unseen pairs)"] == 0 and np.isnan(all_seen.row()["fg identity (unseen pairs)"])
     assert all_seen.row()["fg identity (seen pairs)"] == row["fg identity"]
+
+
+def test_scores_of_several_seeds_pool_and_are_listed_per_seed(tmp_path):
+    scenes = heldout_scenes(8, 0, ToyWorldConfig(max_refs=3), tmp_path)
+    truth, pooled = VariantScore("truth"), VariantScore("pooled")
+    for toy, _ in scenes:
+        score_image(truth, toy.image, toy)
+        score_image(pooled, toy.image, toy, seed=0)
+        score_image(pooled, np.full_like(toy.image, 128), toy, seed=1)  # a blank "second seed"
+    row = pooled.row()
+    assert row["fg identity per seed"] == [truth.row()["fg identity"], 0.0]
+    assert (
+        row["fg identity"] == pytest.approx(truth.row()["fg identity"] / 2) and row["refs"] == 2 * truth.row()["refs"]
+    )
+    assert truth.row()["fg identity per seed"] == [truth.row()["fg identity"]]

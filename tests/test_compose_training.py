@@ -177,6 +177,7 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
         "max_text_tokens": TEXT,
         "export": str(tmp_path / "exported"),
         "ref_guidance": 2.0,
+        "noise_temperature": 0.8,
         "trainer": {"max_steps": 2, "checkpoint_every": 1, "progress": False},
         "compose": {"batch_size": 2, "sample_steps": 2, "num_preview": 1},
     }
@@ -199,6 +200,7 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     pipe = ComposePipeline.from_model_dir(tmp_path / "exported")
     assert pipe.dtype == torch.float32
     assert pipe.max_text_tokens == TEXT and pipe.ref_guidance_scale == 2.0  # the recipe's, via model_index.json
+    assert pipe.noise_temperature == 0.8
     assert pipe.label.endswith(", 2 steps)")
     (tmp_path / "exported" / "nanodit").mkdir()
     (tmp_path / "exported" / "nanodit" / "config.json").write_text("{}")  # another recipe's weights
@@ -224,13 +226,18 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     assert scored.exit_code == 0, scored.output
     header = next(line for line in scored.output.splitlines() if line.startswith("| model"))
     assert [c.strip() for c in header.strip("|").split("|")][:2] == ["model", "IoU"]
-    assert "heldout split, scenes 0-1, 28 steps" not in scored.output and ", ref guidance 2, " in scored.output
-    validation = CliRunner().invoke(app, [*args, "--split", "train", "--start", "5", "--variants", "model"])
-    assert validation.exit_code == 0 and "train split, scenes 5-6, 2 steps, ref guidance 2, " in validation.output
+    assert "heldout split, scenes 0-1, 28 steps" not in scored.output
+    assert ", ref guidance 2, noise temperature 0.8, " in scored.output
+    validation = CliRunner().invoke(
+        app, [*args, "--split", "train", "--start", "5", "--variants", "model", "--noise-temperature", "1"]
+    )
+    assert validation.exit_code == 0
+    assert "train split, scenes 5-6, 2 steps, ref guidance 2, noise temperature 1, " in validation.output
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["model", "layout-only", "modulation-only", "untrained", "vae-roundtrip"]
     assert math.isnan(rows[-1]["leakage"])  # the round trip generates nothing: leakage is not defined
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["ref_guidance"] == 2.0
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["noise_temperature"] == 0.8
     assert all(0.0 <= r["IoU"] <= 1.0 for r in rows)
     assert len({(r["fg refs (seen pairs)"], r["fg refs (unseen pairs)"]) for r in rows}) == 1  # same refs judged
     assert (
@@ -240,6 +247,22 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     from PIL import Image
 
     assert Image.open(tmp_path / "eval" / "grid.png").size == (6 * 64, 2 * 64)  # target + 5 variants, 2 scenes
+    # Several seeds per scene: seed 0 is the scene's own (the run above), the table pools every seed's samples.
+    two = CliRunner().invoke(
+        app, [*args, "--seeds", "2", "--variants", "model,vae-roundtrip", "--out", str(tmp_path / "e2s")]
+    )
+    assert two.exit_code == 0, two.output
+    report = json.loads((tmp_path / "e2s" / "eval.json").read_text())
+    model_row, roundtrip = report["rows"]
+    assert report["seeds"] == 2 and model_row["refs"] == 2 * rows[0]["refs"]
+    assert len(model_row["fg identity per seed"]) == 2
+    assert model_row["fg identity per seed"][0] == rows[0]["fg identity"]  # seed 0 = the single-seed run
+    assert model_row["fg identity"] == pytest.approx(sum(model_row["fg identity per seed"]) / 2)  # same refs per seed
+    assert roundtrip["fg identity per seed"] == [rows[-1]["fg identity"]] * 2  # the round trip has no noise
+    assert "2 seeds per scene (the table pools them" in two.output and "model fg identity per seed: " in two.output
+    assert "2 seeds per scene" in (tmp_path / "e2s" / "eval.md").read_text()
+    assert f"fg refs judged for identity: {rows[0]['fg refs (seen pairs)']} with" in two.output  # refs, not samples
+    assert CliRunner().invoke(app, [*args, "--seeds", "0"]).exit_code == 2
     bad = CliRunner().invoke(app, [*args, "--variants", "model,best"])
     assert bad.exit_code == 2 and "--variants: " in bad.output and "best" in bad.output
     empty = CliRunner().invoke(app, [*args, "--variants", " , "])
@@ -251,12 +274,15 @@ def test_mpp_train_bad_recipe_is_one_line_exit_2(tmp_path):
 
     from moviepostproduction.cli import app
 
-    (tmp_path / "r.yaml").write_text("model: m\nout: o\nsteps: 3\nexport_dtype: fp8\nref_guidance: -1\n")
+    (tmp_path / "r.yaml").write_text(
+        "model: m\nout: o\nsteps: 3\nexport_dtype: fp8\nref_guidance: -1\nnoise_temperature: 0\n"
+    )
     result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
     assert result.exit_code == 2
     assert "steps: unknown field" in result.output and "data: required" in result.output
     assert "export_dtype: expected one of fp16, bf16, fp32 (got 'fp8')" in result.output
     assert "ref_guidance: must be a finite number >= 0 (got -1)" in result.output
+    assert "noise_temperature: must be a positive number (got 0)" in result.output
     assert "Traceback" not in result.output
 
 

@@ -157,6 +157,9 @@ def compose(
     ref_guidance: float | None = typer.Option(
         None, "--ref-guidance", help="Reference guidance scale (1: off) [default: the model dir's]."
     ),
+    noise_temperature: float | None = typer.Option(
+        None, "--noise-temperature", help="Factor on the starting noise (1: as drawn) [default: the model dir's]."
+    ),
     overlay: bool = typer.Option(False, "--overlay", help="Also write OUT.layout.png: boxes, depth, alpha."),
     max_refs: int = typer.Option(50, "--max-refs", min=0, help="Most refs the scene may have."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
@@ -184,6 +187,7 @@ def compose(
             true_cfg_scale=true_cfg,
             negative_prompt=negative,
             ref_guidance_scale=ref_guidance,
+            noise_temperature=noise_temperature,
             seed=seed,
             progress=True,
         )
@@ -226,6 +230,13 @@ def eval_(
         0, "--start", min=0, help="First scene index (e.g. train scenes past a recipe's limit: a validation set)."
     ),
     steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
+    seeds: int = typer.Option(
+        1,
+        "--seeds",
+        min=1,
+        help="Samples per scene, seed j from the noise of seed (scene index + 100003 j); the table pools them "
+        "and the fg identity of each seed is listed (1: the scene's own seed only).",
+    ),
     variants: str = typer.Option(
         "model,layout-only,modulation-only,untrained,vae-roundtrip",
         "--variants",
@@ -235,6 +246,9 @@ def eval_(
     leak_scenes: int = typer.Option(25, "--leak-scenes", help="Scenes also generated without their last ref."),
     ref_guidance: float | None = typer.Option(
         None, "--ref-guidance", help="Reference guidance scale for every variant [default: the model dir's]."
+    ),
+    noise_temperature: float | None = typer.Option(
+        None, "--noise-temperature", help="Factor on the starting noise for every variant [default: the model dir's]."
     ),
     out: str | None = typer.Option(None, "--out", help="Write eval.md, eval.json and grid.png here."),
 ) -> None:
@@ -252,6 +266,8 @@ def eval_(
         out=out,
         ref_guidance=ref_guidance,
         start=start,
+        seeds=seeds,
+        noise_temperature=noise_temperature,
     )
     for line in report:
         typer.echo(line)

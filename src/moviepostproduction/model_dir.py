@@ -136,13 +136,21 @@ class ModelDir:
     def image_position_scale(self) -> float:
         """RoPE position step between neighbouring image tokens: model_index.json's `image_position_scale`, else
         FLUX's 1.0. A model fine-tuned at a higher resolution with interpolated positions stores e.g. 0.5."""
-        scale = self.index.get("image_position_scale", 1.0)
-        if not is_positive_number(scale):
+        return self._positive("image_position_scale")
+
+    @property
+    def noise_temperature(self) -> float:
+        """Factor on the compose pipeline's starting noise the model was tuned for: model_index.json's
+        `noise_temperature`, else 1.0 (the noise as drawn)."""
+        return self._positive("noise_temperature")
+
+    def _positive(self, key: str, default: float = 1.0) -> float:
+        value = self.index.get(key, default)
+        if not is_positive_number(value):
             raise WeightsError(
-                f"model dir {self.root}: model_index.json image_position_scale must be a positive number "
-                f"(got {scale!r})"
+                f"model dir {self.root}: model_index.json {key} must be a positive number (got {value!r})"
             )
-        return float(scale)
+        return float(value)
 
     def path(self, component: str) -> Path:
         if component not in COMPONENTS:

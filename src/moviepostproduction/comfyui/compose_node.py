@@ -42,6 +42,10 @@ class MppCompose:
                     "FLOAT",
                     {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "0: model default; 1: off."},
                 ),
+                "noise_temperature": (
+                    "FLOAT",
+                    {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "0: model default; 1: as drawn."},
+                ),
             },
         }
 
@@ -60,6 +64,7 @@ class MppCompose:
         true_cfg: float,
         negative: str = "",
         ref_guidance: float = 0.0,
+        noise_temperature: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor, str]:
         model, scene = check_model(model), check_scene(scene)
         request = model.request("compose", scene.height, scene.width, refs=len(scene.refs))
@@ -72,6 +77,7 @@ class MppCompose:
                 true_cfg_scale=true_cfg,
                 negative_prompt=negative.strip() or None,
                 ref_guidance_scale=ref_guidance or None,
+                noise_temperature=noise_temperature or None,
                 seed=seed,
                 output_type="pt",
                 callback_on_step_end=step_callback(steps),

@@ -7,11 +7,13 @@ in the ref and in the crop at the requested bbox; both parts are also reported a
 fg identity is also split by whether the ref's (shape, colour) pair occurs in training or is one of the world's
 held-out pairs (`ToyWorldConfig.heldout_combos`: compositional generalisation).
 Leakage: the scene is generated again without its last ref (same seed) and the mean change outside every box
-is measured. Variants: the model as is, its two pathway ablations (layout-only: the modulation offsets and
-feedback off; modulation-only: Assemble-Attn off), the untrained model (same architecture and frozen encoders,
-random transformer + adapter), and `vae-roundtrip`: the target scenes themselves encoded and decoded by the
-model's VAE, no transformer; the most any backbone generating in that latent space can score (its leakage is
-not defined).
+is measured. With several seeds per scene (`seeds`), every scene is sampled from each seed's noise and the table
+pools all samples; the fg identity of each seed alone is reported too (its spread is the metric's sampling noise).
+Variants: the model as is, its two pathway ablations (layout-only: the modulation offsets and feedback off;
+modulation-only: Assemble-Attn off), the untrained model (same architecture and frozen encoders, random
+transformer + adapter), and `vae-roundtrip`: the target scenes themselves encoded and decoded by the model's
+VAE, no transformer; the most any backbone generating in that latent space can score (its leakage is not
+defined, and it is the same for every seed).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .sprite_match import identity_parts, locate_sprite
 
 VARIANTS = ("model", "layout-only", "modulation-only", "untrained", "vae-roundtrip")
 MIN_VISIBLE_FOR_IDENTITY = 0.9  # an fg sprite the layout itself hides in part cannot be judged by its shape
+SEED_STRIDE = 100_003  # seed j of scene i draws the noise of seed i + SEED_STRIDE * j (j = 0: the scene's own)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class VariantScore:
     colour: list[bool] = field(default_factory=list)  # per fg ref judged for identity: the colour part
     shape: list[bool] = field(default_factory=list)  # and the shape part (identity = both)
     unseen: list[bool] = field(default_factory=list)  # and whether its (shape, colour) pair is held out of training
+    seed: list[int] = field(default_factory=list)  # and which of the scene's seeds (0, 1, ...) drew the sample
 
     def row(self) -> dict[str, float | str | int]:
         def mean(xs):
@@ -52,12 +56,14 @@ class VariantScore:
 
         pairs = list(zip(self.identity, self.unseen, strict=True))  # (identity, pair unseen) per judged fg ref
         by_pair = {u: [float(x) for x, unseen in pairs if bool(unseen) == u] for u in (False, True)}
+        by_seed = {j: [float(x) for x, k in zip(self.identity, self.seed, strict=True) if k == j] for j in self.seed}
         return {"model": self.name, "IoU": mean(self.iou), "centre error": mean(self.centre),
                 "fg identity": mean([float(x) for x in self.identity]),
                 "fg colour": mean([float(x) for x in self.colour]), "fg shape": mean([float(x) for x in self.shape]),
                 "fg identity (seen pairs)": mean(by_pair[False]), "fg identity (unseen pairs)": mean(by_pair[True]),
                 "leakage": mean(self.leak), "refs": len(self.iou),
-                "fg refs (seen pairs)": len(by_pair[False]), "fg refs (unseen pairs)": len(by_pair[True])}  # fmt: skip
+                "fg refs (seen pairs)": len(by_pair[False]), "fg refs (unseen pairs)": len(by_pair[True]),
+                "fg identity per seed": [mean(by_seed[j]) for j in sorted(by_seed)]}  # fmt: skip
 
 
 def heldout_scenes(
@@ -80,10 +86,14 @@ def heldout_scenes(
 
 
 def score_image(
-    score: VariantScore, image: np.ndarray, toy: ToyScene, heldout_combos: tuple[tuple[str, str], ...] = HELDOUT_COMBOS
+    score: VariantScore,
+    image: np.ndarray,
+    toy: ToyScene,
+    heldout_combos: tuple[tuple[str, str], ...] = HELDOUT_COMBOS,
+    seed: int = 0,
 ) -> None:
     """Append the scores of one generated image of `toy`; `heldout_combos`: the (shape, colour) pairs of the
-    world that training never showed (its `ToyWorldConfig.heldout_combos`)."""
+    world that training never showed (its `ToyWorldConfig.heldout_combos`); `seed`: which of the scene's seeds."""
     held = {tuple(c) for c in heldout_combos}
     for ref in toy.refs:
         found = locate_sprite(image, ref.image)
@@ -100,6 +110,7 @@ def score_image(
             score.shape.append(shape)
             score.identity.append(colour and shape)
             score.unseen.append((ref.shape, ref.colour) in held)
+            score.seed.append(seed)
 
 
 class Ablation:
@@ -151,29 +162,45 @@ def evaluate(
     progress=True,
     ref_guidance: float | None = None,
     heldout_combos: tuple[tuple[str, str], ...] = HELDOUT_COMBOS,
+    seeds: int = 1,
+    noise_temperature: float | None = None,
 ):
-    """Scores per variant and the generated images (variant -> list of (H, W, 3) uint8), scene order.
+    """Scores per variant and the generated images of each scene's first seed (variant -> list of (H, W, 3)
+    uint8), scene order.
 
-    `ref_guidance`: the same reference guidance scale for every variant (None: the pipeline's default);
-    `heldout_combos`: the world's held-out (shape, colour) pairs, for the seen / unseen identity split.
+    `ref_guidance`, `noise_temperature`: the same reference guidance scale and factor on the starting noise for
+    every variant (None: the pipeline's defaults); `heldout_combos`: the world's held-out (shape, colour) pairs, for
+    the seen / unseen identity split;
+    `seeds`: samples per scene, seed j from the noise of seed scene.seed + SEED_STRIDE * j (1: the scene's seed only).
     """
     from tqdm import tqdm
 
-    def generate(scene: Scene) -> np.ndarray:
-        return np.asarray(pipe(scene, num_inference_steps=steps, ref_guidance_scale=ref_guidance).images[0])
+    def generate(scene: Scene, j: int) -> np.ndarray:
+        seed = (scene.seed or 0) + SEED_STRIDE * j
+        out = pipe(
+            scene,
+            num_inference_steps=steps,
+            ref_guidance_scale=ref_guidance,
+            noise_temperature=noise_temperature,
+            seed=seed,
+        )
+        return np.asarray(out.images[0])
 
     scores, images = {}, {}
     for variant in variants:
         score, imgs = VariantScore(variant), []
         with Ablation(pipe, variant):
             for k, (toy, scene) in enumerate(tqdm(scenes, desc=f"eval {variant}", disable=not progress)):
-                image = vae_roundtrip(pipe, toy.image) if variant == "vae-roundtrip" else generate(scene)
-                score_image(score, image, toy, heldout_combos)
-                leak = variant != "vae-roundtrip" and (leak_scenes is None or k < leak_scenes)
-                if len(toy.refs) > 1 and leak:
-                    without = generate(scene.model_copy(update={"refs": scene.refs[:-1]}))
-                    score.leak.append(leakage(without, image, [r.bbox for r in toy.refs[:-1]]))
-                imgs.append(image)
+                roundtrip = vae_roundtrip(pipe, toy.image) if variant == "vae-roundtrip" else None  # seed-free
+                for j in range(seeds):
+                    image = roundtrip if roundtrip is not None else generate(scene, j)
+                    score_image(score, image, toy, heldout_combos, seed=j)
+                    leak = variant != "vae-roundtrip" and (leak_scenes is None or k < leak_scenes)
+                    if len(toy.refs) > 1 and leak:
+                        without = generate(scene.model_copy(update={"refs": scene.refs[:-1]}), j)
+                        score.leak.append(leakage(without, image, [r.bbox for r in toy.refs[:-1]]))
+                    if j == 0:
+                        imgs.append(image)
         scores[variant], images[variant] = score, imgs
     return scores, images
 
@@ -213,6 +240,8 @@ def run_eval(
     out: str | None,
     ref_guidance: float | None = None,
     start: int = 0,
+    seeds: int = 1,
+    noise_temperature: float | None = None,
 ) -> list[str]:
     """What `mpp eval` does; returns the lines to print (header, markdown table, files written)."""
     import json
@@ -241,31 +270,44 @@ def run_eval(
     cfg = ToyWorldConfig.from_dict(world["config"])
     pipe = ComposePipeline.from_model_dir(md)
     guidance = pipe.ref_guidance_scale if ref_guidance is None else ref_guidance  # reported as used
+    temperature = pipe.noise_temperature if noise_temperature is None else noise_temperature
     with tempfile.TemporaryDirectory() as tmp:
         scenes = heldout_scenes(n, int(world["seed"]), cfg, Path(tmp), split=split, start=start)
         scores, images = evaluate(pipe, scenes, chosen, steps=steps, leak_scenes=leak_scenes, ref_guidance=guidance,
-                                  heldout_combos=cfg.heldout_combos)  # fmt: skip
+                                  heldout_combos=cfg.heldout_combos, seeds=seeds,
+                                  noise_temperature=temperature)  # fmt: skip
     rows = [scores[v].row() for v in chosen]
     table = format_table(rows)
-    counts = (  # the same refs are judged in every variant
-        f"fg refs judged for identity: {rows[0]['fg refs (seen pairs)']} with a (shape, colour) pair seen in "
-        f"training, {rows[0]['fg refs (unseen pairs)']} with a held-out pair"
+    counts = (  # the same refs are judged in every variant (and once per seed)
+        f"fg refs judged for identity: {rows[0]['fg refs (seen pairs)'] // seeds} with a (shape, colour) pair seen "
+        f"in training, {rows[0]['fg refs (unseen pairs)'] // seeds} with a held-out pair"
     )
     lines = [
-        f"{split} split, scenes {start}-{start + n - 1}, {steps} steps, ref guidance {guidance:g}, model {md.root}",
+        f"{split} split, scenes {start}-{start + n - 1}, {steps} steps, ref guidance {guidance:g}, "
+        f"noise temperature {temperature:g}, model {md.root}",
         table,
         counts,
     ]
+    if seeds > 1:
+        per_seed = rows[0]["fg identity per seed"]
+        lines.append(
+            f"{seeds} seeds per scene (the table pools them: refs counts each ref once per seed); "
+            f"{rows[0]['model']} fg identity per seed: "
+            + " ".join(f"{x:.3f}" for x in per_seed)
+            + f" (sd {np.std(per_seed, ddof=1):.3f})"
+        )
     if out:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "eval.md").write_text(f"{table}\n\n{counts}\n")
+        (folder / "eval.md").write_text("\n\n".join([table, *lines[2:]]) + "\n")
         report = {
             "split": split,
             "start": start,
             "n": n,
+            "seeds": seeds,
             "steps": steps,
             "ref_guidance": guidance,
+            "noise_temperature": temperature,
             "model": str(md.root),
             "rows": rows,
         }

@@ -22,6 +22,7 @@ from ..sampling import (
     cfg,
     euler_sample,
     get_timesteps,
+    is_positive_number,
     latent_image_ids,
     make_noise,
     noise_latents,
@@ -89,11 +90,13 @@ class ComposePipeline:
         max_text_tokens: int = 512,
         ref_guidance_scale: float = 1.0,
         image_position_scale: float = 1.0,
+        noise_temperature: float = 1.0,
     ):
         self.model = model.eval()
         self.max_text_tokens = max_text_tokens  # T5 length; model dirs trained shorter say so in model_index.json
         self.ref_guidance_scale = ref_guidance_scale  # default of __call__; model dirs may name theirs
         self.image_position_scale = image_position_scale  # RoPE step between image tokens (model_index.json)
+        self.noise_temperature = noise_temperature  # factor on the starting noise; default of __call__
         self.use_layout = True  # pathway switches, for ablations (evaluation/compose_eval.py)
         self.use_modulation = True
         self.text_encoder = text_encoder
@@ -124,6 +127,7 @@ class ComposePipeline:
             max_text_tokens=md.max_text_tokens,
             ref_guidance_scale=md.ref_guidance_scale,
             image_position_scale=md.image_position_scale,
+            noise_temperature=md.noise_temperature,
         )
 
     @property
@@ -248,6 +252,7 @@ class ComposePipeline:
         true_cfg_scale: float = 1.0,
         negative_prompt: str | None = None,
         ref_guidance_scale: float | None = None,
+        noise_temperature: float | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
@@ -262,12 +267,17 @@ class ComposePipeline:
 
         Seeds: `generator`, else `seed`, else the scene's own `seed`, else 0; scene k of a storyboard uses seed + k.
         `ref_guidance_scale`: None takes the pipeline's default (the model dir's `ref_guidance_scale`, else 1 = off).
+        `noise_temperature`: the starting noise (drawn, or `latents`) is multiplied by it before sampling; None takes
+        the pipeline's default (the model dir's `noise_temperature`, else 1 = the noise as is).
         """
         if output_type not in ("pil", "pt", "latent"):
             raise ValidationError([Problem("output_type", output_type, "must be one of pil, pt, latent")])
         ref_guidance_scale = self.ref_guidance_scale if ref_guidance_scale is None else ref_guidance_scale
         if problem := scale_problem("ref_guidance_scale", ref_guidance_scale):
             raise ValidationError([problem])
+        temperature = self.noise_temperature if noise_temperature is None else noise_temperature
+        if not is_positive_number(temperature):
+            raise ValidationError([Problem("noise_temperature", temperature, "must be a positive number")])
         scenes = [scene] if isinstance(scene, Scene) else list(scene)
         images, alphas = [], []
         for k, sc in enumerate(scenes):
@@ -282,6 +292,8 @@ class ComposePipeline:
             else:
                 base = seed if seed is not None else (sc.seed if sc.seed is not None else 0)
                 noise = make_noise(shape, generator=generator) if generator else make_noise(shape, seed=base + k)
+            if temperature != 1.0:
+                noise = noise * temperature
             timesteps = get_timesteps(num_inference_steps, image_seq_len=h * w, schedule=schedule)
             x = noise.to(self.device)
             if image is not None:

@@ -13,6 +13,7 @@
     deepen: {}                    # append identity-initialised blocks: {double_blocks: 2, single_blocks: 2}
     export: build/toy-model       # write a complete model dir with the trained weights at the end
     ref_guidance: 1.0             # the exported dir's default reference guidance (ComposePipeline)
+    noise_temperature: 1.0        # the exported dir's default factor on the starting noise (ComposePipeline)
     trainer: {max_steps: 4000, checkpoint_every: 500, sample_every: 500, log_every: 20, seed: 0}
                                   # TrainConfig; lr_scale: 0.2 runs every stage LR at a fifth
     compose: {batch_size: 16}     # ComposeTaskConfig; image_position_scale: 0.5 fine-tunes at twice the
@@ -62,6 +63,7 @@ class Recipe:
     export: str | None = None
     export_dtype: str = "fp16"
     ref_guidance: float = 1.0  # written to the exported model_index.json as its default ref_guidance_scale
+    noise_temperature: float = 1.0  # written to the exported model_index.json as its default noise_temperature
     trainer: dict = field(default_factory=dict)
     compose: dict = field(default_factory=dict)
     fill: dict = field(default_factory=dict)  # FillTaskConfig fields (task: fill)
@@ -94,6 +96,8 @@ class Recipe:
             )
         if problem := scale_problem("ref_guidance", raw.get("ref_guidance", 1.0)):
             problems.append(problem)
+        if not is_positive_number(raw.get("noise_temperature", 1.0)):
+            problems.append(Problem("noise_temperature", raw["noise_temperature"], "must be a positive number"))
         if raw.get("task", "compose") not in TASKS:
             problems.append(Problem("task", raw.get("task"), f"expected one of {', '.join(TASKS)}"))
         if problems:
@@ -281,6 +285,7 @@ def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> 
         f"blocks{'' if steps is None else f', {steps} steps'})",
         "max_text_tokens": recipe.max_text_tokens,
         "ref_guidance_scale": float(recipe.ref_guidance),
+        "noise_temperature": float(recipe.noise_temperature),
         "image_position_scale": float(task.config.image_position_scale),
         "trained_by": f"mpp train (stage {recipe.stage})",
     }
