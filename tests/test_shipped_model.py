@@ -41,6 +41,10 @@ def pipe():
     return ComposePipeline.from_model_dir(default_model_dir())
 
 
+def test_shipped_model_names_the_sampling_defaults_of_the_readme_table(pipe):
+    assert (pipe.ref_guidance_scale, pipe.noise_temperature) == (2.0, 0.8)  # docs/toy-model.md, picked on val scenes
+
+
 def test_shipped_weights_are_trained_far_above_the_untrained_model(pipe, tmp_path):
     world = json.loads((SHIPPED_MODEL_DIR / "model_index.json").read_text())["toy_world_data"]
     scenes = heldout_scenes(6, int(world["seed"]), ToyWorldConfig.from_dict(world["config"]), tmp_path)
