@@ -240,6 +240,11 @@ def scale_problem(field: str, value: object) -> Problem | None:
     return None
 
 
+def positive_problem(field: str, value: object) -> Problem | None:
+    """The problem with a factor that must be a finite number > 0 (e.g. a noise temperature), if any."""
+    return None if is_positive_number(value) else Problem(field, value, "must be a positive number")
+
+
 def is_finite_number(value: object) -> bool:
     """A finite real number (not a bool or a string, which a config file may hand over)."""
     return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)

@@ -192,11 +192,11 @@ def evaluate(
         with Ablation(pipe, variant):
             for k, (toy, scene) in enumerate(tqdm(scenes, desc=f"eval {variant}", disable=not progress)):
                 roundtrip = vae_roundtrip(pipe, toy.image) if variant == "vae-roundtrip" else None  # seed-free
+                leak = roundtrip is None and len(toy.refs) > 1 and (leak_scenes is None or k < leak_scenes)
                 for j in range(seeds):
                     image = roundtrip if roundtrip is not None else generate(scene, j)
                     score_image(score, image, toy, heldout_combos, seed=j)
-                    leak = variant != "vae-roundtrip" and (leak_scenes is None or k < leak_scenes)
-                    if len(toy.refs) > 1 and leak:
+                    if leak:
                         without = generate(scene.model_copy(update={"refs": scene.refs[:-1]}), j)
                         score.leak.append(leakage(without, image, [r.bbox for r in toy.refs[:-1]]))
                     if j == 0:

@@ -22,11 +22,11 @@ from ..sampling import (
     cfg,
     euler_sample,
     get_timesteps,
-    is_positive_number,
     latent_image_ids,
     make_noise,
     noise_latents,
     pack_latents,
+    positive_problem,
     scale_problem,
     strength_timesteps,
     text_ids,
@@ -276,8 +276,8 @@ class ComposePipeline:
         if problem := scale_problem("ref_guidance_scale", ref_guidance_scale):
             raise ValidationError([problem])
         temperature = self.noise_temperature if noise_temperature is None else noise_temperature
-        if not is_positive_number(temperature):
-            raise ValidationError([Problem("noise_temperature", temperature, "must be a positive number")])
+        if problem := positive_problem("noise_temperature", temperature):
+            raise ValidationError([problem])
         scenes = [scene] if isinstance(scene, Scene) else list(scene)
         images, alphas = [], []
         for k, sc in enumerate(scenes):

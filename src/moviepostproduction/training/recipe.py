@@ -39,7 +39,14 @@ from pathlib import Path
 from ..backbones.nanodit_io import FOLDER as NANODIT_FOLDER
 from ..checkpoint import STORAGE_DTYPES, cast_safetensors_files, save_pretrained_readable
 from ..errors import Problem, ValidationError
-from ..sampling import is_count, is_finite_number, is_positive_number, is_probability, scale_problem
+from ..sampling import (
+    is_count,
+    is_finite_number,
+    is_positive_number,
+    is_probability,
+    positive_problem,
+    scale_problem,
+)
 from .trainer import TrainConfig, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -96,8 +103,8 @@ class Recipe:
             )
         if problem := scale_problem("ref_guidance", raw.get("ref_guidance", 1.0)):
             problems.append(problem)
-        if not is_positive_number(raw.get("noise_temperature", 1.0)):
-            problems.append(Problem("noise_temperature", raw["noise_temperature"], "must be a positive number"))
+        if problem := positive_problem("noise_temperature", raw.get("noise_temperature", 1.0)):
+            problems.append(problem)
         if raw.get("task", "compose") not in TASKS:
             problems.append(Problem("task", raw.get("task"), f"expected one of {', '.join(TASKS)}"))
         if problems:
