@@ -12,25 +12,19 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from pathlib import Path
 
 import torch
+from derived_dir import add_source_and_out, parse_source_and_out
 
-from moviepostproduction.model_dir import ModelDir
 from moviepostproduction.modules import CompositionAdapter
 from moviepostproduction.modules.config import DEPTHS
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="a model dir with a trained adapter")
-    parser.add_argument("out", help="the new model dir (must not exist)")
+    add_source_and_out(parser, "a model dir with a trained adapter")
     parser.add_argument("--fg-logit", type=float, default=0.3, help="logit of fg refs in both pathways (mg, bg: 0)")
-    args = parser.parse_args(argv)
-    source, out = Path(args.source), Path(args.out)
-    ModelDir.at(source).check()
-    if out.exists():
-        parser.error(f"{out} exists; pick a new directory")
+    args, source, out = parse_source_and_out(parser, argv)
     adapter, _ = CompositionAdapter.from_pretrained(source / "adapter").reconfigured(occlusion_priority=True)
     with torch.no_grad():
         adapter.occlusion.logits[:, DEPTHS.index("fg")] = args.fg_logit

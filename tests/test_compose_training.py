@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from moviepostproduction.backbones.flux import ConditionedFlux
 from moviepostproduction.data.shards import write_dataset
@@ -20,7 +21,12 @@ from moviepostproduction.modules import CompositionAdapter
 from moviepostproduction.tiny import write_tiny_model_dir
 from moviepostproduction.training import compose_task
 from moviepostproduction.training.compose_task import ComposeTask, ComposeTaskConfig
-from moviepostproduction.training.feature_cache import FeatureCache, build_cache
+from moviepostproduction.training.feature_cache import (
+    FeatureCache,
+    build_cache,
+    build_cache_in_workers,
+    shard_lengths,
+)
 from moviepostproduction.training.losses import (
     bbox_alignment_loss,
     box_token_weights,
@@ -75,6 +81,40 @@ def test_feature_cache_shapes_and_round_trip(world, tmp_path):
     assert (cache.dino_patches.flatten(2).abs().sum(-1) > 0).eq(cache.valid).all()  # padded refs hold zeros
 
 
+def test_cache_workers_encode_the_same_samples_in_the_same_order(world, tmp_path):
+    """One process per shard file (spawned, one thread each) against the serial build: every field but the VAE
+    latents equal, the latents within fp16 rounding (the batches start again at each shard); `limit` cuts across
+    shards; a recipe with cache_workers builds its cache that way."""
+    root, md, cache, vae, image = world
+    files = sorted((root / "data" / "train").glob("shard-*.tar"))
+    assert shard_lengths(files) == [4, 3]  # 8 scenes in shards of 4, one held out
+    parallel = build_cache_in_workers(
+        md.root, root / "data" / "train", max_refs=MAX_REFS, max_text_tokens=TEXT, workers=2, limit=6, progress=False
+    )
+    assert len(parallel) == 6 and parallel.grid == cache.grid and parallel.fields == cache.fields
+    for name in cache.fields:
+        want, got = getattr(cache, name)[:6], getattr(parallel, name)
+        assert got.dtype == want.dtype
+        if name == "latents":
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=0)
+        else:
+            assert torch.equal(got, want), name
+    result = run_train_recipe(
+        world,
+        tmp_path,
+        "compose",
+        "toy",
+        cache_workers=2,
+        limit=5,
+        max_refs=MAX_REFS,
+        max_text_tokens=TEXT,
+        compose={"batch_size": 2},
+    )
+    assert result.exit_code == 0, result.output
+    built = FeatureCache.load(tmp_path / "run" / "cache" / "train.safetensors")
+    assert len(built) == 5 and torch.equal(built.t5, cache.t5[:5])
+
+
 def test_a_cache_without_patch_tokens_loads_and_is_refused_for_box_patches(world, tmp_path):
     from dataclasses import replace
 
@@ -98,6 +138,29 @@ def test_toy_stage_trains_everything_with_all_four_losses_and_resumes_exactly(wo
     b = Trainer(make_task(md, cache, vae, image), TrainConfig(out_dir=str(tmp_path / "b"), max_steps=3, **cfg)).run()
     assert b.losses == a.losses
     assert (tmp_path / "a" / "samples" / "step-000003.png").is_file()
+
+
+def test_the_trainer_moves_the_frozen_vae_and_image_encoder_but_checkpoints_trained_weights_only(
+    world, tmp_path, monkeypatch
+):
+    """The decoded losses run the VAE and DINO on the model's device (a CUDA run once failed with them left on the
+    CPU): the task hands them to the trainer, which moves every module of `modules()`; they never enter checkpoints."""
+    _, md, cache, vae, image = world
+    task = make_task(md, cache, vae, image)
+    assert task.modules()["vae"] is vae and task.modules()["image_encoder"] is image
+    moved = []
+    for name, module in task.modules().items():
+        monkeypatch.setattr(module, "to", lambda device, name=name, m=module: moved.append(name) or m, raising=False)
+    Trainer(task, TrainConfig(out_dir=str(tmp_path), stage="toy", max_steps=1, progress=False, tensorboard=False))
+    assert moved == ["transformer", "adapter", "vae", "image_encoder"]
+    monkeypatch.undo()
+    result = Trainer(
+        task, TrainConfig(out_dir=str(tmp_path), stage="toy", max_steps=1, progress=False, tensorboard=False)
+    ).run()
+    keys = load_file(result.checkpoint / "trainable.safetensors").keys()
+    assert {key.split(".")[0] for key in keys} == {"transformer", "adapter"}
+    no_decoder = make_task(md, cache, None, None)
+    assert set(no_decoder.modules()) == {"transformer", "adapter"}
 
 
 @pytest.mark.parametrize(
@@ -284,6 +347,9 @@ def test_mpp_train_bad_recipe_is_one_line_exit_2(tmp_path):
     assert "ref_guidance: must be a finite number >= 0 (got -1)" in result.output
     assert "noise_temperature: must be a positive number (got 0)" in result.output
     assert "Traceback" not in result.output
+    (tmp_path / "w.yaml").write_text("model: m\ndata: d\nout: o\ncache_workers: 0\n")
+    workers = CliRunner().invoke(app, ["train", str(tmp_path / "w.yaml")])
+    assert workers.exit_code == 2 and "cache_workers: must be a positive integer (got 0)" in workers.output
 
 
 def run_train_recipe(world, tmp_path, task: str, stage: str, **fields):

@@ -76,3 +76,58 @@ def test_deepening_is_deterministic_and_validates_its_plan(tiny_cfg):
     for bad in ({"double_blocks": -1}, {"single_blocks": 1.5}, {"double_blocks": True}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))}=.* must be an integer >= 0"):
             Deepening(**bad)
+
+
+def test_fresh_backbone_script_writes_a_wider_deeper_untrained_model_dir(tmp_path):
+    """scripts/fresh_backbone.py: the source's frozen parts copied byte for byte, a random-init backbone and adapter of
+    the new size that compose, and the source's layout blocks kept where they still exist."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moviepostproduction.encoders import load_transformer
+    from moviepostproduction.model_dir import ModelDir
+    from moviepostproduction.sampling import latent_image_ids, text_ids
+    from moviepostproduction.tiny import write_tiny_model_dir
+
+    source = write_tiny_model_dir(tmp_path / "model", seed=0)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fresh_backbone.py"
+    out = tmp_path / "wide"
+    args = ["--heads", "3", "--head-dim", "16", "--double-blocks", "2", "--single-blocks", "3", "--seed", "1"]
+    command = [sys.executable, str(script), str(source), str(out), *args]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    md = ModelDir.at(out)
+    md.check()
+    transformer = load_transformer(md)
+    cfg = transformer.config
+    assert (cfg.num_attention_heads, cfg.attention_head_dim, cfg.num_layers, cfg.num_single_layers) == (3, 16, 2, 3)
+    assert (
+        sum(cfg.axes_dims_rope) == 16
+        and cfg.joint_attention_dim == load_transformer(ModelDir.at(source)).config.joint_attention_dim
+    )
+    adapter = CompositionAdapter.from_pretrained(out / "adapter")
+    old = CompositionAdapter.from_pretrained(source / "adapter").cfg
+    assert adapter.cfg == old.with_(hidden_dim=48, num_double_blocks=2, num_single_blocks=3, layout_blocks=(0,))
+    for part in ("vae", "text_encoder", "text_encoder_2", "image_encoders/dino", "tokenizer_2"):
+        for file in (source / part).iterdir():
+            assert (out / part / file.name).read_bytes() == file.read_bytes()
+    assert "untrained 2+3 blocks x 48" in json.loads((out / "model_index.json").read_text())["label"]
+    model = ConditionedFlux(transformer, adapter)
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(2, GRID[0] * GRID[1], cfg.in_channels, generator=gen),
+        encoder_hidden_states=torch.randn(2, TEXT, cfg.joint_attention_dim, generator=gen),
+        pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=gen),
+        timestep=torch.rand(2, generator=gen),
+        img_ids=latent_image_ids(*GRID),
+        txt_ids=text_ids(TEXT),
+        guidance=torch.full((2,), 3.5),
+    )
+    refs = random_refs(2, 3, adapter.cfg, counts=[3, 2], text_len=TEXT)
+    with torch.no_grad():
+        v = model(**inputs, conditioning=model.prepare(refs, GRID, TEXT))
+    assert v.shape == inputs["hidden_states"].shape and torch.isfinite(v).all()
+    again = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert again.returncode == 2 and "wide exists; pick a new directory" in again.stderr

@@ -139,24 +139,31 @@ class Conditioning:
 def build_regions(masks: torch.Tensor, weights: torch.Tensor, priority: torch.Tensor | None = None) -> RegionMap:
     """masks (B, R, N) in [0, 1], weights (B, R) -> RegionMap with coef = mask value x weight.
 
-    Regions are the distinct columns of `masks` per sample (padded to the batch's largest U with zero rows).
+    Regions are the distinct columns of `masks` per sample (padded to the batch's largest U with zero rows), numbered
+    in the lexicographic order of their mask values. One `torch.unique` over every sample's columns at once, keyed by
+    the sample index: a loop of one call per sample synchronised a GPU B times per forward.
     priority (B, R) > 0 (`OcclusionPriority`): coef of ref r in a region with mask values m is further multiplied
     by p_r sum(m) / sum(m p), so overlapping refs share the region's total weight by priority; all 1: unchanged.
     """
     b, r, n = masks.shape
-    index = torch.zeros(b, n, dtype=torch.long, device=masks.device)
+    device = masks.device
     if r == 0:
-        return RegionMap(index=index, coef=masks.new_zeros(b, 1, 0))
-    per_sample = []
-    for i in range(b):
-        # Detached for grouping only: the coefficients below stay differentiable through `weights`.
-        uniq, inverse = torch.unique(masks[i].detach().T, dim=0, return_inverse=True)  # (U_i, R), (N,)
-        index[i] = inverse
-        per_sample.append(uniq)
-    u = max((x.shape[0] for x in per_sample), default=1)
+        return RegionMap(index=torch.zeros(b, n, dtype=torch.long, device=device), coef=masks.new_zeros(b, 1, 0))
+    # Detached for grouping only: the coefficients below stay differentiable through `weights`. The key's dtype holds
+    # both the sample index and every mask value exactly (a widening cast of the masks).
+    key_dtype = torch.promote_types(masks.dtype, torch.float32)
+    sample = torch.arange(b, device=device).repeat_interleave(n)  # (B N,)
+    columns = masks.detach().transpose(1, 2).reshape(b * n, r).to(key_dtype)  # (B N, R)
+    keys = torch.cat([sample[:, None].to(key_dtype), columns], dim=1)  # (B N, 1 + R)
+    uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)  # (U_all, 1 + R) sorted by sample first, (B N,)
+    owner = uniq[:, 0].long()  # (U_all,) sample of each region
+    count = torch.bincount(owner, minlength=b)  # (B,) regions per sample
+    first = count.cumsum(0) - count  # (B,) first region of each sample in `uniq`
+    index = (inverse - first[sample]).view(b, n)  # (B, N) region of each token within its sample
+    u = int(count.max()) if b > 0 else 1
     region_masks = masks.new_zeros(b, u, r)
-    for i, uniq in enumerate(per_sample):
-        region_masks[i, : uniq.shape[0]] = uniq
+    local = torch.arange(uniq.shape[0], device=device) - first[owner]  # (U_all,)
+    region_masks[owner, local] = uniq[:, 1:].to(masks.dtype)
     coef = region_masks * weights[:, None, :]  # (B, U, R)
     if priority is not None:
         p = priority[:, None, :].to(coef.dtype)  # (B, 1, R)

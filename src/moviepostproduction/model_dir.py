@@ -111,6 +111,17 @@ class ModelDir:
             raise WeightsError(f"model dir {base}: not a directory (expected a FLUX-layout model folder)")
         return cls(base, **{name: base / comp.subdir for name, comp in COMPONENTS.items()})
 
+    @classmethod
+    def source_of(cls, source: str | Path, out: str | Path) -> tuple[ModelDir, Path]:
+        """For a model dir derived from another (scripts/): the checked source and the new dir's path, which must not
+        exist yet (WeightsError naming it otherwise)."""
+        md = cls.at(source)
+        md.check()
+        target = Path(out)
+        if target.exists():
+            raise WeightsError(f"{target} exists; pick a new directory for the derived model dir")
+        return md, target
+
     @property
     def index(self) -> dict[str, Any]:
         """model_index.json, or {} when absent (it is optional)."""

@@ -92,7 +92,14 @@ class ComposeTask:
 
     # ---------------------------------------------------------------------------------------- protocol
     def modules(self) -> dict[str, nn.Module]:
-        return {"transformer": self.model.transformer, "adapter": self.model.adapter}
+        """The trained backbone and adapter, and the frozen VAE and image encoder the decoded losses and sample grids
+        run (the trainer moves every one to its device; only trained parameters go into checkpoints)."""
+        frozen = {"vae": self.vae, "image_encoder": self.image_encoder}
+        return {
+            "transformer": self.model.transformer,
+            "adapter": self.model.adapter,
+            **{name: module for name, module in frozen.items() if module is not None},
+        }
 
     def param_groups(self, stage: str) -> list[dict]:
         spec = get_stage(stage)

@@ -4,11 +4,13 @@ The frozen encoders run once per sample, never per training step: VAE latents of
 tokens), T5 + pooled CLIP text embeddings with each ref caption's token span, CLIP / DINO features of every
 ref crop (CLS and patch tokens), and the labels (bbox, depth) padded to `max_refs`. One safetensors file per split,
 written atomically; a cache records the model dir and sizes it was built with and is refused for another. Caches
-written before the DINO patch tokens were stored load without them (`dino_patches` None).
+written before the DINO patch tokens were stored load without them (`dino_patches` None). `build_cache_in_workers`
+encodes the shard files in parallel processes, one thread each (a GPU machine's cores; the encoders run on the CPU).
 """
 
 from __future__ import annotations
 
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,4 +173,72 @@ def build_cache(
     bar.close()
     if not parts:
         raise WeightsError(f"{shards}: no samples to encode")
+    return FeatureCache(**{k: torch.cat([p[k] for p in parts]) for k in FIELDS + OPTIONAL_FIELDS}, grid=grid)
+
+
+def shard_lengths(files: list[Path]) -> list[int]:
+    """Samples per shard file, from the tar headers alone (members of one sample share the key before the first dot)."""
+    lengths = []
+    for file in files:
+        with tarfile.open(file, "r") as tar:
+            lengths.append(len({Path(m.name).name.partition(".")[0] for m in tar if m.isfile()}))
+    return lengths
+
+
+def _encode_shard(job: tuple[str, str, int, int, int]) -> dict[str, torch.Tensor]:
+    """Worker of `build_cache_in_workers`: the first `limit` samples of one shard file, with the dir's encoders."""
+    from ..encoders import ImageEncoder, TextEncoder, Vae
+    from ..model_dir import ModelDir
+
+    model_dir, shard, max_refs, max_text_tokens, limit = job
+    torch.set_num_threads(1)
+    md = ModelDir.at(model_dir)
+    cache = build_cache(
+        shard,
+        TextEncoder.load(md),
+        ImageEncoder.load(md),
+        Vae.load(md),
+        max_refs=max_refs,
+        max_text_tokens=max_text_tokens,
+        limit=limit,
+        progress=False,
+    )
+    return {name: getattr(cache, name) for name in cache.fields} | {"grid": torch.tensor(cache.grid)}
+
+
+def build_cache_in_workers(
+    model_dir: str | Path,
+    shards: str | Path,
+    *,
+    max_refs: int,
+    max_text_tokens: int,
+    workers: int,
+    limit: int | None = None,
+    progress: bool = True,
+) -> FeatureCache:
+    """`build_cache` of a shard dir with the encoders of `model_dir`, one shard file per task in `workers` processes;
+    the parts are joined in shard order, so the samples are those of `build_cache` in the same order (features equal up
+    to float rounding: the batches of 32 start again at each shard)."""
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
+    files = sorted(Path(shards).glob("shard-*.tar"))
+    jobs, left = [], limit
+    for file, length in zip(files, shard_lengths(files), strict=True):
+        if left is not None and left <= 0:
+            break
+        take = length if left is None else min(length, left)
+        jobs.append((str(model_dir), str(file), max_refs, max_text_tokens, take))
+        left = None if left is None else left - take
+    if not jobs:
+        raise WeightsError(f"{shards}: no samples to encode")
+    parts = []
+    with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        done = pool.imap(_encode_shard, jobs)
+        for part in tqdm(
+            done, total=len(jobs), desc=f"features {Path(shards).name}", unit="shard", disable=not progress
+        ):
+            parts.append(part)
+    grid = tuple(int(v) for v in parts[0]["grid"])
     return FeatureCache(**{k: torch.cat([p[k] for p in parts]) for k in FIELDS + OPTIONAL_FIELDS}, grid=grid)

@@ -8,6 +8,7 @@
     max_refs: 4
     max_text_tokens: 48
     limit: null                   # use the first N training scenes
+    cache_workers: 1              # processes that build the feature cache, one shard file each (e.g. a machine's cores)
     init_from: null               # warm start (checkpoint folder or .safetensors)
     adapter: {}                   # ConditioningConfig changes to the model dir's adapter (e.g. box_position_freqs: 4)
     deepen: {}                    # append identity-initialised blocks: {double_blocks: 2, single_blocks: 2}
@@ -64,6 +65,7 @@ class Recipe:
     max_refs: int = 4
     max_text_tokens: int = 48
     limit: int | None = None
+    cache_workers: int = 1  # processes building the feature cache (one shard file each); 1: this process
     init_from: str | None = None
     adapter: dict = field(default_factory=dict)  # ConditioningConfig changes applied to the model dir's adapter
     deepen: dict = field(default_factory=dict)  # Deepening fields: blocks appended to the model dir's transformer
@@ -105,6 +107,8 @@ class Recipe:
             problems.append(problem)
         if problem := positive_problem("noise_temperature", raw.get("noise_temperature", 1.0)):
             problems.append(problem)
+        if not (is_count(raw.get("cache_workers", 1)) and raw.get("cache_workers", 1) >= 1):
+            problems.append(Problem("cache_workers", raw["cache_workers"], "must be a positive integer"))
         if raw.get("task", "compose") not in TASKS:
             problems.append(Problem("task", raw.get("task"), f"expected one of {', '.join(TASKS)}"))
         if problems:
@@ -165,7 +169,7 @@ def _trainer_config(recipe: Recipe) -> TrainConfig:
 
 def cached_features(recipe: Recipe, split: str, text, image, vae, limit: int | None):
     """Load OUT/cache/SPLIT.safetensors, or build it from the shards (once)."""
-    from .feature_cache import FeatureCache, build_cache
+    from .feature_cache import FeatureCache, build_cache, build_cache_in_workers
 
     path = Path(recipe.out) / "cache" / f"{split}.safetensors"
     meta = {
@@ -177,15 +181,11 @@ def cached_features(recipe: Recipe, split: str, text, image, vae, limit: int | N
     }
     if path.is_file():
         return FeatureCache.load(path, expect=meta)
-    cache = build_cache(
-        Path(recipe.data) / split,
-        text,
-        image,
-        vae,
-        max_refs=recipe.max_refs,
-        max_text_tokens=recipe.max_text_tokens,
-        limit=limit,
-    )
+    sizes = {"max_refs": recipe.max_refs, "max_text_tokens": recipe.max_text_tokens, "limit": limit}
+    if recipe.cache_workers > 1:
+        cache = build_cache_in_workers(recipe.model, Path(recipe.data) / split, workers=recipe.cache_workers, **sizes)
+    else:
+        cache = build_cache(Path(recipe.data) / split, text, image, vae, **sizes)
     cache.save(path, meta)
     return cache
 
