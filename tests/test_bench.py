@@ -19,12 +19,13 @@ from moviepostproduction.bench import (
     default_tokens,
     format_case,
     format_encoders,
+    format_header,
     format_prepare,
     parse_numbers,
     run_benchmark,
 )
 from moviepostproduction.bench_memory import PeakMemory
-from moviepostproduction.bench_setup import BenchShape, coverage_boxes, token_grid
+from moviepostproduction.bench_setup import BenchShape, bench_refs, coverage_boxes, make_inputs, token_grid
 from moviepostproduction.cli import app
 from moviepostproduction.errors import ValidationError
 from moviepostproduction.layout import bbox_token_mask
@@ -65,6 +66,32 @@ def test_case_geometry_fields(report):
     assert crowded.covered == 0.5  # 4 x 4 grid, boxes fill the left two columns exactly
     assert crowded.regions >= 2  # at least "inside some box" and "outside every box"
     assert 8 + 3 <= crowded.layout_slots <= 3 * 9  # 3 layout tokens + covered tokens, at most one row per group
+
+
+def test_a_batch_of_scenes_runs_every_sample_with_its_own_boxes(report):
+    """--batch B: B samples per call; the refs past the four tiles of the covered strip get their own boxes in each
+    sample (sample 0's as at batch 1); B times the layout slots."""
+    gen_cfg = BenchConfig(shape=TINY).shape
+    one = bench_refs(6, _adapter_cfg(), 0.5, 8, seed=3)
+    three = bench_refs(6, _adapter_cfg(), 0.5, 8, seed=3, batch=3)
+    assert three.bboxes.shape == (3, 6, 4) and torch.equal(three.bboxes[0], one.bboxes[0])
+    assert not torch.equal(three.bboxes[1], three.bboxes[0]) and torch.equal(three.text_spans[2], one.text_spans[0])
+    inputs = make_inputs(gen_cfg, (4, 4), 8, "cpu", torch.float32, seed=0, batch=3)
+    assert inputs["hidden_states"].shape[0] == inputs["timestep"].shape[0] == 3
+    cfg = BenchConfig(tokens=(16,), refs=(0, 3), text_tokens=8, batch=3, repeats=1, encoder_refs=0, shape=TINY)
+    batched = run_benchmark(cfg)
+    assert [(c.mode, c.refs) for c in batched.cases] == [(m, r) for m in ("forward", "train") for r in (0, 3)]
+    single = {(c.mode, c.tokens, c.refs): c for c in report.cases}
+    for case in batched.cases:
+        if case.refs:
+            assert case.layout_slots >= 3 * (8 + 3) > single[case.mode, 16, 3].layout_slots
+    assert "batch 3; " in format_header(batched)
+
+
+def _adapter_cfg():
+    from moviepostproduction.bench_setup import build_model
+
+    return build_model(TINY, 3).adapter.cfg
 
 
 def test_prepare_is_timed_once_per_forward_case_with_refs(report):
@@ -188,6 +215,7 @@ def test_cli_prints_one_line_per_case_and_writes_json(tmp_path):
         ("--refs", "a", "--refs"),
         ("--assemble-calls", "0", "error: assemble_calls: must be >= 1 (got 0)"),
         ("--cpu-heap", "pooled", "error: cpu_heap: choose from ('keep', 'system') (got 'pooled')"),
+        ("--batch", "0", "error: batch: must be >= 1 (got 0)"),
     ],
 )
 def test_cli_reports_bad_options_in_one_line(option, value, message):

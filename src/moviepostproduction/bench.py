@@ -41,6 +41,7 @@ class BenchConfig:
     tokens: tuple[int, ...] = (1024, 4096)  # image tokens per case (grid as square as the count allows)
     refs: tuple[int, ...] = (0, 10, 50, 100)
     text_tokens: int = 512
+    batch: int = 1  # samples per call (training runs batches: per-sample work in the conditioning shows here)
     modes: tuple[str, ...] = MODES
     repeats: int = 3  # timed rounds; each case reports the median
     warmup: int = 1  # untimed rounds first; the last one also measures peak memory
@@ -61,6 +62,7 @@ class BenchConfig:
             ("tokens", self.tokens, bool(self.tokens) and all(t > 0 for t in self.tokens), "need counts > 0"),
             ("refs", self.refs, bool(self.refs) and all(r >= 0 for r in self.refs), "need counts >= 0"),
             ("text_tokens", self.text_tokens, self.text_tokens > 0, "must be > 0"),
+            ("batch", self.batch, self.batch >= 1, "must be >= 1"),
             ("mode", self.modes, bool(self.modes) and set(self.modes) <= set(MODES), f"choose from {MODES} or all"),
             ("repeats", self.repeats, self.repeats >= 1, "must be >= 1"),
             ("warmup", self.warmup, self.warmup >= 1, "must be >= 1 (warm-up also measures memory)"),
@@ -238,10 +240,10 @@ def _group(model, cfg: BenchConfig, mode: str, tokens: int, memory: PeakMemory) 
     """Plain and one conditioned variant per refs count at one (mode, tokens), on identical inputs."""
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     grid = token_grid(tokens)
-    inputs = make_inputs(cfg.shape, grid, cfg.text_tokens, device, dtype, cfg.seed)
+    inputs = make_inputs(cfg.shape, grid, cfg.text_tokens, device, dtype, cfg.seed, cfg.batch)
     scenes = {}
     for r in cfg.refs:
-        refs = bench_refs(r, model.adapter.cfg, cfg.coverage, cfg.text_tokens, cfg.seed + r)
+        refs = bench_refs(r, model.adapter.cfg, cfg.coverage, cfg.text_tokens, cfg.seed + r, cfg.batch)
         refs = refs.to(device, dtype)
         with torch.no_grad():
             scenes[r] = (refs, model.prepare(refs, grid, cfg.text_tokens))
@@ -259,7 +261,7 @@ def _group(model, cfg: BenchConfig, mode: str, tokens: int, memory: PeakMemory) 
                 refs=r,
                 covered=covered,
                 regions=cond.image_regions.num_regions,
-                layout_slots=pack_rows(cond.packing, tokens, cfg.assemble_calls).num_slots if r else 0,
+                layout_slots=pack_rows(cond.packing, cfg.batch * tokens, cfg.assemble_calls).num_slots if r else 0,
                 plain_times=tuple(times["plain"]),
                 conditioned_times=tuple(times[r]),
                 plain_peak_mib=peaks["plain"],
@@ -272,7 +274,7 @@ def _group(model, cfg: BenchConfig, mode: str, tokens: int, memory: PeakMemory) 
 def _prepare_time(model, cfg: BenchConfig, case: CaseResult) -> PrepareResult:
     """Median `adapter.prepare` time of the case's scene, against its median conditioned forward step."""
     device, grid = torch.device(cfg.device), token_grid(case.tokens)
-    refs = bench_refs(case.refs, model.adapter.cfg, cfg.coverage, cfg.text_tokens, cfg.seed + case.refs)
+    refs = bench_refs(case.refs, model.adapter.cfg, cfg.coverage, cfg.text_tokens, cfg.seed + case.refs, cfg.batch)
     refs = refs.to(device, DTYPES[cfg.dtype])
 
     def prepare() -> None:
@@ -373,7 +375,9 @@ def format_header(report: BenchReport) -> str:
     return (
         f"{report.device_name} ({report.cpu_count} cores, {report.threads} torch threads), torch "
         f"{report.torch_version}, {cfg.dtype}; FLUX width {shape.heads} x {shape.head_dim} = {shape.width}, "
-        f"{shape.double_blocks} double + {shape.single_blocks} single block; Assemble-Attn <= {cfg.assemble_calls} "
+        f"{shape.double_blocks} double + {shape.single_blocks} single block; "
+        + (f"batch {cfg.batch}; " if cfg.batch > 1 else "")
+        + f"Assemble-Attn <= {cfg.assemble_calls} "
         f"call(s) per layout block; {cfg.clock} clock, median of {cfg.repeats} after {cfg.warmup} warm-up; "
         + (f"CPU heap: {HEAP_NOTES[report.heap_kept]}; " if cfg.device.startswith("cpu") else "")
         + f"memory: {report.memory_note}"

@@ -84,18 +84,19 @@ def coverage_boxes(refs: int, coverage: float, gen: torch.Generator) -> torch.Te
     return torch.cat([torch.tensor(boxes).view(tiles, 4), torch.cat([lo, lo + size], dim=-1)])  # (refs, 4)
 
 
-def bench_refs(refs: int, cfg, coverage: float, text_tokens: int, seed: int) -> RefBatch:
-    """One sample with `refs` refs: coverage boxes, random depths and features, a caption span each."""
+def bench_refs(refs: int, cfg, coverage: float, text_tokens: int, seed: int, batch: int = 1) -> RefBatch:
+    """`batch` samples with `refs` refs each: coverage boxes (the random ones past the strip's tiles drawn per sample),
+    random depths and features, a caption span each. Sample 0's boxes do not depend on the batch size."""
     gen = torch.Generator().manual_seed(seed)
-    spans = torch.zeros(1, refs, text_tokens, dtype=torch.bool)
+    spans = torch.zeros(batch, refs, text_tokens, dtype=torch.bool)
     for r in range(refs):
-        spans[0, r, [(CAPTION_TOKENS * r + j) % text_tokens for j in range(CAPTION_TOKENS)]] = True
+        spans[:, r, [(CAPTION_TOKENS * r + j) % text_tokens for j in range(CAPTION_TOKENS)]] = True
     return RefBatch(
-        bboxes=coverage_boxes(refs, coverage, gen)[None],  # (1, R, 4)
-        depth=torch.randint(0, 3, (1, refs), generator=gen),
-        valid=torch.ones(1, refs, dtype=torch.bool),
-        clip=torch.randn(1, refs, cfg.clip_dim, generator=gen),
-        dino=torch.randn(1, refs, cfg.dino_dim, generator=gen),
+        bboxes=torch.stack([coverage_boxes(refs, coverage, gen) for _ in range(batch)]),  # (B, R, 4)
+        depth=torch.randint(0, 3, (batch, refs), generator=gen),
+        valid=torch.ones(batch, refs, dtype=torch.bool),
+        clip=torch.randn(batch, refs, cfg.clip_dim, generator=gen),
+        dino=torch.randn(batch, refs, cfg.dino_dim, generator=gen),
         text_spans=spans,
     )
 
@@ -153,16 +154,18 @@ def build_image_encoder(shape: BenchShape):
     return ImageEncoder(clip, clip_pre, dino, dino_pre)
 
 
-def make_inputs(shape: BenchShape, grid: tuple[int, int], text_len: int, device, dtype, seed: int) -> dict:
+def make_inputs(
+    shape: BenchShape, grid: tuple[int, int], text_len: int, device, dtype, seed: int, batch: int = 1
+) -> dict:
     gen = torch.Generator().manual_seed(seed)
     h, w = grid
     tensors = dict(
-        hidden_states=torch.randn(1, h * w, shape.in_channels, generator=gen),
-        encoder_hidden_states=torch.randn(1, text_len, shape.joint_dim, generator=gen),
-        pooled_projections=torch.randn(1, shape.pooled_dim, generator=gen),
-        timestep=torch.rand(1, generator=gen),
+        hidden_states=torch.randn(batch, h * w, shape.in_channels, generator=gen),
+        encoder_hidden_states=torch.randn(batch, text_len, shape.joint_dim, generator=gen),
+        pooled_projections=torch.randn(batch, shape.pooled_dim, generator=gen),
+        timestep=torch.rand(batch, generator=gen),
         img_ids=latent_image_ids(h, w),
         txt_ids=text_ids(text_len),
-        guidance=torch.full((1,), 3.5),
+        guidance=torch.full((batch,), 3.5),
     )
     return {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
