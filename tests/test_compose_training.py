@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from moviepostproduction.backbones.flux import ConditionedFlux
 from moviepostproduction.data.shards import write_dataset
 from moviepostproduction.data.synthetic import ToyWorldConfig
 from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae, load_transformer
-from moviepostproduction.errors import WeightsError
+from moviepostproduction.errors import MppError, WeightsError
 from moviepostproduction.layout import covered_fraction
 from moviepostproduction.model_dir import ModelDir
 from moviepostproduction.modules import CompositionAdapter
@@ -113,6 +115,22 @@ def test_cache_workers_encode_the_same_samples_in_the_same_order(world, tmp_path
     assert result.exit_code == 0, result.output
     built = FeatureCache.load(tmp_path / "run" / "cache" / "train.safetensors")
     assert len(built) == 5 and torch.equal(built.t5, cache.t5[:5])
+    cut = tmp_path / "cut" / "train"  # a truncated shard: found when its samples are counted, before any worker
+    cut.mkdir(parents=True)
+    for file in files:
+        (cut / file.name).write_bytes(file.read_bytes()[: -4096 if file == files[-1] else None])
+    with pytest.raises(MppError, match="shard-000001.tar: not a readable tar shard"):
+        build_cache_in_workers(md.root, cut, max_refs=MAX_REFS, max_text_tokens=TEXT, workers=2, progress=False)
+    bad = tmp_path / "bad" / "train"  # a bad PNG: a worker's error, one line naming the shard and the sample
+    bad.mkdir(parents=True)
+    (bad / files[0].name).write_bytes(files[0].read_bytes())
+    with tarfile.open(files[1]) as src, tarfile.open(bad / files[1].name, "w") as dst:
+        for member in src.getmembers():
+            body = b"not a png" if member.name.endswith(".scene.png") else src.extractfile(member).read()
+            member.size = len(body)
+            dst.addfile(member, io.BytesIO(body))
+    with pytest.raises(MppError, match=r"shard-000001.tar: sample '\d+' is incomplete or corrupt"):
+        build_cache_in_workers(md.root, bad, max_refs=MAX_REFS, max_text_tokens=TEXT, workers=2, progress=False)
 
 
 def test_a_cache_without_patch_tokens_loads_and_is_refused_for_box_patches(world, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 
@@ -24,7 +25,7 @@ from moviepostproduction.data.synthetic import (
     describe,
     generate_scene,
 )
-from moviepostproduction.errors import ValidationError
+from moviepostproduction.errors import MppError, ValidationError
 from moviepostproduction.evaluation.metrics import bbox_iou
 from moviepostproduction.evaluation.regions import dilate
 from moviepostproduction.evaluation.sprite_match import colour_index_map
@@ -161,6 +162,36 @@ def test_sample_does_not_depend_on_n(tmp_path):
     small, large = list(iter_shards(tmp_path / "small/train")), list(iter_shards(tmp_path / "large/train"))
     for a, b in zip(small, large[:2], strict=True):
         np.testing.assert_array_equal(a.scene, b.scene)
+
+
+def test_truncated_or_corrupt_shards_are_one_line_errors_naming_file_and_sample(tmp_path):
+    write_dataset(tmp_path / "a", 3, seed=2, heldout_frac=0.0)
+    shard = tmp_path / "a/train/shard-000000.tar"
+    data = shard.read_bytes()
+    with tarfile.open(shard) as tar:  # cut inside the last sample, after its scene.png: its json is missing
+        last_scene = next(m for m in tar.getmembers() if m.name == "000002.scene.png")
+    cut = tmp_path / "cut/train"
+    cut.mkdir(parents=True)
+    (cut / "shard-000000.tar").write_bytes(data[: last_scene.offset_data + last_scene.size + 512])
+    with pytest.raises(MppError, match=r"shard-000000.tar: sample '000002' is incomplete or corrupt \(missing member"):
+        list(iter_shards(cut))
+    broken = tmp_path / "png/train"
+    broken.mkdir(parents=True)
+    with tarfile.open(shard) as src, tarfile.open(broken / "shard-000000.tar", "w") as dst:
+        for member in src.getmembers():
+            body = src.extractfile(member).read()
+            if member.name == "000001.ref0.png":
+                body = b"not a png"
+            member.size = len(body)
+            dst.addfile(member, io.BytesIO(body))
+    samples = iter_shards(broken)
+    assert next(samples).key == "000000"  # samples before the bad one still decode
+    with pytest.raises(MppError, match="sample '000001' is incomplete or corrupt .*mpp prepare-data"):
+        next(samples)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk/shard-000000.tar").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(MppError, match="shard-000000.tar: not a readable tar shard"):
+        list(iter_shards(tmp_path / "junk"))
 
 
 def test_splits_are_disjoint(tmp_path):

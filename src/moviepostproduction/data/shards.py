@@ -229,8 +229,18 @@ def read_manifest(out: str | Path) -> dict:
         raise MppError(f"{path}: no toy-world manifest (run `mpp prepare-data` first)") from None
 
 
+SHARD_READ_ERRORS = (tarfile.TarError, EOFError, OSError)  # what reading a truncated or damaged tar raises
+
+
+def unreadable_shard(file: Path, exc: BaseException) -> MppError:
+    return MppError(f"{file}: not a readable tar shard ({exc}); write the data set again with mpp prepare-data")
+
+
 def iter_shards(path: str | Path) -> Iterator[ToySample]:
-    """Samples of a shard file, or of every `shard-*.tar` in a directory (sorted), without `webdataset`."""
+    """Samples of a shard file, or of every `shard-*.tar` in a directory (sorted), without `webdataset`.
+
+    A truncated or corrupt shard (a broken tar, a sample missing a member, an undecodable PNG or JSON) is a one-line
+    MppError naming the file and the sample."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("shard-*.tar"))
@@ -239,17 +249,35 @@ def iter_shards(path: str | Path) -> Iterator[ToySample]:
     else:
         raise MppError(f"{path}: no such shard file or directory")
     for file in files:
+        yield from _shard_samples(file)
+
+
+def _shard_samples(file: Path) -> Iterator[ToySample]:
+    current: dict[str, object] = {}
+
+    def decoded() -> ToySample:
+        try:
+            return decode_sample(current)
+        except (KeyError, ValueError, OSError) as exc:  # missing member / bad JSON / bad PNG
+            what = f"missing member {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+            raise MppError(
+                f"{file}: sample {current['__key__']!r} is incomplete or corrupt ({what}); the shard is truncated or "
+                "damaged: write the data set again with mpp prepare-data"
+            ) from None
+
+    try:
         with tarfile.open(file, "r") as tar:
-            current: dict[str, object] = {}
             for member in tar:
                 if not member.isfile():
                     continue
                 base = os.path.basename(member.name)
                 key, _, ext = base.partition(".")
                 if current and current["__key__"] != key:
-                    yield decode_sample(current)
+                    yield decoded()
                     current = {}
                 current.setdefault("__key__", key)
                 current[ext] = tar.extractfile(member).read()
-            if current:
-                yield decode_sample(current)
+    except SHARD_READ_ERRORS as exc:
+        raise unreadable_shard(file, exc) from None
+    if current:
+        yield decoded()

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..checkpoint import load_safetensors, read_metadata, save_safetensors
-from ..data.shards import ToySample, iter_shards
+from ..data.shards import SHARD_READ_ERRORS, ToySample, iter_shards, unreadable_shard
 from ..errors import WeightsError
 from ..sampling import pack_latents
 from ..scene import DEPTHS
@@ -180,18 +180,26 @@ def shard_lengths(files: list[Path]) -> list[int]:
     """Samples per shard file, from the tar headers alone (members of one sample share the key before the first dot)."""
     lengths = []
     for file in files:
-        with tarfile.open(file, "r") as tar:
-            lengths.append(len({Path(m.name).name.partition(".")[0] for m in tar if m.isfile()}))
+        try:
+            with tarfile.open(file, "r") as tar:
+                lengths.append(len({Path(m.name).name.partition(".")[0] for m in tar if m.isfile()}))
+        except SHARD_READ_ERRORS as exc:
+            raise unreadable_shard(file, exc) from None
     return lengths
 
 
 def _encode_shard(job: tuple[str, str, int, int, int]) -> dict[str, torch.Tensor]:
     """Worker of `build_cache_in_workers`: the first `limit` samples of one shard file, with the dir's encoders."""
+    import threading
+
+    from tqdm import tqdm
+
     from ..encoders import ImageEncoder, TextEncoder, Vae
     from ..model_dir import ModelDir
 
     model_dir, shard, max_refs, max_text_tokens, limit = job
     torch.set_num_threads(1)
+    tqdm.set_lock(threading.RLock())  # no bars here; tqdm's default lock is a semaphore a terminated worker would leak
     md = ModelDir.at(model_dir)
     cache = build_cache(
         shard,
@@ -234,11 +242,18 @@ def build_cache_in_workers(
     if not jobs:
         raise WeightsError(f"{shards}: no samples to encode")
     parts = []
-    with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+    pool = get_context("spawn").Pool(min(workers, len(jobs)))
+    try:
         done = pool.imap(_encode_shard, jobs)
         for part in tqdm(
             done, total=len(jobs), desc=f"features {Path(shards).name}", unit="shard", disable=not progress
         ):
             parts.append(part)
+        pool.close()
+    except BaseException:
+        pool.terminate()  # a worker's error (a corrupt shard: MppError) ends the others at once
+        raise
+    finally:
+        pool.join()  # every worker reaped before returning or raising
     grid = tuple(int(v) for v in parts[0]["grid"])
     return FeatureCache(**{k: torch.cat([p[k] for p in parts]) for k in FIELDS + OPTIONAL_FIELDS}, grid=grid)
