@@ -194,6 +194,17 @@ def test_truncated_or_corrupt_shards_are_one_line_errors_naming_file_and_sample(
         list(iter_shards(tmp_path / "junk"))
 
 
+def test_samples_do_not_depend_on_the_shard_size(tmp_path):
+    write_dataset(tmp_path / "one", 5, seed=3, heldout_frac=0.0)
+    write_dataset(tmp_path / "many", 5, seed=3, heldout_frac=0.0, shard_size=2)
+    assert len(list((tmp_path / "many/train").glob("shard-*.tar"))) == 3
+    one, many = list(iter_shards(tmp_path / "one/train")), list(iter_shards(tmp_path / "many/train"))
+    assert [s.key for s in one] == [s.key for s in many]
+    for a, b in zip(one, many, strict=True):
+        np.testing.assert_array_equal(a.scene, b.scene)
+        assert a.meta == b.meta
+
+
 def test_splits_are_disjoint(tmp_path):
     write_dataset(tmp_path, 20, seed=1, heldout_frac=0.25)
     hashes = {
