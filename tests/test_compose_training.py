@@ -27,7 +27,7 @@ from moviepostproduction.training.feature_cache import (
     FeatureCache,
     build_cache,
     build_cache_in_workers,
-    shard_lengths,
+    shard_length,
 )
 from moviepostproduction.training.losses import (
     bbox_alignment_loss,
@@ -89,7 +89,7 @@ def test_cache_workers_encode_the_same_samples_in_the_same_order(world, tmp_path
     shards; a recipe with cache_workers builds its cache that way."""
     root, md, cache, vae, image = world
     files = sorted((root / "data" / "train").glob("shard-*.tar"))
-    assert shard_lengths(files) == [4, 3]  # 8 scenes in shards of 4, one held out
+    assert [shard_length(file) for file in files] == [4, 3]  # 8 scenes in shards of 4, one held out
     parallel = build_cache_in_workers(
         md.root, root / "data" / "train", max_refs=MAX_REFS, max_text_tokens=TEXT, workers=2, limit=6, progress=False
     )

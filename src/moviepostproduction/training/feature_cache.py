@@ -176,16 +176,13 @@ def build_cache(
     return FeatureCache(**{k: torch.cat([p[k] for p in parts]) for k in FIELDS + OPTIONAL_FIELDS}, grid=grid)
 
 
-def shard_lengths(files: list[Path]) -> list[int]:
-    """Samples per shard file, from the tar headers alone (members of one sample share the key before the first dot)."""
-    lengths = []
-    for file in files:
-        try:
-            with tarfile.open(file, "r") as tar:
-                lengths.append(len({Path(m.name).name.partition(".")[0] for m in tar if m.isfile()}))
-        except SHARD_READ_ERRORS as exc:
-            raise unreadable_shard(file, exc) from None
-    return lengths
+def shard_length(file: Path) -> int:
+    """Samples in a shard file, from its tar headers (the members of one sample share the key before the first dot)."""
+    try:
+        with tarfile.open(file, "r") as tar:
+            return len({Path(m.name).name.partition(".")[0] for m in tar if m.isfile()})
+    except SHARD_READ_ERRORS as exc:
+        raise unreadable_shard(file, exc) from None
 
 
 def _encode_shard(job: tuple[str, str, int, int, int]) -> dict[str, torch.Tensor]:
@@ -231,11 +228,11 @@ def build_cache_in_workers(
 
     from tqdm import tqdm
 
-    files = sorted(Path(shards).glob("shard-*.tar"))
     jobs, left = [], limit
-    for file, length in zip(files, shard_lengths(files), strict=True):
+    for file in sorted(Path(shards).glob("shard-*.tar")):
         if left is not None and left <= 0:
-            break
+            break  # the shards past the limit are not even opened
+        length = shard_length(file)
         take = length if left is None else min(length, left)
         jobs.append((str(model_dir), str(file), max_refs, max_text_tokens, take))
         left = None if left is None else left - take
