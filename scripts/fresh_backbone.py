@@ -7,7 +7,7 @@ The frozen parts (VAE, text and image encoders, tokenizers, scheduler) and the N
 transformer (`FluxTransformer2DModel`, the source's config with the new size; RoPE axes re-split for the head dim) and
 the adapter (the source's `ConditioningConfig` with the new width and block counts; Assemble-Attn in the source's
 layout blocks) start from their own seeded initialisation, as `mpp train` stage `toy` expects. The starting point of
-examples/train/toy-gpu-wide.yaml.
+examples/train/toy-wide.yaml.
 """
 
 from __future__ import annotations

@@ -173,6 +173,11 @@ def build_cache(
     bar.close()
     if not parts:
         raise WeightsError(f"{shards}: no samples to encode")
+    return joined(parts, grid)
+
+
+def joined(parts: list[dict[str, torch.Tensor]], grid: tuple[int, int]) -> FeatureCache:
+    """One cache of the encoded parts (dicts of every field, `encode_samples`' output), in order."""
     return FeatureCache(**{k: torch.cat([p[k] for p in parts]) for k in FIELDS + OPTIONAL_FIELDS}, grid=grid)
 
 
@@ -185,7 +190,7 @@ def shard_length(file: Path) -> int:
         raise unreadable_shard(file, exc) from None
 
 
-def _encode_shard(job: tuple[str, str, int, int, int]) -> dict[str, torch.Tensor]:
+def _encode_shard(job: tuple[str, str, int, int, int]) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
     """Worker of `build_cache_in_workers`: the first `limit` samples of one shard file, with the dir's encoders."""
     import threading
 
@@ -208,7 +213,7 @@ def _encode_shard(job: tuple[str, str, int, int, int]) -> dict[str, torch.Tensor
         limit=limit,
         progress=False,
     )
-    return {name: getattr(cache, name) for name in cache.fields} | {"grid": torch.tensor(cache.grid)}
+    return {name: getattr(cache, name) for name in cache.fields}, cache.grid
 
 
 def build_cache_in_workers(
@@ -252,5 +257,4 @@ def build_cache_in_workers(
         raise
     finally:
         pool.join()  # every worker reaped before returning or raising
-    grid = tuple(int(v) for v in parts[0]["grid"])
-    return FeatureCache(**{k: torch.cat([p[k] for p in parts]) for k in FIELDS + OPTIONAL_FIELDS}, grid=grid)
+    return joined([fields for fields, _ in parts], parts[0][1])

@@ -107,8 +107,9 @@ class Recipe:
             problems.append(problem)
         if problem := positive_problem("noise_temperature", raw.get("noise_temperature", 1.0)):
             problems.append(problem)
-        if not (is_count(raw.get("cache_workers", 1)) and raw.get("cache_workers", 1) >= 1):
-            problems.append(Problem("cache_workers", raw["cache_workers"], "must be a positive integer"))
+        workers = raw.get("cache_workers", 1)
+        if not (is_count(workers) and workers >= 1):
+            problems.append(Problem("cache_workers", workers, "must be a positive integer"))
         if raw.get("task", "compose") not in TASKS:
             problems.append(Problem("task", raw.get("task"), f"expected one of {', '.join(TASKS)}"))
         if problems:
