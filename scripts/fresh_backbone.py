@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 from derived_dir import add_source_and_out, parse_source_and_out
 
-from moviepostproduction.checkpoint import save_pretrained_readable, write_json_atomic
+from moviepostproduction.checkpoint import save_pretrained_readable, staged_copy, write_json_atomic
 from moviepostproduction.modules import CompositionAdapter
 from moviepostproduction.tiny import rope_axes
 
@@ -61,17 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     transformer = fresh_transformer(source, args.heads, args.head_dim, args.double_blocks, args.single_blocks)
     torch.manual_seed(args.seed + 1)
     adapter = CompositionAdapter(cfg)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("transformer", "adapter"))
-    save_pretrained_readable(transformer, tmp / "transformer")
-    adapter.save_pretrained(tmp / "adapter")
-    index = json.loads((tmp / "model_index.json").read_text())
-    for key in ("trained_steps", "trained_by"):
-        index.pop(key, None)
-    index["label"] = f"toy-world model, untrained {args.double_blocks}+{args.single_blocks} blocks x {cfg.hidden_dim}"
-    write_json_atomic(index, tmp / "model_index.json")
-    tmp.rename(out)
+    with staged_copy(source, out, leave_out=("transformer", "adapter")) as tmp:
+        save_pretrained_readable(transformer, tmp / "transformer")
+        adapter.save_pretrained(tmp / "adapter")
+        index = json.loads((tmp / "model_index.json").read_text())
+        for key in ("trained_steps", "trained_by"):
+            index.pop(key, None)
+        size = f"{args.double_blocks}+{args.single_blocks} blocks x {cfg.hidden_dim}"
+        index["label"] = f"toy-world model, untrained {size}"
+        write_json_atomic(index, tmp / "model_index.json")
     params = sum(p.numel() for p in transformer.parameters()) + sum(p.numel() for p in adapter.parameters())
     print(f"wrote {out}: {args.double_blocks}+{args.single_blocks} blocks, width {cfg.hidden_dim}, {params:,} params")
     return 0

@@ -10,12 +10,12 @@ point of examples/train/toy-front.yaml.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 
 import torch
 from derived_dir import add_source_and_out, parse_source_and_out
 
+from moviepostproduction.checkpoint import staged_copy
 from moviepostproduction.modules import CompositionAdapter
 from moviepostproduction.modules.config import DEPTHS
 
@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter, _ = CompositionAdapter.from_pretrained(source / "adapter").reconfigured(occlusion_priority=True)
     with torch.no_grad():
         adapter.occlusion.logits[:, DEPTHS.index("fg")] = args.fg_logit
-    shutil.copytree(source, out)
-    adapter.save_pretrained(out / "adapter")
+    with staged_copy(source, out, leave_out=("adapter",)) as tmp:
+        adapter.save_pretrained(tmp / "adapter")
     print(f"wrote {out}: occlusion priority on, fg logit {args.fg_logit:g} in both pathways")
     return 0
 

@@ -9,13 +9,12 @@ the copy is checked with the real loaders before it replaces the shipped one.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from moviepostproduction.checkpoint import cast_safetensors_files
+from moviepostproduction.checkpoint import cast_safetensors_files, staged_copy
 from moviepostproduction.model_dir import SHIPPED_MODEL_DIR, ModelDir
 
 
@@ -25,13 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     source, target = Path(args.source), SHIPPED_MODEL_DIR
     ModelDir.at(source).check()
-    staging = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    cast_safetensors_files(staging, torch.float16)
-    ModelDir.at(staging).check()
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with staged_copy(source, target, replace=True) as staging:
+        cast_safetensors_files(staging, torch.float16)
+        ModelDir.at(staging).check()
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     print(f"shipped {source} -> {target} ({size / 2**20:.1f} MiB, fp16 tensors)")
     return 0

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from moviepostproduction.checkpoint import load_safetensors, read_metadata, save_safetensors
+from moviepostproduction.checkpoint import load_safetensors, read_metadata, save_safetensors, staged_copy
 from moviepostproduction.cli import app
 from moviepostproduction.errors import MppError, ValidationError, WeightsError
 from moviepostproduction.model_dir import ModelDir, tiny_random_model_dir
@@ -215,6 +215,56 @@ def test_saved_safetensors_get_the_umask_mode_not_0600(tmp_path, mask):
         os.umask(old)
     assert oct(path.stat().st_mode & 0o777) == oct(plain.stat().st_mode & 0o777) == oct(0o666 & ~mask)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
+
+
+def folder_files(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture
+def source_folder(tmp_path) -> Path:
+    src = tmp_path / "src"
+    for name, text in {"model_index.json": "{}", "vae/config.json": "v", "adapter/config.json": "a"}.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    return src
+
+
+def test_staged_copy_renames_the_finished_folder_into_place(source_folder, tmp_path):
+    out = tmp_path / "sub" / "out"
+    with staged_copy(source_folder, out, leave_out=("adapter",)) as tmp:
+        assert not out.exists() and tmp.parent == out.parent  # built beside, under another name
+        assert sorted(folder_files(tmp)) == ["model_index.json", "vae/config.json"]
+        (tmp / "adapter").mkdir()
+        (tmp / "adapter" / "config.json").write_text("new")
+    assert folder_files(out) == {"adapter/config.json": b"new", "model_index.json": b"{}", "vae/config.json": b"v"}
+    assert [p.name for p in out.parent.iterdir()] == ["out"]  # no temporary folder left
+
+
+def test_staged_copy_that_fails_leaves_the_old_folder_whole_and_no_temporary_one(source_folder, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(source_folder, out)
+    before = folder_files(out)
+    with (
+        pytest.raises(RuntimeError, match="killed"),
+        staged_copy(source_folder, out, leave_out=("adapter",), replace=True) as tmp,
+    ):
+        (tmp / "vae" / "config.json").write_text("half written")
+        raise RuntimeError("killed")
+    assert folder_files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    with staged_copy(source_folder, out, replace=True) as tmp:  # replace=True: the new one takes its place
+        (tmp / "vae" / "config.json").write_text("v2")
+    assert folder_files(out)["vae/config.json"] == b"v2"
+
+
+def test_staged_copy_refuses_an_existing_folder_before_copying(source_folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(WeightsError) as err, staged_copy(source_folder, out):
+        raise AssertionError("the block must not run")
+    assert str(err.value) == f"{out} exists; pick a new directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".bin", ".ckpt", ".pth", ".pkl"])

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,31 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     return path
+
+
+@contextmanager
+def staged_copy(
+    source: str | Path, out: str | Path, *, leave_out: Iterable[str] = (), replace: bool = False
+) -> Iterator[Path]:
+    """Build the folder `out` under a temporary name beside it and rename it into place when the block ends without
+    an error, so a killed or failed build never leaves half a folder under the final name, and an `out` being
+    replaced stays whole until then. The temporary folder (yielded) starts as a copy of `source` less its top-level
+    entries named in `leave_out`; a failed block removes it. An existing `out` is replaced only with `replace`
+    (else a WeightsError naming it, before anything is copied)."""
+    out = Path(out)
+    if out.exists() and not replace:
+        raise WeightsError(f"{out} exists; pick a new directory")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    root, skip = Path(source), set(leave_out)
+    try:
+        shutil.copytree(root, tmp, ignore=lambda d, names: [n for n in names if n in skip] if Path(d) == root else [])
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left on failure: a successful rename moved it
 
 
 def save_pretrained_readable(model, folder: str | Path) -> Path:

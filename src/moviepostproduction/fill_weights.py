@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_safetensors, load_strict, save_pretrained_readable, save_safetensors, write_json_atomic
+from .checkpoint import (
+    load_safetensors,
+    load_strict,
+    save_pretrained_readable,
+    save_safetensors,
+    staged_copy,
+    write_json_atomic,
+)
 from .encoders import load_transformer
 from .errors import WeightsError
 from .fill import LAYOUTS, FillChannels, FillFlux, expand_to_fill
@@ -142,16 +149,16 @@ def write_fill_model_dir(base: str | Path, out: str | Path, *, layout: str = "si
     """`base` (a plain FLUX-layout dir) copied to `out` with its transformer widened to the fill input
     (`expand_to_fill`) and fill/ holding a SemanticCrossAttention at init (seeded): an untrained fill model."""
     md, out = ModelDir.at(base), Path(out)
-    shutil.copytree(md.root, out, ignore=lambda d, names: ["transformer", FILL_FOLDER] if Path(d) == md.root else [])
     vae_cfg = read_json(md.vae / "config.json", "an AutoencoderKL config", md.root)
     channels = FillChannels.from_vae(vae_cfg["latent_channels"], 2 ** (len(vae_cfg["block_out_channels"]) - 1))
     wide = expand_to_fill(load_transformer(md), channels)
-    save_pretrained_readable(wide, out / "transformer")
     cfg = SemanticAttentionConfig(dim=channels.latent, context_dim=channels.latent)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         semantic = SemanticCrossAttention(cfg)
-    save_fill_weights(out, FillFlux(wide, semantic), FillWeightsConfig(layout=layout, semantic=cfg))
+    with staged_copy(md.root, out, leave_out=("transformer", FILL_FOLDER)) as tmp:
+        save_pretrained_readable(wide, tmp / "transformer")
+        save_fill_weights(tmp, FillFlux(wide, semantic), FillWeightsConfig(layout=layout, semantic=cfg))
     return out
 
 

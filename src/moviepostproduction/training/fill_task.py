@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoint import save_pretrained_readable
+from ..checkpoint import save_pretrained_readable, staged_copy
 from ..data.triptych import TriptychBatch, TriptychConfig, collate, make_triptych
 from ..encoders import TextEncoder, Vae, load_transformer
 from ..errors import Problem, ValidationError
@@ -246,10 +246,10 @@ def export_fill_model_dir(task: FillTask, source: str | Path, out: str | Path) -
     md, out = as_model_dir(source), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValidationError([Problem("out", str(out), "must be absent or empty")])
-    shutil.copytree(md.root, out, dirs_exist_ok=True, ignore=lambda d, names: ["fill"] if Path(d) == md.root else [])
     base = load_transformer(md)
-    if int(base.config.in_channels) == task.channels.latent:
-        shutil.rmtree(out / "transformer")
-        save_pretrained_readable(expand_to_fill(base, task.channels), out / "transformer")
-    task.save(out)
+    with staged_copy(md.root, out, leave_out=("fill",), replace=True) as tmp:  # replaces an empty `out` only
+        if int(base.config.in_channels) == task.channels.latent:
+            shutil.rmtree(tmp / "transformer")
+            save_pretrained_readable(expand_to_fill(base, task.channels), tmp / "transformer")
+        task.save(tmp)
     return out

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backbones.nanodit_io import FOLDER as NANODIT_FOLDER
-from ..checkpoint import STORAGE_DTYPES, cast_safetensors_files, save_pretrained_readable
+from ..checkpoint import STORAGE_DTYPES, cast_safetensors_files, save_pretrained_readable, staged_copy
 from ..errors import Problem, ValidationError
 from ..sampling import (
     is_count,
@@ -255,16 +255,13 @@ KEPT_FOLDERS = (NANODIT_FOLDER,)  # other capabilities' weights in an existing e
 
 
 def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> Path:
-    """A complete model dir: the source's encoders, VAE, tokenizers and scheduler + the trained weights.
+    """A complete model dir: the source's encoders, VAE, tokenizers and scheduler + the trained weights, built under a
+    temporary name and renamed into place (`staged_copy`).
 
     Folders of `KEPT_FOLDERS` already in the export dir (NanoDiT, trained by another recipe) are carried over.
     """
     from ..checkpoint import write_json_atomic
 
-    out = Path(recipe.export)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source.root, tmp, ignore=shutil.ignore_patterns("transformer", "adapter"))
     transformer, adapter = task.model.transformer, task.model.adapter
     if getattr(transformer, "peft_config", None):
         raise ValidationError(
@@ -277,19 +274,31 @@ def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> 
                 )
             ]
         )
-    save_pretrained_readable(transformer, tmp / "transformer")
-    cast_safetensors_files(tmp / "transformer", STORAGE_DTYPES[recipe.export_dtype])  # the live model stays as is
-    adapter.save_pretrained(tmp / "adapter")
+    index, out = _export_index(recipe, task, source, steps), Path(recipe.export)
+    with staged_copy(source.root, out, leave_out=("transformer", "adapter"), replace=True) as tmp:
+        save_pretrained_readable(transformer, tmp / "transformer")
+        cast_safetensors_files(tmp / "transformer", STORAGE_DTYPES[recipe.export_dtype])  # the live model stays as is
+        adapter.save_pretrained(tmp / "adapter")
+        write_json_atomic(index, tmp / "model_index.json")
+        for folder in KEPT_FOLDERS:
+            if (out / folder).is_dir() and not (tmp / folder).exists():
+                shutil.copytree(out / folder, tmp / folder)
+    return out
+
+
+def _export_index(recipe: Recipe, task, source, steps: int | None) -> dict:
+    """model_index.json of an export: the source's, with the training data, the sampling defaults and the label."""
     from ..data.shards import read_manifest
 
     manifest = read_manifest(recipe.data)
     world = {"seed": manifest["seed"], "config": manifest["config"], "generator_version": manifest["generator_version"]}
+    config = task.model.transformer.config
     index = {
         **source.index,
         "tiny_random": False,
         "toy_world_data": world,
         "label": f"{'toy-world' if source.index.get('toy_world') else recipe.task} model (mpp train, stage "
-        f"{recipe.stage}, {task.model.transformer.config.num_layers}+{task.model.transformer.config.num_single_layers} "
+        f"{recipe.stage}, {config.num_layers}+{config.num_single_layers} "
         f"blocks{'' if steps is None else f', {steps} steps'})",
         "max_text_tokens": recipe.max_text_tokens,
         "ref_guidance_scale": float(recipe.ref_guidance),
@@ -302,14 +311,7 @@ def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> 
         index["trained_steps"] = steps
     if source.index.get("toy_world"):
         index["_toy_stage"] = "backbone"
-    write_json_atomic(index, tmp / "model_index.json")
-    for folder in KEPT_FOLDERS:
-        if (out / folder).is_dir() and not (tmp / folder).exists():
-            shutil.copytree(out / folder, tmp / folder)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return index
 
 
 def run_recipe(recipe: Recipe) -> TrainResult:
