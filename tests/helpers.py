@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moviepostproduction.conditioning import RefBatch
 from moviepostproduction.modules import PRESETS, ConditioningConfig
@@ -118,3 +121,29 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
         scaling_factor=0.3611,
         shift_factor=0.1159,
     ).eval()
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts the aten calls that make the host wait for the device on a GPU: a tensor read as a Python number
+    (`.item()`, `bool()`, `int()`, `float()`), `nonzero`, `unique`, `masked_select` and boolean-mask indexing. Runs on
+    the CPU too, so tests can pin how many a step makes."""
+
+    SYNCING = frozenset(
+        {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default"}
+        | {f"aten.{op}.default" for op in ("_unique2", "unique_dim", "unique_consecutive")}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        masks = args[1] if name == "aten.index.Tensor" else ()
+        if name in self.SYNCING or any(m is not None and m.dtype == torch.bool for m in masks):
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())

@@ -40,7 +40,7 @@ from moviepostproduction.training.losses import (
 )
 from moviepostproduction.training.trainer import TrainConfig, Trainer
 
-from helpers import randomize_zero_inits
+from helpers import HostSyncCounter, randomize_zero_inits
 
 MAX_REFS, TEXT = 2, 64
 
@@ -179,6 +179,25 @@ def test_the_trainer_moves_the_frozen_vae_and_image_encoder_but_checkpoints_trai
     assert {key.split(".")[0] for key in keys} == {"transformer", "adapter"}
     no_decoder = make_task(md, cache, None, None)
     assert set(no_decoder.modules()) == {"transformer", "adapter"}
+
+
+def test_host_syncs_of_a_training_step_do_not_grow_with_the_batch(world):
+    """On a GPU every read of a tensor as a Python number, nonzero, unique or boolean-mask index waits for the device;
+    region maps once made ~1000 of them per step of 256 scenes (one unique per sample) and left an H200 a quarter
+    busy. A step with every loss (the decoded ones and region preservation; two forwards) makes the same few at 2
+    scenes and at 6 (the same two scenes three times, so every data-dependent branch is taken alike)."""
+    _, md, cache, vae, image = world
+    calls = []
+    for repeat in (1, 3):
+        task = make_task(md, cache, vae, image, drop_refs=0.0)
+        task.param_groups("toy")
+        task.layout_t = 0.0  # the layout pathway at every time: no random branch
+        with HostSyncCounter() as syncs:
+            task.loss(torch.arange(2).repeat(repeat), torch.Generator().manual_seed(0)).loss.backward()
+        assert {"identity", "bbox", "region"} <= set(task.weights)
+        calls.append(syncs.calls)
+    assert calls[0] == calls[1]
+    assert sum(calls[0].values()) <= 64, calls[0]  # 51 now: a few per forward (region maps, input checks, packing)
 
 
 @pytest.mark.parametrize(
