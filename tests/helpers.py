@@ -143,7 +143,3 @@ class HostSyncCounter(TorchDispatchMode):
         if name in self.SYNCING or any(m is not None and m.dtype == torch.bool for m in masks):
             self.calls[name] += 1
         return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.calls.values())
