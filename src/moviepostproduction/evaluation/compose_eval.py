@@ -56,7 +56,9 @@ class VariantScore:
 
         pairs = list(zip(self.identity, self.unseen, strict=True))  # (identity, pair unseen) per judged fg ref
         by_pair = {u: [float(x) for x, unseen in pairs if bool(unseen) == u] for u in (False, True)}
-        by_seed = {j: [float(x) for x, k in zip(self.identity, self.seed, strict=True) if k == j] for j in self.seed}
+        by_seed = {  # each seed once (not once per judged ref)
+            j: [float(x) for x, k in zip(self.identity, self.seed, strict=True) if k == j] for j in set(self.seed)
+        }
         return {"model": self.name, "IoU": mean(self.iou), "centre error": mean(self.centre),
                 "fg identity": mean([float(x) for x in self.identity]),
                 "fg colour": mean([float(x) for x in self.colour]), "fg shape": mean([float(x) for x in self.shape]),
