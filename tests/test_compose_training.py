@@ -599,6 +599,26 @@ def test_mpp_train_recipe_rejects_a_bad_overlap_repeat_or_overlap_min(world, tmp
         assert "Traceback" not in bad.output
 
 
+def test_frozen_parts_keep_an_imposed_occlusion_priority_out_of_the_optimiser(world):
+    """compose.frozen_parts: [occlusion] trains every other part of the stage and leaves the imposed logits alone."""
+    _, md, cache, vae, image = world
+    task = make_task(md, cache, vae, image, frozen_parts=("occlusion",))
+    task.model.adapter, _ = task.model.adapter.reconfigured(occlusion_priority=True)
+    logits = task.model.adapter.occlusion.logits
+    trained = {id(p) for group in task.param_groups("toy") for p in group["params"]}
+    assert id(logits) not in trained and not logits.requires_grad
+    assert all(id(p) in trained for p in task.model.adapter.modulation_head.parameters())
+    task.config.frozen_parts = ()
+    assert id(logits) in {id(p) for group in task.param_groups("toy") for p in group["params"]}
+
+
+def test_mpp_train_recipe_rejects_frozen_parts_that_are_not_a_list_of_adapter_parts(world, tmp_path):
+    for value, shown in ((["occlusion", "nope"], "['occlusion', 'nope']"), ("occlusion", "'occlusion'")):
+        bad = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, "frozen_parts": value})
+        assert bad.exit_code == 2 and "compose.frozen_parts: must be a list of alpha_predictor, " in bad.output
+        assert f"(got {shown})" in bad.output and "Traceback" not in bad.output
+
+
 def test_drop_caption_trains_those_samples_on_the_empty_caption_without_spans(world):
     _, md, cache, vae, image = world
     with pytest.raises(ValueError, match="drop_caption > 0 needs the empty caption"):

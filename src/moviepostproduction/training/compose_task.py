@@ -57,6 +57,7 @@ class ComposeTaskConfig:
     time_mu: float = 0.0  # training times are logit-normal(time_mu, 1): the time shift ln(s) (0: SD3's logit-normal)
     overlap_repeat: int = 0  # extra times per epoch a scene appears whose fg ref is covered by another box ...
     overlap_min: float = 0.25  # ... over more than this fraction of its area (0 repeats: every scene once)
+    frozen_parts: tuple[str, ...] = ()  # adapter children kept as loaded whatever the stage trains (e.g. "occlusion")
 
 
 class ComposeTask:
@@ -125,6 +126,8 @@ class ComposeTask:
         elif spec.backbone == "full":
             tr.requires_grad_(True)
         for part in spec.adapter_parts:
+            if part in self.config.frozen_parts:
+                continue
             module = getattr(self.model.adapter, part)
             if module is not None:  # optional modules (occlusion) exist only when their config asks for them
                 module.requires_grad_(True)

@@ -24,6 +24,7 @@
                                   # time_mu: 0.5 draws training times from logit-normal(0.5, 1) (time shift e^0.5)
                                   # overlap_repeat: 2 draws scenes whose fg box another box covers over more
                                   # than overlap_min (0.25) of its area three times per epoch
+                                  # frozen_parts: [occlusion] keeps those adapter children as loaded
 
 Relative paths are relative to the current directory.
 """
@@ -48,6 +49,7 @@ from ..sampling import (
     positive_problem,
     scale_problem,
 )
+from .stages import ADAPTER_PARTS
 from .trainer import TrainConfig, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -158,6 +160,12 @@ def _task_config(recipe: Recipe, image_position_scale: float = 1.0):
         problems.append(Problem("compose.overlap_repeat", values["overlap_repeat"], "must be a whole number >= 0"))
     if "overlap_min" in values and not is_probability(values["overlap_min"]):
         problems.append(Problem("compose.overlap_min", values["overlap_min"], "must be a fraction in [0, 1]"))
+    if "frozen_parts" in values:
+        frozen = values["frozen_parts"]
+        if not isinstance(frozen, list | tuple) or not all(part in ADAPTER_PARTS for part in frozen):
+            problems.append(Problem("compose.frozen_parts", frozen, f"must be a list of {', '.join(ADAPTER_PARTS)}"))
+        else:
+            values["frozen_parts"] = tuple(frozen)
     if problems:
         raise ValidationError(problems)
     return dataclass_from(ComposeTaskConfig, values, "compose")

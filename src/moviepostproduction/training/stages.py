@@ -41,6 +41,9 @@ STAGES: dict[str, Stage] = {
     ),
 }
 
+# Every adapter child some stage trains (a recipe's compose.frozen_parts names some of them).
+ADAPTER_PARTS = tuple(dict.fromkeys(part for stage in STAGES.values() for part in stage.adapter_parts))
+
 
 def get_stage(name: str) -> Stage:
     if name not in STAGES:
