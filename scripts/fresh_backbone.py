@@ -6,7 +6,8 @@
 The frozen parts (VAE, text and image encoders, tokenizers, scheduler) and the NanoDiT are copied as they are. The
 transformer (`FluxTransformer2DModel`, the source's config with the new size; RoPE axes re-split for the head dim) and
 the adapter (the source's `ConditioningConfig` with the new width and block counts; Assemble-Attn in the source's
-layout blocks) start from their own seeded initialisation, as `mpp train` stage `toy` expects. The starting point of
+layout blocks; no occlusion priority, which the shipped toy model imposes at sampling after training, docs/toy-model.md)
+start from their own seeded initialisation, as `mpp train` stage `toy` expects. The starting point of
 examples/train/toy-wide.yaml.
 """
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         num_double_blocks=args.double_blocks,
         num_single_blocks=args.single_blocks,
         layout_blocks=tuple(blocks),
+        occlusion_priority=False,
     )
     torch.manual_seed(args.seed)
     transformer = fresh_transformer(source, args.heads, args.head_dim, args.double_blocks, args.single_blocks)

@@ -1,15 +1,18 @@
 """Copy a model dir with its adapter's occlusion priority switched on and imposed: the fg ref owns an overlap.
 
-    python scripts/front_priority_model.py build/toy-model build/toy-model-front --fg-logit 0.3
+    python scripts/front_priority_model.py build/toy-model build/toy-model-front --fg-logit 0.3 [--grounding-ratio 0.6]
 
 The adapter gets `occlusion_priority: true` (docs/design-notes.md, "Occlusion priority"); both pathways' fg logit is
-set to FG_LOGIT (weight exp(10 x FG_LOGIT) against 1 for mg and bg refs), every other tensor is kept. The starting
-point of examples/train/toy-front.yaml.
+set to FG_LOGIT (weight exp(10 x FG_LOGIT) against 1 for mg and bg refs), every other tensor is kept, and the model
+index's label says so. --grounding-ratio also sets the adapter's layout window (the fraction of the sampling steps
+that run Assemble-Attn). The shipped toy model is the 149000-step model through this script (docs/toy-model.md); the
+starting point of examples/train/toy-front.yaml and toy-front-frozen.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -24,13 +27,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_source_and_out(parser, "a model dir with a trained adapter")
     parser.add_argument("--fg-logit", type=float, default=0.3, help="logit of fg refs in both pathways (mg, bg: 0)")
+    parser.add_argument("--grounding-ratio", type=float, default=None, help="layout window (default: the source's)")
     args, source, out = parse_source_and_out(parser, argv)
-    adapter, _ = CompositionAdapter.from_pretrained(source / "adapter").reconfigured(occlusion_priority=True)
+    if args.grounding_ratio is not None and not 0 < args.grounding_ratio <= 1:
+        parser.error(f"--grounding-ratio: must be in (0, 1] (got {args.grounding_ratio:g})")
+    changes = {"occlusion_priority": True}
+    if args.grounding_ratio is not None:
+        changes["grounding_ratio"] = args.grounding_ratio
+    adapter, _ = CompositionAdapter.from_pretrained(source / "adapter").reconfigured(**changes)
     with torch.no_grad():
         adapter.occlusion.logits[:, DEPTHS.index("fg")] = args.fg_logit
     with staged_copy(source, out, leave_out=("adapter",)) as tmp:
         adapter.save_pretrained(tmp / "adapter")
-    print(f"wrote {out}: occlusion priority on, fg logit {args.fg_logit:g} in both pathways")
+        index_path = tmp / "model_index.json"
+        index = json.loads(index_path.read_text())
+        if "label" in index:
+            index["label"] += f"; fg occlusion priority e^{10 * args.fg_logit:g}"
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    window = f", layout window {adapter.cfg.grounding_ratio:g}"
+    print(f"wrote {out}: occlusion priority on, fg logit {args.fg_logit:g} in both pathways{window}")
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped toy-world model (src/moviepostproduction/assets/toy-model) from nothing, on CPU.
 # Steps: data -> frozen encoders + VAE -> backbone + adapter (mpp train, 6 recipes) -> NanoDiT (vary) -> box patches
-# (mpp train, 3 recipes) -> package.
+# (mpp train, 3 recipes) -> fg occlusion priority and layout window (sampling) -> package.
 # Wall time on the 2-core CI-class CPU: see docs/toy-model.md. Every step resumes if re-run.
 set -euo pipefail
 THREADS=${THREADS:-2}
@@ -29,4 +29,8 @@ python scripts/train_vary.py --model build/toy-encoders --out runs/vary --scenes
 OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-patches.yaml
 OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-patches2.yaml
 OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-patches3.yaml
-python scripts/ship_toy_model.py build/toy-model
+# Sampling only, nothing trained: the fg ref owns the tokens where its box overlaps another (occlusion priority e^3 in
+# both pathways) and Assemble-Attn runs over the first 60 % of the steps (docs/toy-model.md).
+rm -rf build/toy-model-front-ship
+python scripts/front_priority_model.py build/toy-model build/toy-model-front-ship --fg-logit 0.3 --grounding-ratio 0.6
+python scripts/ship_toy_model.py build/toy-model-front-ship

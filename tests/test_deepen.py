@@ -92,6 +92,8 @@ def test_fresh_backbone_script_writes_a_wider_deeper_untrained_model_dir(tmp_pat
     from moviepostproduction.tiny import write_tiny_model_dir
 
     source = write_tiny_model_dir(tmp_path / "model", seed=0)
+    imposed, _ = CompositionAdapter.from_pretrained(source / "adapter").reconfigured(occlusion_priority=True)
+    imposed.save_pretrained(source / "adapter")  # as the shipped toy model: a sampling choice the new one drops
     script = Path(__file__).resolve().parents[1] / "scripts" / "fresh_backbone.py"
     out = tmp_path / "wide"
     args = ["--heads", "3", "--head-dim", "16", "--double-blocks", "2", "--single-blocks", "3", "--seed", "1"]
@@ -109,7 +111,10 @@ def test_fresh_backbone_script_writes_a_wider_deeper_untrained_model_dir(tmp_pat
     )
     adapter = CompositionAdapter.from_pretrained(out / "adapter")
     old = CompositionAdapter.from_pretrained(source / "adapter").cfg
-    assert adapter.cfg == old.with_(hidden_dim=48, num_double_blocks=2, num_single_blocks=3, layout_blocks=(0,))
+    assert old.occlusion_priority and not adapter.cfg.occlusion_priority
+    assert adapter.cfg == old.with_(
+        hidden_dim=48, num_double_blocks=2, num_single_blocks=3, layout_blocks=(0,), occlusion_priority=False
+    )
     for part in ("vae", "text_encoder", "text_encoder_2", "image_encoders/dino", "tokenizer_2"):
         for file in (source / part).iterdir():
             assert (out / part / file.name).read_bytes() == file.read_bytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -184,15 +185,23 @@ def test_front_priority_script_switches_the_priority_on_and_keeps_every_other_te
     from moviepostproduction.tiny import write_tiny_model_dir
 
     source = write_tiny_model_dir(tmp_path / "model", seed=0)
+    index = json.loads((source / "model_index.json").read_text())
+    (source / "model_index.json").write_text(json.dumps({**index, "label": "tiny"}))
     script = Path(__file__).resolve().parents[1] / "scripts" / "front_priority_model.py"
     command = [sys.executable, str(script), str(source), str(tmp_path / "front"), "--fg-logit", "0.2"]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run([*command, "--grounding-ratio", "0.6"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     before = CompositionAdapter.from_pretrained(source / "adapter")
     after = CompositionAdapter.from_pretrained(tmp_path / "front" / "adapter")
-    assert after.cfg == before.cfg.with_(occlusion_priority=True)
+    assert after.cfg == before.cfg.with_(occlusion_priority=True, grounding_ratio=0.6)
+    index = json.loads((tmp_path / "front" / "model_index.json").read_text())
+    assert index["label"] == "tiny; fg occlusion priority e^2"
     torch.testing.assert_close(after.occlusion.logits, torch.tensor([[0.2, 0.0, 0.0], [0.2, 0.0, 0.0]]))
     kept = after.state_dict()
     assert all(torch.equal(kept[k], v) for k, v in before.state_dict().items())
     again = subprocess.run(command, capture_output=True, text=True, check=False)
     assert again.returncode == 2 and "front exists; pick a new directory" in again.stderr
+    bad_window = [*command[:-3], str(tmp_path / "f2"), "--grounding-ratio", "0"]
+    bad = subprocess.run(bad_window, capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "--grounding-ratio: must be in (0, 1] (got 0)" in bad.stderr
+    assert not (tmp_path / "f2").exists()

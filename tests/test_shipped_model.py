@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -43,6 +45,11 @@ def pipe():
 
 def test_shipped_model_names_the_sampling_defaults_of_the_readme_table(pipe):
     assert (pipe.ref_guidance_scale, pipe.noise_temperature) == (2.0, 0.8)  # docs/toy-model.md, picked on val scenes
+    adapter = pipe.model.adapter  # the fg ref owns overlaps (weight e^3 against 1), layout over 60 % of the steps
+    assert adapter.cfg.occlusion_priority and adapter.cfg.grounding_ratio == 0.6
+    weights = adapter.occlusion(torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool))  # fg, mg, bg
+    for w in weights:
+        torch.testing.assert_close(w / w[0, 0], torch.tensor([[1.0, math.exp(-3), math.exp(-3)]]), rtol=2e-3, atol=0)
 
 
 def test_shipped_weights_are_trained_far_above_the_untrained_model(pipe, tmp_path):
