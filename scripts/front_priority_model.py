@@ -18,7 +18,7 @@ import sys
 import torch
 from derived_dir import add_source_and_out, parse_source_and_out
 
-from moviepostproduction.checkpoint import staged_copy
+from moviepostproduction.checkpoint import staged_copy, write_json_atomic
 from moviepostproduction.modules import CompositionAdapter
 from moviepostproduction.modules.config import DEPTHS
 
@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         index = json.loads(index_path.read_text())
         if "label" in index:
             index["label"] += f"; fg occlusion priority e^{10 * args.fg_logit:g}"
-            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    window = f", layout window {adapter.cfg.grounding_ratio:g}"
-    print(f"wrote {out}: occlusion priority on, fg logit {args.fg_logit:g} in both pathways{window}")
+            write_json_atomic(index, index_path)
+    window = adapter.cfg.grounding_ratio
+    print(f"wrote {out}: occlusion priority on, fg logit {args.fg_logit:g} in both pathways, layout window {window:g}")
     return 0
 
 
