@@ -359,8 +359,18 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     assert model_row["fg identity per seed"][0] == rows[0]["fg identity"]  # seed 0 = the single-seed run
     assert model_row["fg identity"] == pytest.approx(sum(model_row["fg identity per seed"]) / 2)  # same refs per seed
     assert roundtrip["fg identity per seed"] == [rows[-1]["fg identity"]] * 2  # the round trip has no noise
-    assert "2 seeds per scene (the table pools them" in two.output and "model fg identity per seed: " in two.output
+    assert "2 seeds per scene (0-1; the table pools them" in two.output and "model fg identity per seed: " in two.output
     assert "2 seeds per scene" in (tmp_path / "e2s" / "eval.md").read_text()
+    # --first-seed draws later seeds alone: seed 1 of the pooled run, sample for sample.
+    later = CliRunner().invoke(
+        app, [*args, "--first-seed", "1", "--variants", "model", "--leak-scenes", "0", "--out", str(tmp_path / "e1")]
+    )
+    assert later.exit_code == 0, later.output
+    assert "1 seeds per scene (1-1; the table pools them" in later.output
+    (seed1,) = json.loads((tmp_path / "e1" / "eval.json").read_text())["rows"]
+    assert json.loads((tmp_path / "e1" / "eval.json").read_text())["first_seed"] == 1
+    assert seed1["fg identity per seed"] == [model_row["fg identity per seed"][1]]
+    assert CliRunner().invoke(app, [*args, "--first-seed", "-1"]).exit_code == 2
     assert f"fg refs judged for identity: {rows[0]['fg refs (seen pairs)']} with" in two.output  # refs, not samples
     assert CliRunner().invoke(app, [*args, "--seeds", "0"]).exit_code == 2
     bad = CliRunner().invoke(app, [*args, "--variants", "model,best"])

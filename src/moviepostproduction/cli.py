@@ -237,6 +237,12 @@ def eval_(
         help="Samples per scene, seed j from the noise of seed (scene index + 100003 j); the table pools them "
         "and the fg identity of each seed is listed (1: the scene's own seed only).",
     ),
+    first_seed: int = typer.Option(
+        0,
+        "--first-seed",
+        min=0,
+        help="j of the first seed: --first-seed 2 --seeds 2 draws seeds 2 and 3 (new samples of the same scenes).",
+    ),
     variants: str = typer.Option(
         "model,layout-only,modulation-only,untrained,vae-roundtrip",
         "--variants",
@@ -268,6 +274,7 @@ def eval_(
         start=start,
         seeds=seeds,
         noise_temperature=noise_temperature,
+        first_seed=first_seed,
     )
     for line in report:
         typer.echo(line)

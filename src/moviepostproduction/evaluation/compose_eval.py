@@ -166,6 +166,7 @@ def evaluate(
     heldout_combos: tuple[tuple[str, str], ...] = HELDOUT_COMBOS,
     seeds: int = 1,
     noise_temperature: float | None = None,
+    first_seed: int = 0,
 ):
     """Scores per variant and the generated images of each scene's first seed (variant -> list of (H, W, 3)
     uint8), scene order.
@@ -173,7 +174,8 @@ def evaluate(
     `ref_guidance`, `noise_temperature`: the same reference guidance scale and factor on the starting noise for
     every variant (None: the pipeline's defaults); `heldout_combos`: the world's held-out (shape, colour) pairs, for
     the seen / unseen identity split;
-    `seeds`: samples per scene, seed j from the noise of seed scene.seed + SEED_STRIDE * j (1: the scene's seed only).
+    `seeds`: samples per scene, seed j from the noise of seed scene.seed + SEED_STRIDE * j (1: the scene's seed only);
+    `first_seed`: j runs from first_seed to first_seed + seeds - 1 (more draws of the same scenes, none repeated).
     """
     from tqdm import tqdm
 
@@ -195,13 +197,13 @@ def evaluate(
             for k, (toy, scene) in enumerate(tqdm(scenes, desc=f"eval {variant}", disable=not progress)):
                 roundtrip = vae_roundtrip(pipe, toy.image) if variant == "vae-roundtrip" else None  # seed-free
                 leak = roundtrip is None and len(toy.refs) > 1 and (leak_scenes is None or k < leak_scenes)
-                for j in range(seeds):
+                for j in range(first_seed, first_seed + seeds):
                     image = roundtrip if roundtrip is not None else generate(scene, j)
                     score_image(score, image, toy, heldout_combos, seed=j)
                     if leak:
                         without = generate(scene.model_copy(update={"refs": scene.refs[:-1]}), j)
                         score.leak.append(leakage(without, image, [r.bbox for r in toy.refs[:-1]]))
-                    if j == 0:
+                    if j == first_seed:
                         imgs.append(image)
         scores[variant], images[variant] = score, imgs
     return scores, images
@@ -244,6 +246,7 @@ def run_eval(
     start: int = 0,
     seeds: int = 1,
     noise_temperature: float | None = None,
+    first_seed: int = 0,
 ) -> list[str]:
     """What `mpp eval` does; returns the lines to print (header, markdown table, files written)."""
     import json
@@ -277,7 +280,7 @@ def run_eval(
         scenes = heldout_scenes(n, int(world["seed"]), cfg, Path(tmp), split=split, start=start)
         scores, images = evaluate(pipe, scenes, chosen, steps=steps, leak_scenes=leak_scenes, ref_guidance=guidance,
                                   heldout_combos=cfg.heldout_combos, seeds=seeds,
-                                  noise_temperature=temperature)  # fmt: skip
+                                  noise_temperature=temperature, first_seed=first_seed)  # fmt: skip
     rows = [scores[v].row() for v in chosen]
     table = format_table(rows)
     counts = (  # the same refs are judged in every variant (and once per seed)
@@ -290,13 +293,13 @@ def run_eval(
         table,
         counts,
     ]
-    if seeds > 1:
+    if seeds > 1 or first_seed:
         per_seed = rows[0]["fg identity per seed"]
         lines.append(
-            f"{seeds} seeds per scene (the table pools them: refs counts each ref once per seed); "
-            f"{rows[0]['model']} fg identity per seed: "
+            f"{seeds} seeds per scene ({first_seed}-{first_seed + seeds - 1}; the table pools them: refs counts each "
+            f"ref once per seed); {rows[0]['model']} fg identity per seed: "
             + " ".join(f"{x:.3f}" for x in per_seed)
-            + f" (sd {np.std(per_seed, ddof=1):.3f})"
+            + (f" (sd {np.std(per_seed, ddof=1):.3f})" if seeds > 1 else "")
         )
     if out:
         folder = Path(out)
@@ -307,6 +310,7 @@ def run_eval(
             "start": start,
             "n": n,
             "seeds": seeds,
+            "first_seed": first_seed,
             "steps": steps,
             "ref_guidance": guidance,
             "noise_temperature": temperature,
