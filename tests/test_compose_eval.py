@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import csv
+import io
+
 import numpy as np
 import pytest
 
 from moviepostproduction.data.synthetic import ToyWorldConfig
-from moviepostproduction.evaluation.compose_eval import VariantScore, format_table, heldout_scenes, score_image
+from moviepostproduction.evaluation.compose_eval import (
+    VariantScore,
+    format_table,
+    heldout_scenes,
+    samples_csv,
+    score_image,
+)
 from moviepostproduction.evaluation.sprite_match import identity_parts
 
 
@@ -90,3 +99,26 @@ def test_scores_of_several_seeds_pool_and_are_listed_per_seed(tmp_path):
         row["fg identity"] == pytest.approx(truth.row()["fg identity"] / 2) and row["refs"] == 2 * truth.row()["refs"]
     )
     assert truth.row()["fg identity per seed"] == [truth.row()["fg identity"]]
+
+
+def test_every_ref_and_seed_is_kept_as_a_sample_record_and_the_csv_lists_them(tmp_path):
+    """One record per (scene, ref, seed) in the table's order; the judged ones carry the crop's reading and agree
+    with the pooled lists the table is made from."""
+    scenes = heldout_scenes(6, 0, ToyWorldConfig(max_refs=3), tmp_path)
+    score = VariantScore("m")
+    for toy, _ in scenes:
+        score_image(score, toy.image, toy, seed=0)
+        score_image(score, np.full_like(toy.image, 128), toy, seed=1)  # blank: found nowhere, read as nothing
+    refs = [(toy.index, r, ref) for toy, _ in scenes for r, ref in enumerate(toy.refs)]
+    assert len(score.samples) == 2 * len(refs) == len(score.iou)
+    assert [s["IoU"] for s in score.samples] == [round(x, 4) for x in score.iou]
+    judged = [s for s in score.samples if s["judged"]]
+    assert [s["identity"] for s in judged] == score.identity and len(judged) == len(score.identity)
+    truth = [s for s in judged if s["seed"] == 0]
+    assert truth and all(s["read shape"] == s["shape"] and s["read colour"] == s["colour"] for s in truth)
+    assert all(s["read shape"] == "" and s["identity"] is False for s in judged if s["seed"] == 1)
+    assert all(s["identity"] == "" for s in score.samples if not s["judged"])
+    rows = list(csv.DictReader(io.StringIO(samples_csv([score, VariantScore("empty")]))))
+    assert len(rows) == len(score.samples) and {r["model"] for r in rows} == {"m"}
+    assert [(int(r["scene"]), int(r["ref"])) for r in rows[:2]] == [(i, r) for i, r, _ in refs[:2]]
+    assert list(rows[0])[:4] == ["model", "scene", "ref", "seed"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import math
@@ -347,6 +348,12 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     from PIL import Image
 
     assert Image.open(tmp_path / "eval" / "grid.png").size == (6 * 64, 2 * 64)  # target + 5 variants, 2 scenes
+    with open(tmp_path / "eval" / "samples.csv", newline="") as f:
+        samples = list(csv.DictReader(f))  # one row per variant, scene, ref and seed
+    assert len(samples) == sum(r["refs"] for r in rows) and [s["model"] for s in samples[:1]] == ["model"]
+    judged = [s["identity"] == "True" for s in samples if s["model"] == "model" and s["judged"] == "True"]
+    assert len(judged) == rows[0]["fg refs (seen pairs)"] + rows[0]["fg refs (unseen pairs)"]
+    assert sum(judged) / len(judged) == pytest.approx(rows[0]["fg identity"])
     # Several seeds per scene: seed 0 is the scene's own (the run above), the table pools every seed's samples.
     two = CliRunner().invoke(
         app, [*args, "--seeds", "2", "--variants", "model,vae-roundtrip", "--out", str(tmp_path / "e2s")]

@@ -189,10 +189,15 @@ def cast_safetensors_files(folder: str | Path, dtype: torch.dtype) -> None:
         save_safetensors(cast, file, metadata=read_metadata(file) or None)
 
 
-def write_json_atomic(data: dict, path: str | Path) -> Path:
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write a text file whole or not at all (temp file beside it + rename): a reader never sees half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_json_atomic(data: dict, path: str | Path) -> Path:
+    return write_text_atomic(json.dumps(data, indent=2, sort_keys=True) + "\n", path)

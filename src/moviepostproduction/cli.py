@@ -256,7 +256,9 @@ def eval_(
     noise_temperature: float | None = typer.Option(
         None, "--noise-temperature", help="Factor on the starting noise for every variant [default: the model dir's]."
     ),
-    out: str | None = typer.Option(None, "--out", help="Write eval.md, eval.json and grid.png here."),
+    out: str | None = typer.Option(
+        None, "--out", help="Write eval.md, eval.json, samples.csv (one row per ref and seed) and grid.png here."
+    ),
 ) -> None:
     """Bbox alignment (IoU, centre error), fg identity (also on seen / unseen shape-colour pairs) and leakage of a
     toy-world model and its ablations."""

@@ -14,6 +14,8 @@ modulation-only: Assemble-Attn off), the untrained model (same architecture and 
 transformer + adapter), and `vae-roundtrip`: the target scenes themselves encoded and decoded by the model's
 VAE, no transformer; the most any backbone generating in that latent space can score (its leakage is not
 defined, and it is the same for every seed).
+Every judgement is also kept per sample (`VariantScore.samples`; `samples.csv` beside the table): which ref of
+which scene and seed, its IoU and centre error, and for the judged fg refs what the crop reads as.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..data.shards import encode_png
 from ..data.synthetic import HELDOUT_COMBOS, ToyScene, ToyWorldConfig, generate_scene
 from ..scene import Scene, scene_from_dict
 from .metrics import bbox_iou, centre_error, leakage
-from .sprite_match import identity_parts, locate_sprite
+from .sprite_match import classify_sprite, locate_sprite, parts_match
 
 VARIANTS = ("model", "layout-only", "modulation-only", "untrained", "vae-roundtrip")
 MIN_VISIBLE_FOR_IDENTITY = 0.9  # an fg sprite the layout itself hides in part cannot be judged by its shape
@@ -48,6 +50,7 @@ class VariantScore:
     shape: list[bool] = field(default_factory=list)  # and the shape part (identity = both)
     unseen: list[bool] = field(default_factory=list)  # and whether its (shape, colour) pair is held out of training
     seed: list[int] = field(default_factory=list)  # and which of the scene's seeds (0, 1, ...) drew the sample
+    samples: list[dict] = field(default_factory=list)  # one record per (scene, ref, seed): the rows of samples.csv
 
     def row(self) -> dict[str, float | str | int]:
         def mean(xs):
@@ -97,17 +100,25 @@ def score_image(
     """Append the scores of one generated image of `toy`; `heldout_combos`: the (shape, colour) pairs of the
     world that training never showed (its `ToyWorldConfig.heldout_combos`); `seed`: which of the scene's seeds."""
     held = {tuple(c) for c in heldout_combos}
-    for ref in toy.refs:
+    for r, ref in enumerate(toy.refs):
         found = locate_sprite(image, ref.image)
         score.iou.append(float(bbox_iou(found, ref.bbox)) if found is not None else 0.0)
         score.centre.append(float(centre_error(found, ref.bbox)) if found is not None else float("nan"))
+        record = {"scene": toy.index, "ref": r, "seed": seed, "depth": ref.depth, "shape": ref.shape,
+                  "colour": ref.colour, "visible": round(ref.visible, 4), "IoU": round(score.iou[-1], 4),
+                  "centre error": round(score.centre[-1], 4), "judged": False, "read colour": "", "read shape": "",
+                  "identity": ""}  # fmt: skip
+        score.samples.append(record)
         if ref.depth == "fg" and ref.visible >= MIN_VISIBLE_FOR_IDENTITY:
             h, w = image.shape[:2]
             x0, y0, x1, y1 = ref.bbox
             crop = image[
                 int(y0 * h) : max(int(y0 * h) + 1, round(y1 * h)), int(x0 * w) : max(int(x0 * w) + 1, round(x1 * w))
             ]
-            colour, shape = identity_parts(ref.image, crop)
+            reading = classify_sprite(crop)
+            colour, shape = parts_match(classify_sprite(ref.image), reading)
+            record.update({"judged": True, "read colour": reading[0] or "", "read shape": reading[1] or "",
+                           "identity": colour and shape})  # fmt: skip
             score.colour.append(colour)
             score.shape.append(shape)
             score.identity.append(colour and shape)
@@ -233,6 +244,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def samples_csv(scores: list[VariantScore]) -> str:
+    """One CSV row per variant, scene, ref and seed: the ref, where it landed (IoU, centre error) and, for the fg
+    refs judged for identity, what the crop at its box reads as (named colour, shape class) and whether both match."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = None
+    for score in scores:
+        for sample in score.samples:
+            row = {"model": score.name, **sample}
+            if writer is None:
+                writer = csv.DictWriter(out, fieldnames=list(row), lineterminator="\n")
+                writer.writeheader()
+            writer.writerow(row)
+    return out.getvalue()
+
+
 def run_eval(
     *,
     split: str,
@@ -252,6 +281,7 @@ def run_eval(
     import json
     import tempfile
 
+    from ..checkpoint import write_text_atomic
     from ..data.synthetic import SPLITS
     from ..errors import Problem, ValidationError
     from ..model_dir import ModelDir, default_model_dir
@@ -304,7 +334,7 @@ def run_eval(
     if out:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "eval.md").write_text("\n\n".join([table, *lines[2:]]) + "\n")
+        write_text_atomic("\n\n".join([table, *lines[2:]]) + "\n", folder / "eval.md")
         report = {
             "split": split,
             "start": start,
@@ -317,6 +347,7 @@ def run_eval(
             "model": str(md.root),
             "rows": rows,
         }
-        (folder / "eval.json").write_text(json.dumps(report, indent=2))
+        write_text_atomic(json.dumps(report, indent=2), folder / "eval.json")
+        write_text_atomic(samples_csv([scores[v] for v in chosen]), folder / "samples.csv")
         lines.append(f"wrote {save_png(eval_grid(scenes, images), folder / 'grid.png')}")
     return lines

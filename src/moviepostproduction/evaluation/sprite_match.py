@@ -155,8 +155,12 @@ def classify_sprite(image: np.ndarray) -> tuple[str | None, str | None]:
 def identity_parts(ref: np.ndarray, crop: np.ndarray) -> tuple[bool, bool]:
     """(same named colour, same shape class) of the reference and the crop's dominant sprite; an attribute the
     reference itself cannot be classified by never matches."""
-    (ref_colour, ref_shape), (crop_colour, crop_shape) = classify_sprite(ref), classify_sprite(crop)
-    return ref_colour is not None and ref_colour == crop_colour, ref_shape is not None and ref_shape == crop_shape
+    return parts_match(classify_sprite(ref), classify_sprite(crop))
+
+
+def parts_match(ref: tuple[str | None, str | None], crop: tuple[str | None, str | None]) -> tuple[bool, bool]:
+    """`identity_parts` of two `classify_sprite` readings."""
+    return ref[0] is not None and ref[0] == crop[0], ref[1] is not None and ref[1] == crop[1]
 
 
 def identity_match(ref: np.ndarray, crop: np.ndarray) -> bool:
