@@ -64,7 +64,9 @@ def deepen_transformer(transformer: nn.Module, plan: Deepening, seed: int = 0) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         deeper = FluxTransformer2DModel.from_config(config)
-    deeper.to(device=param.device, dtype=param.dtype)  # from_config builds fp32 on the CPU
+    deeper.to(device=param.device)  # from_config builds fp32 on the CPU
+    if param.dtype != deeper.dtype:  # (diffusers warns on any dtype cast, even a no-op one)
+        deeper.to(dtype=param.dtype)
     missing, unexpected = deeper.load_state_dict(transformer.state_dict(), strict=False)
     new_prefixes = tuple(f"transformer_blocks.{i}." for i in range(old_double, config["num_layers"])) + tuple(
         f"single_transformer_blocks.{i}." for i in range(old_single, config["num_single_layers"])

@@ -147,7 +147,10 @@ class Ablation:
 
             torch.manual_seed(self.seed)
             tr = pipe.model.transformer
-            pipe.model.transformer = FluxTransformer2DModel.from_config(tr.config).to(tr.device, tr.dtype).eval()
+            fresh = FluxTransformer2DModel.from_config(tr.config).to(tr.device)
+            if fresh.dtype != tr.dtype:  # diffusers warns on any dtype cast, even to the dtype it already has
+                fresh = fresh.to(dtype=tr.dtype)
+            pipe.model.transformer = fresh.eval()
             pipe.model.adapter = CompositionAdapter(pipe.model.adapter.cfg).to(tr.device, tr.dtype).eval()
         return pipe
 
