@@ -30,7 +30,9 @@ OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-patches.yaml
 OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-patches2.yaml
 OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-patches3.yaml
 # Sampling only, nothing trained: the fg ref owns the tokens where its box overlaps another (occlusion priority e^3 in
-# both pathways) and Assemble-Attn runs over the first 60 % of the steps (docs/toy-model.md).
+# both pathways), within a label the earlier ref does (order priority e^3), and Assemble-Attn runs over the first
+# 60 % of the steps (docs/toy-model.md).
 rm -rf build/toy-model-front-ship
-python scripts/front_priority_model.py build/toy-model build/toy-model-front-ship --fg-logit 0.3 --grounding-ratio 0.6
+python scripts/front_priority_model.py build/toy-model build/toy-model-front-ship --fg-logit 0.3 --grounding-ratio 0.6 \
+    --order-priority 3
 python scripts/ship_toy_model.py build/toy-model-front-ship

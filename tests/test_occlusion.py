@@ -205,3 +205,47 @@ def test_front_priority_script_switches_the_priority_on_and_keeps_every_other_te
     bad = subprocess.run(bad_window, capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "--grounding-ratio: must be in (0, 1] (got 0)" in bad.stderr
     assert not (tmp_path / "f2").exists()
+    ordered = [*command[:-3], str(tmp_path / "f3"), "--fg-logit", "0.2", "--order-priority", "3"]
+    assert subprocess.run(ordered, capture_output=True, text=True, check=False).returncode == 0
+    assert CompositionAdapter.from_pretrained(tmp_path / "f3" / "adapter").cfg == before.cfg.with_(
+        occlusion_priority=True, order_priority=3.0
+    )
+    label = json.loads((tmp_path / "f3" / "model_index.json").read_text())["label"]
+    assert label == "tiny; fg occlusion priority e^2, order within a label e^3"
+    bad_order = subprocess.run([*ordered[:-5], str(tmp_path / "f4"), "--order-priority", "-1"], capture_output=True,
+                               text=True, check=False)  # fmt: skip
+    assert bad_order.returncode == 2 and "--order-priority: must be a finite number >= 0 (got -1)" in bad_order.stderr
+
+
+def test_order_priority_breaks_ties_within_a_label_by_the_scenes_order():
+    """Refs listed front to back: within one label each earlier valid ref weighs e^K times the next; other labels,
+    padding and K = 0 are untouched."""
+    depth = torch.tensor([[0, 1, 0, 0, 1, 0]])  # fg mg fg fg mg fg(padding)
+    valid = torch.tensor([[True, True, True, True, True, False]])
+    logits = torch.tensor([[0.3, 0.0, 0.0], [0.2, 0.0, 0.0]])
+    plain, tied = OcclusionPriority(), OcclusionPriority(order_priority=2.0)
+    with torch.no_grad():
+        plain.logits.copy_(logits)
+        tied.logits.copy_(logits)
+    for base, ordered in zip(plain(depth, valid), tied(depth, valid), strict=True):
+        rank = torch.tensor([[0.0, 0.0, 1.0, 2.0, 1.0, 0.0]])  # earlier valid refs of the same label
+        expect = torch.where(valid, (base.log() - 2.0 * rank).exp().clamp(min=MIN_WEIGHT), torch.ones_like(base))
+        torch.testing.assert_close(ordered, expect)
+    assert torch.equal(OcclusionPriority(0.0)(depth, valid)[0], OcclusionPriority()(depth, valid)[0])
+    # a ref not valid does not push the later ones back
+    gap = torch.tensor([[True, True, False, True, True, True]])
+    layout, _ = tied(depth, gap)
+    torch.testing.assert_close(layout[0, 3], torch.tensor(math.exp(-2.0)))
+
+
+def test_order_priority_is_a_checked_setting_of_the_adapter_and_survives_saving(tmp_path):
+    adapter = CompositionAdapter(CFG.with_(order_priority=3.0))
+    assert adapter.occlusion.order_priority == 3.0 and "occlusion.order_priority" not in adapter.state_dict()
+    adapter.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "config.json").read_text())["order_priority"] == 3.0
+    assert CompositionAdapter.from_pretrained(tmp_path / "adapter").occlusion.order_priority == 3.0
+    with pytest.raises(ValueError, match="order_priority=2 needs occlusion_priority=true"):
+        PRESETS["tiny"].with_(order_priority=2)
+    for bad in (-1.0, float("nan"), True, "3"):
+        with pytest.raises(ValueError, match="order_priority=.* must be a finite number >= 0"):
+            CFG.with_(order_priority=bad)

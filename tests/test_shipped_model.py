@@ -50,6 +50,10 @@ def test_shipped_model_names_the_sampling_defaults_of_the_readme_table(pipe):
     weights = adapter.occlusion(torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool))  # fg, mg, bg
     for w in weights:
         torch.testing.assert_close(w / w[0, 0], torch.tensor([[1.0, math.exp(-3), math.exp(-3)]]), rtol=2e-3, atol=0)
+    assert adapter.cfg.order_priority == 3.0  # within a label the earlier ref owns an overlap, e^3 per place
+    two_fg = adapter.occlusion(torch.tensor([[0, 0, 1]]), torch.ones(1, 3, dtype=torch.bool))
+    for w in two_fg:
+        torch.testing.assert_close(w / w[0, 0], torch.tensor([[1.0, math.exp(-3), math.exp(-3)]]), rtol=2e-3, atol=0)
 
 
 def test_shipped_weights_are_trained_far_above_the_untrained_model(pipe, tmp_path):

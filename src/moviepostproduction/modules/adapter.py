@@ -34,7 +34,7 @@ class CompositionAdapter(nn.Module):
         self.modulation_head = ModulationHead(cfg)
         self.feedback_bridge = FeedbackBridge(cfg)
         self.assemble = nn.ModuleDict({str(b): AssembleAttention(cfg) for b in cfg.resolved_layout_blocks})
-        self.occlusion = OcclusionPriority() if cfg.occlusion_priority else None
+        self.occlusion = OcclusionPriority(cfg.order_priority) if cfg.occlusion_priority else None
 
     CONFIG_NAME = "config.json"
     WEIGHTS_NAME = "model.safetensors"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ..layout import fourier_dim
@@ -32,6 +33,9 @@ class ConditioningConfig:
     box_position_rank: int = 64  # its hidden width
     box_patch_rank: int = 0  # > 0: Assemble-Attn lays each ref's DINO patch tokens into its box (0: off; design note)
     occlusion_priority: bool = False  # learned per-depth weights where boxes overlap (False: average; design note)
+    # with occlusion_priority, within one depth label a ref listed earlier is nearer: its weight is e^order_priority
+    # times the next one's (0: refs of the same label share their overlap)
+    order_priority: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -43,6 +47,11 @@ class ConditioningConfig:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
         if not isinstance(self.occlusion_priority, bool):
             problems.append(f"occlusion_priority={self.occlusion_priority!r} must be true or false")
+        order = self.order_priority
+        if isinstance(order, bool) or not isinstance(order, int | float) or not math.isfinite(order) or order < 0:
+            problems.append(f"order_priority={order!r} must be a finite number >= 0")
+        elif order and not self.occlusion_priority:
+            problems.append(f"order_priority={order!r} needs occlusion_priority=true")
         if self.dense_k < 2:
             problems.append(f"dense_k={self.dense_k} must be >= 2 (corners are included)")
         if not 0.0 <= self.grounding_ratio <= 1.0:

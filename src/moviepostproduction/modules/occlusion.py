@@ -9,7 +9,8 @@ learned priority per pathway, and a token covered by boxes i, j, ... weighs ref 
 
 with w = exp(LOGIT_SCALE * logit[depth]) (relative to the top label's) and m the token's mask values. The logits
 start at zero, so w = 1 and both are exactly DESIGN 3's average / sum until training moves them; a token inside one
-box only is never reweighted.
+box only is never reweighted. Refs of the same label tie; `order_priority` K > 0 breaks the tie by the scene's order
+(refs listed front to back): w is multiplied by exp(-K rank), rank = the earlier valid refs of the same label.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ MIN_WEIGHT = 1e-3
 
 
 class OcclusionPriority(nn.Module):
-    def __init__(self):
+    def __init__(self, order_priority: float = 0.0):
         super().__init__()
         self.logits = nn.Parameter(torch.zeros(len(PATHWAYS), len(DEPTHS)))  # (pathway, depth)
+        self.order_priority = float(order_priority)  # a setting (ConditioningConfig), not a trained weight
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -42,6 +44,11 @@ class OcclusionPriority(nn.Module):
         """depth (B, R) long index into DEPTHS, valid (B, R) bool -> (layout, modulation) weights, each (B, R) fp32
         in [MIN_WEIGHT, 1] on valid refs (padding: 1, never read: padded refs cover no token)."""
         logits = LOGIT_SCALE * self.logits.float()  # (2, 3)
-        weights = (logits - logits.amax(-1, keepdim=True)).exp().clamp(min=MIN_WEIGHT)[:, depth]  # (2, B, R)
+        logits = (logits - logits.amax(-1, keepdim=True))[:, depth]  # (2, B, R)
+        if self.order_priority:
+            same = (depth[:, :, None] == depth[:, None, :]) & valid[:, None, :]  # (B, R, R'): R' of R's label
+            earlier = torch.ones_like(same).tril(-1)  # R' listed before R
+            logits = logits - self.order_priority * (same & earlier).sum(-1).float()  # rank within the label
+        weights = logits.exp().clamp(min=MIN_WEIGHT)
         weights = torch.where(valid, weights, torch.ones_like(weights))
         return weights[0], weights[1]
