@@ -136,3 +136,29 @@ def test_fresh_backbone_script_writes_a_wider_deeper_untrained_model_dir(tmp_pat
     assert v.shape == inputs["hidden_states"].shape and torch.isfinite(v).all()
     again = subprocess.run(command, capture_output=True, text=True, check=False)
     assert again.returncode == 2 and "wide exists; pick a new directory" in again.stderr
+
+
+def test_move_like_casts_only_a_differing_dtype_and_so_raises_no_diffusers_warning():
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from moviepostproduction.model_dir import move_like
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root = diffusers_logging.get_logger("diffusers")
+    root.addHandler(handler)
+    try:
+        model = make_tiny_flux(0)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        same = move_like(model, "cpu", torch.float32)
+        assert same is model and all(torch.equal(v, before[k]) for k, v in same.state_dict().items())
+        assert not [r for r in records if "Casting directly" in r.getMessage()]
+        model.to(dtype=torch.float32)  # the plain cast of the same dtype is what warns
+        assert [r for r in records if "Casting directly" in r.getMessage()]
+        half = move_like(make_tiny_flux(0), "cpu", torch.bfloat16)
+        assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    finally:
+        root.removeHandler(handler)

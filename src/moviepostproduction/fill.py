@@ -23,6 +23,7 @@ from torch import nn
 
 from .conditioning import Conditioning
 from .errors import WeightsError
+from .model_dir import move_like
 from .modules.semantic_attention import SemanticCrossAttention, SemanticTokens
 from .sampling import pack_latents, unpack_latents
 
@@ -176,9 +177,7 @@ def expand_to_fill(transformer: nn.Module, channels: FillChannels) -> nn.Module:
     weight = old.new_zeros(old.shape[0], channels.total)
     weight[:, : channels.latent] = old
     wide.load_state_dict({**state, "x_embedder.weight": weight}, strict=True)
-    if old.device.type != "cpu" or old.dtype != torch.float32:  # from_config builds fp32 on the CPU
-        wide = wide.to(device=old.device, dtype=old.dtype)
-    return wide.requires_grad_(False).eval()
+    return move_like(wide, old.device, old.dtype).requires_grad_(False).eval()
 
 
 class FillFlux(nn.Module):

@@ -258,6 +258,15 @@ def freeze(module: M) -> M:
     return module.eval()
 
 
+def move_like(module: M, device: torch.device | str, dtype: torch.dtype) -> M:
+    """A freshly built model (diffusers' `from_config` gives fp32 on the CPU) moved to another model's device and
+    dtype; the dtype is cast only when it differs, since diffusers warns on any dtype cast, even a no-op one."""
+    module = module.to(device=device)
+    if next(module.parameters()).dtype != dtype:
+        module = module.to(dtype=dtype)
+    return module
+
+
 def load_frozen(cls: type[M], model_dir: ModelDir, component: str, dtype: torch.dtype) -> M:
     """`cls.from_pretrained` on one checked component: safetensors only, local only, no missing tensors."""
     model_dir.check([component])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..model_dir import freeze
+from ..model_dir import freeze, move_like
 from ..modules.adapter import CompositionAdapter
 from ..sampling import is_count
 
@@ -64,9 +64,7 @@ def deepen_transformer(transformer: nn.Module, plan: Deepening, seed: int = 0) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         deeper = FluxTransformer2DModel.from_config(config)
-    deeper.to(device=param.device)  # from_config builds fp32 on the CPU
-    if param.dtype != deeper.dtype:  # (diffusers warns on any dtype cast, even a no-op one)
-        deeper.to(dtype=param.dtype)
+    deeper = move_like(deeper, param.device, param.dtype)
     missing, unexpected = deeper.load_state_dict(transformer.state_dict(), strict=False)
     new_prefixes = tuple(f"transformer_blocks.{i}." for i in range(old_double, config["num_layers"])) + tuple(
         f"single_transformer_blocks.{i}." for i in range(old_single, config["num_single_layers"])

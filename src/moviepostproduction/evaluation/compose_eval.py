@@ -143,14 +143,13 @@ class Ablation:
         elif self.variant == "untrained":
             from diffusers import FluxTransformer2DModel
 
+            from ..model_dir import move_like
             from ..modules import CompositionAdapter
 
             torch.manual_seed(self.seed)
             tr = pipe.model.transformer
-            fresh = FluxTransformer2DModel.from_config(tr.config).to(tr.device)
-            if fresh.dtype != tr.dtype:  # diffusers warns on any dtype cast, even to the dtype it already has
-                fresh = fresh.to(dtype=tr.dtype)
-            pipe.model.transformer = fresh.eval()
+            fresh = FluxTransformer2DModel.from_config(tr.config)
+            pipe.model.transformer = move_like(fresh, tr.device, tr.dtype).eval()
             pipe.model.adapter = CompositionAdapter(pipe.model.adapter.cfg).to(tr.device, tr.dtype).eval()
         return pipe
 
