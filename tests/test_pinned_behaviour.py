@@ -1,0 +1,182 @@
+"""Behaviour pinned across refactors: the shipped toy model's final latents for fixed scenes and seeds.
+
+Recorded once with `python tests/test_pinned_behaviour.py --record` (issue 39, before the package layout moved);
+every later run must reproduce them exactly on CPU fp32 (max abs diff 0). Re-record only for a deliberate change of
+behaviour, and say so in the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+PINNED = Path(__file__).resolve().parent / "data" / "pinned_latents.safetensors"
+STEPS = 6
+SEEDS = (0, 1)
+
+
+def _last_latents():
+    seen = {}
+
+    def callback(i, t, x):
+        seen["x"] = x.detach().clone()
+
+    return seen, callback
+
+
+def _scenes(folder: Path):
+    from moviepostproduction.data.synthetic import ToyWorldConfig
+    from moviepostproduction.evaluation.compose_eval import heldout_scenes
+    from moviepostproduction.model_dir import SHIPPED_MODEL_DIR
+    from moviepostproduction.scene import load_scene
+
+    world = json.loads((SHIPPED_MODEL_DIR / "model_index.json").read_text())["toy_world_data"]
+    toy = [
+        scene for _, scene in heldout_scenes(2, int(world["seed"]), ToyWorldConfig.from_dict(world["config"]), folder)
+    ]
+    return [load_scene(ROOT / "examples" / "scene.json"), *toy]
+
+
+def _panorama_scene(folder: Path):
+    from moviepostproduction.scene import scene_from_dict
+
+    data = {
+        "caption": "a red striped circle in a desert",
+        "width": 128,
+        "height": 64,
+        "panorama": True,
+        "refs": [
+            {
+                "image": "refs/red_circle.png",
+                "bbox": [0.8, 0.3, 0.2, 0.8],
+                "depth": "fg",
+                "caption": "a red striped circle",
+            }
+        ],
+    }
+    return scene_from_dict(data, base_dir=ROOT / "examples")
+
+
+def _fill_scene(folder: Path):
+    from moviepostproduction.scene import scene_from_dict
+
+    data = {
+        "caption": "a blue square on the grass",
+        "width": 64,
+        "height": 64,
+        "refs": [
+            {
+                "image": "refs/blue_square.png",
+                "bbox": [0.25, 0.25, 0.75, 0.75],
+                "depth": "fg",
+                "caption": "a blue square",
+            }
+        ],
+    }
+    return scene_from_dict(data, base_dir=ROOT / "examples")
+
+
+def generate(folder: Path) -> dict[str, torch.Tensor]:
+    """Every pinned tensor, named `<capability>-<case>-seed<k>`."""
+    from moviepostproduction.encoders import TextEncoder
+    from moviepostproduction.fill_weights import default_fill_model_dir
+    from moviepostproduction.model_dir import ModelDir, default_model_dir
+    from moviepostproduction.pipelines.compose import ComposePipeline
+    from moviepostproduction.pipelines.fill import FillPipeline
+    from moviepostproduction.pipelines.panorama import PanoramaPipeline, compose_panorama
+    from moviepostproduction.pipelines.vary import VaryPipeline
+
+    torch.manual_seed(0)
+    out: dict[str, torch.Tensor] = {}
+    md = default_model_dir()
+    compose = ComposePipeline.from_model_dir(md)
+    for k, scene in enumerate(_scenes(folder)):
+        for seed in SEEDS:
+            res = compose(scene, num_inference_steps=STEPS, seed=seed, output_type="latent")
+            out[f"compose-scene{k}-seed{seed}"] = res.images[0].contiguous()
+
+    pano = PanoramaPipeline.from_model_dir(md)
+    text = TextEncoder.load(md).encode(["a sprite in a desert"], ModelDir.at(md).max_text_tokens)
+    for seed in SEEDS:
+        res = pano(
+            prompt_embeds=text.t5,
+            pooled_prompt_embeds=text.pooled,
+            height=64,
+            num_inference_steps=STEPS,
+            seed=seed,
+            output_type="latent",
+        )
+        out[f"panorama-caption-seed{seed}"] = res.latents.contiguous()
+    scene = _panorama_scene(folder)
+    for seed in SEEDS:
+        res = compose_panorama(compose, scene, seed=seed, num_inference_steps=STEPS, output_type="latent")
+        out[f"panorama-scene-seed{seed}"] = res.latents.contiguous()
+
+    fill = FillPipeline.from_model_dir(default_fill_model_dir(folder / "cache"), semantic=False, refs=False)
+    plate = Image.open(ROOT / "examples" / "refs" / "red_circle.png").convert("RGB").resize((64, 64))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    for seed in SEEDS:
+        seen, callback = _last_latents()
+        fill(
+            plate,
+            Image.fromarray(mask),
+            prompt="a blue square",
+            num_inference_steps=STEPS,
+            seed=seed,
+            callback_on_step_end=callback,
+        )
+        out[f"fill-mask-seed{seed}"] = seen["x"].contiguous()
+    fill_refs = FillPipeline.from_model_dir(default_fill_model_dir(folder / "cache"), semantic=True, refs=True)
+    semantic = np.zeros((64, 64, 3), dtype=np.uint8)
+    semantic[:, :32] = (0, 128, 0)
+    for seed in SEEDS:
+        seen, callback = _last_latents()
+        fill_refs(
+            plate,
+            semantic=Image.fromarray(semantic),
+            scene=_fill_scene(folder),
+            num_inference_steps=STEPS,
+            seed=seed,
+            callback_on_step_end=callback,
+        )
+        out[f"fill-refs-seed{seed}"] = seen["x"].contiguous()
+
+    vary = VaryPipeline.from_model_dir(md)
+    ref = Image.open(ROOT / "examples" / "refs" / "green_triangle.png")
+    inputs = vary.encode([ref], ["a green dotted triangle"])
+    for seed in SEEDS:
+        seen, callback = _last_latents()
+        vary(**inputs, num_inference_steps=STEPS, seed=seed, output_type="pil", callback_on_step_end=callback)
+        out[f"vary-triangle-seed{seed}"] = seen["x"].contiguous()
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_shipped_behaviour_is_unchanged_to_the_bit(tmp_path):
+    pinned = load_file(PINNED)
+    got = generate(tmp_path)
+    assert sorted(got) == sorted(pinned)
+    for name, tensor in pinned.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(got[name], tensor), f"{name}: max abs diff {(got[name] - tensor).abs().max().item()}"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
+    import tempfile
+
+    torch.set_num_threads(1)  # as tests/conftest.py: results are exact only at one thread count
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tensors = generate(Path(tmp))
+    PINNED.parent.mkdir(exist_ok=True)
+    save_file(tensors, str(PINNED))
+    print(f"recorded {len(tensors)} tensors: {sorted(tensors)}")
