@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moviepostproduction.data.synthetic import ToyWorldConfig, _reference_image
+from moviepostproduction.toyworld.synthetic import ToyWorldConfig, _reference_image
 
 OUT = Path(__file__).resolve().parent / "refs"
 SPRITES = {  # file -> (shape, colour, pattern)

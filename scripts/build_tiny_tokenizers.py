@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moviepostproduction.tiny import train_tiny_tokenizers
+from moviepostproduction.toyworld.tiny import train_tiny_tokenizers
 
 
 def main(argv: list[str] | None = None) -> int:

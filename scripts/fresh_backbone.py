@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from derived_dir import add_source_and_out, parse_source_and_out
 
-from moviepostproduction.checkpoint import save_pretrained_readable, staged_copy, write_json_atomic
-from moviepostproduction.modules import CompositionAdapter
-from moviepostproduction.tiny import rope_axes
+from moviepostproduction.compose.modules import CompositionAdapter
+from moviepostproduction.files import save_pretrained_readable, staged_copy, write_json_atomic
+from moviepostproduction.toyworld.tiny import rope_axes
 
 
 def fresh_transformer(source: Path, heads: int, head_dim: int, double: int, single: int):

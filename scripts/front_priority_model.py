@@ -22,9 +22,9 @@ import sys
 import torch
 from derived_dir import add_source_and_out, parse_source_and_out
 
-from moviepostproduction.checkpoint import staged_copy, write_json_atomic
-from moviepostproduction.modules import CompositionAdapter
-from moviepostproduction.modules.config import DEPTHS
+from moviepostproduction.compose.modules import CompositionAdapter
+from moviepostproduction.compose.modules.config import DEPTHS
+from moviepostproduction.files import staged_copy, write_json_atomic
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/measure_panorama_seams.py --batch 64 --height 128 --steps 1 --seed 0
 
-CPU, about a minute. The probe (`moviepostproduction.panorama_probe`) generates smooth random content whose
+CPU, about a minute. The probe (`tests/panorama_probe.py`) generates smooth random content whose
 coherence comes from RoPE alone; the random tiny FLUX (tiny.py sizes) shows that untrained weights cannot
 show a seam. Both decode with the same random tiny VAE (tiny.py sizes). Ratios are pooled over the batch
 (the images stacked vertically), so one number per setting: 1.0 = the seam is like any other column step.
@@ -11,17 +11,21 @@ show a seam. Both decode with the same random tiny VAE (tiny.py sizes). Ratios a
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 
 from moviepostproduction.encoders import Vae
-from moviepostproduction.evaluation.metrics import seam_ratio
-from moviepostproduction.panorama import PanoramaConfig
-from moviepostproduction.panorama_probe import ProbeConfig, build_seam_probe
-from moviepostproduction.pipelines.panorama import PanoramaPipeline
-from moviepostproduction.tiny import tiny_configs
+from moviepostproduction.panorama.pipeline import PanoramaPipeline
+from moviepostproduction.panorama.seams import seam_ratio
+from moviepostproduction.panorama.wrap import PanoramaConfig
+from moviepostproduction.toyworld.tiny import tiny_configs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the seam probe is a test fixture
+from panorama_probe import ProbeConfig, build_seam_probe  # noqa: E402
 
 SETTINGS = {
     "nothing (pad 0, stock RoPE, zero-padded VAE)": PanoramaConfig(pad=0, circular_vae=False),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moviepostproduction.checkpoint import cast_safetensors_files, staged_copy
+from moviepostproduction.files import cast_safetensors_files, staged_copy
 from moviepostproduction.model_dir import SHIPPED_MODEL_DIR, ModelDir
 
 

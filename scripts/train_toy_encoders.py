@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from moviepostproduction.training.toy_build import ToyEncodersConfig, train_toy_encoders
-from moviepostproduction.training.toy_encoders import EncoderTrainConfig
+from moviepostproduction.toyworld.toy_build import ToyEncodersConfig, train_toy_encoders
+from moviepostproduction.toyworld.toy_encoders import EncoderTrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from moviepostproduction.backbones.nanodit_io import FOLDER, save_nanodit_dir
-from moviepostproduction.data.synthetic import ToyWorldConfig
+from moviepostproduction.toyworld.synthetic import ToyWorldConfig
 from moviepostproduction.training.trainer import TrainConfig, Trainer
 from moviepostproduction.training.vary_task import STAGES, VaryTaskConfig, build_vary_task, validate_vary
+from moviepostproduction.vary.nanodit_io import FOLDER, save_nanodit_dir
 
 
 def main(argv: list[str] | None = None) -> int:

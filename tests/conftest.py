@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moviepostproduction.modules import PRESETS, CompositionAdapter, ConditioningConfig
+from moviepostproduction.compose.modules import PRESETS, CompositionAdapter, ConditioningConfig
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give
 

@@ -8,8 +8,8 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moviepostproduction.conditioning import RefBatch
-from moviepostproduction.modules import PRESETS, ConditioningConfig
+from moviepostproduction.compose.conditioning import RefBatch
+from moviepostproduction.compose.modules import PRESETS, ConditioningConfig
 from moviepostproduction.sampling import latent_image_ids, text_ids
 
 
@@ -98,8 +98,8 @@ def refs_at(
 def trained_assemble_part(cfg: ConditioningConfig, refs: RefBatch, part: str, grid=(8, 8), text_len: int = 6):
     """One backward pass of a tiny model through Assemble-Attn: returns the conditioning and the gradient reaching the
     (zero-init) `out` weight of layout block 0's `part` ("position", "patches")."""
-    from moviepostproduction.backbones.flux import ConditionedFlux
-    from moviepostproduction.modules import CompositionAdapter
+    from moviepostproduction.compose.flux import ConditionedFlux
+    from moviepostproduction.compose.modules import CompositionAdapter
 
     torch.manual_seed(0)
     model = ConditionedFlux(make_tiny_flux(0), CompositionAdapter(cfg))

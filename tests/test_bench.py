@@ -10,22 +10,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moviepostproduction.bench import (
+from moviepostproduction.bench.harness import (
     BenchConfig,
     CaseResult,
     EncoderResult,
     PrepareResult,
     default_dtype,
     default_tokens,
-    format_case,
-    format_encoders,
-    format_header,
-    format_prepare,
     parse_numbers,
     run_benchmark,
 )
-from moviepostproduction.bench_memory import PeakMemory
-from moviepostproduction.bench_setup import BenchShape, bench_refs, coverage_boxes, make_inputs, token_grid
+from moviepostproduction.bench.memory import PeakMemory
+from moviepostproduction.bench.report import format_case, format_encoders, format_header, format_prepare
+from moviepostproduction.bench.setup import BenchShape, bench_refs, coverage_boxes, make_inputs, token_grid
 from moviepostproduction.cli import app
 from moviepostproduction.errors import ValidationError
 from moviepostproduction.layout import bbox_token_mask
@@ -89,7 +86,7 @@ def test_a_batch_of_scenes_runs_every_sample_with_its_own_boxes(report):
 
 
 def _adapter_cfg():
-    from moviepostproduction.bench_setup import build_model
+    from moviepostproduction.bench.setup import build_model
 
     return build_model(TINY, 3).adapter.cfg
 

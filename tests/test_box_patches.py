@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moviepostproduction.backbones.assemble import average_on_covered, box_patch_values
-from moviepostproduction.backbones.flux import ConditionedFlux
-from moviepostproduction.conditioning import RefBatch
+from moviepostproduction.compose.assemble import average_on_covered, box_patch_values
+from moviepostproduction.compose.conditioning import RefBatch
+from moviepostproduction.compose.flux import ConditionedFlux
+from moviepostproduction.compose.modules import PRESETS, CompositionAdapter, ConditioningConfig
+from moviepostproduction.compose.modules.box_patches import BoxPatchEncoding, patch_side, sample_grid
 from moviepostproduction.layout import bbox_token_mask, token_extent
-from moviepostproduction.modules import PRESETS, CompositionAdapter, ConditioningConfig
-from moviepostproduction.modules.box_patches import BoxPatchEncoding, patch_side, sample_grid
-from moviepostproduction.panorama import remap_conditioning
+from moviepostproduction.panorama.wrap import remap_conditioning
 
 from helpers import flux_inputs, make_tiny_flux, randomize_zero_inits, trained_assemble_part
 from helpers import refs_at as boxed_refs

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moviepostproduction.backbones.assemble import average_on_covered, box_position_values
-from moviepostproduction.backbones.flux import BlockInputs, ConditionedFlux, double_block_forward
-from moviepostproduction.conditioning import RefBatch
+from moviepostproduction.compose.assemble import average_on_covered, box_position_values
+from moviepostproduction.compose.conditioning import RefBatch
+from moviepostproduction.compose.flux import BlockInputs, ConditionedFlux, double_block_forward
+from moviepostproduction.compose.modules import PRESETS, CompositionAdapter, ConditioningConfig
 from moviepostproduction.layout import bbox_token_mask, box_token_coords
-from moviepostproduction.modules import PRESETS, CompositionAdapter, ConditioningConfig
-from moviepostproduction.panorama import remap_conditioning, token_sources
+from moviepostproduction.panorama.wrap import remap_conditioning, token_sources
 
 from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits, trained_assemble_part
 from helpers import refs_at as boxed_refs

@@ -19,13 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
-from moviepostproduction.backbones.nanodit import PRESETS, NanoDiT
-from moviepostproduction.backbones.nanodit_io import save_nanodit
 from moviepostproduction.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, MppModel
 from moviepostproduction.comfyui.fill_node import MppFillModel
 from moviepostproduction.errors import ValidationError, WeightsError
-from moviepostproduction.model_dir import tiny_random_model_dir
 from moviepostproduction.scene import Scene
+from moviepostproduction.toyworld.tiny import tiny_random_model_dir
+from moviepostproduction.vary.nanodit import PRESETS, NanoDiT
+from moviepostproduction.vary.nanodit_io import save_nanodit
 
 ROOT = Path(__file__).resolve().parents[1]
 REFS = ROOT / "examples" / "refs"
@@ -342,7 +342,7 @@ def test_inside_comfyui_progress_cancel_device_and_temp_folder(model, fake_comfy
 # ------------------------------------------------------------------------------------------------ fill
 @pytest.fixture(scope="module")
 def fill_model(model_dir, tmp_path_factory):
-    from moviepostproduction.fill_weights import default_fill_model_dir
+    from moviepostproduction.fill.weights import default_fill_model_dir
 
     root = default_fill_model_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
     (loaded,) = run("MPPLoadFillModel", model_dir=str(root), device="cpu", dtype="fp32", refs=True)

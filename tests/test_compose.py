@@ -13,11 +13,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from moviepostproduction.cli import app
+from moviepostproduction.compose.pipeline import ComposePipeline
 from moviepostproduction.errors import MppError, ValidationError, WeightsError
-from moviepostproduction.pipelines.compose import ComposePipeline
 from moviepostproduction.sampling import latent_image_ids, make_noise
 from moviepostproduction.scene import load_scene
-from moviepostproduction.tiny import write_tiny_model_dir
+from moviepostproduction.toyworld.tiny import write_tiny_model_dir
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -8,15 +8,15 @@ import io
 import numpy as np
 import pytest
 
-from moviepostproduction.data.synthetic import ToyWorldConfig
-from moviepostproduction.evaluation.compose_eval import (
+from moviepostproduction.toyworld.compose_eval import (
     VariantScore,
     format_table,
     heldout_scenes,
     samples_csv,
     score_image,
 )
-from moviepostproduction.evaluation.sprite_match import identity_parts
+from moviepostproduction.toyworld.sprite_match import identity_parts
+from moviepostproduction.toyworld.synthetic import ToyWorldConfig
 
 
 def test_ground_truth_scenes_score_near_perfect_and_blank_images_score_zero(tmp_path):
@@ -37,7 +37,7 @@ def test_ground_truth_scenes_score_near_perfect_and_blank_images_score_zero(tmp_
 
 def test_identity_parts_split_colour_from_shape():
     """A same-coloured different shape matches colour only; a recoloured same shape matches shape only."""
-    from moviepostproduction.data.sprites import render_sprite
+    from moviepostproduction.toyworld.sprites import render_sprite
 
     def sprite(shape: str, colour: str) -> np.ndarray:
         canvas = np.full((64, 64, 3), 255.0, dtype=np.float32)

@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moviepostproduction.backbones.flux import ConditionedFlux
-from moviepostproduction.data.shards import write_dataset
-from moviepostproduction.data.synthetic import ToyWorldConfig
+from moviepostproduction.compose.flux import ConditionedFlux
+from moviepostproduction.compose.modules import CompositionAdapter
 from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae, load_transformer
 from moviepostproduction.errors import MppError, WeightsError
 from moviepostproduction.layout import covered_fraction
 from moviepostproduction.model_dir import ModelDir
-from moviepostproduction.modules import CompositionAdapter
-from moviepostproduction.tiny import write_tiny_model_dir
+from moviepostproduction.toyworld.shards import write_dataset
+from moviepostproduction.toyworld.synthetic import ToyWorldConfig
+from moviepostproduction.toyworld.tiny import write_tiny_model_dir
 from moviepostproduction.training import compose_task
 from moviepostproduction.training.compose_task import ComposeTask, ComposeTaskConfig
 from moviepostproduction.training.feature_cache import (
@@ -266,7 +266,7 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     from typer.testing import CliRunner
 
     from moviepostproduction.cli import app
-    from moviepostproduction.pipelines.compose import ComposePipeline
+    from moviepostproduction.compose.pipeline import ComposePipeline
 
     root, md, _, _, _ = world
     recipe = {
@@ -290,11 +290,11 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     assert (tmp_path / "run" / "curves.png").is_file() and list((tmp_path / "run" / "samples").glob("*.png"))
     index = json.loads((tmp_path / "exported" / "model_index.json").read_text())
     assert index["max_text_tokens"] == TEXT and not index["tiny_random"]
-    from moviepostproduction.checkpoint import load_safetensors
+    from moviepostproduction.files import load_safetensors
 
     stored = load_safetensors(next((tmp_path / "exported" / "transformer").glob("*.safetensors")))
     assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}  # export_dtype fp16
-    from moviepostproduction.checkpoint import default_file_mode
+    from moviepostproduction.files import default_file_mode
 
     weights = [*(tmp_path / "exported").rglob("*.safetensors"), *(tmp_path / "run").rglob("*.safetensors")]
     assert {oct(f.stat().st_mode & 0o777) for f in weights} == {oct(default_file_mode())}  # never 0600
@@ -462,7 +462,7 @@ def test_mpp_train_recipe_reconfigures_the_adapter(world, tmp_path):
     saved = json.loads((tmp_path / "exported" / "adapter" / "config.json").read_text())
     assert (saved["box_position_freqs"], saved["box_position_rank"], saved["box_patch_rank"]) == (2, 4, 4)
     assert saved["occlusion_priority"] is True
-    from moviepostproduction.pipelines.compose import ComposePipeline
+    from moviepostproduction.compose.pipeline import ComposePipeline
 
     pipe = ComposePipeline.from_model_dir(tmp_path / "exported")
     assert pipe.model.adapter.uses_box_positions and pipe.model.adapter.uses_box_patches
@@ -482,7 +482,7 @@ def test_mpp_train_recipe_interpolates_image_positions(world, tmp_path, monkeypa
     """compose.image_position_scale: the task's RoPE ids are scaled, the export says so, and its pipeline uses it."""
     import json
 
-    from moviepostproduction.pipelines.compose import ComposePipeline
+    from moviepostproduction.compose.pipeline import ComposePipeline
     from moviepostproduction.training import compose_task
 
     bad = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, "image_position_scale": 0})
@@ -710,7 +710,7 @@ def test_mpp_train_recipe_deepens_the_model(world, tmp_path):
     assert (new["num_layers"], new["num_single_layers"]) == (old["num_layers"] + 1, old["num_single_layers"] + 2)
     adapter = json.loads((tmp_path / "exported" / "adapter" / "config.json").read_text())
     assert (adapter["num_double_blocks"], adapter["num_single_blocks"]) == (new["num_layers"], new["num_single_layers"])
-    from moviepostproduction.pipelines.compose import ComposePipeline
+    from moviepostproduction.compose.pipeline import ComposePipeline
 
     label = ComposePipeline.from_model_dir(tmp_path / "exported").label
     assert f"{new['num_layers']}+{new['num_single_layers']} blocks" in label

@@ -9,7 +9,7 @@ import pytest
 
 FAULTS = """
 import resource, sys, torch
-from moviepostproduction.cpu_heap import heap_kept, keep_freed_memory
+from moviepostproduction.bench.cpu_heap import heap_kept, keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else heap_kept()
 for _ in range(16):  # warm-up: the heap settles after its first few large blocks
     torch.ones(12 * 2**20).sum()  # 48 MiB: above glibc's default mmap threshold

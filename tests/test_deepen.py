@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moviepostproduction.backbones.deepen import Deepening, deepen_adapter, deepen_transformer
-from moviepostproduction.backbones.flux import ConditionedFlux
-from moviepostproduction.modules import CompositionAdapter
+from moviepostproduction.compose.deepen import Deepening, deepen_adapter, deepen_transformer
+from moviepostproduction.compose.flux import ConditionedFlux
+from moviepostproduction.compose.modules import CompositionAdapter
 
 from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits
 
@@ -89,7 +89,7 @@ def test_fresh_backbone_script_writes_a_wider_deeper_untrained_model_dir(tmp_pat
     from moviepostproduction.encoders import load_transformer
     from moviepostproduction.model_dir import ModelDir
     from moviepostproduction.sampling import latent_image_ids, text_ids
-    from moviepostproduction.tiny import write_tiny_model_dir
+    from moviepostproduction.toyworld.tiny import write_tiny_model_dir
 
     source = write_tiny_model_dir(tmp_path / "model", seed=0)
     imposed, _ = CompositionAdapter.from_pretrained(source / "adapter").reconfigured(occlusion_priority=True)

@@ -13,8 +13,14 @@ from PIL import Image
 
 from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae, find_caption_spans, load_transformer
 from moviepostproduction.errors import ValidationError, WeightsError
-from moviepostproduction.model_dir import ModelDir, tiny_random_model_dir
-from moviepostproduction.tiny import TinySpec, rope_axes, tiny_configs, write_tiny_model_dir
+from moviepostproduction.model_dir import ModelDir
+from moviepostproduction.toyworld.tiny import (
+    TinySpec,
+    rope_axes,
+    tiny_configs,
+    tiny_random_model_dir,
+    write_tiny_model_dir,
+)
 
 SPEC = TinySpec()
 

@@ -17,10 +17,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from moviepostproduction.cli import app
-from moviepostproduction.data.synthetic import ToyWorldConfig
-from moviepostproduction.data.triptych import HOLE_GREY, MASK_MODES, TriptychConfig, collate, make_triptych
 from moviepostproduction.errors import ValidationError, WeightsError
-from moviepostproduction.fill import (
+from moviepostproduction.fill.model import (
     FillChannels,
     FillFlux,
     arrange,
@@ -35,16 +33,18 @@ from moviepostproduction.fill import (
     split_condition,
     unpack_mask,
 )
-from moviepostproduction.fill_weights import default_fill_model_dir, write_fill_model_dir
-from moviepostproduction.modules.semantic_attention import (
+from moviepostproduction.fill.pipeline import FillPipeline
+from moviepostproduction.fill.semantic_attention import (
     SemanticAttentionConfig,
     SemanticCrossAttention,
     SemanticTokens,
     grid_positions,
 )
-from moviepostproduction.pipelines.fill import FillPipeline
+from moviepostproduction.fill.weights import default_fill_model_dir, write_fill_model_dir
 from moviepostproduction.sampling import latent_image_ids, pack_latents, text_ids, unpack_latents
-from moviepostproduction.tiny import TinySpec, tiny_configs, write_tiny_model_dir
+from moviepostproduction.toyworld.synthetic import ToyWorldConfig
+from moviepostproduction.toyworld.tiny import TinySpec, tiny_configs, write_tiny_model_dir
+from moviepostproduction.toyworld.triptych import HOLE_GREY, MASK_MODES, TriptychConfig, collate, make_triptych
 from moviepostproduction.training.fill_task import FillTask, FillTaskConfig, export_fill_model_dir
 from moviepostproduction.training.trainer import TrainConfig, Trainer
 
@@ -346,7 +346,7 @@ def test_trainer_steps_then_export_loads_in_the_pipeline(tiny_dir, tmp_path):
     assert (tmp_path / "run" / "samples").is_dir()
     assert task.model.semantic.gate.item() != 0  # the gate opened
     out = export_fill_model_dir(task, tiny_dir, tmp_path / "model")
-    from moviepostproduction.checkpoint import default_file_mode
+    from moviepostproduction.files import default_file_mode
 
     widened = list((out / "transformer").glob("*.safetensors"))
     assert widened and {oct(f.stat().st_mode & 0o777) for f in widened} == {oct(default_file_mode())}

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from moviepostproduction.backbones.assemble import (
+from moviepostproduction.bench.setup import bench_refs, token_grid
+from moviepostproduction.compose.assemble import (
     add_on_covered,
     assemble_attention,
     assemble_residual,
@@ -24,12 +25,11 @@ from moviepostproduction.backbones.assemble import (
     project_out,
     scatter_mean,
 )
-from moviepostproduction.backbones.assemble_rows import MAX_BUCKETS, first_fit_rows, pack_rows, size_buckets
-from moviepostproduction.backbones.flux import ConditionedFlux
-from moviepostproduction.bench_setup import bench_refs, token_grid
-from moviepostproduction.conditioning import RefBatch, build_regions
+from moviepostproduction.compose.assemble_rows import MAX_BUCKETS, first_fit_rows, pack_rows, size_buckets
+from moviepostproduction.compose.conditioning import RefBatch, build_regions
+from moviepostproduction.compose.flux import ConditionedFlux
+from moviepostproduction.compose.modules import CompositionAdapter
 from moviepostproduction.layout import bbox_token_mask
-from moviepostproduction.modules import CompositionAdapter
 
 from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits
 

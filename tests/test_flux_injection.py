@@ -6,11 +6,11 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from moviepostproduction.backbones.assemble import assemble_attention
-from moviepostproduction.backbones.flux import BlockInputs, ConditionedFlux, double_block_forward, region_modulation
-from moviepostproduction.conditioning import RefBatch
+from moviepostproduction.compose.assemble import assemble_attention
+from moviepostproduction.compose.conditioning import RefBatch
+from moviepostproduction.compose.flux import BlockInputs, ConditionedFlux, double_block_forward, region_modulation
+from moviepostproduction.compose.modules import CompositionAdapter
 from moviepostproduction.layout import bbox_token_mask
-from moviepostproduction.modules import CompositionAdapter
 
 from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits
 
@@ -155,7 +155,7 @@ def test_assemble_attention_batched_equals_per_group_diffusers_attention(tiny_cf
 
 
 def test_overlapping_boxes_are_averaged(tiny_cfg):
-    from moviepostproduction.backbones.assemble import scatter_mean
+    from moviepostproduction.compose.assemble import scatter_mean
 
     refs = RefBatch(
         bboxes=torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.75, 0.75]]]),
@@ -303,7 +303,7 @@ def test_mismatched_adapter_is_rejected(tiny_cfg):
 @pytest.mark.slow
 def test_real_size_smoke_flux_dev_shapes_50_refs():
     """FLUX.1-dev width (24 x 128) with 1 double + 1 single block, 1024 image tokens, 50 refs, on CPU."""
-    from moviepostproduction.modules import ConditioningConfig
+    from moviepostproduction.compose.modules import ConditioningConfig
 
     tr = make_tiny_flux(
         num_layers=1,

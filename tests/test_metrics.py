@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moviepostproduction.data.sprites import render_sprite
-from moviepostproduction.data.synthetic import ToyWorldConfig, generate_scene
-from moviepostproduction.evaluation.metrics import (
+from moviepostproduction.toyworld.metrics import (
     bbox_iou,
     centre_error,
     classify_shape,
@@ -19,7 +17,9 @@ from moviepostproduction.evaluation.metrics import (
     seam_ratio,
     shape_descriptor,
 )
-from moviepostproduction.evaluation.regions import convex_hull_area, holes, label_components
+from moviepostproduction.toyworld.regions import convex_hull_area, holes, label_components
+from moviepostproduction.toyworld.sprites import render_sprite
+from moviepostproduction.toyworld.synthetic import ToyWorldConfig, generate_scene
 
 
 def test_bbox_iou_known_answers():

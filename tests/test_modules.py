@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moviepostproduction.modules import (
+from moviepostproduction.compose.modules import (
     AlphaPredictor,
     CompositionAdapter,
     ConditioningConfig,

@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from moviepostproduction.backbones.nanodit import PRESETS, NanoDiT, NanoDiTConfig, NanoDiTValueError, VaryConditioning
-from moviepostproduction.backbones.nanodit_io import load_nanodit, save_nanodit
 from moviepostproduction.errors import MppError, WeightsError
-from moviepostproduction.pipelines.vary import VaryPipeline, dual_guidance_velocity
 from moviepostproduction.sampling import euler_sample, get_timesteps, make_noise
-from moviepostproduction.training.vary import DropoutProbs, flow_matching_loss, sample_dropout
+from moviepostproduction.training.vary_objective import DropoutProbs, flow_matching_loss, sample_dropout
+from moviepostproduction.vary.nanodit import PRESETS, NanoDiT, NanoDiTConfig, NanoDiTValueError, VaryConditioning
+from moviepostproduction.vary.nanodit_io import load_nanodit, save_nanodit
+from moviepostproduction.vary.pipeline import VaryPipeline, dual_guidance_velocity
 
 from helpers import randomize_zero_inits
 

@@ -8,19 +8,19 @@ import math
 import pytest
 import torch
 
-from moviepostproduction.backbones.assemble import (
+from moviepostproduction.compose.assemble import (
     assemble_attention,
     assemble_residual,
     image_qkv,
     scatter_mean,
 )
-from moviepostproduction.backbones.assemble_rows import pack_rows
-from moviepostproduction.backbones.flux import ConditionedFlux
-from moviepostproduction.conditioning import RefBatch, build_packing, build_regions
+from moviepostproduction.compose.assemble_rows import pack_rows
+from moviepostproduction.compose.conditioning import RefBatch, build_packing, build_regions
+from moviepostproduction.compose.flux import ConditionedFlux
+from moviepostproduction.compose.modules import PRESETS, CompositionAdapter, ConditioningConfig, OcclusionPriority
+from moviepostproduction.compose.modules.occlusion import LOGIT_SCALE, MIN_WEIGHT
 from moviepostproduction.layout import bbox_token_mask
-from moviepostproduction.modules import PRESETS, CompositionAdapter, ConditioningConfig, OcclusionPriority
-from moviepostproduction.modules.occlusion import LOGIT_SCALE, MIN_WEIGHT
-from moviepostproduction.panorama import remap_conditioning
+from moviepostproduction.panorama.wrap import remap_conditioning
 
 from helpers import flux_inputs, make_tiny_flux, randomize_zero_inits
 
@@ -182,7 +182,7 @@ def test_front_priority_script_switches_the_priority_on_and_keeps_every_other_te
     import sys
     from pathlib import Path
 
-    from moviepostproduction.tiny import write_tiny_model_dir
+    from moviepostproduction.toyworld.tiny import write_tiny_model_dir
 
     source = write_tiny_model_dir(tmp_path / "model", seed=0)
     index = json.loads((source / "model_index.json").read_text())

@@ -6,10 +6,11 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-from moviepostproduction.backbones.flux import ConditionedFlux
-from moviepostproduction.circular_vae import circular_width_padding
-from moviepostproduction.modules import PRESETS, CompositionAdapter
-from moviepostproduction.panorama import (
+from moviepostproduction.compose.flux import ConditionedFlux
+from moviepostproduction.compose.modules import PRESETS, CompositionAdapter
+from moviepostproduction.panorama.circular_vae import circular_width_padding
+from moviepostproduction.panorama.periodic_rope import PeriodicFluxPosEmbed, axis_frequencies, periodic_rope
+from moviepostproduction.panorama.wrap import (
     PanoramaConfig,
     PanoramaValueError,
     crop_tokens,
@@ -21,7 +22,6 @@ from moviepostproduction.panorama import (
     wrap_tokens,
     wrapped_forward,
 )
-from moviepostproduction.periodic_rope import PeriodicFluxPosEmbed, axis_frequencies, periodic_rope
 from moviepostproduction.sampling import latent_image_ids, text_ids
 
 from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits, tiny_vae

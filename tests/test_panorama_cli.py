@@ -20,8 +20,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from moviepostproduction.cli import app
-from moviepostproduction.modules import CompositionAdapter
-from moviepostproduction.tiny import write_tiny_model_dir
+from moviepostproduction.compose.modules import CompositionAdapter
+from moviepostproduction.toyworld.tiny import write_tiny_model_dir
 
 from helpers import randomize_zero_inits
 

@@ -17,14 +17,14 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from moviepostproduction.encoders import Vae
-from moviepostproduction.evaluation.metrics import seam_ratio
-from moviepostproduction.panorama import PanoramaConfig
-from moviepostproduction.panorama_probe import ProbeConfig, build_seam_probe
-from moviepostproduction.periodic_rope import axis_frequencies, periodic_rope
-from moviepostproduction.pipelines.panorama import PanoramaPipeline
+from moviepostproduction.panorama.periodic_rope import axis_frequencies, periodic_rope
+from moviepostproduction.panorama.pipeline import PanoramaPipeline
+from moviepostproduction.panorama.seams import seam_ratio
+from moviepostproduction.panorama.wrap import PanoramaConfig
 from moviepostproduction.sampling import latent_image_ids, text_ids
 
 from helpers import tiny_vae
+from panorama_probe import ProbeConfig, build_seam_probe
 
 HEIGHT, BATCH = 128, 16  # 128 x 256 pixels, an (8, 16) token grid; 16 panoramas pooled per measurement
 

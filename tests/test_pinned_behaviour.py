@@ -33,10 +33,10 @@ def _last_latents():
 
 
 def _scenes(folder: Path):
-    from moviepostproduction.data.synthetic import ToyWorldConfig
-    from moviepostproduction.evaluation.compose_eval import heldout_scenes
     from moviepostproduction.model_dir import SHIPPED_MODEL_DIR
     from moviepostproduction.scene import load_scene
+    from moviepostproduction.toyworld.compose_eval import heldout_scenes
+    from moviepostproduction.toyworld.synthetic import ToyWorldConfig
 
     world = json.loads((SHIPPED_MODEL_DIR / "model_index.json").read_text())["toy_world_data"]
     toy = [
@@ -86,13 +86,13 @@ def _fill_scene(folder: Path):
 
 def generate(folder: Path) -> dict[str, torch.Tensor]:
     """Every pinned tensor, named `<capability>-<case>-seed<k>`."""
+    from moviepostproduction.compose.pipeline import ComposePipeline
     from moviepostproduction.encoders import TextEncoder
-    from moviepostproduction.fill_weights import default_fill_model_dir
+    from moviepostproduction.fill.pipeline import FillPipeline
+    from moviepostproduction.fill.weights import default_fill_model_dir
     from moviepostproduction.model_dir import ModelDir, default_model_dir
-    from moviepostproduction.pipelines.compose import ComposePipeline
-    from moviepostproduction.pipelines.fill import FillPipeline
-    from moviepostproduction.pipelines.panorama import PanoramaPipeline, compose_panorama
-    from moviepostproduction.pipelines.vary import VaryPipeline
+    from moviepostproduction.panorama.pipeline import PanoramaPipeline, compose_panorama
+    from moviepostproduction.vary.pipeline import VaryPipeline
 
     torch.manual_seed(0)
     out: dict[str, torch.Tensor] = {}

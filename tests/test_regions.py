@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moviepostproduction.conditioning import build_regions
+from moviepostproduction.compose.conditioning import build_regions
 
 
 def regions_per_sample(masks: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from moviepostproduction.checkpoint import load_safetensors, read_metadata, save_safetensors, staged_copy
 from moviepostproduction.cli import app
 from moviepostproduction.errors import MppError, ValidationError, WeightsError
-from moviepostproduction.model_dir import ModelDir, tiny_random_model_dir
+from moviepostproduction.files import load_safetensors, read_metadata, save_safetensors, staged_copy
+from moviepostproduction.model_dir import ModelDir
 from moviepostproduction.resources import (
     ModelDims,
     Request,
@@ -36,6 +36,7 @@ from moviepostproduction.resources import (
     run_guarded,
 )
 from moviepostproduction.scene import Scene, load_scene, scene_from_dict
+from moviepostproduction.toyworld.tiny import tiny_random_model_dir
 from moviepostproduction.training.checkpoints import CheckpointStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,7 +316,7 @@ def test_require_finite_names_each_bad_input_on_its_own_line():
 
 @pytest.fixture(scope="module")
 def compose_pipe(model_dir):
-    from moviepostproduction.pipelines.compose import ComposePipeline
+    from moviepostproduction.compose.pipeline import ComposePipeline
 
     return ComposePipeline.from_model_dir(model_dir)
 
@@ -339,7 +340,7 @@ def test_nan_latents_are_rejected_before_the_first_model_call(compose_pipe):
 
 
 def test_nan_prompt_embeds_are_rejected_before_panorama_sampling(compose_pipe):
-    from moviepostproduction.pipelines.panorama import PanoramaPipeline
+    from moviepostproduction.panorama.pipeline import PanoramaPipeline
 
     text = compose_pipe.text_encoder.encode(["a sky"])
     embeds = text.t5.clone()
@@ -442,7 +443,7 @@ def write_scene(folder: Path, width: int, height: int) -> Path:
 
 
 def test_cli_compose_out_of_memory_exits_2_with_one_line(model_dir, tmp_path, monkeypatch):
-    from moviepostproduction.pipelines.compose import ComposePipeline
+    from moviepostproduction.compose.pipeline import ComposePipeline
 
     def oom(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
@@ -469,7 +470,7 @@ def test_cli_compose_refuses_an_absurd_size_before_loading_weights(tmp_path):
 
 
 def test_every_cli_command_reports_an_untranslated_out_of_memory_in_one_line(model_dir, tmp_path, monkeypatch):
-    from moviepostproduction.pipelines.panorama import PanoramaPipeline
+    from moviepostproduction.panorama.pipeline import PanoramaPipeline
 
     def oom(self, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1099511627776 bytes")
@@ -485,7 +486,7 @@ def test_every_cli_command_reports_an_untranslated_out_of_memory_in_one_line(mod
 
 def test_comfyui_compose_node_reports_out_of_memory(model_dir, monkeypatch, tmp_path):
     from moviepostproduction.comfyui import NODE_CLASS_MAPPINGS
-    from moviepostproduction.pipelines.compose import ComposePipeline
+    from moviepostproduction.compose.pipeline import ComposePipeline
 
     monkeypatch.setenv("MPP_CACHE", str(tmp_path))
     node = NODE_CLASS_MAPPINGS["MPPLoadModel"]()

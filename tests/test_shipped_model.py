@@ -12,11 +12,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from moviepostproduction.cli import app
-from moviepostproduction.data.synthetic import ToyWorldConfig
+from moviepostproduction.compose.pipeline import ComposePipeline
 from moviepostproduction.errors import WeightsError
-from moviepostproduction.evaluation.compose_eval import VariantScore, evaluate, heldout_scenes
 from moviepostproduction.model_dir import SHIPPED_MODEL_DIR, ModelDir, default_model_dir
-from moviepostproduction.pipelines.compose import ComposePipeline
+from moviepostproduction.toyworld.compose_eval import VariantScore, evaluate, heldout_scenes
+from moviepostproduction.toyworld.synthetic import ToyWorldConfig
 
 EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
 

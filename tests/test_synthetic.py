@@ -12,10 +12,14 @@ import pytest
 from typer.testing import CliRunner
 
 from moviepostproduction.cli import app
-from moviepostproduction.data.backgrounds import MAX_BG_CHROMA
-from moviepostproduction.data.shards import iter_shards, read_manifest, write_dataset
-from moviepostproduction.data.sprites import SEMANTIC_COLOURS, mask_bbox
-from moviepostproduction.data.synthetic import (
+from moviepostproduction.errors import MppError, ValidationError
+from moviepostproduction.toyworld.backgrounds import MAX_BG_CHROMA
+from moviepostproduction.toyworld.metrics import bbox_iou
+from moviepostproduction.toyworld.regions import dilate
+from moviepostproduction.toyworld.shards import iter_shards, read_manifest, write_dataset
+from moviepostproduction.toyworld.sprite_match import colour_index_map
+from moviepostproduction.toyworld.sprites import SEMANTIC_COLOURS, mask_bbox
+from moviepostproduction.toyworld.synthetic import (
     COLOURS,
     DEPTHS,
     HELDOUT_COMBOS,
@@ -25,10 +29,6 @@ from moviepostproduction.data.synthetic import (
     describe,
     generate_scene,
 )
-from moviepostproduction.errors import MppError, ValidationError
-from moviepostproduction.evaluation.metrics import bbox_iou
-from moviepostproduction.evaluation.regions import dilate
-from moviepostproduction.evaluation.sprite_match import colour_index_map
 
 SCENES = [generate_scene(i, 11) for i in range(24)]
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from moviepostproduction.data.synthetic import ToyWorldConfig
 from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae
 from moviepostproduction.errors import ValidationError
 from moviepostproduction.model_dir import ModelDir
-from moviepostproduction.tiny import (
+from moviepostproduction.toyworld.synthetic import ToyWorldConfig
+from moviepostproduction.toyworld.tiny import (
     TinySpec,
     rope_axes,
     tiny_configs,
@@ -25,10 +25,8 @@ from moviepostproduction.tiny import (
     train_tiny_tokenizers,
     write_tiny_model_dir,
 )
-from moviepostproduction.toy_model import TOY_SPEC, TRAINED_BY_ENCODERS, toy_caption_words, write_toy_model_dir
-from moviepostproduction.training.task import TrainTask
-from moviepostproduction.training.toy_build import ToyEncodersConfig
-from moviepostproduction.training.toy_data import (
+from moviepostproduction.toyworld.toy_build import ToyEncodersConfig
+from moviepostproduction.toyworld.toy_data import (
     ATTRIBUTES,
     IGNORE,
     build_caption_pool,
@@ -37,9 +35,11 @@ from moviepostproduction.training.toy_data import (
     permute_channels,
     scene_pixels,
 )
-from moviepostproduction.training.toy_encoders import EncoderTask, EncoderTrainConfig
-from moviepostproduction.training.toy_probe import image_features, probe_accuracy
-from moviepostproduction.training.toy_vae import VaeTask, VaeTrainConfig, latent_stats
+from moviepostproduction.toyworld.toy_encoders import EncoderTask, EncoderTrainConfig
+from moviepostproduction.toyworld.toy_model import TOY_SPEC, TRAINED_BY_ENCODERS, toy_caption_words, write_toy_model_dir
+from moviepostproduction.toyworld.toy_probe import image_features, probe_accuracy
+from moviepostproduction.toyworld.toy_vae import VaeTask, VaeTrainConfig, latent_stats
+from moviepostproduction.training.task import TrainTask
 
 SPEC = TinySpec()
 WORLD = ToyWorldConfig(size=64, ref_size=32)
@@ -115,7 +115,7 @@ def test_tiny_tokenizers_are_the_frozen_files_of_the_shipped_model() -> None:
 
 
 def test_written_toy_dir_loads_and_composes(loaded, tiny_dir: Path, tmp_path: Path) -> None:
-    from moviepostproduction.pipelines.compose import ComposePipeline
+    from moviepostproduction.compose.pipeline import ComposePipeline
     from moviepostproduction.scene import scene_from_dict
 
     text, image, vae = loaded

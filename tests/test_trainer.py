@@ -114,7 +114,7 @@ def test_warm_start_loads_matching_keys_and_reports_the_rest(tmp_path):
     state = CheckpointStore.load(first.checkpoint).trainable
     state["net.0.bias"] = torch.zeros(3)  # wrong shape
     state["gone.weight"] = torch.zeros(1)
-    from moviepostproduction.checkpoint import save_safetensors
+    from moviepostproduction.files import save_safetensors
 
     save_safetensors(state, tmp_path / "warm.safetensors")
     task = LinearTask()

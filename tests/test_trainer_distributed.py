@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moviepostproduction.checkpoint import load_safetensors
+from moviepostproduction.files import load_safetensors
 
 SCRIPT = '''
 import json

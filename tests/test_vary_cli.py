@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from moviepostproduction.backbones.nanodit import PRESETS, NanoDiT, VaryConditioning
-from moviepostproduction.backbones.nanodit_io import load_nanodit_dir, save_nanodit_dir
 from moviepostproduction.cli import app
 from moviepostproduction.errors import MppError, WeightsError
-from moviepostproduction.pipelines.vary import VaryPipeline, guided_velocity
-from moviepostproduction.tiny import write_tiny_model_dir
+from moviepostproduction.toyworld.tiny import write_tiny_model_dir
+from moviepostproduction.vary.nanodit import PRESETS, NanoDiT, VaryConditioning
+from moviepostproduction.vary.nanodit_io import load_nanodit_dir, save_nanodit_dir
+from moviepostproduction.vary.pipeline import VaryPipeline, guided_velocity
 
 from helpers import randomize_zero_inits
 

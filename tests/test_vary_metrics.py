@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moviepostproduction.data.sprites import COLOURS
-from moviepostproduction.data.synthetic import ToyWorldConfig, generate_scene
-from moviepostproduction.evaluation.vary_metrics import colour_presence, feature_swap, reconstruction_error, text_only
+from moviepostproduction.toyworld.sprites import COLOURS
+from moviepostproduction.toyworld.synthetic import ToyWorldConfig, generate_scene
+from moviepostproduction.toyworld.vary_metrics import colour_presence, feature_swap, reconstruction_error, text_only
 
 
 def grey(values: list[float], size: int = 4) -> np.ndarray:

@@ -8,11 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from moviepostproduction.backbones.nanodit import PRESETS, NanoDiT
-from moviepostproduction.data.synthetic import ToyWorldConfig, generate_scene
 from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae
 from moviepostproduction.errors import MppError, WeightsError
-from moviepostproduction.tiny import write_tiny_model_dir
+from moviepostproduction.toyworld.synthetic import ToyWorldConfig, generate_scene
+from moviepostproduction.toyworld.tiny import write_tiny_model_dir
 from moviepostproduction.training.task import TrainTask
 from moviepostproduction.training.trainer import TrainConfig, Trainer
 from moviepostproduction.training.vary_data import VaryFeatures, build_vary_features, scene_signature
@@ -24,6 +23,7 @@ from moviepostproduction.training.vary_task import (
     nanodit_config_for,
     validate_vary,
 )
+from moviepostproduction.vary.nanodit import PRESETS, NanoDiT
 
 from helpers import randomize_zero_inits
 

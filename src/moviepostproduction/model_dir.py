@@ -11,8 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +128,7 @@ class ModelDir:
 
     @property
     def tiny_random(self) -> bool:
-        """True for the random-init tiny dirs of `moviepostproduction.tiny`: their output is noise."""
+        """True for the random-init tiny dirs of `moviepostproduction.toyworld.tiny`: their output is noise."""
         return bool(self.index.get("tiny_random", False))
 
     @property
@@ -312,27 +310,3 @@ def default_model_dir() -> Path:
             "toy-world model dir; reinstall moviepostproduction or pass --model DIR)"
         )
     return SHIPPED_MODEL_DIR
-
-
-def tiny_random_model_dir(cache_dir: str | Path | None = None, *, seed: int = 0) -> Path:
-    """A tiny random-init model dir (`moviepostproduction.tiny`) for tests and smoke runs, built once into the
-    cache (atomically: concurrent callers never see half a dir). Its model_index.json carries
-    `"tiny_random": true`, so its output is labelled as noise."""
-    from moviepostproduction.tiny import TINY_DIR_VERSION, write_tiny_model_dir
-
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / f"tiny-random-v{TINY_DIR_VERSION}-seed{seed}"
-    if (target / "model_index.json").is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache))
-    try:
-        write_tiny_model_dir(staging / "dir", seed=seed)
-        try:
-            os.replace(staging / "dir", target)
-        except OSError:
-            if not (target / "model_index.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import torch
 
-from .errors import MppError, Problem, ValidationError
+from moviepostproduction.errors import MppError, Problem, ValidationError
 
 __all__ = [
     "ModelDims",

@@ -21,8 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticCustomError
 
-from .errors import MppError, Problem, ValidationError
-from .scene_errors import problems_from_pydantic, syntax_problem
+from moviepostproduction.errors import MppError, Problem, ValidationError, problems_from_pydantic, syntax_problem
 
 Depth = Literal["fg", "mg", "bg"]
 DEPTHS: tuple[str, ...] = ("fg", "mg", "bg")  # order of the depth one-hot (AlphaPredictor input)

@@ -7,12 +7,12 @@ diffusers or transformers: the pipelines load when a node first runs.
 
 from __future__ import annotations
 
-from .compose_node import MppCompose
-from .fill_node import MppFill, MppLoadFillModel
-from .model import MppLoadModel, MppModel
-from .panorama_node import MppPanorama
-from .scene_nodes import MppAddReference, MppLoadScene, MppScene
-from .vary_node import MppVary
+from moviepostproduction.comfyui.compose_node import MppCompose
+from moviepostproduction.comfyui.fill_node import MppFill, MppLoadFillModel
+from moviepostproduction.comfyui.model import MppLoadModel, MppModel
+from moviepostproduction.comfyui.panorama_node import MppPanorama
+from moviepostproduction.comfyui.scene_nodes import MppAddReference, MppLoadScene, MppScene
+from moviepostproduction.comfyui.vary_node import MppVary
 
 NODES = {
     "MPPLoadModel": (MppLoadModel, "MPP Load Model"),

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..resources import run_guarded
-from ..scene import Scene
-from ..visualize import draw_layout
-from .host import step_callback
-from .images import from_channels_first, from_pil, to_pil
-from .model import MppModel, check_model
-from .scene_nodes import check_scene
-from .types import CATEGORY, GUIDANCE, MODEL, SCENE, SEED, STEPS
+from moviepostproduction.comfyui.host import step_callback
+from moviepostproduction.comfyui.images import from_channels_first, from_pil, to_pil
+from moviepostproduction.comfyui.model import MppModel, check_model
+from moviepostproduction.comfyui.scene_nodes import check_scene
+from moviepostproduction.comfyui.types import CATEGORY, GUIDANCE, MODEL, SCENE, SEED, STEPS
+from moviepostproduction.resources import run_guarded
+from moviepostproduction.scene import Scene
+from moviepostproduction.visualize import draw_layout
 
 
 def alpha_lines(scene: Scene, alphas: list[float]) -> str:

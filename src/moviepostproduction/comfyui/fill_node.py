@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import Problem, ValidationError
-from ..resources import ModelDims, Request, run_guarded
-from ..scene import Scene
-from .host import step_callback
-from .images import check_image, check_mask, from_channels_first
-from .model import DTYPES, resolve_device
-from .scene_nodes import check_scene
-from .types import CATEGORY, SCENE, SEED, STEPS
+from moviepostproduction.comfyui.host import step_callback
+from moviepostproduction.comfyui.images import check_image, check_mask, from_channels_first
+from moviepostproduction.comfyui.model import DTYPES, resolve_device
+from moviepostproduction.comfyui.scene_nodes import check_scene
+from moviepostproduction.comfyui.types import CATEGORY, SCENE, SEED, STEPS
+from moviepostproduction.errors import Problem, ValidationError
+from moviepostproduction.resources import ModelDims, Request, run_guarded
+from moviepostproduction.scene import Scene
 
 if TYPE_CHECKING:
-    from ..pipelines.fill import FillPipeline
+    from moviepostproduction.fill.pipeline import FillPipeline
 
 FILL_MODEL = "MPP_FILL_MODEL"
 
@@ -62,8 +62,8 @@ class MppLoadFillModel:
     CATEGORY = CATEGORY
 
     def load(self, model_dir: str, device: str, dtype: str, refs: bool) -> tuple[MppFillModel]:
-        from ..fill_weights import default_fill_model_dir
-        from ..pipelines.fill import FillPipeline
+        from moviepostproduction.fill.pipeline import FillPipeline
+        from moviepostproduction.fill.weights import default_fill_model_dir
 
         device = resolve_device(device)
         if dtype != "auto" and dtype not in DTYPES:

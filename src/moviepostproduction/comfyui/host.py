@@ -13,8 +13,8 @@ from types import ModuleType
 
 import torch
 
-from ..model_dir import default_cache_dir
-from ..sampling import StepCallback
+from moviepostproduction.model_dir import default_cache_dir
+from moviepostproduction.sampling import StepCallback
 
 REF_FOLDER = "moviepostproduction-refs"
 

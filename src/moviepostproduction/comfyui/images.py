@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import Problem, ValidationError
-from ..resources import require_finite
+from moviepostproduction.errors import Problem, ValidationError
+from moviepostproduction.resources import require_finite
 
 CHANNELS = (1, 3, 4)
 

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import Problem, ValidationError, WeightsError
-from ..resources import ModelDims, Request
-from .host import default_device
-from .types import CATEGORY, MODEL
+from moviepostproduction.comfyui.host import default_device
+from moviepostproduction.comfyui.types import CATEGORY, MODEL
+from moviepostproduction.errors import Problem, ValidationError, WeightsError
+from moviepostproduction.resources import ModelDims, Request
 
 if TYPE_CHECKING:
-    from ..backbones.nanodit import NanoDiT
-    from ..pipelines.compose import ComposePipeline
+    from moviepostproduction.compose.pipeline import ComposePipeline
+    from moviepostproduction.vary.nanodit import NanoDiT
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,8 +54,8 @@ def resolve_device(device: str) -> str:
 
 def load_model(model_dir: str, device: str = "auto", dtype: str = "auto", vary_checkpoint: str = "") -> MppModel:
     """Load a model dir (empty: the embedded default) and optionally a NanoDiT checkpoint for `vary`."""
-    from ..model_dir import default_model_dir
-    from ..pipelines.compose import ComposePipeline
+    from moviepostproduction.compose.pipeline import ComposePipeline
+    from moviepostproduction.model_dir import default_model_dir
 
     device = resolve_device(device)
     if dtype != "auto" and dtype not in DTYPES:
@@ -72,7 +72,7 @@ def load_model(model_dir: str, device: str = "auto", dtype: str = "auto", vary_c
 
 def load_vary(path: Path, compose: ComposePipeline, device: str, dtype: torch.dtype) -> NanoDiT:
     """A NanoDiT checkpoint whose encoder widths match the model dir's T5, DINO and VAE (else a WeightsError)."""
-    from ..backbones.nanodit_io import load_nanodit
+    from moviepostproduction.vary.nanodit_io import load_nanodit
 
     nanodit, _ = load_nanodit(path, device=device, dtype=dtype)
     cfg, images = nanodit.config, compose.image_encoder

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import Problem, ValidationError
-from ..evaluation.metrics import seam_ratio
-from ..panorama import PAD_IDS, ROLL_MODES, PanoramaConfig, panorama_grid
-from ..resources import run_guarded
-from ..scene import Scene
-from .host import step_callback
-from .images import from_channels_first
-from .model import MppModel, check_model
-from .scene_nodes import check_scene
-from .types import CATEGORY, GUIDANCE, MODEL, SCENE, SEED, STEPS, side
+from moviepostproduction.comfyui.host import step_callback
+from moviepostproduction.comfyui.images import from_channels_first
+from moviepostproduction.comfyui.model import MppModel, check_model
+from moviepostproduction.comfyui.scene_nodes import check_scene
+from moviepostproduction.comfyui.types import CATEGORY, GUIDANCE, MODEL, SCENE, SEED, STEPS, side
+from moviepostproduction.errors import Problem, ValidationError
+from moviepostproduction.panorama.seams import seam_ratio
+from moviepostproduction.panorama.wrap import PAD_IDS, ROLL_MODES, PanoramaConfig, panorama_grid
+from moviepostproduction.resources import run_guarded
+from moviepostproduction.scene import Scene
 
 
 class MppPanorama:
@@ -60,7 +60,10 @@ class MppPanorama:
         circular_vae: bool,
         scene: Scene | None = None,
     ) -> tuple[torch.Tensor, float]:
-        from ..pipelines.panorama import PanoramaPipeline, compose_panorama  # lazy: diffusers loads on first use
+        from moviepostproduction.panorama.pipeline import (  # lazy: diffusers loads on first use
+            PanoramaPipeline,
+            compose_panorama,
+        )
 
         model = check_model(model)
         config = PanoramaConfig(

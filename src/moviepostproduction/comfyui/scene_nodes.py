@@ -16,12 +16,12 @@ import torch
 import yaml
 from PIL import Image
 
-from ..errors import Problem, ValidationError
-from ..scene import DEFAULT_MAX_REFS, DEPTHS, Scene, load_scene, scene_from_dict
-from ..visualize import save_png
-from .host import ref_folder
-from .images import check_image, check_mask, to_pil
-from .types import CATEGORY, SCENE, side
+from moviepostproduction.comfyui.host import ref_folder
+from moviepostproduction.comfyui.images import check_image, check_mask, to_pil
+from moviepostproduction.comfyui.types import CATEGORY, SCENE, side
+from moviepostproduction.errors import Problem, ValidationError
+from moviepostproduction.scene import DEFAULT_MAX_REFS, DEPTHS, Scene, load_scene, scene_from_dict
+from moviepostproduction.visualize import save_png
 
 UNIT = {"min": 0.0, "max": 1.0, "step": 0.01}  # a normalised bbox coordinate
 

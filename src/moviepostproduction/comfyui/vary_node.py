@@ -6,12 +6,12 @@ import dataclasses
 
 import torch
 
-from ..errors import Problem, ValidationError
-from ..resources import run_guarded
-from .host import step_callback
-from .images import check_image, from_channels_first, to_pil
-from .model import MppModel, check_model
-from .types import CATEGORY, MODEL, SEED, STEPS, side
+from moviepostproduction.comfyui.host import step_callback
+from moviepostproduction.comfyui.images import check_image, from_channels_first, to_pil
+from moviepostproduction.comfyui.model import MppModel, check_model
+from moviepostproduction.comfyui.types import CATEGORY, MODEL, SEED, STEPS, side
+from moviepostproduction.errors import Problem, ValidationError
+from moviepostproduction.resources import run_guarded
 
 VARY_TEXT_TOKENS = 128  # T5 tokens for the caption; padding is masked out in NanoDiT's cross-attention
 SCALE = {"min": 0.0, "max": 30.0, "step": 0.1}
@@ -53,7 +53,7 @@ class MppVary:
         width: int,
         height: int,
     ) -> tuple[torch.Tensor]:
-        from ..pipelines.vary import VaryPipeline  # lazy, as every pipeline import of the pack
+        from moviepostproduction.vary.pipeline import VaryPipeline  # lazy, as every pipeline import of the pack
 
         model = check_model(model)
         if model.vary is None:

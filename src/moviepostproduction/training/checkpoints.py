@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_safetensors, save_safetensors, write_json_atomic
-from ..errors import WeightsError
+from moviepostproduction.errors import WeightsError
+from moviepostproduction.files import load_safetensors, save_safetensors, write_json_atomic
 
 STEP_PREFIX = "step-"
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")

@@ -18,13 +18,20 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..backbones.flux import ConditionedFlux
-from ..conditioning import RefBatch
-from ..layout import bbox_token_mask, covered_fraction
-from ..sampling import euler_sample, get_timesteps, latent_image_ids, noise_latents, text_ids, unpack_latents
-from ..scene import DEPTHS
-from .feature_cache import FeatureCache
-from .losses import (
+from moviepostproduction.compose.conditioning import RefBatch
+from moviepostproduction.compose.flux import ConditionedFlux
+from moviepostproduction.layout import bbox_token_mask, covered_fraction
+from moviepostproduction.sampling import (
+    euler_sample,
+    get_timesteps,
+    latent_image_ids,
+    noise_latents,
+    text_ids,
+    unpack_latents,
+)
+from moviepostproduction.scene import DEPTHS
+from moviepostproduction.training.feature_cache import FeatureCache
+from moviepostproduction.training.losses import (
     bbox_alignment_loss,
     box_token_weights,
     crop_boxes,
@@ -34,8 +41,8 @@ from .losses import (
     region_preservation_loss,
     sample_times,
 )
-from .stages import get_stage
-from .task import LossOutput
+from moviepostproduction.training.stages import get_stage
+from moviepostproduction.training.task import LossOutput
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
@@ -295,7 +302,7 @@ class ComposeTask:
     def samples(self, generator: torch.Generator) -> Image.Image | None:
         if self.vae is None:
             return None
-        from ..visualize import draw_layout, image_grid
+        from moviepostproduction.visualize import draw_layout, image_grid
 
         n = min(self.config.num_preview, len(self.preview))
         index = torch.arange(n)

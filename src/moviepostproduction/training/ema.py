@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .checkpoints import copy_named_tensors
+from moviepostproduction.training.checkpoints import copy_named_tensors
 
 
 def ema_decay_at(decay: float, step: int) -> float:

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoint import load_safetensors, read_metadata, save_safetensors
-from ..data.shards import SHARD_READ_ERRORS, ToySample, iter_shards, unreadable_shard
-from ..errors import WeightsError
-from ..sampling import pack_latents
-from ..scene import DEPTHS
+from moviepostproduction.errors import WeightsError
+from moviepostproduction.files import load_safetensors, read_metadata, save_safetensors
+from moviepostproduction.sampling import pack_latents
+from moviepostproduction.scene import DEPTHS
+from moviepostproduction.toyworld.shards import SHARD_READ_ERRORS, ToySample, iter_shards, unreadable_shard
 
 CACHE_VERSION = "1"
 FIELDS = ("latents", "t5", "pooled", "spans", "bboxes", "depth", "valid", "clip", "dino")
@@ -196,8 +196,8 @@ def _encode_shard(job: tuple[str, str, int, int, int]) -> tuple[dict[str, torch.
 
     from tqdm import tqdm
 
-    from ..encoders import ImageEncoder, TextEncoder, Vae
-    from ..model_dir import ModelDir
+    from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae
+    from moviepostproduction.model_dir import ModelDir
 
     model_dir, shard, max_refs, max_text_tokens, limit = job
     torch.set_num_threads(1)

@@ -19,18 +19,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoint import save_pretrained_readable, staged_copy
-from ..data.triptych import TriptychBatch, TriptychConfig, collate, make_triptych
-from ..encoders import TextEncoder, Vae, load_transformer
-from ..errors import Problem, ValidationError
-from ..fill import FillChannels, FillFlux, arrange, context_tokens, expand_to_fill, fill_condition, masked_image
-from ..fill_weights import FillWeightsConfig, LoraSpec, save_fill_weights
-from ..model_dir import ModelDir, as_model_dir
-from ..modules.semantic_attention import SemanticAttentionConfig, SemanticCrossAttention, SemanticTokens, grid_positions
-from ..pipelines.fill import FillPipeline
-from ..sampling import latent_image_ids, make_noise, noise_latents, pack_latents, text_ids
-from .task import LossOutput
-from .vary import TIMESTEP_SAMPLING, sample_timesteps
+from moviepostproduction.encoders import TextEncoder, Vae, load_transformer
+from moviepostproduction.errors import Problem, ValidationError
+from moviepostproduction.files import save_pretrained_readable, staged_copy
+from moviepostproduction.fill.model import (
+    FillChannels,
+    FillFlux,
+    arrange,
+    context_tokens,
+    expand_to_fill,
+    fill_condition,
+    masked_image,
+)
+from moviepostproduction.fill.pipeline import FillPipeline
+from moviepostproduction.fill.semantic_attention import (
+    SemanticAttentionConfig,
+    SemanticCrossAttention,
+    SemanticTokens,
+    grid_positions,
+)
+from moviepostproduction.fill.weights import FillWeightsConfig, LoraSpec, save_fill_weights
+from moviepostproduction.model_dir import ModelDir, as_model_dir
+from moviepostproduction.sampling import latent_image_ids, make_noise, noise_latents, pack_latents, text_ids
+from moviepostproduction.toyworld.triptych import TriptychBatch, TriptychConfig, collate, make_triptych
+from moviepostproduction.training.task import LossOutput
+from moviepostproduction.training.vary_objective import TIMESTEP_SAMPLING, sample_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +207,7 @@ class FillTask:
 
     def samples(self, generator: torch.Generator) -> Image.Image | None:
         """Rows of [visible | fill | target | semantic] for held-out triptychs, `sample_steps` Euler steps each."""
-        from ..visualize import image_grid
+        from moviepostproduction.visualize import image_grid
 
         cfg, was_training = self.cfg, self.model.training
         pipe = FillPipeline(self.model, self.vae, self.text_encoder, layout=cfg.layout)

@@ -38,10 +38,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..backbones.nanodit_io import FOLDER as NANODIT_FOLDER
-from ..checkpoint import STORAGE_DTYPES, cast_safetensors_files, save_pretrained_readable, staged_copy
-from ..errors import Problem, ValidationError
-from ..sampling import (
+from moviepostproduction.errors import Problem, ValidationError
+from moviepostproduction.files import STORAGE_DTYPES, cast_safetensors_files, save_pretrained_readable, staged_copy
+from moviepostproduction.sampling import (
     is_count,
     is_finite_number,
     is_positive_number,
@@ -49,8 +48,9 @@ from ..sampling import (
     positive_problem,
     scale_problem,
 )
-from .stages import ADAPTER_PARTS
-from .trainer import TrainConfig, Trainer, TrainResult
+from moviepostproduction.training.stages import ADAPTER_PARTS
+from moviepostproduction.training.trainer import TrainConfig, Trainer, TrainResult
+from moviepostproduction.vary.nanodit_io import FOLDER as NANODIT_FOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def dataclass_from(cls, values: dict, prefix: str):
 
 def _task_config(recipe: Recipe, image_position_scale: float = 1.0):
     """The recipe's `compose:` fields; `image_position_scale` defaults to the loaded model dir's (FLUX: 1)."""
-    from .compose_task import ComposeTaskConfig
+    from moviepostproduction.training.compose_task import ComposeTaskConfig
 
     values = {"image_position_scale": image_position_scale, **recipe.compose}
     problems = [
@@ -178,7 +178,7 @@ def _trainer_config(recipe: Recipe) -> TrainConfig:
 
 def cached_features(recipe: Recipe, split: str, text, image, vae, limit: int | None):
     """Load OUT/cache/SPLIT.safetensors, or build it from the shards (once)."""
-    from .feature_cache import FeatureCache, build_cache, build_cache_in_workers
+    from moviepostproduction.training.feature_cache import FeatureCache, build_cache, build_cache_in_workers
 
     path = Path(recipe.out) / "cache" / f"{split}.safetensors"
     meta = {
@@ -215,7 +215,7 @@ def reconfigure_adapter(adapter, changes: dict):
 
 def deepening(recipe: Recipe):
     """The recipe's `deepen:` as a Deepening (one-line problems for anything else)."""
-    from ..backbones.deepen import Deepening
+    from moviepostproduction.compose.deepen import Deepening
 
     require_mapping("deepen", recipe.deepen, "double_blocks / single_blocks")
     try:
@@ -227,12 +227,12 @@ def deepening(recipe: Recipe):
 def build_compose_task(recipe: Recipe):
     import torch
 
-    from ..backbones.deepen import Deepening, deepen_adapter, deepen_transformer
-    from ..backbones.flux import ConditionedFlux
-    from ..encoders import ImageEncoder, TextEncoder, Vae, load_transformer
-    from ..model_dir import ModelDir
-    from ..modules import CompositionAdapter
-    from .compose_task import ComposeTask
+    from moviepostproduction.compose.deepen import Deepening, deepen_adapter, deepen_transformer
+    from moviepostproduction.compose.flux import ConditionedFlux
+    from moviepostproduction.compose.modules import CompositionAdapter
+    from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae, load_transformer
+    from moviepostproduction.model_dir import ModelDir
+    from moviepostproduction.training.compose_task import ComposeTask
 
     md = ModelDir.at(recipe.model)
     md.check()
@@ -268,7 +268,7 @@ def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> 
 
     Folders of `KEPT_FOLDERS` already in the export dir (NanoDiT, trained by another recipe) are carried over.
     """
-    from ..checkpoint import write_json_atomic
+    from moviepostproduction.files import write_json_atomic
 
     transformer, adapter = task.model.transformer, task.model.adapter
     if getattr(transformer, "peft_config", None):
@@ -296,7 +296,7 @@ def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> 
 
 def _export_index(recipe: Recipe, task, source, steps: int | None) -> dict:
     """model_index.json of an export: the source's, with the training data, the sampling defaults and the label."""
-    from ..data.shards import read_manifest
+    from moviepostproduction.toyworld.shards import read_manifest
 
     manifest = read_manifest(recipe.data)
     world = {"seed": manifest["seed"], "config": manifest["config"], "generator_version": manifest["generator_version"]}
@@ -324,7 +324,7 @@ def _export_index(recipe: Recipe, task, source, steps: int | None) -> dict:
 
 def run_recipe(recipe: Recipe) -> TrainResult:
     if recipe.task == "fill":
-        from .fill_task import FillTask, FillTaskConfig, export_fill_model_dir
+        from moviepostproduction.training.fill_task import FillTask, FillTaskConfig, export_fill_model_dir
 
         task = FillTask.from_model_dir(recipe.model, dataclass_from(FillTaskConfig, recipe.fill, "fill"))
         result = Trainer(task, _trainer_config(recipe)).run()
@@ -332,8 +332,8 @@ def run_recipe(recipe: Recipe) -> TrainResult:
             logger.info("exported %s", export_fill_model_dir(task, recipe.model, recipe.export))
         return result
     if recipe.task == "vary":
-        from ..backbones.nanodit_io import save_nanodit_dir
-        from .vary_task import VaryTaskConfig, build_vary_task
+        from moviepostproduction.training.vary_task import VaryTaskConfig, build_vary_task
+        from moviepostproduction.vary.nanodit_io import save_nanodit_dir
 
         config = dataclass_from(VaryTaskConfig, recipe.vary, "vary")
         task = build_vary_task(

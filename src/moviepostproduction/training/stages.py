@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import Problem, ValidationError
+from moviepostproduction.errors import Problem, ValidationError
 
 LAYOUT_PARTS = ("alpha_predictor", "instance_encoder", "layout_head", "assemble", "occlusion")
 

@@ -24,12 +24,17 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import KeyReport, load_matching, load_safetensors, write_json_atomic
-from ..errors import MppError, Problem, ValidationError
-from ..sampling import is_positive_number
-from .checkpoints import CheckpointStore, copy_named_tensors, load_optimizer_state, optimizer_state
-from .ema import EmaWeights
-from .task import TrainTask
+from moviepostproduction.errors import MppError, Problem, ValidationError
+from moviepostproduction.files import KeyReport, load_matching, load_safetensors, write_json_atomic
+from moviepostproduction.sampling import is_positive_number
+from moviepostproduction.training.checkpoints import (
+    CheckpointStore,
+    copy_named_tensors,
+    load_optimizer_state,
+    optimizer_state,
+)
+from moviepostproduction.training.ema import EmaWeights
+from moviepostproduction.training.task import TrainTask
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +352,7 @@ class Trainer:
     def write_samples(self, step: int) -> None:
         if not self.accelerator.is_main_process:
             return
-        from ..visualize import save_png
+        from moviepostproduction.visualize import save_png
 
         with torch.no_grad(), self.ema.applied(self.named_params()) if self.ema else nullcontext():
             image = self.task.samples(_generator(step_seed(self.config.seed, step), self.accelerator.device))
@@ -355,7 +360,7 @@ class Trainer:
             save_png(image, self.out / "samples" / f"step-{step:06d}.png")
 
     def write_curves(self, losses: list[float], logs: list[dict]) -> None:
-        from ..visualize import plot_curves, save_png
+        from moviepostproduction.visualize import plot_curves, save_png
 
         series = {"loss": list(enumerate(losses, start=1))}
         for key in sorted({k for e in logs for k in e} - {"step", "loss", "lr", "grad_norm"}):

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoint import load_safetensors, read_metadata, save_safetensors
-from ..data.synthetic import COLOURS, ToyScene, ToyWorldConfig, generate_scene
-from ..errors import WeightsError
+from moviepostproduction.errors import WeightsError
+from moviepostproduction.files import load_safetensors, read_metadata, save_safetensors
+from moviepostproduction.toyworld.synthetic import COLOURS, ToyScene, ToyWorldConfig, generate_scene
 
 __all__ = ["CACHE_VERSION", "VaryFeatures", "build_vary_features", "encode_scenes", "scene_signature"]
 

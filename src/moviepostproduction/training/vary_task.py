@@ -19,15 +19,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..backbones.nanodit import PRESETS, NanoDiT, NanoDiTConfig, VaryConditioning
-from ..data.sprites import COLOURS
-from ..data.synthetic import ToyWorldConfig
-from ..errors import Problem, ValidationError
-from ..evaluation.vary_metrics import colour_presence, feature_swap, reconstruction_error, text_only
-from ..sampling import is_probability
-from .task import LossOutput
-from .vary import TIMESTEP_SAMPLING, DropoutProbs, flow_matching_loss
-from .vary_data import VaryFeatures, build_vary_features, scene_signature
+from moviepostproduction.errors import Problem, ValidationError
+from moviepostproduction.sampling import is_probability
+from moviepostproduction.toyworld.sprites import COLOURS
+from moviepostproduction.toyworld.synthetic import ToyWorldConfig
+from moviepostproduction.toyworld.vary_metrics import colour_presence, feature_swap, reconstruction_error, text_only
+from moviepostproduction.training.task import LossOutput
+from moviepostproduction.training.vary_data import VaryFeatures, build_vary_features, scene_signature
+from moviepostproduction.training.vary_objective import TIMESTEP_SAMPLING, DropoutProbs, flow_matching_loss
+from moviepostproduction.vary.nanodit import PRESETS, NanoDiT, NanoDiTConfig, VaryConditioning
 
 __all__ = ["STAGES", "VaryTask", "VaryTaskConfig", "build_vary_task", "nanodit_config_for", "validate_vary"]
 
@@ -163,8 +163,8 @@ class VaryTask:
     @torch.no_grad()
     def samples(self, generator: torch.Generator) -> Image.Image | None:
         """Rows of [reference | target scene | from scene features | from reference | text only], held-out."""
-        from ..pipelines.vary import VaryPipeline
-        from ..visualize import image_grid
+        from moviepostproduction.vary.pipeline import VaryPipeline
+        from moviepostproduction.visualize import image_grid
 
         if self.vae is None:
             return None
@@ -215,8 +215,8 @@ def build_vary_task(
 
     With `cache_dir`, features are read from / written to `cache_dir/{train,heldout}.safetensors`.
     """
-    from ..encoders import ImageEncoder, TextEncoder, Vae
-    from ..model_dir import as_model_dir
+    from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae
+    from moviepostproduction.model_dir import as_model_dir
 
     md = as_model_dir(model_dir)
     world = world or ToyWorldConfig(size=64)
@@ -257,7 +257,7 @@ def validate_vary(
     """The three validations on the first n scenes of `features` (held-out), all with the same noise:
     reconstruction (own scene features + caption), feature swap (caption of i, scene features of i + 1) and
     text only (image dropped); plus the colour of the fg sprite in each mode."""
-    from ..pipelines.vary import VaryPipeline
+    from moviepostproduction.vary.pipeline import VaryPipeline
 
     n = min(n, len(features))
     if n < 2:

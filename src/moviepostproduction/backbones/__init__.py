@@ -1,1 +1,0 @@
-"""Backbones: conditioned FLUX (by injection into diffusers' model) and NanoDiT."""

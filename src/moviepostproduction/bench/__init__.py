@@ -1,0 +1,1 @@
+"""`mpp bench`: conditioning overhead against plain diffusers FLUX, side by side (docs/benchmarks.md)."""

@@ -1,0 +1,5 @@
+"""python -m moviepostproduction.cli (accelerate launch / torchrun -m ...)."""
+
+from moviepostproduction.cli import app
+
+app()

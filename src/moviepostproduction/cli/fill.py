@@ -1,0 +1,46 @@
+"""`mpp fill`: FLUX-Fill repainting of a plate's mask, with a semantic map and refs."""
+
+from __future__ import annotations
+
+import typer
+
+from moviepostproduction.cli.common import app, parse_dtype, user_errors
+
+
+@app.command()
+@user_errors
+def fill(
+    image: str = typer.Option(..., "--image", help="The plate to repaint (PNG or JPEG)."),
+    output: str = typer.Option(..., "-o", "--output", help="Output PNG (same size as the plate)."),
+    mask: str | None = typer.Option(
+        None, "--mask", help="Repaint mask, white = repaint, binarised at 50% grey; default with --refs: their boxes."
+    ),
+    semantic: str | None = typer.Option(None, "--semantic", help="Semantic map (class colours), same size as --image."),
+    refs: str | None = typer.Option(None, "--refs", help="Scene: insert its refs at their bboxes (caption = prompt)."),
+    prompt: str = typer.Option("", "--prompt", help="Text prompt (not with --refs)."),
+    model: str | None = typer.Option(None, "--model", help="FLUX-Fill model dir (+ fill/ weights); default: embedded."),
+    steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
+    seed: int = typer.Option(0, "--seed", help="Noise seed."),
+    guidance: float = typer.Option(30.0, "--guidance", help="FLUX guidance embedding scale (FLUX-Fill default 30)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+) -> None:
+    """Repaint the masked part of a plate (FLUX-Fill); pixels outside the mask are kept exactly."""
+    from moviepostproduction.fill.inputs import read_fill_inputs
+    from moviepostproduction.fill.pipeline import FillPipeline
+    from moviepostproduction.fill.weights import default_fill_model_dir
+    from moviepostproduction.visualize import save_png
+
+    inputs = read_fill_inputs(image, mask, semantic=semantic, scene=refs, prompt=prompt)  # before loading weights
+    pipe = FillPipeline.from_model_dir(
+        model or default_fill_model_dir(),
+        semantic=semantic is not None,
+        refs=refs is not None,
+        dtype=parse_dtype(dtype),
+        device=device,
+    )
+    result = pipe(inputs, num_inference_steps=steps, guidance_scale=guidance, seed=seed, progress=True)
+    out = save_png(result.images[0], output, {"mpp:prompt": inputs.prompt, "mpp:model": result.label or str(model)})
+    h, w = result.mask.shape
+    label = f" [{result.label}]" if result.label else ""
+    typer.echo(f"wrote {out} ({w}x{h}), repainted {int(result.mask.sum())} px ({100 * result.mask.mean():.1f}%){label}")

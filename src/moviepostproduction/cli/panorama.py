@@ -1,0 +1,107 @@
+"""`mpp panorama` and `mpp view`: seamless 360 plates and their offline viewer."""
+
+from __future__ import annotations
+
+import typer
+
+from moviepostproduction.cli.common import app, parse_dtype, user_errors
+
+
+@app.command()
+@user_errors
+def panorama(
+    output: str = typer.Option(..., "-o", "--output", help="Output PNG, width = 2 x height (equirectangular)."),
+    caption: str | None = typer.Option(None, "--caption", help="Text prompt."),
+    scene: str | None = typer.Option(None, "--scene", help="A panorama scene (refs may wrap the seam), not --caption."),
+    height: int | None = typer.Option(None, "--height", help="Height in pixels, a multiple of 16 [default: 256]."),
+    steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed (default: the scene's seed, else 0)."),
+    guidance: float = typer.Option(3.5, "--guidance", help="FLUX guidance embedding scale."),
+    model: str | None = typer.Option(None, "--model", help="Model dir (FLUX.1-dev layout); default: embedded."),
+    pad: int = typer.Option(1, "--pad", help="Wrapped token columns on each side (DiT360: 1; 0 = off)."),
+    pad_ids: str = typer.Option("opposite", "--pad-ids", help="Pad position ids: opposite (DiT360) or continuous."),
+    periodic_rope: bool = typer.Option(False, "--periodic-rope/--no-periodic-rope", help="Column RoPE on a circle."),
+    roll: str = typer.Option("off", "--roll", help="Latent rolling between steps: off, fixed or random."),
+    circular_vae: bool = typer.Option(True, "--circular-vae/--no-circular-vae", help="Circular VAE width padding."),
+    html: bool = typer.Option(False, "--html", help="Also write OUT.html, a self-contained 360 viewer."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+) -> None:
+    """Generate a seamless 360-degree panorama from a caption (or a panorama scene with placed refs)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from moviepostproduction.encoders import TextEncoder
+    from moviepostproduction.errors import Problem, ValidationError
+    from moviepostproduction.model_dir import default_model_dir
+    from moviepostproduction.panorama.pipeline import PanoramaPipeline, compose_panorama
+    from moviepostproduction.panorama.seams import seam_ratio
+    from moviepostproduction.panorama.viewer import write_viewer
+    from moviepostproduction.panorama.wrap import PanoramaConfig, panorama_grid
+    from moviepostproduction.visualize import save_png
+
+    if (caption is None) == (scene is None):
+        raise ValidationError([Problem("--caption", caption, "give exactly one of --caption or --scene")])
+    if scene is not None and height is not None:
+        raise ValidationError([Problem("--height", height, "the scene sets the size; drop --height")])
+    config = PanoramaConfig(pad=pad, pad_ids=pad_ids, periodic_rope=periodic_rope, circular_vae=circular_vae, roll=roll)
+    if height is not None:
+        panorama_grid(height)  # fail on a bad size before loading any weights
+    md, torch_dtype = model or default_model_dir(), parse_dtype(dtype)
+    if scene is not None:
+        from moviepostproduction.compose.pipeline import ComposePipeline
+        from moviepostproduction.scene import load_scene
+
+        loaded = load_scene(scene)  # fail on a bad scene before loading any weights
+        if not loaded.panorama:
+            raise ValidationError([Problem("panorama", loaded.panorama, f"{scene} is not a panorama scene")])
+        compose_pipe = ComposePipeline.from_model_dir(md, dtype=torch_dtype, device=device)
+        result = compose_panorama(
+            compose_pipe,
+            loaded,
+            config=config,
+            seed=seed,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            progress=True,
+        )
+        prompt = loaded.caption
+    else:
+        pipe = PanoramaPipeline.from_model_dir(md, config=config, dtype=torch_dtype, device=device)
+        from moviepostproduction.model_dir import ModelDir
+
+        text = TextEncoder.load(md, dtype=torch_dtype, device=device).encode([caption], ModelDir.at(md).max_text_tokens)
+        result = pipe(
+            prompt_embeds=text.t5,
+            pooled_prompt_embeds=text.pooled,
+            height=height or 256,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            seed=seed,
+            progress=True,
+        )
+        prompt = caption
+    pixels = (result.images[0] * 255).round().byte().permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+    meta = {"mpp:caption": prompt, "mpp:model": result.label or str(model or "embedded"), "mpp:projection": "equirect"}
+    out = save_png(Image.fromarray(pixels), output, meta)
+    plain, rotated = seam_ratio(pixels), seam_ratio(pixels, rotated=True)
+    tokens = seam_ratio(pixels, period=16)  # against the other 16 px token boundaries (docs/panorama.md)
+    seams = f"seam ratio {plain:.3f} (tokens {tokens:.3f}), rotated view {rotated:.3f}"
+    label = f" [{result.label}]" if result.label else ""
+    typer.echo(f"wrote {out} ({pixels.shape[1]}x{pixels.shape[0]}), {seams}{label}")
+    if html:
+        typer.echo(f"wrote {write_viewer(out, Path(out).with_suffix('.html'))}")
+
+
+@app.command()
+@user_errors
+def view(
+    image: str = typer.Argument(..., help="Equirectangular panorama (PNG or JPEG, 2:1)."),
+    output: str = typer.Option(..., "-o", "--output", help="Output HTML page (self-contained, works offline)."),
+    title: str | None = typer.Option(None, "--title", help="Page title (default: the image file name)."),
+) -> None:
+    """Write a self-contained HTML 360-degree viewer for a panorama: drag to look around, wheel to zoom."""
+    from moviepostproduction.panorama.viewer import write_viewer
+
+    typer.echo(f"wrote {write_viewer(image, output, title=title)}")

@@ -1,0 +1,47 @@
+"""`mpp vary`: NanoDiT variations of a reference image."""
+
+from __future__ import annotations
+
+import typer
+
+from moviepostproduction.cli.common import app, parse_dtype, user_errors
+
+
+@app.command()
+@user_errors
+def vary(
+    ref: str = typer.Option(..., "--ref", help="Reference image (PNG or JPEG): its DINO features steer the result."),
+    output: str = typer.Option(..., "-o", "--output", help="Output PNG."),
+    caption: str | None = typer.Option(None, "--caption", help="Caption to steer the variation (default: none)."),
+    model: str | None = typer.Option(
+        None, "--model", help="Model dir with nanodit/ (config.json + model.safetensors); default: embedded."
+    ),
+    steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise."),
+    text_scale: float = typer.Option(4.0, "--text-scale", help="Dual CFG text scale s_T (unused without --caption)."),
+    image_scale: float = typer.Option(1.5, "--image-scale", help="Dual CFG image scale s_I."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+) -> None:
+    """A variation of a reference image with NanoDiT (DINO CLS + patch features), optionally steered by a caption."""
+    from moviepostproduction.model_dir import default_model_dir
+    from moviepostproduction.vary.pipeline import VaryPipeline, load_reference
+    from moviepostproduction.visualize import save_png
+
+    image = load_reference(ref, "--ref")  # fail on a bad reference before loading any weights
+    pipe = VaryPipeline.from_model_dir(model or default_model_dir(), dtype=parse_dtype(dtype), device=device)
+    inputs = pipe.encode([image], [caption] if caption else None)
+    result = pipe(
+        **inputs,
+        text_scale=text_scale,
+        image_scale=image_scale,
+        num_inference_steps=steps,
+        seed=seed,
+        output_type="pil",
+        progress=True,
+    )
+    picture = result.images[0]
+    source = pipe.label or str(model or "embedded")
+    meta = {"mpp:caption": caption or "", "mpp:reference": str(ref), "mpp:model": source}
+    out = save_png(picture, output, meta)
+    typer.echo(f"wrote {out} ({picture.width}x{picture.height}){' [' + pipe.label + ']' if pipe.label else ''}")

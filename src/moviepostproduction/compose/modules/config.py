@@ -1,0 +1,106 @@
+"""Configuration of the conditioning modules (DESIGN 2). Defaults equal FLUX.1-dev; tiny configs are derived."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from moviepostproduction.layout import fourier_dim
+from moviepostproduction.scene import DEPTHS
+
+__all__ = ["DEPTHS", "PRESETS", "ConditioningConfig"]
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    hidden_dim: int = 3072  # D: backbone hidden size
+    clip_dim: int = 768  # C: CLIP image-embed width
+    dino_dim: int = 1024  # G: DINO CLS width
+    instance_dim: int = 1024  # width of the spatial and visual halves before fusion
+    dense_k: int = 4  # DenseSample K x K points per box
+    fourier_freqs: int = 16  # 16 points x (2 coords x sin/cos x 16) = 1024 (seed 001)
+    alpha_hidden: int = 256
+    num_double_blocks: int = 19
+    num_single_blocks: int = 38
+    modulation_rank: int = 64  # low-rank per-block projections of the ModulationHead
+    feedback_rank: int = 16
+    layout_blocks: tuple[int, ...] | None = None  # double blocks with Assemble-Attn; None = every 3rd
+    grounding_ratio: float = 0.3  # fraction of denoising steps (from t=1) with Assemble-Attn active
+    soft_masks: bool = False
+    soft_sigma: float = 1.5  # in tokens
+    max_refs: int = 50
+    box_position_freqs: int = 0  # > 0: Assemble-Attn adds a BoxPositionEncoding per layout block (0: off, DESIGN 3)
+    box_position_rank: int = 64  # its hidden width
+    box_patch_rank: int = 0  # > 0: Assemble-Attn lays each ref's DINO patch tokens into its box (0: off; design note)
+    occlusion_priority: bool = False  # learned per-depth weights where boxes overlap (False: average; design note)
+    # with occlusion_priority, within one depth label a ref listed earlier is nearer: its weight is e^order_priority
+    # times the next one's (0: refs of the same label share their overlap)
+    order_priority: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("hidden_dim", "clip_dim", "dino_dim", "instance_dim", "dense_k", "fourier_freqs"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("box_position_freqs", "box_position_rank", "box_patch_rank"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} must be >= 0")
+        if not isinstance(self.occlusion_priority, bool):
+            problems.append(f"occlusion_priority={self.occlusion_priority!r} must be true or false")
+        order = self.order_priority
+        if isinstance(order, bool) or not isinstance(order, int | float) or not math.isfinite(order) or order < 0:
+            problems.append(f"order_priority={order!r} must be a finite number >= 0")
+        elif order and not self.occlusion_priority:
+            problems.append(f"order_priority={order!r} needs occlusion_priority=true")
+        if self.dense_k < 2:
+            problems.append(f"dense_k={self.dense_k} must be >= 2 (corners are included)")
+        if not 0.0 <= self.grounding_ratio <= 1.0:
+            problems.append(f"grounding_ratio={self.grounding_ratio} must be in [0, 1]")
+        bad = [b for b in self.resolved_layout_blocks if not 0 <= b < self.num_double_blocks]
+        if bad:
+            problems.append(f"layout_blocks {bad} outside [0, {self.num_double_blocks})")
+        if problems:
+            raise ValueError("invalid ConditioningConfig: " + "; ".join(problems))
+
+    @property
+    def spatial_dim(self) -> int:
+        return fourier_dim(self.dense_k, self.fourier_freqs)
+
+    @property
+    def resolved_layout_blocks(self) -> tuple[int, ...]:
+        if self.layout_blocks is None:
+            return tuple(range(0, self.num_double_blocks, 3))
+        return tuple(self.layout_blocks)
+
+    @classmethod
+    def for_transformer(cls, transformer, **overrides) -> ConditioningConfig:
+        """Derive D and block counts from a diffusers FluxTransformer2DModel's config."""
+        cfg = transformer.config
+        base = dict(
+            hidden_dim=cfg.num_attention_heads * cfg.attention_head_dim,
+            num_double_blocks=cfg.num_layers,
+            num_single_blocks=cfg.num_single_layers,
+        )
+        return cls(**{**base, **overrides})
+
+    def with_(self, **changes) -> ConditioningConfig:
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, ConditioningConfig] = {
+    "flux-dev": ConditioningConfig(),
+    "tiny": ConditioningConfig(
+        hidden_dim=32,
+        clip_dim=16,
+        dino_dim=24,
+        instance_dim=32,
+        dense_k=2,
+        fourier_freqs=4,
+        alpha_hidden=16,
+        num_double_blocks=2,
+        num_single_blocks=1,
+        modulation_rank=4,
+        feedback_rank=4,
+        layout_blocks=(0, 1),
+    ),
+}

@@ -1,1 +1,0 @@
-"""Data: the procedural toy world (synthetic.py) and its WebDataset shards (shards.py)."""

@@ -1,0 +1,261 @@
+"""FillPipeline: repaint the masked part of a plate with FLUX-Fill (DESIGN 7), optionally guided by a semantic map
+or inserting references at their bboxes (the compose conditioning). Pixels outside the mask are pasted back from
+the plate, so they are bit-identical in the output. Model dir layout and fill weights: `fill_weights.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from moviepostproduction.encoders import TextEmbeddings, TextEncoder, Vae, load_transformer
+from moviepostproduction.errors import Problem, ValidationError, WeightsError
+from moviepostproduction.fill.inputs import FillInputs, place_refs, read_fill_inputs
+from moviepostproduction.fill.model import (
+    LAYOUTS,
+    FillChannels,
+    FillFlux,
+    arrange,
+    check_fill_transformer,
+    context_tokens,
+    crop_target,
+    fill_condition,
+    masked_image,
+    pad_amount,
+)
+from moviepostproduction.fill.semantic_attention import SemanticTokens, grid_positions
+from moviepostproduction.fill.weights import load_fill_weights
+from moviepostproduction.model_dir import IMAGE_COMPONENTS, TEXT_COMPONENTS, ModelDir, as_model_dir, read_json
+from moviepostproduction.sampling import (
+    euler_sample,
+    get_timesteps,
+    latent_image_ids,
+    make_noise,
+    noise_latents,
+    pack_latents,
+    text_ids,
+    unpack_latents,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FillOutput:
+    images: list  # PIL images, or a (B, 3, H, W) tensor in [0, 1] for output_type="pt"
+    mask: np.ndarray  # (H, W) bool: the binarised repaint mask that was used
+    label: str = ""
+
+
+class FillPipeline:
+    """Frozen FLUX-Fill transformer (+ semantic attention / LoRA / adapter) + VAE + text encoder."""
+
+    def __init__(
+        self,
+        model: FillFlux,
+        vae: Vae,
+        text_encoder: TextEncoder,
+        *,
+        layout: str = "single",
+        image_encoder=None,
+        label: str = "",
+    ):
+        if layout not in LAYOUTS:
+            raise ValidationError([Problem("layout", layout, f"must be one of {LAYOUTS}")])
+        self.model, self.vae, self.text_encoder = model.eval(), vae, text_encoder
+        self.layout, self.image_encoder, self.label = layout, image_encoder, label
+        self.channels = FillChannels.from_vae(vae.latent_channels, vae.downsample)
+        check_fill_transformer(model.transformer.config, self.channels, "transformer config")
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: ModelDir | str | Path,
+        *,
+        semantic: bool = False,
+        refs: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+    ) -> FillPipeline:
+        """Load a fill model dir; `semantic` / `refs` require the semantic weights / the adapter and image encoders."""
+        md = as_model_dir(model_dir)
+        md.check(["transformer", "vae", *TEXT_COMPONENTS, *(IMAGE_COMPONENTS if refs else ())])
+        vae = Vae.load(md, dtype=dtype, device=device)
+        channels = FillChannels.from_vae(vae.latent_channels, vae.downsample)
+        config_path = md.transformer / "config.json"
+        check_fill_transformer(
+            read_json(config_path, "a FluxTransformer2DModel config", md.root),
+            channels,
+            f"model dir {md.root}: {config_path}",
+        )
+        transformer = load_transformer(md, dtype=dtype, device=device)
+        weights, sem = load_fill_weights(md, transformer, need_semantic=semantic)
+        adapter, image_encoder = None, None
+        if refs:
+            from moviepostproduction.compose.modules import CompositionAdapter
+            from moviepostproduction.encoders import ImageEncoder
+
+            adapter = CompositionAdapter.from_pretrained(md.root / "adapter").to(device=device, dtype=dtype)
+            image_encoder = ImageEncoder.load(md, dtype=dtype, device=device)
+        label = "tiny-random (untrained weights: the fill is noise)" if md.tiny_random else md.index.get("label", "")
+        model = FillFlux(transformer, sem.to(device=device, dtype=dtype) if sem else None, adapter)
+        text = TextEncoder.load(md, dtype=dtype, device=device)
+        return cls(model, vae, text, layout=weights.layout, image_encoder=image_encoder, label=str(label))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.transformer.parameters()).dtype
+
+    # ------------------------------------------------------------------------------------------------ encoding
+    def encode_semantic(self, pixels: torch.Tensor) -> SemanticTokens:
+        """Semantic map (B, 3, H, W) in [-1, 1] -> its packed VAE tokens with panel-local positions."""
+        latents = self.vae.encode(pixels.to(self.device, self.dtype))  # (B, C, h, w)
+        h, w = latents.shape[-2] // 2, latents.shape[-1] // 2
+        return SemanticTokens(pack_latents(latents), grid_positions(h, w, device=self.device))
+
+    def encode_condition(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Arranged image and mask -> (x0 latent tokens (B, N, 4C), condition tokens (B, N, 4C + 4 f^2))."""
+        image, mask = image.to(self.device, self.dtype), mask.to(self.device, self.dtype)
+        x0 = pack_latents(self.vae.encode(image))
+        condition = fill_condition(self.vae.encode(masked_image(image, mask)), mask, self.vae.downsample)
+        return x0, condition
+
+    def _text(self, inputs: FillInputs, size: tuple[int, int], panels: int, max_text_tokens: int):
+        """Text embeddings and, with refs, the compose conditioning for the arranged, padded canvas."""
+        if inputs.scene is None:
+            return self.text_encoder.encode([inputs.prompt], max_text_tokens), None
+        if self.model.adapter is None or self.image_encoder is None:
+            raise ValidationError([Problem("refs", "scene", "this pipeline was loaded without refs=True")])
+        from moviepostproduction.compose.flux import ConditionedFlux
+        from moviepostproduction.compose.pipeline import ComposePipeline
+
+        compose = ComposePipeline(
+            ConditionedFlux(self.model.transformer, self.model.adapter), self.text_encoder, self.image_encoder, self.vae
+        )
+        scene = place_refs(inputs.scene, inputs.size, size, panels)
+        prepared = compose.prepare(scene, max_text_tokens=max_text_tokens)
+        return prepared.text, prepared.conditioning
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def __call__(
+        self,
+        image,
+        mask=None,
+        *,
+        semantic=None,
+        scene=None,
+        prompt: str = "",
+        num_inference_steps: int = 28,
+        guidance_scale: float = 30.0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        schedule: str = "shifted",
+        max_text_tokens: int = 512,
+        output_type: str = "pil",
+        callback_on_step_end: Callable | None = None,
+        progress: bool = False,
+    ) -> FillOutput:
+        """Repaint `mask` (white = repaint) of `image`; see docs/fill.md for accepted inputs and their checks."""
+        if output_type not in ("pil", "pt"):
+            raise ValidationError([Problem("output_type", output_type, "must be pil or pt")])
+        if isinstance(image, FillInputs):  # already read and checked (the CLI does this before loading weights)
+            inputs = image
+        else:
+            inputs = read_fill_inputs(image, mask, semantic=semantic, scene=scene, prompt=prompt)
+        if inputs.semantic is not None and self.model.semantic is None:
+            raise WeightsError(
+                "this fill model has no SemanticCrossAttention weights (fill/semantic_attention"
+                ".safetensors); it cannot take a semantic map"
+            )
+        f2 = 2 * self.vae.downsample
+        pad = (pad_amount(inputs.size[1], f2), pad_amount(inputs.size[0], f2))  # (right, bottom)
+        plate = F.pad(inputs.plate, (0, pad[0], 0, pad[1]), mode="replicate")  # (1, 3, H', W')
+        hole = F.pad(inputs.mask, (0, pad[0], 0, pad[1]))  # padding is context, never repainted
+        arranged = arrange(self.layout, plate, hole)
+        grid = (arranged.image.shape[-2] // f2, arranged.image.shape[-1] // f2)
+        with torch.no_grad():
+            x0, condition = self.encode_condition(arranged.image, arranged.mask)
+            sem = None
+            if inputs.semantic is not None:
+                sem = self.encode_semantic(F.pad(inputs.semantic, (0, pad[0], 0, pad[1]), mode="replicate"))
+            text, conditioning = self._text(inputs, plate.shape[-2:], arranged.panels, max_text_tokens)
+
+        shape = (1, grid[0] * grid[1], self.channels.latent)
+        noise = make_noise(shape, generator=generator) if generator else make_noise(shape, seed=seed or 0)
+        noise = noise.to(self.device)
+        ctx = context_tokens(self.layout, grid, device=self.device)
+        velocity = self._velocity(
+            condition, text, grid, arranged.panels, guidance_scale, sem, conditioning, num_inference_steps
+        )
+
+        def step_end(i: int, t: float, x: torch.Tensor):
+            if bool(ctx.any()):  # pin the context panel to its noised known latent (what training showed)
+                x = x.clone()
+                x[:, ctx] = noise_latents(x0[:, ctx].float(), noise[:, ctx], t).to(x.dtype)
+            if callback_on_step_end is not None:
+                replaced = callback_on_step_end(i, t, x)
+                x = replaced if replaced is not None else x
+            return x
+
+        timesteps = get_timesteps(num_inference_steps, image_seq_len=shape[1], schedule=schedule)
+        out = euler_sample(velocity, noise.to(self.dtype), timesteps, callback=step_end, progress=progress)
+        with torch.no_grad():
+            pixels = self.vae.decode(unpack_latents(out, grid[0] * 2, grid[1] * 2))  # (1, 3, H', panels x W')
+        pixels = crop_target(pixels, arranged.panels)[..., : inputs.size[0], : inputs.size[1]]
+        result = paste_back(inputs.plate_uint8, pixels, inputs.mask_bool)
+        if output_type == "pt":
+            images = torch.from_numpy(result).permute(2, 0, 1)[None].float() / 255.0
+        else:
+            images = [Image.fromarray(result)]
+        return FillOutput(images=images, mask=inputs.mask_bool, label=self.label)
+
+    def _velocity(self, condition, text: TextEmbeddings, grid, panels, guidance_scale, sem, conditioning, steps):
+        h, w = grid
+        img_ids = latent_image_ids(h, w, device=self.device, dtype=self.dtype)
+        txt = text_ids(text.t5.shape[1], device=self.device, dtype=self.dtype)
+        positions = grid_positions(h, w, panels, device=self.device)
+        guidance_embeds = bool(self.model.transformer.config.guidance_embeds)
+        layout_steps = 0
+        if conditioning is not None:
+            layout_steps = math.ceil(self.model.adapter.cfg.grounding_ratio * steps)
+        calls = {"n": 0}
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            guidance = torch.full_like(t, guidance_scale).to(self.dtype) if guidance_embeds else None
+            with torch.no_grad():
+                v = self.model(
+                    x,
+                    condition,
+                    t.to(self.dtype),
+                    text.t5.to(self.dtype),
+                    text.pooled.to(self.dtype),
+                    img_ids,
+                    txt,
+                    guidance,
+                    semantic=sem,
+                    latent_positions=positions,
+                    conditioning=conditioning,
+                    layout_active=calls["n"] < layout_steps,
+                )
+            calls["n"] += 1
+            return v
+
+        return velocity
+
+
+def paste_back(plate: np.ndarray, pixels: torch.Tensor, mask: np.ndarray) -> np.ndarray:
+    """Generated pixels (1, 3, H, W) in [-1, 1] inside `mask` (H, W) bool, the plate (H, W, 3) uint8 elsewhere."""
+    generated = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return np.where(mask[..., None], generated, plate)

@@ -1,0 +1,297 @@
+"""PanoramaPipeline: text (and optionally placed refs) -> a seamless 2:1 equirectangular panorama (DESIGN 7).
+
+Orchestration only. The model is a FLUX velocity predictor (a stock `FluxTransformer2DModel` or a
+`ConditionedFlux`); text arrives already encoded (`TextEncoder.encode`), the scene conditioning already
+prepared on the real (h, w) token grid (`ComposePipeline.prepare`), and the VAE is anything with
+`decode(latents) -> pixels` (`encoders.Vae`). Seamlessness comes from `PanoramaConfig`: token-grid wrap and
+latent rolling around every model call (`panorama.wrapped_forward`), periodic RoPE while sampling
+(`periodic_rope`), circular width padding in the VAE while decoding (`circular_vae`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import nn
+
+from moviepostproduction.compose.conditioning import Conditioning
+from moviepostproduction.compose.flux import ConditionedFlux
+from moviepostproduction.errors import Problem
+from moviepostproduction.panorama.circular_vae import circular_width_padding
+from moviepostproduction.panorama.periodic_rope import periodic_rope
+from moviepostproduction.panorama.wrap import (
+    PanoramaConfig,
+    PanoramaValueError,
+    panorama_grid,
+    roll_offsets,
+    wrapped_forward,
+)
+from moviepostproduction.sampling import (
+    StepCallback,
+    cfg,
+    euler_sample,
+    get_timesteps,
+    make_noise,
+    pack_latents,
+    text_ids,
+    unpack_latents,
+    use_true_cfg,
+)
+
+if TYPE_CHECKING:
+    from moviepostproduction.compose.pipeline import ComposePipeline
+    from moviepostproduction.scene import Scene
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LatentDecoder", "PanoramaOutput", "PanoramaPipeline", "compose_panorama"]
+
+
+class LatentDecoder(Protocol):
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) FLUX-normalised latents -> (B, 3, 8h, 8w) pixels in about [-1, 1]."""
+        ...
+
+
+@dataclass
+class PanoramaOutput:
+    latents: torch.Tensor  # (B, C, h, w) final VAE latents
+    images: torch.Tensor | None  # (B, 3, H, W) in [0, 1], H = 8h, W = 2H; None for output_type="latent"
+    label: str = ""  # what made them, e.g. "tiny-random (...)"
+
+
+@dataclass
+class _Text:
+    embeds: torch.Tensor  # (B, T, d_t5)
+    pooled: torch.Tensor  # (B, d_clip)
+    conditioning: Conditioning | None  # on the real (h, w) grid
+
+
+def _invalid(field: str, value: object, message: str) -> PanoramaValueError:
+    return PanoramaValueError([Problem(field, value, message)])
+
+
+class PanoramaPipeline:
+    """A FLUX velocity model + an optional VAE; `__call__` is keyword-only like diffusers' FluxPipeline."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        vae: LatentDecoder | None = None,
+        *,
+        config: PanoramaConfig | None = None,
+        vae_scale_factor: int = 8,
+        label: str = "",
+    ):
+        self.model = model.eval()
+        self.transformer = model.transformer if isinstance(model, ConditionedFlux) else model
+        if not hasattr(self.transformer, "pos_embed") or not hasattr(self.transformer, "config"):
+            raise TypeError(f"model must be a FluxTransformer2DModel or ConditionedFlux, got {type(model).__name__}")
+        self.vae = vae
+        self.config = config or PanoramaConfig()
+        self.label = label
+        self.vae_scale_factor = int(getattr(vae, "downsample", vae_scale_factor))
+        self.latent_channels = int(self.transformer.config.in_channels) // 4  # packed 2x2 patches
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: str | Path,
+        *,
+        config: PanoramaConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+    ) -> PanoramaPipeline:
+        """The stock transformer and VAE of a FLUX-layout dir (text is encoded separately: `TextEncoder.load`)."""
+        from moviepostproduction.encoders import Vae, load_transformer
+        from moviepostproduction.model_dir import as_model_dir
+
+        md = as_model_dir(model_dir)
+        label = str(md.index.get("label", ""))
+        if md.tiny_random:
+            logger.warning("model dir %s holds tiny random weights: the output is noise, not a picture", md.root)
+            label = "tiny-random (untrained weights: the image is noise)"
+        transformer = load_transformer(md, dtype=dtype, device=device)
+        return cls(transformer, Vae.load(md, dtype=dtype, device=device), config=config, label=label)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ----------------------------------------------------------------------------------------------- model
+    def _model_call(
+        self, text: _Text, t: torch.Tensor, guidance: float, layout: bool, x: torch.Tensor, ids, cond
+    ) -> torch.Tensor:
+        """One forward on (possibly padded) tokens x (B, N', C) with their ids and remapped conditioning."""
+        embeds = text.embeds.to(self.device, self.dtype)
+        args = dict(
+            hidden_states=x,
+            encoder_hidden_states=embeds,
+            pooled_projections=text.pooled.to(self.device, self.dtype),
+            timestep=t.to(self.dtype),
+            img_ids=ids,
+            txt_ids=text_ids(embeds.shape[1], device=self.device, dtype=self.dtype),
+            guidance=torch.full_like(t, guidance) if self.transformer.config.guidance_embeds else None,
+        )
+        if isinstance(self.model, ConditionedFlux):
+            return self.model(**args, conditioning=cond, layout_active=layout)
+        if cond is not None:
+            raise _invalid("conditioning", type(self.model).__name__, "refs need a ConditionedFlux model")
+        return self.model(**args, return_dict=False)[0]
+
+    def velocity_fn(
+        self,
+        grid: tuple[int, int],
+        timesteps: torch.Tensor,
+        text: _Text,
+        negative: _Text | None,
+        *,
+        guidance_scale: float,
+        true_cfg_scale: float,
+        offsets: list[int],
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The wrapped model as the sampler's velocity field: pads, rolls and CFG, one call per step."""
+        cfgp = self.config
+        step_of = {float(t): i for i, t in enumerate(timesteps[:-1].tolist())}
+        grounding = self.model.adapter.cfg.grounding_ratio if isinstance(self.model, ConditionedFlux) else 0.0
+        layout_steps = math.ceil(grounding * (len(timesteps) - 1))  # as ComposePipeline
+
+        def run(which: _Text, x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+            fn = partial(self._model_call, which, t, guidance_scale, i < layout_steps)
+            return wrapped_forward(
+                fn, x, grid, pad=cfgp.pad, pad_ids=cfgp.pad_ids, shift=offsets[i], conditioning=which.conditioning
+            )
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            i = step_of[float(t[0])]
+            with torch.no_grad():
+                v = run(text, x, t, i)  # (B, N, C)
+                if negative is not None and use_true_cfg(true_cfg_scale, True):
+                    v = cfg(run(negative, x, t, i), v, true_cfg_scale)
+            return v
+
+        return velocity
+
+    # ------------------------------------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        *,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        height: int = 1024,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 3.5,
+        true_cfg_scale: float = 1.0,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        conditioning: Conditioning | None = None,
+        negative_conditioning: Conditioning | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        schedule: str = "shifted",
+        output_type: str = "pt",
+        callback_on_step_end: StepCallback | None = None,
+        progress: bool = False,
+    ) -> PanoramaOutput:
+        """Generate B = prompt_embeds.shape[0] panoramas of height x 2 height pixels.
+
+        prompt_embeds (B, T, d_t5) and pooled_prompt_embeds (B, d_clip) as `TextEncoder.encode` returns them;
+        `conditioning`: refs prepared on the real (h, w) token grid (bboxes may wrap the seam).
+        `latents`: initial noise (B, C, h*2, w*2) instead of drawing it. Noise (and random roll offsets) come
+        from `generator`, else `seed`, else seed 0. output_type: "pt" (images in [0, 1]) or "latent".
+        """
+        if output_type not in ("pt", "latent"):
+            raise _invalid("output_type", output_type, "must be pt or latent")
+        h, w = panorama_grid(height, self.vae_scale_factor)
+        self.config.check_grid((h, w))
+        batch = prompt_embeds.shape[0]
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
+        if latents is None:
+            shape = (batch, self.latent_channels, 2 * h, 2 * w)
+            latents = make_noise(shape, generator=generator)
+        elif tuple(latents.shape) != (batch, self.latent_channels, 2 * h, 2 * w):
+            raise _invalid("latents", tuple(latents.shape), f"expected {(batch, self.latent_channels, 2 * h, 2 * w)}")
+        timesteps = get_timesteps(num_inference_steps, image_seq_len=h * w, schedule=schedule)
+        offsets = roll_offsets(self.config, num_inference_steps, w, generator=generator)
+        text = _Text(prompt_embeds, pooled_prompt_embeds, conditioning)
+        negative = None
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None:
+            negative = _Text(negative_prompt_embeds, negative_pooled_prompt_embeds, negative_conditioning)
+        velocity = self.velocity_fn(
+            (h, w),
+            timesteps,
+            text,
+            negative,
+            guidance_scale=guidance_scale,
+            true_cfg_scale=true_cfg_scale,
+            offsets=offsets,
+        )
+        rope = periodic_rope(self.transformer, w) if self.config.periodic_rope else contextlib.nullcontext()
+        with rope:
+            x = pack_latents(latents.to(self.device, self.dtype))  # (B, h*w, 4C)
+            x = euler_sample(velocity, x, timesteps, callback=callback_on_step_end, progress=progress)
+        out = unpack_latents(x, 2 * h, 2 * w)  # (B, C, 2h, 2w)
+        if output_type == "latent":
+            return PanoramaOutput(latents=out, images=None, label=self.label)
+        return PanoramaOutput(latents=out, images=self.decode(out), label=self.label)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, 3, 8h, 8w) in [0, 1], with circular width padding when configured."""
+        if self.vae is None:
+            raise _invalid("vae", None, "decoding needs a VAE (or use output_type='latent')")
+        patch = contextlib.nullcontext()
+        if self.config.circular_vae:
+            if not isinstance(self.vae, nn.Module):
+                raise _invalid("vae", type(self.vae).__name__, "circular_vae needs an nn.Module VAE to patch")
+            patch = circular_width_padding(self.vae, height_mode=self.config.vae_height_padding)
+        with patch, torch.no_grad():
+            pixels = self.vae.decode(latents)
+        return ((pixels.float() + 1) / 2).clamp(0, 1)
+
+
+def compose_panorama(
+    compose: ComposePipeline,
+    scene: Scene,
+    *,
+    config: PanoramaConfig | None = None,
+    negative_prompt: str | None = None,
+    seed: int | None = None,
+    **kwargs,
+) -> PanoramaOutput:
+    """A `"panorama": true` scene with placed refs (bboxes may wrap the seam) through `PanoramaPipeline`.
+
+    The compose pipeline's `prepare` builds the conditioning once on the real (h, w) grid (layout.py maps
+    wrapping boxes to both edges); `wrapped_forward` gathers it onto the padded / rolled tokens at every step.
+    `kwargs` go to `PanoramaPipeline.__call__` (num_inference_steps, guidance_scale, true_cfg_scale, ...).
+    """
+    if not scene.panorama:
+        raise _invalid("panorama", scene.panorama, "the scene is not a panorama (set panorama: true)")
+    prepared = compose.prepare(scene, negative_prompt)
+    negative = prepared.negative
+    pipe = PanoramaPipeline(compose.model, compose.vae, config=config, label=compose.label)
+    return pipe(
+        prompt_embeds=prepared.text.t5,
+        pooled_prompt_embeds=prepared.text.pooled,
+        negative_prompt_embeds=negative.t5 if negative is not None else None,
+        negative_pooled_prompt_embeds=negative.pooled if negative is not None else None,
+        conditioning=prepared.conditioning,
+        negative_conditioning=prepared.negative_conditioning,
+        height=scene.height,
+        seed=seed if seed is not None else (scene.seed if scene.seed is not None else 0),
+        **kwargs,
+    )

@@ -1,1 +1,0 @@
-"""Pipelines: orchestration only (encode, prepare, sample, decode); models and samplers live elsewhere."""

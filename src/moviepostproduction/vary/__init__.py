@@ -1,0 +1,1 @@
+"""vary: NanoDiT, a small DiT conditioned on DINO CLS + patch tokens + text, with dual CFG (seed 003)."""
