@@ -1,66 +1,59 @@
-"""Copy a model dir with its adapter's occlusion priority switched on and imposed: the fg ref owns an overlap.
+"""Copy a model dir with the occlusion priority and layout window set in its adapter config: sampling settings only.
 
-    python scripts/front_priority_model.py build/toy-model build/toy-model-front --fg-logit 0.3 \
+    python scripts/front_priority_model.py build/toy-model build/toy-model-front --fg-priority 3 \
         [--grounding-ratio 0.6] [--order-priority 3]
 
-The adapter gets `occlusion_priority: true` (docs/design-notes.md, "Occlusion priority"); both pathways' fg logit is
-set to FG_LOGIT (weight exp(10 x FG_LOGIT) against 1 for mg and bg refs), every other tensor is kept, and the model
-index's label says so. --grounding-ratio also sets the adapter's layout window (the fraction of the sampling steps
-that run Assemble-Attn); --order-priority K breaks ties within a depth label by the scene's order (refs listed front
-to back: each earlier ref weighs e^K times the next where their boxes overlap). The shipped toy model is the
-149000-step model through this script with --order-priority 3 (docs/toy-model.md); the starting point of
-examples/train/toy-front.yaml and toy-front-frozen.yaml.
+Where boxes overlap, a fg ref weighs e^FG_PRIORITY against 1 for mg and bg refs (`ConditioningConfig.depth_priority`,
+compose/modules/occlusion.py), and within one depth label each ref listed earlier weighs e^K times the next
+(`--order-priority K`; scene files list refs front to back). --grounding-ratio sets the fraction of the sampling
+steps that run Assemble-Attn. No weight changes: the adapter's tensors are copied as they are, and the model index's
+label says what was set. The shipped toy model is the 149000-step model through this script
+(scripts/train_toy_model.sh).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import dataclasses
 import sys
 
-import torch
-from derived_dir import add_source_and_out, parse_source_and_out
-
 from moviepostproduction.compose.modules import CompositionAdapter
-from moviepostproduction.compose.modules.config import DEPTHS
+from moviepostproduction.errors import MppError
 from moviepostproduction.files import staged_copy, write_json_atomic
+from moviepostproduction.model_dir import ModelDir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_source_and_out(parser, "a model dir with a trained adapter")
-    parser.add_argument("--fg-logit", type=float, default=0.3, help="logit of fg refs in both pathways (mg, bg: 0)")
+    parser.add_argument("source", help="a model dir with a trained adapter")
+    parser.add_argument("out", help="the new model dir (must not exist)")
+    parser.add_argument("--fg-priority", type=float, default=3.0, help="log-weight of fg refs (mg, bg: 0)")
     parser.add_argument("--grounding-ratio", type=float, default=None, help="layout window (default: the source's)")
     parser.add_argument("--order-priority", type=float, default=0.0, help="tie-break within a label by order (0: off)")
-    args, source, out = parse_source_and_out(parser, argv)
+    args = parser.parse_args(argv)
     if args.grounding_ratio is not None and not 0 < args.grounding_ratio <= 1:
         parser.error(f"--grounding-ratio: must be in (0, 1] (got {args.grounding_ratio:g})")
-    if not math.isfinite(args.order_priority) or args.order_priority < 0:
-        parser.error(f"--order-priority: must be a finite number >= 0 (got {args.order_priority:g})")
-    changes = {"occlusion_priority": True, "order_priority": args.order_priority}
-    if args.grounding_ratio is not None:
-        changes["grounding_ratio"] = args.grounding_ratio
-    adapter, _ = CompositionAdapter.from_pretrained(source / "adapter").reconfigured(**changes)
-    with torch.no_grad():
-        adapter.occlusion.logits[:, DEPTHS.index("fg")] = args.fg_logit
-    with staged_copy(source, out, leave_out=("adapter",)) as tmp:
-        adapter.save_pretrained(tmp / "adapter")
-        index_path = tmp / "model_index.json"
-        index = json.loads(index_path.read_text())
+    try:
+        md, out = ModelDir.source_of(args.source, args.out)
+        cfg = CompositionAdapter.from_pretrained(md.root / "adapter").cfg  # the weights must match it
+        changes = {"depth_priority": (args.fg_priority, 0.0, 0.0), "order_priority": args.order_priority}
+        if args.grounding_ratio is not None:
+            changes["grounding_ratio"] = args.grounding_ratio
+        cfg = cfg.with_(**changes)
+    except (MppError, ValueError) as exc:
+        parser.error(str(exc))
+    with staged_copy(md.root, out) as tmp:
+        write_json_atomic(dataclasses.asdict(cfg), tmp / "adapter" / CompositionAdapter.CONFIG_NAME)
+        index = md.index
         if "label" in index:
-            index["label"] += f"; fg occlusion priority e^{10 * args.fg_logit:g}"
+            index["label"] += f"; fg occlusion priority e^{args.fg_priority:.3g}"
             if args.order_priority:
-                index["label"] += f", order within a label e^{args.order_priority:g}"
-            write_json_atomic(index, index_path)
-    window, order = adapter.cfg.grounding_ratio, adapter.cfg.order_priority
-    print(
-        f"wrote {out}: occlusion priority on, fg logit {args.fg_logit:g} in both pathways, layout window {window:g}, "
-        f"order priority {order:g}"
-    )
+                index["label"] += f", order within a label e^{args.order_priority:.3g}"
+            write_json_atomic(index, tmp / "model_index.json")
+    print(f"wrote {out}: fg priority {args.fg_priority:g}, order priority {cfg.order_priority:g}, "
+          f"layout window {cfg.grounding_ratio:g}")  # fmt: skip
     return 0
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     sys.exit(main())

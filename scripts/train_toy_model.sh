@@ -31,8 +31,9 @@ OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-patches2.yaml
 OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-patches3.yaml
 # Sampling only, nothing trained: the fg ref owns the tokens where its box overlaps another (occlusion priority e^3 in
 # both pathways), within a label the earlier ref does (order priority e^3), and Assemble-Attn runs over the first
-# 60 % of the steps (docs/toy-model.md).
+# 60 % of the steps (docs/toy-model.md). The shipped value of the fg priority is 3.00048828125, not 3: it was a
+# learnable logit of 0.3 scaled by 10 and stored in fp16 until issue 39 made it a setting (same images, bit for bit).
 rm -rf build/toy-model-front-ship
-python scripts/front_priority_model.py build/toy-model build/toy-model-front-ship --fg-logit 0.3 --grounding-ratio 0.6 \
-    --order-priority 3
+python scripts/front_priority_model.py build/toy-model build/toy-model-front-ship --fg-priority 3.00048828125 \
+    --grounding-ratio 0.6 --order-priority 3
 python scripts/ship_toy_model.py build/toy-model-front-ship

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import collections
+import json
+import shutil
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moviepostproduction.compose.conditioning import RefBatch
+from moviepostproduction.compose.assemble import attend_rows, image_qkv
+from moviepostproduction.compose.assemble_rows import pack_rows
+from moviepostproduction.compose.conditioning import LayoutPacking, RefBatch
 from moviepostproduction.compose.modules import PRESETS, ConditioningConfig
 from moviepostproduction.sampling import latent_image_ids, text_ids
+
+
+def copy_with_index(model_dir: Path, target: Path, **fields) -> Path:
+    """A copy of `model_dir` whose model_index.json has `fields` set."""
+    shutil.copytree(model_dir, target)
+    index = json.loads((target / "model_index.json").read_text())
+    (target / "model_index.json").write_text(json.dumps({**index, **fields}))
+    return target
 
 
 def make_tiny_flux(seed: int = 0, **overrides) -> FluxTransformer2DModel:
@@ -143,3 +156,33 @@ class HostSyncCounter(TorchDispatchMode):
         if name in self.SYNCING or any(m is not None and m.dtype == torch.bool for m in masks):
             self.calls[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+# Per-group references of the batched Assemble-Attn (`compose.assemble.assemble_residual` equals
+# `scatter_mean(out_proj(assemble_attention(...)))` on the covered tokens: the projections are affine).
+def assemble_attention(
+    attn,
+    image: torch.Tensor,
+    layout_tokens: torch.Tensor,
+    packing: LayoutPacking,
+    rope: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Each group's attended image tokens after the block's output projection: (G, L, D).
+
+    attn: the double block's FluxAttention; image (B, N, D): the normalised tokens its attention saw;
+    layout_tokens (B, R, D); rope: (cos, sin) each (N, hd) for the image tokens.
+    """
+    rows = pack_rows(packing, image.shape[0] * image.shape[1])
+    attended = torch.cat(attend_rows(attn, image_qkv(attn, image), layout_tokens, packing, rows, rope))  # (slots, D)
+    return attn.to_out[1](attn.to_out[0](attended[rows.group_slots]))  # (G, L, D)
+
+
+def scatter_mean(values: torch.Tensor, packing: LayoutPacking, shape: tuple[int, int, int]) -> torch.Tensor:
+    """(G, L, D) group outputs -> (B, N, D), averaged where boxes overlap (weighted by the occlusion priority
+    when the packing has one), zero outside every box."""
+    b, n, d = shape
+    real = packing.key_mask[:, 1:]  # (G, L)
+    weighted = packing.weighted(values[real])
+    total = values.new_zeros(b * n, d).index_add_(0, packing.token_index[real], weighted)
+    cover = torch.where(packing.cover > 0, packing.denominator(), 1.0).reshape(b * n, 1).to(values.dtype)
+    return (total / cover).view(b, n, d)

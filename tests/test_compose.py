@@ -15,9 +15,11 @@ from typer.testing import CliRunner
 from moviepostproduction.cli import app
 from moviepostproduction.compose.pipeline import ComposePipeline
 from moviepostproduction.errors import MppError, ValidationError, WeightsError
-from moviepostproduction.sampling import latent_image_ids, make_noise
+from moviepostproduction.sampling import make_noise
 from moviepostproduction.scene import load_scene
 from moviepostproduction.toyworld.tiny import write_tiny_model_dir
+
+from helpers import copy_with_index
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -156,7 +158,7 @@ def test_cli_compose_missing_model_dir_exits_2(tmp_path):
 def test_ref_guidance_extrapolates_from_the_caption_alone(model_dir, tmp_path):
     """v = v_caption + s (v_scene - v_caption): one more forward per step, without any conditioning."""
     pipe = ComposePipeline.from_model_dir(model_dir)
-    assert pipe.ref_guidance_scale == 1.0  # no ref_guidance_scale in this model_index.json: off
+    assert pipe.defaults.ref_guidance_scale == 1.0  # no ref_guidance_scale in this model_index.json: off
     scene = load_scene(write_scene(tmp_path))
     prepared = pipe.prepare(scene)
     x, t = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([0.7])
@@ -177,37 +179,21 @@ def test_ref_guidance_extrapolates_from_the_caption_alone(model_dir, tmp_path):
         pipe(scene, num_inference_steps=1, ref_guidance_scale=float("nan"))
 
 
-def copy_with_index(model_dir: Path, target: Path, **fields) -> Path:
-    """A copy of `model_dir` whose model_index.json has `fields` set."""
-    shutil.copytree(model_dir, target)
-    index = json.loads((target / "model_index.json").read_text())
-    (target / "model_index.json").write_text(json.dumps({**index, **fields}))
-    return target
-
-
-def test_model_dir_names_its_image_position_scale(model_dir, tmp_path):
-    """model_index.json `image_position_scale` scales the image tokens' RoPE ids at every step; 1 is FLUX's."""
-    assert ComposePipeline.from_model_dir(model_dir).image_position_scale == 1.0
-    pipe = ComposePipeline.from_model_dir(copy_with_index(model_dir, tmp_path / "scaled", image_position_scale=0.5))
-    assert pipe.image_position_scale == 0.5
-    ids = []
-    original = pipe.model.forward
-    pipe.model.forward = lambda *a, **k: ids.append(a[4]) or original(*a, **k)
-    scene = load_scene(write_scene(tmp_path))
-    pipe(scene, num_inference_steps=2, output_type="pt")
-    h, w = scene.height // 16, scene.width // 16
-    assert len(ids) == 2 and all(torch.equal(i, latent_image_ids(h, w) * 0.5) for i in ids)
-    assert ids[0][-1].tolist() == [0.0, (h - 1) * 0.5, (w - 1) * 0.5]
-    broken = copy_with_index(model_dir, tmp_path / "broken", image_position_scale="half")
-    with pytest.raises(WeightsError, match=r"image_position_scale must be a positive number \(got 'half'\)$"):
-        ComposePipeline.from_model_dir(broken)
+def test_a_model_dir_with_interpolated_image_positions_is_refused(model_dir, tmp_path):
+    """The image tokens' RoPE ids are FLUX's (`image_position_scale` was a removed experiment): 1.0 loads as before,
+    anything else is a one-line error naming the key."""
+    assert ComposePipeline.from_model_dir(copy_with_index(model_dir, tmp_path / "flux", image_position_scale=1.0))
+    for value in (0.5, "half"):
+        scaled = copy_with_index(model_dir, tmp_path / f"scaled-{value}", image_position_scale=value)
+        with pytest.raises(WeightsError, match=rf"image_position_scale {value!r} is not supported \(removed; "):
+            ComposePipeline.from_model_dir(scaled)
 
 
 def test_noise_temperature_scales_the_starting_noise_and_the_model_dir_names_its_default(model_dir, tmp_path):
     """The starting noise, drawn or given, is multiplied by the temperature; 1 (no model_index.json entry) leaves
     it as is; a model dir may name its own default."""
     pipe = ComposePipeline.from_model_dir(model_dir)
-    assert pipe.noise_temperature == 1.0
+    assert pipe.defaults.noise_temperature == 1.0
     scene = load_scene(write_scene(tmp_path))
     h, w = scene.height // 16, scene.width // 16
     noise = make_noise((1, h * w, pipe.vae.latent_channels * 4), seed=scene.seed or 0)
@@ -221,7 +207,7 @@ def test_noise_temperature_scales_the_starting_noise_and_the_model_dir_names_its
     assert torch.equal(cool, latents(latents=noise * 0.6)) and not torch.equal(cool, drawn)
     assert torch.equal(cool, latents(latents=noise, noise_temperature=0.6))  # given latents are scaled too
     tuned = ComposePipeline.from_model_dir(copy_with_index(model_dir, tmp_path / "cool", noise_temperature=0.6))
-    assert tuned.noise_temperature == 0.6
+    assert tuned.defaults.noise_temperature == 0.6
     tuned_out = tuned(scene, num_inference_steps=2, output_type="latent").images[0]
     assert torch.equal(tuned_out, cool)
     assert torch.equal(
@@ -244,7 +230,7 @@ def test_noise_temperature_scales_the_starting_noise_and_the_model_dir_names_its
 def test_model_dir_names_its_default_ref_guidance(model_dir, tmp_path):
     tuned = copy_with_index(model_dir, tmp_path / "tuned", ref_guidance_scale=2.5)
     pipe = ComposePipeline.from_model_dir(tuned)
-    assert pipe.ref_guidance_scale == 2.5
+    assert pipe.defaults.ref_guidance_scale == 2.5
     scene = load_scene(write_scene(tmp_path))
     forwards = []
     pipe.model.transformer.x_embedder.register_forward_hook(lambda *a: forwards.append(1))

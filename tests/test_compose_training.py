@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import math
 import tarfile
@@ -17,12 +16,10 @@ from moviepostproduction.compose.flux import ConditionedFlux
 from moviepostproduction.compose.modules import CompositionAdapter
 from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae, load_transformer
 from moviepostproduction.errors import MppError, WeightsError
-from moviepostproduction.layout import covered_fraction
 from moviepostproduction.model_dir import ModelDir
 from moviepostproduction.toyworld.shards import write_dataset
 from moviepostproduction.toyworld.synthetic import ToyWorldConfig
 from moviepostproduction.toyworld.tiny import write_tiny_model_dir
-from moviepostproduction.training import compose_task
 from moviepostproduction.training.compose_task import ComposeTask, ComposeTaskConfig
 from moviepostproduction.training.feature_cache import (
     FeatureCache,
@@ -32,7 +29,6 @@ from moviepostproduction.training.feature_cache import (
 )
 from moviepostproduction.training.losses import (
     bbox_alignment_loss,
-    box_token_weights,
     crop_boxes,
     flow_loss,
     predicted_x0,
@@ -233,10 +229,16 @@ def test_stages_train_their_modules_only(world, stage, trained, frozen):
     )
 
 
-def test_predicted_x0_inverts_the_noising():
+def test_predicted_x0_inverts_the_noising_and_the_flow_target_is_noise_minus_x0():
     x0, noise, t = torch.randn(3, 4, 5), torch.randn(3, 4, 5), torch.rand(3)
     x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
     assert torch.allclose(predicted_x0(x_t, noise - x0, t), x0, atol=1e-6)
+    assert flow_loss(noise - x0, x0, noise) == 0 and flow_loss(noise, x0, noise) == x0.pow(2).mean()
+
+
+def test_training_times_are_the_sigmoid_of_the_step_generators_normal_draws():
+    z = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(sample_times(1000, torch.Generator().manual_seed(3), torch.device("cpu")), torch.sigmoid(z))
 
 
 def test_crop_boxes_cuts_the_box():
@@ -300,8 +302,8 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     assert {oct(f.stat().st_mode & 0o777) for f in weights} == {oct(default_file_mode())}  # never 0600
     pipe = ComposePipeline.from_model_dir(tmp_path / "exported")
     assert pipe.dtype == torch.float32
-    assert pipe.max_text_tokens == TEXT and pipe.ref_guidance_scale == 2.0  # the recipe's, via model_index.json
-    assert pipe.noise_temperature == 0.8
+    assert pipe.defaults.max_text_tokens == TEXT and pipe.defaults.ref_guidance_scale == 2.0  # the recipe's
+    assert pipe.defaults.noise_temperature == 0.8  # via model_index.json
     assert pipe.label.endswith(", 2 steps)")
     (tmp_path / "exported" / "nanodit").mkdir()
     (tmp_path / "exported" / "nanodit" / "config.json").write_text("{}")  # another recipe's weights
@@ -453,21 +455,21 @@ def test_mpp_train_recipe_reconfigures_the_adapter(world, tmp_path):
     assert (
         listed.exit_code == 2 and "adapter: must be a mapping of ConditioningConfig fields (got [4])" in listed.output
     )
-    worded = run_train_recipe(world, tmp_path, "compose", "toy", adapter={"occlusion_priority": "yes"}, compose=compose)
-    assert worded.exit_code == 2 and "occlusion_priority='yes' must be true or false" in worded.output
+    worded = run_train_recipe(world, tmp_path, "compose", "toy", adapter={"depth_priority": "yes"}, compose=compose)
+    assert worded.exit_code == 2 and "depth_priority='yes' must be 3 finite numbers (fg, mg, bg)" in worded.output
     assert "Traceback" not in bad.output + negative.output + listed.output + worded.output
-    changes = {"box_position_freqs": 2, "box_position_rank": 4, "box_patch_rank": 4, "occlusion_priority": True}
+    changes = {"box_position_freqs": 2, "box_position_rank": 4, "box_patch_rank": 4, "depth_priority": [3, 0, 0]}
     result = run_train_recipe(world, tmp_path, "compose", "toy", adapter=changes, max_refs=MAX_REFS, compose=compose)
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "exported" / "adapter" / "config.json").read_text())
     assert (saved["box_position_freqs"], saved["box_position_rank"], saved["box_patch_rank"]) == (2, 4, 4)
-    assert saved["occlusion_priority"] is True
+    assert saved["depth_priority"] == [3, 0, 0]
     from moviepostproduction.compose.pipeline import ComposePipeline
 
     pipe = ComposePipeline.from_model_dir(tmp_path / "exported")
     assert pipe.model.adapter.uses_box_positions and pipe.model.adapter.uses_box_patches
     assert pipe.model.adapter.assemble["0"].patches.out.weight.abs().sum() > 0  # trained from its zero init
-    assert pipe.model.adapter.occlusion.logits.shape == (2, 3)
+    assert pipe.model.adapter.cfg.uses_occlusion_priority
     from moviepostproduction.scene import load_scene
 
     examples = Path(__file__).resolve().parents[1] / "examples"
@@ -475,165 +477,32 @@ def test_mpp_train_recipe_reconfigures_the_adapter(world, tmp_path):
     cond = pipe.prepare(scene).conditioning
     assert cond.ref_patches.shape[:2] == (1, len(scene.refs)) and cond.token_extent.shape == (1, len(scene.refs), 2)
     assert pipe(scene, num_inference_steps=2).images[0].size == (scene.width, scene.height)
-    assert json.loads((tmp_path / "exported" / "model_index.json").read_text())["image_position_scale"] == 1.0
+    assert "image_position_scale" not in json.loads((tmp_path / "exported" / "model_index.json").read_text())
 
 
-def test_mpp_train_recipe_interpolates_image_positions(world, tmp_path, monkeypatch):
-    """compose.image_position_scale: the task's RoPE ids are scaled, the export says so, and its pipeline uses it."""
-    import json
-
-    from moviepostproduction.compose.pipeline import ComposePipeline
-    from moviepostproduction.training import compose_task
-
-    bad = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, "image_position_scale": 0})
-    assert bad.exit_code == 2 and "compose.image_position_scale: must be a positive number (got 0)" in bad.output
-    assert "Traceback" not in bad.output
-    seen = []
-    original = compose_task.latent_image_ids
-    recording = lambda h, w, **k: seen.append(k["scale"]) or original(h, w, **k)  # noqa: E731
-    monkeypatch.setattr(compose_task, "latent_image_ids", recording)
-    compose = {"batch_size": 2, "image_position_scale": 0.5}
-    result = run_train_recipe(world, tmp_path, "compose", "toy", max_refs=MAX_REFS, compose=compose)
-    assert result.exit_code == 0, result.output
-    assert seen and set(seen) == {0.5}
-    assert json.loads((tmp_path / "exported" / "model_index.json").read_text())["image_position_scale"] == 0.5
-    assert ComposePipeline.from_model_dir(tmp_path / "exported").image_position_scale == 0.5
-
-
-def test_flow_loss_token_weights():
-    """Equal weights are the plain MSE; otherwise a weighted mean of per-token squared errors (mean over C)."""
-    g = torch.Generator().manual_seed(0)
-    v, x0, noise = (torch.randn(2, 6, 5, generator=g) for _ in range(3))
-    plain = flow_loss(v, x0, noise)
-    assert torch.allclose(flow_loss(v, x0, noise, torch.full((2, 6), 3.0)), plain, rtol=1e-6)
-    inside = torch.zeros(2, 6, dtype=torch.bool)
-    inside[0, :2] = True
-    weights = box_token_weights(inside, 4.0)
-    assert weights[0, :2].tolist() == [4.0, 4.0] and (weights[0, 2:] == 1).all() and (weights[1] == 1).all()
-    per_token = (v - (noise - x0)).pow(2).mean(-1)
-    expected = (per_token * weights).sum() / weights.sum()
-    assert torch.allclose(flow_loss(v, x0, noise, weights), expected, rtol=1e-6)
-    assert not torch.allclose(flow_loss(v, x0, noise, weights), plain)
-
-
-def test_box_loss_weight_weights_the_tokens_of_the_refs_the_model_sees(world):
-    _, md, cache, vae, image = world
-    assert make_task(md, cache, vae, image).flow_weights(cache.select(torch.arange(2)), cache.valid[:2]) is None
-    task = make_task(md, cache, vae, image, box_loss_weight=4.0)
-    batch = cache.select(torch.arange(3))
-    valid = batch["valid"].clone()
-    valid[1] = False  # a sample trained without refs: every token weighs 1
-    weights = task.flow_weights(batch, valid)
-    inside = task.inside_boxes(batch, valid)
-    assert weights.shape == (3, 16) and inside[0].any() and not inside[0].all() and not inside[1].any()
-    assert (weights[inside] == 4.0).all() and (weights[~inside] == 1.0).all()
-    out = task.loss(torch.arange(2), torch.Generator().manual_seed(0))
-    assert math.isfinite(out.logs["flow"])
-
-
-def test_mpp_train_recipe_rejects_a_bad_box_loss_weight(world, tmp_path):
-    for value, shown in ((0, "0"), ("heavy", "'heavy'"), (float("nan"), "nan")):
-        bad = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, "box_loss_weight": value})
-        assert bad.exit_code == 2 and f"compose.box_loss_weight: must be a positive number (got {shown})" in bad.output
-        assert "Traceback" not in bad.output
-
-
-def test_time_mu_shifts_the_logit_normal_training_times_as_the_samplers_time_shift(world, monkeypatch):
-    """logit-normal(mu, 1) = logit-normal(0, 1) moved by the time shift s = e^mu (t' = s t / (1 + (s - 1) t)), from the
-    same draws; mu = 0 is the plain sigmoid of the normal draws, bit for bit."""
-    z = torch.randn(1000, generator=torch.Generator().manual_seed(3))
-    plain = sample_times(1000, torch.Generator().manual_seed(3), torch.device("cpu"))
-    assert torch.equal(plain, torch.sigmoid(z))
-    assert torch.equal(sample_times(1000, torch.Generator().manual_seed(3), torch.device("cpu"), 0.0), plain)
-    s = 3.0
-    shifted = sample_times(1000, torch.Generator().manual_seed(3), torch.device("cpu"), math.log(s))
-    assert torch.allclose(shifted, s * plain / (1 + (s - 1) * plain), atol=1e-6)
-    assert (shifted > plain).all() and abs(float(shifted.median()) - 0.75) < 0.05  # median sigmoid(ln 3) = 0.75
-    _, md, cache, vae, image = world
-    seen = []
-    monkeypatch.setattr(compose_task, "sample_times", lambda *a: seen.append(a[3]) or sample_times(*a))
-    for mu in (0.0, 0.47):
-        out = make_task(md, cache, vae, image, time_mu=mu).loss(torch.arange(2), torch.Generator().manual_seed(0))
-        assert math.isfinite(out.logs["flow"])
-    assert seen == [0.0, 0.47]
-
-
-def test_mpp_train_recipe_rejects_a_time_mu_that_is_not_a_finite_number(world, tmp_path):
-    for value, shown in (("high", "'high'"), (float("inf"), "inf"), (True, "True")):
-        bad = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, "time_mu": value})
-        assert bad.exit_code == 2 and f"compose.time_mu: must be a finite number (got {shown})" in bad.output
-        assert "Traceback" not in bad.output
-
-
-def test_covered_fraction_is_the_largest_share_of_a_box_another_valid_box_covers():
-    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.7, 0.7], [0.0, 0.0, 0.25, 1.0]])
-    both = covered_fraction(boxes, torch.tensor([True, True, False]))
-    assert torch.allclose(both, torch.tensor([0.3 * 0.3 / 0.25, 0.3 * 0.3 / 0.25, 0.0]))  # the invalid box: 0
-    every = covered_fraction(boxes, torch.ones(3, dtype=torch.bool))
-    assert torch.allclose(every, torch.tensor([0.5, 0.3 * 0.3 / 0.25, 0.5]))  # box 0 by box 2: 0.125 of 0.25
-    assert covered_fraction(boxes[None, :2].expand(4, 2, 4), torch.ones(4, 2, dtype=torch.bool)).shape == (4, 2)
-
-
-def test_overlap_repeat_draws_the_scenes_with_a_covered_fg_box_more_often_and_zero_keeps_the_old_order(world):
-    """Per epoch every scene once, and overlap_repeat more times each scene with a fg box that another valid ref's box
-    covers over more than overlap_min of its area; the default (0) is exactly the old permutation."""
+def test_an_epoch_draws_every_scene_once_in_a_seeded_order(world):
     _, md, cache, vae, image = world
     n = len(cache)
-    fg, mg = 0, 1
-    bboxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]]).repeat(n, 1, 1)  # disjoint boxes
-    depth, valid = torch.full((n, MAX_REFS), fg), torch.ones(n, MAX_REFS, dtype=torch.bool)
-    bboxes[0, 1] = torch.tensor([0.2, 0.2, 0.7, 0.7])  # scene 0: fg covered 0.36 by an mg box -> hard
-    depth[0, 1] = mg
-    bboxes[1] = torch.tensor([[0.1, 0.1, 0.9, 0.9], [0.4, 0.4, 0.6, 0.6]])  # scene 1: only the mg box is covered
-    depth[1, 1] = mg
-    bboxes[2, 1] = torch.tensor([0.2, 0.2, 0.7, 0.7])  # scene 2: the covering box is padding
-    valid[2, 1] = False
-    bboxes[3, 1] = torch.tensor([0.4, 0.4, 0.9, 0.9])  # scene 3: fg covered 0.01 / 0.25 = 0.04 -> not hard
-    scenes = dataclasses.replace(cache, bboxes=bboxes, depth=depth, valid=valid)
-
-    plain = make_task(md, scenes, vae, image)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(5 * 7919 + 1))
-    assert [b.tolist() for b in plain.batches(1, 5)] == [order[i : i + 2].tolist() for i in range(0, n - 1, 2)]
-    assert torch.equal(plain.epoch_scenes(), torch.arange(n))
-
-    task = make_task(md, scenes, vae, image, overlap_repeat=2)
-    assert torch.equal(task.epoch_scenes(), torch.cat([torch.arange(n), torch.tensor([0, 0])]))
-    drawn = torch.cat(list(make_task(md, scenes, vae, image, overlap_repeat=2, batch_size=1).batches(0, 5)))
-    assert len(drawn) == n + 2 and torch.bincount(drawn, minlength=n).tolist() == [3] + [1] * (n - 1)
-    loose = make_task(md, scenes, vae, image, overlap_repeat=1, overlap_min=0.0)  # any overlap of a fg box
-    assert torch.equal(loose.epoch_scenes(), torch.cat([torch.arange(n), torch.tensor([0, 1, 3])]))
+    task = make_task(md, cache, vae, image)
+    assert [b.tolist() for b in task.batches(1, 5)] == [order[i : i + 2].tolist() for i in range(0, n - 1, 2)]
 
 
-def test_mpp_train_recipe_rejects_a_bad_overlap_repeat_or_overlap_min(world, tmp_path):
-    for field, value, shown, why in (
-        ("overlap_repeat", -1, "-1", "must be a whole number >= 0"),
-        ("overlap_repeat", 1.5, "1.5", "must be a whole number >= 0"),
-        ("overlap_repeat", True, "True", "must be a whole number >= 0"),
-        ("overlap_min", 2, "2", "must be a fraction in [0, 1]"),
-    ):
-        bad = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, field: value})
-        assert bad.exit_code == 2 and f"compose.{field}: {why} (got {shown})" in bad.output
-        assert "Traceback" not in bad.output
-
-
-def test_frozen_parts_keep_an_imposed_occlusion_priority_out_of_the_optimiser(world):
-    """compose.frozen_parts: [occlusion] trains every other part of the stage and leaves the imposed logits alone."""
-    _, md, cache, vae, image = world
-    task = make_task(md, cache, vae, image, frozen_parts=("occlusion",))
-    task.model.adapter, _ = task.model.adapter.reconfigured(occlusion_priority=True)
-    logits = task.model.adapter.occlusion.logits
-    trained = {id(p) for group in task.param_groups("toy") for p in group["params"]}
-    assert id(logits) not in trained and not logits.requires_grad
-    assert all(id(p) in trained for p in task.model.adapter.modulation_head.parameters())
-    task.config.frozen_parts = ()
-    assert id(logits) in {id(p) for group in task.param_groups("toy") for p in group["params"]}
-
-
-def test_mpp_train_recipe_rejects_frozen_parts_that_are_not_a_list_of_adapter_parts(world, tmp_path):
-    for value, shown in ((["occlusion", "nope"], "['occlusion', 'nope']"), ("occlusion", "'occlusion'")):
-        bad = run_train_recipe(world, tmp_path, "compose", "toy", compose={"batch_size": 2, "frozen_parts": value})
-        assert bad.exit_code == 2 and "compose.frozen_parts: must be a list of alpha_predictor, " in bad.output
-        assert f"(got {shown})" in bad.output and "Traceback" not in bad.output
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"deepen": {"double_blocks": 2}}, "deepen: unknown field"),
+        *[
+            ({"compose": {"batch_size": 2, knob: 1}}, f"compose.{knob}: unknown field")
+            for knob in ("box_loss_weight", "time_mu", "overlap_repeat", "frozen_parts", "image_position_scale")
+        ],
+    ],
+)
+def test_the_removed_experiment_fields_are_unknown_fields(world, tmp_path, fields, named):
+    """The one-off knobs of experiments that did not ship are gone (experiments/README.md): a recipe naming one fails
+    with a one-line error, before anything is cached."""
+    bad = run_train_recipe(world, tmp_path, "compose", "toy", **fields)
+    assert bad.exit_code == 2 and named in bad.output and "Traceback" not in bad.output
 
 
 def test_drop_caption_trains_those_samples_on_the_empty_caption_without_spans(world):
@@ -690,38 +559,11 @@ def test_warm_start_steps_follow_the_chain_of_checkpoints(tmp_path):
     assert warm_start_steps(checkpoint("d", 5, str(tmp_path / "d"))) is None  # a loop
 
 
-def test_mpp_train_recipe_deepens_the_model(world, tmp_path):
-    import json
-
-    _, md, _, _, _ = world
-    compose = {"batch_size": 2}
-    for deepen, message in (
-        ({"double_blocks": -1}, "deepen: double_blocks=-1 must be an integer >= 0"),
-        ({"double": 1}, "deepen.double: unknown field"),
-        ([1, 1], "deepen: must be a mapping of double_blocks / single_blocks (got [1, 1])"),
-    ):
-        bad = run_train_recipe(world, tmp_path, "compose", "toy", deepen=deepen, compose=compose)
-        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output
-    old = json.loads((md.root / "transformer" / "config.json").read_text())
-    plan = {"double_blocks": 1, "single_blocks": 2}
-    result = run_train_recipe(world, tmp_path, "compose", "toy", deepen=plan, max_refs=MAX_REFS, compose=compose)
-    assert result.exit_code == 0, result.output
-    new = json.loads((tmp_path / "exported" / "transformer" / "config.json").read_text())
-    assert (new["num_layers"], new["num_single_layers"]) == (old["num_layers"] + 1, old["num_single_layers"] + 2)
-    adapter = json.loads((tmp_path / "exported" / "adapter" / "config.json").read_text())
-    assert (adapter["num_double_blocks"], adapter["num_single_blocks"]) == (new["num_layers"], new["num_single_layers"])
-    from moviepostproduction.compose.pipeline import ComposePipeline
-
-    label = ComposePipeline.from_model_dir(tmp_path / "exported").label
-    assert f"{new['num_layers']}+{new['num_single_layers']} blocks" in label
-
-
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples" / "train").glob("*.yaml")))
 def test_every_example_recipe_is_valid(path):
-    from moviepostproduction.training.recipe import Recipe, _task_config, _trainer_config, deepening
+    from moviepostproduction.training.recipe import Recipe, _task_config, _trainer_config
 
     recipe = Recipe.from_file(path)  # unknown / missing fields raise
     _trainer_config(recipe)
-    deepening(recipe)
     if recipe.task == "compose":
         _task_config(recipe)

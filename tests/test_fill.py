@@ -40,10 +40,11 @@ from moviepostproduction.fill.semantic_attention import (
     SemanticTokens,
     grid_positions,
 )
-from moviepostproduction.fill.weights import default_fill_model_dir, write_fill_model_dir
+from moviepostproduction.fill.weights import write_fill_model_dir
 from moviepostproduction.sampling import latent_image_ids, pack_latents, text_ids, unpack_latents
 from moviepostproduction.toyworld.synthetic import ToyWorldConfig
 from moviepostproduction.toyworld.tiny import TinySpec, tiny_configs, write_tiny_model_dir
+from moviepostproduction.toyworld.toy_model import default_fill_model_dir
 from moviepostproduction.toyworld.triptych import HOLE_GREY, MASK_MODES, TriptychConfig, collate, make_triptych
 from moviepostproduction.training.fill_task import FillTask, FillTaskConfig, export_fill_model_dir
 from moviepostproduction.training.trainer import TrainConfig, Trainer

@@ -6,13 +6,12 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from moviepostproduction.compose.assemble import assemble_attention
 from moviepostproduction.compose.conditioning import RefBatch
 from moviepostproduction.compose.flux import BlockInputs, ConditionedFlux, double_block_forward, region_modulation
 from moviepostproduction.compose.modules import CompositionAdapter
 from moviepostproduction.layout import bbox_token_mask
 
-from helpers import flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits
+from helpers import assemble_attention, flux_inputs, make_tiny_flux, random_refs, randomize_zero_inits, scatter_mean
 
 GRID = (8, 8)
 TEXT = 6
@@ -155,8 +154,6 @@ def test_assemble_attention_batched_equals_per_group_diffusers_attention(tiny_cf
 
 
 def test_overlapping_boxes_are_averaged(tiny_cfg):
-    from moviepostproduction.compose.assemble import scatter_mean
-
     refs = RefBatch(
         bboxes=torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.75, 0.75]]]),
         depth=torch.zeros(1, 2, dtype=torch.long),

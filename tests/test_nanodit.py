@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moviepostproduction.errors import MppError, WeightsError
-from moviepostproduction.sampling import euler_sample, get_timesteps, make_noise
+from moviepostproduction.sampling import denoise, get_timesteps, make_noise
 from moviepostproduction.training.vary_objective import DropoutProbs, flow_matching_loss, sample_dropout
 from moviepostproduction.vary.nanodit import PRESETS, NanoDiT, NanoDiTConfig, NanoDiTValueError, VaryConditioning
 from moviepostproduction.vary.nanodit_io import load_nanodit, save_nanodit
@@ -274,7 +274,7 @@ def test_pipeline_unit_scales_equal_plain_sampling_and_seed_reproduces():
     kwargs = dict(text_embeds=cond.text, text_mask=cond.text_mask, image_cls=cond.cls, image_patches=cond.patches)
     out = pipe(**kwargs, text_scale=1.0, image_scale=1.0, num_inference_steps=4, seed=5)
     noise = make_noise((2, TINY.in_channels, 8, 8), seed=5)
-    plain = euler_sample(
+    plain = denoise(
         lambda x, t: run(model, x, t, cond), noise, get_timesteps(4, image_seq_len=16)
     )  # 8x8 latents, patch 2 -> 16 tokens
     assert torch.equal(out.images, plain) and out.seed == 5

@@ -1,4 +1,5 @@
-"""OcclusionPriority: per-depth weights where boxes overlap, in Assemble-Attn's average and the modulation regions."""
+"""Occlusion priority: fixed per-depth (and per-order) weights where boxes overlap, in Assemble-Attn's average and the
+modulation regions (compose/modules/occlusion.py)."""
 
 from __future__ import annotations
 
@@ -8,59 +9,49 @@ import math
 import pytest
 import torch
 
-from moviepostproduction.compose.assemble import (
-    assemble_attention,
-    assemble_residual,
-    image_qkv,
-    scatter_mean,
-)
+from moviepostproduction.compose.assemble import assemble_residual, image_qkv
 from moviepostproduction.compose.assemble_rows import pack_rows
 from moviepostproduction.compose.conditioning import RefBatch, build_packing, build_regions
 from moviepostproduction.compose.flux import ConditionedFlux
-from moviepostproduction.compose.modules import PRESETS, CompositionAdapter, ConditioningConfig, OcclusionPriority
-from moviepostproduction.compose.modules.occlusion import LOGIT_SCALE, MIN_WEIGHT
+from moviepostproduction.compose.modules import PRESETS, CompositionAdapter, ConditioningConfig
+from moviepostproduction.compose.modules.occlusion import MIN_WEIGHT, occlusion_priority
+from moviepostproduction.errors import WeightsError
 from moviepostproduction.layout import bbox_token_mask
 from moviepostproduction.panorama.wrap import remap_conditioning
 
-from helpers import flux_inputs, make_tiny_flux, randomize_zero_inits
+from helpers import assemble_attention, flux_inputs, make_tiny_flux, randomize_zero_inits, scatter_mean
 
 GRID = (8, 8)
 TEXT = 6
-CFG = PRESETS["tiny"].with_(occlusion_priority=True)
 FRONT, BACK = [0.0, 0.0, 0.625, 0.625], [0.375, 0.375, 1.0, 1.0]  # overlap: tokens (3..4, 3..4)
 
 
 def layered_refs(depths=("fg", "bg"), boxes=(FRONT, BACK), seed: int = 0) -> RefBatch:
     gen = torch.Generator().manual_seed(seed)
-    r = len(boxes)
+    r, cfg = len(boxes), PRESETS["tiny"]
     return RefBatch(
         bboxes=torch.tensor([list(boxes)]),
         depth=torch.tensor([[("fg", "mg", "bg").index(d) for d in depths]]),
         valid=torch.ones(1, r, dtype=torch.bool),
-        clip=torch.randn(1, r, CFG.clip_dim, generator=gen),
-        dino=torch.randn(1, r, CFG.dino_dim, generator=gen),
+        clip=torch.randn(1, r, cfg.clip_dim, generator=gen),
+        dino=torch.randn(1, r, cfg.dino_dim, generator=gen),
     )
 
 
-def set_logits(adapter: CompositionAdapter, layout: list[float], modulation: list[float]) -> None:
-    with torch.no_grad():
-        adapter.occlusion.logits.copy_(torch.tensor([layout, modulation]) / LOGIT_SCALE)
+def model_with(std: float = 0.1, **priority) -> ConditionedFlux:
+    torch.manual_seed(0)
+    model = ConditionedFlux(make_tiny_flux(0), CompositionAdapter(PRESETS["tiny"].with_(**priority)))
+    randomize_zero_inits(model.adapter, std=std)
+    return model
 
 
-def test_priority_starts_at_one_and_indexes_depths():
-    priority = OcclusionPriority()
+def test_priority_indexes_depths_relative_to_the_top_label():
     depth, valid = torch.tensor([[0, 2, 1]]), torch.tensor([[True, True, False]])
-    layout, modulation = priority(depth, valid)
-    assert torch.equal(layout, torch.ones(1, 3)) and torch.equal(modulation, torch.ones(1, 3))
-    with torch.no_grad():
-        priority.logits.copy_(torch.tensor([[0.2, 0.1, 0.0], [0.0, 0.0, -0.1]]))
-    layout, modulation = priority(depth, valid)
-    torch.testing.assert_close(layout, torch.tensor([[1.0, math.exp(-2.0), 1.0]]))  # relative to fg's; padding: 1
-    torch.testing.assert_close(modulation, torch.tensor([[1.0, math.exp(-1.0), 1.0]]))
-    with torch.no_grad():
-        priority.logits.copy_(torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
-    layout, _ = priority(depth.half().long(), valid)
-    assert layout.dtype == torch.float32 and torch.equal(layout, torch.tensor([[1.0, MIN_WEIGHT, 1.0]]))
+    assert torch.equal(occlusion_priority(depth, valid, (0.0, 0.0, 0.0)), torch.ones(1, 3))
+    weights = occlusion_priority(depth, valid, (2.0, 1.0, 0.0))
+    torch.testing.assert_close(weights, torch.tensor([[1.0, math.exp(-2.0), 1.0]]))  # relative to fg's; padding: 1
+    strong = occlusion_priority(depth, valid, (30.0, 0.0, 0.0))
+    assert strong.dtype == torch.float32 and torch.equal(strong, torch.tensor([[1.0, MIN_WEIGHT, 1.0]]))
 
 
 def test_regions_share_an_overlap_by_priority_and_keep_single_boxes():
@@ -70,7 +61,7 @@ def test_regions_share_an_overlap_by_priority_and_keep_single_boxes():
     for masks in (hard, soft):
         plain = build_regions(masks, alpha)
         ones = build_regions(masks, alpha, torch.ones(1, 2))
-        assert torch.equal(ones.index, plain.index) and torch.equal(ones.coef, plain.coef)  # exactly, at init
+        assert torch.equal(ones.index, plain.index) and torch.equal(ones.coef, plain.coef)  # weights 1: exactly
     weighted = build_regions(hard, alpha, torch.tensor([[3.0, 1.0]]))
     coef = weighted.coef[0, weighted.index[0]]  # (64, 2) per token
     both, front_only = 3 * 8 + 3, 0  # a token in the overlap, one in the front box only
@@ -94,12 +85,9 @@ def test_packing_weights_and_reference_average():
 
 
 def test_assemble_residual_equals_the_weighted_per_group_reference():
-    torch.manual_seed(0)
-    model = ConditionedFlux(make_tiny_flux(0), CompositionAdapter(CFG))
-    randomize_zero_inits(model.adapter, std=0.1)
-    set_logits(model.adapter, [1.5, 0.0, -0.5], [0.0, 0.0, 0.0])
+    model = model_with(depth_priority=(1.5, 0.0, -0.5))
     attn, out_proj = model.transformer.transformer_blocks[0].attn, model.adapter.assemble["0"]
-    image = torch.randn(1, 64, CFG.hidden_dim)
+    image = torch.randn(1, 64, model.adapter.cfg.hidden_dim)
     inputs = flux_inputs(1, GRID, TEXT)
     cos, sin = model.transformer.pos_embed(torch.cat([inputs["txt_ids"], inputs["img_ids"]]))
     rope = (cos[TEXT:], sin[TEXT:])
@@ -110,42 +98,26 @@ def test_assemble_residual_equals_the_weighted_per_group_reference():
         rows = pack_rows(cond.packing, 64)
         fast = assemble_residual(attn, out_proj, image_qkv(attn, image), cond.layout_tokens, cond.packing, rows, rope)
     torch.testing.assert_close(fast, reference.flatten(0, 1)[rows.covered], rtol=0, atol=1e-5)
-    w_front, w_back = math.exp(1.5), math.exp(-0.5)
+    w_front, w_back = math.exp(0.0), math.exp(-2.0)  # relative to the top label's (fg 1.5)
     slot = lambda g, token: (cond.packing.token_index[g] == token).nonzero().item()  # noqa: E731
     overlap = 3 * 8 + 3
     want = (w_front * packed[0, slot(0, overlap)] + w_back * packed[1, slot(1, overlap)]) / (w_front + w_back)
     torch.testing.assert_close(reference[0, overlap], want, rtol=0, atol=1e-5)
 
 
-def test_zero_init_priority_changes_nothing_and_learns_from_overlaps():
-    torch.manual_seed(0)
-    model = ConditionedFlux(make_tiny_flux(0), CompositionAdapter(PRESETS["tiny"]))
-    randomize_zero_inits(model.adapter, std=0.1)
+def test_a_priority_of_equal_weights_is_exactly_design_3s_average():
+    """Refs of different labels under an order priority all weigh 1: the same output, bit for bit, as no priority."""
     refs, inputs = layered_refs(("fg", "bg")), flux_inputs(1, GRID, TEXT)
-    plain = model(**inputs, conditioning=model.prepare(refs, GRID, TEXT)).detach()  # with autograd, as below
-    adapter, fresh = model.adapter.reconfigured(occlusion_priority=True)
-    assert fresh == ["occlusion.logits"]
-    model.adapter = adapter
-    cond = model.prepare(refs, GRID, TEXT)
-    out = model(**inputs, conditioning=cond)
-    assert torch.equal(out.detach(), plain)  # exactly DESIGN 3's average and sum until the logits move
-    out.square().mean().backward()
-    grad = adapter.occlusion.logits.grad.clone()
-    assert grad[:, 0].abs().min() > 0 and grad[:, 2].abs().min() > 0  # fg and bg overlap: both pathways learn
-    assert grad[:, 1].abs().max() < 1e-4 * grad[:, 0].abs().min()  # no mg ref in the scene (up to rounding)
-    torch.testing.assert_close(grad[:, 0], -grad[:, 2])  # only the ratio of the two weights matters
-    separate = layered_refs(("fg", "bg"), boxes=([0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]))
-    adapter.occlusion.logits.grad = None
-    model(**inputs, conditioning=model.prepare(separate, GRID, TEXT)).square().mean().backward()
-    # No overlap, nothing to weigh: w / w in a single box has zero derivative (up to its rounding).
-    assert adapter.occlusion.logits.grad.abs().max() < 1e-4 * grad[:, 0].abs().min()
+    plain, ordered = model_with(), model_with(order_priority=3.0)
+    with torch.no_grad():
+        cond = ordered.prepare(refs, GRID, TEXT)
+        assert torch.equal(cond.packing.group_weight, torch.ones(2))
+        out = ordered(**inputs, conditioning=cond)
+        assert torch.equal(out, plain(**inputs, conditioning=plain.prepare(refs, GRID, TEXT)))
 
 
 def test_the_front_ref_owns_the_overlap_under_a_strong_priority():
-    torch.manual_seed(0)
-    model = ConditionedFlux(make_tiny_flux(0), CompositionAdapter(CFG))
-    randomize_zero_inits(model.adapter, std=0.2)
-    set_logits(model.adapter, [30.0, 0.0, 0.0], [30.0, 0.0, 0.0])
+    model = model_with(std=0.2, depth_priority=(30.0, 0.0, 0.0))
     inputs = flux_inputs(1, GRID, TEXT)
     with torch.no_grad():
         cond = model.prepare(layered_refs(("fg", "bg")), GRID, TEXT)
@@ -167,17 +139,49 @@ def test_the_front_ref_owns_the_overlap_under_a_strong_priority():
         assert torch.isfinite(model(**inputs, conditioning=cond)).all()
 
 
-def test_occlusion_priority_config_is_checked_and_saved(tmp_path):
-    with pytest.raises(ValueError, match="occlusion_priority='yes' must be true or false"):
-        ConditioningConfig(occlusion_priority="yes")
-    assert CompositionAdapter(PRESETS["tiny"]).occlusion is None  # off by default: DESIGN 3's average
-    adapter = CompositionAdapter(CFG)
-    set_logits(adapter, [1.0, 0.5, 0.0], [0.0, -1.0, 0.0])
-    loaded = CompositionAdapter.from_pretrained(adapter.save_pretrained(tmp_path / "adapter"))
-    assert loaded.cfg.occlusion_priority and torch.equal(loaded.occlusion.logits, adapter.occlusion.logits)
+def test_order_priority_breaks_ties_within_a_label_by_the_scenes_order():
+    """Refs listed front to back: within one label each earlier valid ref weighs e^K times the next; other labels,
+    padding and K = 0 are untouched."""
+    depth = torch.tensor([[0, 1, 0, 0, 1, 0]])  # fg mg fg fg mg fg(padding)
+    valid = torch.tensor([[True, True, True, True, True, False]])
+    base = occlusion_priority(depth, valid, (3.0, 0.0, 0.0))
+    rank = torch.tensor([[0.0, 0.0, 1.0, 2.0, 1.0, 0.0]])  # earlier valid refs of the same label
+    expect = torch.where(valid, (base.log() - 2.0 * rank).exp().clamp(min=MIN_WEIGHT), torch.ones_like(base))
+    torch.testing.assert_close(occlusion_priority(depth, valid, (3.0, 0.0, 0.0), 2.0), expect)
+    assert torch.equal(occlusion_priority(depth, valid, (3.0, 0.0, 0.0), 0.0), base)
+    gap = torch.tensor([[True, True, False, True, True, True]])  # a ref not valid does not push the later ones back
+    torch.testing.assert_close(occlusion_priority(depth, gap, (0.0, 0.0, 0.0), 2.0)[0, 3], torch.tensor(math.exp(-2)))
 
 
-def test_front_priority_script_switches_the_priority_on_and_keeps_every_other_tensor(tmp_path):
+def test_the_priority_is_a_checked_setting_saved_in_the_config_and_holds_no_tensor(tmp_path):
+    assert not PRESETS["tiny"].uses_occlusion_priority  # off by default: DESIGN 3's average
+    cfg = PRESETS["tiny"].with_(depth_priority=[3, 0, 0], order_priority=3.0)  # a list, as JSON and YAML give it
+    assert cfg.depth_priority == (3, 0, 0) and cfg.uses_occlusion_priority
+    adapter = CompositionAdapter(cfg)
+    assert not any("occlusion" in key for key in adapter.state_dict())
+    adapter.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "config.json").read_text())
+    assert (saved["depth_priority"], saved["order_priority"]) == ([3, 0, 0], 3.0)
+    assert CompositionAdapter.from_pretrained(tmp_path / "adapter").cfg == cfg
+    for bad in ((1.0, 2.0), "fg", (0.0, float("nan"), 0.0), (True, 0.0, 0.0)):
+        with pytest.raises(ValueError, match=r"depth_priority=.* must be 3 finite numbers \(fg, mg, bg\)"):
+            ConditioningConfig(depth_priority=bad)
+    for bad in (-1.0, float("nan"), True, "3"):
+        with pytest.raises(ValueError, match="order_priority=.* must be a finite number >= 0"):
+            ConditioningConfig(order_priority=bad)
+
+
+def test_an_adapter_dir_with_the_removed_learned_priority_is_refused_in_one_line(tmp_path):
+    folder = CompositionAdapter(PRESETS["tiny"]).save_pretrained(tmp_path / "adapter")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "occlusion_priority": True}))
+    with pytest.raises(WeightsError, match=r"occlusion_priority \(a learned occlusion.logits tensor\) was removed; "
+                       r"set depth_priority: \[fg, mg, bg\]") as err:  # fmt: skip
+        CompositionAdapter.from_pretrained(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_front_priority_script_sets_the_priority_and_copies_every_tensor(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
@@ -188,64 +192,31 @@ def test_front_priority_script_switches_the_priority_on_and_keeps_every_other_te
     index = json.loads((source / "model_index.json").read_text())
     (source / "model_index.json").write_text(json.dumps({**index, "label": "tiny"}))
     script = Path(__file__).resolve().parents[1] / "scripts" / "front_priority_model.py"
-    command = [sys.executable, str(script), str(source), str(tmp_path / "front"), "--fg-logit", "0.2"]
+    command = [sys.executable, str(script), str(source), str(tmp_path / "front"), "--fg-priority", "2"]
     done = subprocess.run([*command, "--grounding-ratio", "0.6"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     before = CompositionAdapter.from_pretrained(source / "adapter")
     after = CompositionAdapter.from_pretrained(tmp_path / "front" / "adapter")
-    assert after.cfg == before.cfg.with_(occlusion_priority=True, grounding_ratio=0.6)
-    index = json.loads((tmp_path / "front" / "model_index.json").read_text())
-    assert index["label"] == "tiny; fg occlusion priority e^2"
-    torch.testing.assert_close(after.occlusion.logits, torch.tensor([[0.2, 0.0, 0.0], [0.2, 0.0, 0.0]]))
-    kept = after.state_dict()
-    assert all(torch.equal(kept[k], v) for k, v in before.state_dict().items())
+    assert after.cfg == before.cfg.with_(depth_priority=(2.0, 0.0, 0.0), grounding_ratio=0.6)
+    assert (
+        json.loads((tmp_path / "front" / "model_index.json").read_text())["label"] == "tiny; fg occlusion priority e^2"
+    )
+    weights = "adapter/model.safetensors"
+    assert (tmp_path / "front" / weights).read_bytes() == (source / weights).read_bytes()
     again = subprocess.run(command, capture_output=True, text=True, check=False)
     assert again.returncode == 2 and "front exists; pick a new directory" in again.stderr
     bad_window = [*command[:-3], str(tmp_path / "f2"), "--grounding-ratio", "0"]
     bad = subprocess.run(bad_window, capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "--grounding-ratio: must be in (0, 1] (got 0)" in bad.stderr
     assert not (tmp_path / "f2").exists()
-    ordered = [*command[:-3], str(tmp_path / "f3"), "--fg-logit", "0.2", "--order-priority", "3"]
+    ordered = [*command[:-3], str(tmp_path / "f3"), "--fg-priority", "2", "--order-priority", "3"]
     assert subprocess.run(ordered, capture_output=True, text=True, check=False).returncode == 0
     assert CompositionAdapter.from_pretrained(tmp_path / "f3" / "adapter").cfg == before.cfg.with_(
-        occlusion_priority=True, order_priority=3.0
+        depth_priority=(2.0, 0.0, 0.0), order_priority=3.0
     )
     label = json.loads((tmp_path / "f3" / "model_index.json").read_text())["label"]
     assert label == "tiny; fg occlusion priority e^2, order within a label e^3"
     bad_order = subprocess.run([*ordered[:-5], str(tmp_path / "f4"), "--order-priority", "-1"], capture_output=True,
                                text=True, check=False)  # fmt: skip
-    assert bad_order.returncode == 2 and "--order-priority: must be a finite number >= 0 (got -1)" in bad_order.stderr
-
-
-def test_order_priority_breaks_ties_within_a_label_by_the_scenes_order():
-    """Refs listed front to back: within one label each earlier valid ref weighs e^K times the next; other labels,
-    padding and K = 0 are untouched."""
-    depth = torch.tensor([[0, 1, 0, 0, 1, 0]])  # fg mg fg fg mg fg(padding)
-    valid = torch.tensor([[True, True, True, True, True, False]])
-    logits = torch.tensor([[0.3, 0.0, 0.0], [0.2, 0.0, 0.0]])
-    plain, tied = OcclusionPriority(), OcclusionPriority(order_priority=2.0)
-    with torch.no_grad():
-        plain.logits.copy_(logits)
-        tied.logits.copy_(logits)
-    for base, ordered in zip(plain(depth, valid), tied(depth, valid), strict=True):
-        rank = torch.tensor([[0.0, 0.0, 1.0, 2.0, 1.0, 0.0]])  # earlier valid refs of the same label
-        expect = torch.where(valid, (base.log() - 2.0 * rank).exp().clamp(min=MIN_WEIGHT), torch.ones_like(base))
-        torch.testing.assert_close(ordered, expect)
-    assert torch.equal(OcclusionPriority(0.0)(depth, valid)[0], OcclusionPriority()(depth, valid)[0])
-    # a ref not valid does not push the later ones back
-    gap = torch.tensor([[True, True, False, True, True, True]])
-    layout, _ = tied(depth, gap)
-    torch.testing.assert_close(layout[0, 3], torch.tensor(math.exp(-2.0)))
-
-
-def test_order_priority_is_a_checked_setting_of_the_adapter_and_survives_saving(tmp_path):
-    adapter = CompositionAdapter(CFG.with_(order_priority=3.0))
-    assert adapter.occlusion.order_priority == 3.0 and "occlusion.order_priority" not in adapter.state_dict()
-    adapter.save_pretrained(tmp_path / "adapter")
-    assert json.loads((tmp_path / "adapter" / "config.json").read_text())["order_priority"] == 3.0
-    assert CompositionAdapter.from_pretrained(tmp_path / "adapter").occlusion.order_priority == 3.0
-    with pytest.raises(ValueError, match="order_priority=2 needs occlusion_priority=true"):
-        PRESETS["tiny"].with_(order_priority=2)
-    for bad in (-1.0, float("nan"), True, "3"):
-        with pytest.raises(ValueError, match="order_priority=.* must be a finite number >= 0"):
-            CFG.with_(order_priority=bad)
+    assert bad_order.returncode == 2 and "order_priority=-1.0 must be a finite number >= 0" in bad_order.stderr
+    assert not (tmp_path / "f4").exists()

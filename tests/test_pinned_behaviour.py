@@ -2,7 +2,8 @@
 
 Recorded once with `python tests/test_pinned_behaviour.py --record` (issue 39, before the package layout moved);
 every later run must reproduce them exactly on CPU fp32 (max abs diff 0). Re-record only for a deliberate change of
-behaviour, and say so in the commit.
+behaviour, and say so in the commit. The panoramas pass reference guidance and noise temperature 1 explicitly: they
+were recorded when panorama ignored the model dir's sampling defaults (tests/test_sampling_defaults.py covers those).
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ def generate(folder: Path) -> dict[str, torch.Tensor]:
     from moviepostproduction.compose.pipeline import ComposePipeline
     from moviepostproduction.encoders import TextEncoder
     from moviepostproduction.fill.pipeline import FillPipeline
-    from moviepostproduction.fill.weights import default_fill_model_dir
     from moviepostproduction.model_dir import ModelDir, default_model_dir
     from moviepostproduction.panorama.pipeline import PanoramaPipeline, compose_panorama
+    from moviepostproduction.toyworld.toy_model import default_fill_model_dir
     from moviepostproduction.vary.pipeline import VaryPipeline
 
     torch.manual_seed(0)
@@ -104,7 +105,7 @@ def generate(folder: Path) -> dict[str, torch.Tensor]:
             out[f"compose-scene{k}-seed{seed}"] = res.images[0].contiguous()
 
     pano = PanoramaPipeline.from_model_dir(md)
-    text = TextEncoder.load(md).encode(["a sprite in a desert"], ModelDir.at(md).max_text_tokens)
+    text = TextEncoder.load(md).encode(["a sprite in a desert"], ModelDir.at(md).sampling_defaults().max_text_tokens)
     for seed in SEEDS:
         res = pano(
             prompt_embeds=text.t5,
@@ -113,11 +114,20 @@ def generate(folder: Path) -> dict[str, torch.Tensor]:
             num_inference_steps=STEPS,
             seed=seed,
             output_type="latent",
+            noise_temperature=1.0,  # as recorded: panorama took no model-dir defaults before issue 39 item 4
         )
         out[f"panorama-caption-seed{seed}"] = res.latents.contiguous()
     scene = _panorama_scene(folder)
     for seed in SEEDS:
-        res = compose_panorama(compose, scene, seed=seed, num_inference_steps=STEPS, output_type="latent")
+        res = compose_panorama(
+            compose,
+            scene,
+            seed=seed,
+            num_inference_steps=STEPS,
+            output_type="latent",
+            ref_guidance_scale=1.0,  # as recorded (see the caption panorama above)
+            noise_temperature=1.0,
+        )
         out[f"panorama-scene-seed{seed}"] = res.latents.contiguous()
 
     fill = FillPipeline.from_model_dir(default_fill_model_dir(folder / "cache"), semantic=False, refs=False)

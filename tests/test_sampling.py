@@ -13,8 +13,8 @@ from moviepostproduction.sampling import (
     SamplingConfig,
     cfg,
     compute_mu,
+    denoise,
     dual_cfg,
-    euler_sample,
     get_timesteps,
     latent_image_ids,
     make_noise,
@@ -228,13 +228,13 @@ def test_euler_follows_the_straight_line_to_x0_exactly(schedule: str) -> None:
     def straight(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (x - x0) / t.to(x.dtype).view(-1, 1, 1, 1)  # = noise - x0 on the line x_t
 
-    out = euler_sample(straight, noise, get_timesteps(7, image_seq_len=1024, schedule=schedule))
+    out = denoise(straight, noise, get_timesteps(7, image_seq_len=1024, schedule=schedule))
     assert torch.allclose(out, x0, atol=1e-6)
 
 
 def test_constant_field_moves_by_exactly_minus_v() -> None:
     x, v = torch.randn(SHAPE), torch.randn(SHAPE)
-    out = euler_sample(lambda x_, t: v, x, get_timesteps(5, image_seq_len=256))
+    out = denoise(lambda x_, t: v, x, get_timesteps(5, image_seq_len=256))
     assert torch.allclose(out, x - v, atol=1e-6)
 
 
@@ -247,7 +247,7 @@ def test_velocity_fn_gets_a_float32_time_per_batch_item() -> None:
         return torch.zeros_like(x)
 
     timesteps = get_timesteps(3, schedule="linear")
-    out = euler_sample(record, torch.ones(SHAPE, dtype=torch.bfloat16), timesteps)
+    out = denoise(record, torch.ones(SHAPE, dtype=torch.bfloat16), timesteps)
     assert out.dtype == torch.bfloat16
     assert [t.shape for t in seen] == [(2,)] * 3 and all(t.dtype == torch.float32 for t in seen)
     assert [t[0].item() for t in seen] == timesteps[:-1].tolist()
@@ -258,9 +258,9 @@ def test_same_seed_gives_identical_samples() -> None:
         return torch.sin(x) * t.view(-1, 1, 1, 1)
 
     timesteps = get_timesteps(4, image_seq_len=256)
-    a = euler_sample(field, make_noise(SHAPE, seed=3), timesteps)
-    assert torch.equal(a, euler_sample(field, make_noise(SHAPE, seed=3), timesteps))
-    assert not torch.equal(a, euler_sample(field, make_noise(SHAPE, seed=4), timesteps))
+    a = denoise(field, make_noise(SHAPE, seed=3), timesteps)
+    assert torch.equal(a, denoise(field, make_noise(SHAPE, seed=3), timesteps))
+    assert not torch.equal(a, denoise(field, make_noise(SHAPE, seed=4), timesteps))
 
 
 def test_callback_sees_every_step_and_can_replace_x() -> None:
@@ -271,7 +271,7 @@ def test_callback_sees_every_step_and_can_replace_x() -> None:
         return torch.zeros_like(x) if i == 0 else None
 
     timesteps = get_timesteps(4, schedule="linear")
-    out = euler_sample(lambda x, t: torch.ones_like(x), torch.randn(SHAPE), timesteps, callback=clamp_first)
+    out = denoise(lambda x, t: torch.ones_like(x), torch.randn(SHAPE), timesteps, callback=clamp_first)
     assert calls == [(i, timesteps[i + 1].item()) for i in range(4)]
     assert torch.allclose(out, torch.full(SHAPE, -0.75))  # zeroed at t = 0.75, then three steps of -0.25
 
@@ -281,9 +281,9 @@ def test_non_finite_state_raises_naming_the_step() -> None:
         return torch.full_like(x, math.inf) if t[0] < 0.7 else torch.zeros_like(x)
 
     with pytest.raises(MppError, match=r"non-finite values after step 3/5 \(t 0.6000 -> 0.4000\)"):
-        euler_sample(blow_up, torch.randn(SHAPE), get_timesteps(5, schedule="linear"), progress=True)
+        denoise(blow_up, torch.randn(SHAPE), get_timesteps(5, schedule="linear"), progress=True)
 
 
 def test_euler_rejects_bad_timesteps() -> None:
     with pytest.raises(MppError, match="timesteps"):
-        euler_sample(lambda x, t: x, torch.randn(SHAPE), torch.tensor([0.0, 1.0]))
+        denoise(lambda x, t: x, torch.randn(SHAPE), torch.tensor([0.0, 1.0]))

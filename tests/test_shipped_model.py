@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from moviepostproduction.cli import app
+from moviepostproduction.compose.modules.occlusion import occlusion_priority
 from moviepostproduction.compose.pipeline import ComposePipeline
 from moviepostproduction.errors import WeightsError
 from moviepostproduction.model_dir import SHIPPED_MODEL_DIR, ModelDir, default_model_dir
@@ -44,15 +45,15 @@ def pipe():
 
 
 def test_shipped_model_names_the_sampling_defaults_of_the_readme_table(pipe):
-    assert (pipe.ref_guidance_scale, pipe.noise_temperature) == (2.0, 0.8)  # docs/toy-model.md, picked on val scenes
-    adapter = pipe.model.adapter  # the fg ref owns overlaps (weight e^3 against 1), layout over 60 % of the steps
-    assert adapter.cfg.occlusion_priority and adapter.cfg.grounding_ratio == 0.6
-    weights = adapter.occlusion(torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool))  # fg, mg, bg
-    for w in weights:
-        torch.testing.assert_close(w / w[0, 0], torch.tensor([[1.0, math.exp(-3), math.exp(-3)]]), rtol=2e-3, atol=0)
-    assert adapter.cfg.order_priority == 3.0  # within a label the earlier ref owns an overlap, e^3 per place
-    two_fg = adapter.occlusion(torch.tensor([[0, 0, 1]]), torch.ones(1, 3, dtype=torch.bool))
-    for w in two_fg:
+    defaults = pipe.defaults  # docs/toy-model.md, picked on val scenes
+    assert (defaults.ref_guidance_scale, defaults.noise_temperature, defaults.grounding_ratio) == (2.0, 0.8, 0.6)
+    cfg = pipe.model.adapter.cfg  # the fg ref owns overlaps (weight e^3 against 1), layout over 60 % of the steps
+    # 3.00048828125: a logit of 0.3 stored in fp16, times 10, while the priority was a Parameter (before issue 39)
+    assert cfg.depth_priority == (3.00048828125, 0.0, 0.0) and cfg.grounding_ratio == 0.6
+    assert cfg.order_priority == 3.0  # within a label the earlier ref owns an overlap, e^3 per place
+    every = torch.ones(1, 3, dtype=torch.bool)
+    for depth in ([[0, 1, 2]], [[0, 0, 1]]):  # fg, mg, bg; two fg refs and an mg one
+        w = occlusion_priority(torch.tensor(depth), every, cfg.depth_priority, cfg.order_priority)
         torch.testing.assert_close(w / w[0, 0], torch.tensor([[1.0, math.exp(-3), math.exp(-3)]]), rtol=2e-3, atol=0)
 
 

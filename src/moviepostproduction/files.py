@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,26 @@ def staged_copy(
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only left on failure: a successful rename moved it
+
+
+def build_once(target: str | Path, build: Callable[[Path], object]) -> Path:
+    """`target` when it already holds a model_index.json; else `build(folder)` fills a temporary folder beside it,
+    which is renamed into place. Concurrent callers never see half a dir; the loser of a race keeps the winner's."""
+    target = Path(target)
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging / "dir")
+        try:
+            os.replace(staging / "dir", target)
+        except OSError:
+            if not (target / "model_index.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def save_pretrained_readable(model, folder: str | Path) -> Path:

@@ -135,19 +135,6 @@ def bbox_area(bboxes: torch.Tensor) -> torch.Tensor:
     return box_width(bboxes) * (bboxes[..., 3] - bboxes[..., 1])
 
 
-def covered_fraction(bboxes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """bboxes (..., R, 4), valid (..., R) bool -> (..., R): the largest fraction of box r's area that one other
-    valid box of the same scene covers (0 for an invalid box or one that nothing overlaps). Plain boxes only
-    (x0 <= x1, no seam wrap), as the toy world draws them."""
-    a, b = bboxes[..., :, None, :], bboxes[..., None, :, :]  # (..., R, 1, 4), (..., 1, R, 4): box r, other box s
-    w = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
-    h = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
-    r = valid.shape[-1]
-    pair = valid[..., :, None] & valid[..., None, :] & ~torch.eye(r, dtype=torch.bool, device=valid.device)
-    frac = w * h / bbox_area(bboxes).clamp(min=1e-12)[..., :, None]  # (..., R, R)
-    return torch.where(pair, frac, torch.zeros_like(frac)).amax(-1)
-
-
 def token_extent(bboxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """bboxes (..., 4) -> (..., 2): one image token's width and height in the box's frame (the frame of
     `box_token_coords`, so a wrapping box is measured across the seam)."""

@@ -11,15 +11,21 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from moviepostproduction.errors import WeightsError
-from moviepostproduction.sampling import is_positive_number
+from moviepostproduction.errors import Problem, WeightsError
+from moviepostproduction.sampling import (
+    SamplingValueError,
+    is_count,
+    is_probability,
+    positive_problem,
+    scale_problem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,62 @@ COMPONENTS: dict[str, Component] = {
 }
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 IMAGE_COMPONENTS = ("image_clip", "image_dino")
+
+
+ADAPTER_CONFIG = "adapter/config.json"  # the CompositionAdapter's config, which names its layout window
+INDEX_SAMPLING_KEYS = ("max_text_tokens", "ref_guidance_scale", "noise_temperature")  # in model_index.json
+
+
+def _checked(ok: Callable[[object], bool], message: str) -> Callable[[str, object], Problem | None]:
+    return lambda name, value: None if ok(value) else Problem(name, value, message)
+
+
+SAMPLING_CHECKS: dict[str, Callable[[str, object], Problem | None]] = {
+    "max_text_tokens": _checked(lambda v: is_count(v) and v >= 1, "must be an integer >= 1"),
+    "ref_guidance_scale": scale_problem,
+    "noise_temperature": positive_problem,
+    "grounding_ratio": _checked(is_probability, "must be a number in [0, 1]"),
+}
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The sampling arguments a model was tuned for; every pipeline uses them for an argument left at None.
+
+    Precedence (docs/sampling.md): an explicit argument > the model dir (`ModelDir.sampling_defaults`) > these
+    built-in values, which sample as FLUX does. A bad value raises at construction, naming the field.
+    """
+
+    max_text_tokens: int = 512  # T5 length the transformer was trained with (FLUX.1-dev: 512)
+    ref_guidance_scale: float = 1.0  # reference guidance v_caption + s (v_scene - v_caption); 1 = off
+    noise_temperature: float = 1.0  # factor on the starting noise; 1 = the noise as drawn
+    grounding_ratio: float = 0.3  # fraction of the steps with Assemble-Attn (ConditioningConfig's default)
+
+    def __post_init__(self) -> None:
+        problems = [p for f in fields(self) if (p := SAMPLING_CHECKS[f.name](f.name, getattr(self, f.name)))]
+        if problems:
+            raise SamplingValueError(problems)
+
+    @classmethod
+    def of_model(cls, model: torch.nn.Module) -> SamplingDefaults:
+        """The built-in values with the layout window of `model.adapter`, if it has one: for a pipeline built from
+        modules in memory rather than from a model dir."""
+        adapter = getattr(model, "adapter", None)
+        return cls() if adapter is None else cls(grounding_ratio=adapter.cfg.grounding_ratio)
+
+    def resolve(
+        self,
+        *,
+        max_text_tokens: int | None = None,
+        ref_guidance_scale: float | None = None,
+        noise_temperature: float | None = None,
+    ) -> SamplingDefaults:
+        """These defaults with each argument that is not None in its place; a bad one is a `SamplingValueError`
+        naming it (`noise_temperature: must be a positive number (got -2.0)`)."""
+        given = dict(
+            max_text_tokens=max_text_tokens, ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature
+        )
+        return replace(self, **{name: value for name, value in given.items() if value is not None})
 
 
 def _a(label: str) -> str:
@@ -131,35 +193,19 @@ class ModelDir:
         """True for the random-init tiny dirs of `moviepostproduction.toyworld.tiny`: their output is noise."""
         return bool(self.index.get("tiny_random", False))
 
-    @property
-    def max_text_tokens(self) -> int:
-        """T5 length the transformer was trained with: model_index.json's `max_text_tokens`, else FLUX's 512."""
-        return int(self.index.get("max_text_tokens", 512))
-
-    @property
-    def ref_guidance_scale(self) -> float:
-        """Reference guidance the model was tuned for: model_index.json's `ref_guidance_scale`, else 1.0 (off)."""
-        return float(self.index.get("ref_guidance_scale", 1.0))
-
-    @property
-    def image_position_scale(self) -> float:
-        """RoPE position step between neighbouring image tokens: model_index.json's `image_position_scale`, else
-        FLUX's 1.0. A model fine-tuned at a higher resolution with interpolated positions stores e.g. 0.5."""
-        return self._positive("image_position_scale")
-
-    @property
-    def noise_temperature(self) -> float:
-        """Factor on the compose pipeline's starting noise the model was tuned for: model_index.json's
-        `noise_temperature`, else 1.0 (the noise as drawn)."""
-        return self._positive("noise_temperature")
-
-    def _positive(self, key: str, default: float = 1.0) -> float:
-        value = self.index.get(key, default)
-        if not is_positive_number(value):
-            raise WeightsError(
-                f"model dir {self.root}: model_index.json {key} must be a positive number (got {value!r})"
-            )
-        return float(value)
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The `SamplingDefaults` this dir names: model_index.json's `max_text_tokens`, `ref_guidance_scale` and
+        `noise_temperature`, adapter/config.json's `grounding_ratio`; the built-in value for a key it does not name.
+        A bad value is a one-line WeightsError naming the file, the key and the value."""
+        named = {key: ("model_index.json", self.index[key]) for key in INDEX_SAMPLING_KEYS if key in self.index}
+        if (self.root / ADAPTER_CONFIG).is_file():
+            adapter = read_json(self.root / ADAPTER_CONFIG, "a CompositionAdapter config", self.root)
+            if "grounding_ratio" in adapter:
+                named["grounding_ratio"] = (ADAPTER_CONFIG, adapter["grounding_ratio"])
+        for key, (file, value) in named.items():
+            if problem := SAMPLING_CHECKS[key](key, value):
+                raise WeightsError(f"model dir {self.root}: {file} {key} {problem.message} (got {value!r})")
+        return SamplingDefaults(**{key: value for key, (_, value) in named.items()})
 
     def path(self, component: str) -> Path:
         if component not in COMPONENTS:
@@ -168,7 +214,12 @@ class ModelDir:
 
     def check(self, components: Iterable[str] = tuple(COMPONENTS)) -> None:
         """Raise a one-line WeightsError for the first missing or unusable file of the given components."""
-        self.index  # noqa: B018 - a malformed model_index.json is reported even though it is optional
+        scale = self.index.get("image_position_scale", 1.0)  # a malformed model_index.json fails here too
+        if scale != 1.0:  # RoPE positions are FLUX's; interpolated ones were an experiment (experiments/README.md)
+            raise WeightsError(
+                f"model dir {self.root}: model_index.json image_position_scale {scale!r} is not supported (removed; "
+                "only FLUX's positions, 1.0)"
+            )
         for name in components:
             self._check_component(name)
 

@@ -1,8 +1,10 @@
-"""Rectified-flow sampling shared by every pipeline: schedules, packing, noise, guidance, the Euler loop.
+"""Rectified-flow sampling shared by every pipeline: schedules, packing, noise, guidance, the one denoise loop.
 
 Convention (FLUX / SD3 rectified flow): x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0, and
 sampling integrates dx/dt = v from t = 1 (pure noise) down to t = 0 (data). The model is a pure velocity
-predictor; nothing here knows about it.
+predictor; nothing here knows about it. Every pipeline (compose, panorama, fill, vary) prepares what depends only
+on its inputs once, then calls `denoise` with its own velocity function; the guidance combinations (reference
+guidance and true CFG: `scene_guidance`; dual CFG: `dual_cfg`) are the small functions beside `cfg`.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ __all__ = [
     "SamplingValueError",
     "cfg",
     "compute_mu",
+    "denoise",
     "dual_cfg",
-    "euler_sample",
     "get_timesteps",
     "latent_image_ids",
     "make_noise",
     "noise_latents",
     "pack_latents",
     "scale_problem",
+    "scene_guidance",
     "strength_timesteps",
     "text_ids",
     "time_shift",
@@ -275,6 +278,21 @@ def cfg(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Ten
     return torch.lerp(v_uncond, v_cond, scale)  # lerp is exact at both endpoints, the plain formula is not
 
 
+def scene_guidance(
+    velocity: Callable[[str], torch.Tensor], *, ref_guidance_scale: float = 1.0, true_cfg_scale: float = 1.0
+) -> torch.Tensor:
+    """Reference guidance, then true CFG on top, from `velocity(case)` for case "scene" (caption + refs), "caption"
+    (the same caption without refs) and "negative" (the negative prompt); a case is evaluated only when its scale
+    needs it. Reference guidance extrapolates away from the caption alone: v = v_caption + s (v_scene - v_caption).
+    Pass true_cfg_scale 1 when there is no negative prompt (`use_true_cfg`)."""
+    v = velocity("scene")
+    if ref_guidance_scale != 1.0:
+        v = cfg(velocity("caption"), v, ref_guidance_scale)
+    if true_cfg_scale > 1.0:
+        v = cfg(velocity("negative"), v, true_cfg_scale)
+    return v
+
+
 def dual_cfg(
     v_uncond: torch.Tensor, v_img: torch.Tensor, v_both: torch.Tensor, text_scale: float, image_scale: float
 ) -> torch.Tensor:
@@ -283,7 +301,7 @@ def dual_cfg(
 
 
 # ---------------------------------------------------------------------------------------------- Euler loop
-def euler_sample(
+def denoise(
     velocity_fn: VelocityFn,
     x: torch.Tensor,
     timesteps: torch.Tensor,

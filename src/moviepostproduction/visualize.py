@@ -1,4 +1,5 @@
-"""Pictures people look at: layout overlays with depth and predicted alpha, image grids, PNG writing."""
+"""Pictures people look at: layout overlays with depth and predicted alpha, image grids, PNG writing, and the
+conversions between PIL images and pixel tensors in [-1, 1]."""
 
 from __future__ import annotations
 
@@ -6,8 +7,23 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL -> (1, 3, H, W) in [-1, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+
+
+def tensor_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images."""
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
 
 DEPTH_COLOURS = {"fg": (255, 64, 64), "mg": (255, 200, 0), "bg": (64, 160, 255)}
 

@@ -49,6 +49,18 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at IN
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
 
 
+def ref_guidance_option():
+    """`--ref-guidance`; left out, the pipeline takes the model dir's `ref_guidance_scale` (docs/sampling.md)."""
+    return typer.Option(None, "--ref-guidance", help="Reference guidance scale, 1 = off (default: the model dir's).")
+
+
+def noise_temperature_option():
+    """`--noise-temperature`; left out, the pipeline takes the model dir's `noise_temperature` (docs/sampling.md)."""
+    return typer.Option(
+        None, "--noise-temperature", help="Factor on the starting noise, 1 = as drawn (default: the model dir's)."
+    )
+
+
 def parse_dtype(name: str):
     import torch
 

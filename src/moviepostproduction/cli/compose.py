@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from moviepostproduction.cli.common import app, parse_dtype, user_errors
+from moviepostproduction.cli.common import (
+    app,
+    noise_temperature_option,
+    parse_dtype,
+    ref_guidance_option,
+    user_errors,
+)
 
 
 @app.command()
@@ -58,12 +64,8 @@ def compose(
     guidance: float = typer.Option(3.5, "--guidance", help="FLUX guidance embedding scale."),
     true_cfg: float = typer.Option(1.0, "--true-cfg", help="True CFG scale (> 1 with --negative)."),
     negative: str | None = typer.Option(None, "--negative", help="Negative prompt for true CFG."),
-    ref_guidance: float | None = typer.Option(
-        None, "--ref-guidance", help="Reference guidance scale (1: off) [default: the model dir's]."
-    ),
-    noise_temperature: float | None = typer.Option(
-        None, "--noise-temperature", help="Factor on the starting noise (1: as drawn) [default: the model dir's]."
-    ),
+    ref_guidance: float | None = ref_guidance_option(),
+    noise_temperature: float | None = noise_temperature_option(),
     overlay: bool = typer.Option(False, "--overlay", help="Also write OUT.layout.png: boxes, depth, alpha."),
     max_refs: int = typer.Option(50, "--max-refs", min=0, help="Most refs the scene may have."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from moviepostproduction.cli.common import app, parse_dtype, user_errors
+from moviepostproduction.cli.common import (
+    app,
+    noise_temperature_option,
+    parse_dtype,
+    ref_guidance_option,
+    user_errors,
+)
 
 
 @app.command()
@@ -22,13 +28,15 @@ def fill(
     steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
     guidance: float = typer.Option(30.0, "--guidance", help="FLUX guidance embedding scale (FLUX-Fill default 30)."),
+    ref_guidance: float | None = ref_guidance_option(),
+    noise_temperature: float | None = noise_temperature_option(),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
 ) -> None:
     """Repaint the masked part of a plate (FLUX-Fill); pixels outside the mask are kept exactly."""
     from moviepostproduction.fill.inputs import read_fill_inputs
     from moviepostproduction.fill.pipeline import FillPipeline
-    from moviepostproduction.fill.weights import default_fill_model_dir
+    from moviepostproduction.toyworld.toy_model import default_fill_model_dir
     from moviepostproduction.visualize import save_png
 
     inputs = read_fill_inputs(image, mask, semantic=semantic, scene=refs, prompt=prompt)  # before loading weights
@@ -39,7 +47,15 @@ def fill(
         dtype=parse_dtype(dtype),
         device=device,
     )
-    result = pipe(inputs, num_inference_steps=steps, guidance_scale=guidance, seed=seed, progress=True)
+    result = pipe(
+        inputs,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        ref_guidance_scale=ref_guidance,
+        noise_temperature=noise_temperature,
+        seed=seed,
+        progress=True,
+    )
     out = save_png(result.images[0], output, {"mpp:prompt": inputs.prompt, "mpp:model": result.label or str(model)})
     h, w = result.mask.shape
     label = f" [{result.label}]" if result.label else ""

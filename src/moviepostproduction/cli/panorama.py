@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from moviepostproduction.cli.common import app, parse_dtype, user_errors
+from moviepostproduction.cli.common import (
+    app,
+    noise_temperature_option,
+    parse_dtype,
+    ref_guidance_option,
+    user_errors,
+)
 
 
 @app.command()
@@ -17,6 +23,8 @@ def panorama(
     steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
     seed: int | None = typer.Option(None, "--seed", help="Seed (default: the scene's seed, else 0)."),
     guidance: float = typer.Option(3.5, "--guidance", help="FLUX guidance embedding scale."),
+    ref_guidance: float | None = ref_guidance_option(),
+    noise_temperature: float | None = noise_temperature_option(),
     model: str | None = typer.Option(None, "--model", help="Model dir (FLUX.1-dev layout); default: embedded."),
     pad: int = typer.Option(1, "--pad", help="Wrapped token columns on each side (DiT360: 1; 0 = off)."),
     pad_ids: str = typer.Option("opposite", "--pad-ids", help="Pad position ids: opposite (DiT360) or continuous."),
@@ -49,6 +57,14 @@ def panorama(
     if height is not None:
         panorama_grid(height)  # fail on a bad size before loading any weights
     md, torch_dtype = model or default_model_dir(), parse_dtype(dtype)
+    sampling = dict(
+        seed=seed,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        ref_guidance_scale=ref_guidance,  # None: the model dir's
+        noise_temperature=noise_temperature,
+        progress=True,
+    )
     if scene is not None:
         from moviepostproduction.compose.pipeline import ComposePipeline
         from moviepostproduction.scene import load_scene
@@ -57,29 +73,16 @@ def panorama(
         if not loaded.panorama:
             raise ValidationError([Problem("panorama", loaded.panorama, f"{scene} is not a panorama scene")])
         compose_pipe = ComposePipeline.from_model_dir(md, dtype=torch_dtype, device=device)
-        result = compose_panorama(
-            compose_pipe,
-            loaded,
-            config=config,
-            seed=seed,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            progress=True,
-        )
+        result = compose_panorama(compose_pipe, loaded, config=config, **sampling)
         prompt = loaded.caption
     else:
         pipe = PanoramaPipeline.from_model_dir(md, config=config, dtype=torch_dtype, device=device)
-        from moviepostproduction.model_dir import ModelDir
-
-        text = TextEncoder.load(md, dtype=torch_dtype, device=device).encode([caption], ModelDir.at(md).max_text_tokens)
+        text = TextEncoder.load(md, dtype=torch_dtype, device=device).encode([caption], pipe.defaults.max_text_tokens)
         result = pipe(
             prompt_embeds=text.t5,
             pooled_prompt_embeds=text.pooled,
             height=height or 256,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            seed=seed,
-            progress=True,
+            **sampling,
         )
         prompt = caption
     pixels = (result.images[0] * 255).round().byte().permute(1, 2, 0).cpu().numpy()  # (H, W, 3)

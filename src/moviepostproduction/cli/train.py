@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moviepostproduction.cli.common import app, user_errors
+from moviepostproduction.cli.common import app, noise_temperature_option, ref_guidance_option, user_errors
 
 
 @app.command("prepare-data")
@@ -94,12 +94,8 @@ def eval_(
         "through the VAE alone: the ceiling).",
     ),
     leak_scenes: int = typer.Option(25, "--leak-scenes", help="Scenes also generated without their last ref."),
-    ref_guidance: float | None = typer.Option(
-        None, "--ref-guidance", help="Reference guidance scale for every variant [default: the model dir's]."
-    ),
-    noise_temperature: float | None = typer.Option(
-        None, "--noise-temperature", help="Factor on the starting noise for every variant [default: the model dir's]."
-    ),
+    ref_guidance: float | None = ref_guidance_option(),  # the same for every variant
+    noise_temperature: float | None = noise_temperature_option(),
     out: str | None = typer.Option(
         None, "--out", help="Write eval.md, eval.json, samples.csv (one row per ref and seed) and grid.png here."
     ),

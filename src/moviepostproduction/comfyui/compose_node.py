@@ -7,6 +7,7 @@ import torch
 from moviepostproduction.comfyui.host import step_callback
 from moviepostproduction.comfyui.images import from_channels_first, from_pil, to_pil
 from moviepostproduction.comfyui.model import MppModel, check_model
+from moviepostproduction.comfyui.model_defaults import MODEL_DEFAULT, SAMPLING_DEFAULTS, or_model_default
 from moviepostproduction.comfyui.scene_nodes import check_scene
 from moviepostproduction.comfyui.types import CATEGORY, GUIDANCE, MODEL, SCENE, SEED, STEPS
 from moviepostproduction.resources import run_guarded
@@ -38,14 +39,7 @@ class MppCompose:
             },
             "optional": {
                 "negative": ("STRING", {"multiline": True, "default": "", "tooltip": "Used when true_cfg > 1."}),
-                "ref_guidance": (
-                    "FLOAT",
-                    {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "0: model default; 1: off."},
-                ),
-                "noise_temperature": (
-                    "FLOAT",
-                    {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "0: model default; 1: as drawn."},
-                ),
+                **SAMPLING_DEFAULTS,
             },
         }
 
@@ -63,8 +57,8 @@ class MppCompose:
         guidance: float,
         true_cfg: float,
         negative: str = "",
-        ref_guidance: float = 0.0,
-        noise_temperature: float = 0.0,
+        ref_guidance: float = MODEL_DEFAULT,
+        noise_temperature: float = MODEL_DEFAULT,
     ) -> tuple[torch.Tensor, torch.Tensor, str]:
         model, scene = check_model(model), check_scene(scene)
         request = model.request("compose", scene.height, scene.width, refs=len(scene.refs))
@@ -76,8 +70,8 @@ class MppCompose:
                 guidance_scale=guidance,
                 true_cfg_scale=true_cfg,
                 negative_prompt=negative.strip() or None,
-                ref_guidance_scale=ref_guidance or None,
-                noise_temperature=noise_temperature or None,
+                ref_guidance_scale=or_model_default(ref_guidance),
+                noise_temperature=or_model_default(noise_temperature),
                 seed=seed,
                 output_type="pt",
                 callback_on_step_end=step_callback(steps),

@@ -16,6 +16,7 @@ import torch
 from moviepostproduction.comfyui.host import step_callback
 from moviepostproduction.comfyui.images import check_image, check_mask, from_channels_first
 from moviepostproduction.comfyui.model import DTYPES, resolve_device
+from moviepostproduction.comfyui.model_defaults import MODEL_DEFAULT, SAMPLING_DEFAULTS, or_model_default
 from moviepostproduction.comfyui.scene_nodes import check_scene
 from moviepostproduction.comfyui.types import CATEGORY, SCENE, SEED, STEPS
 from moviepostproduction.errors import Problem, ValidationError
@@ -63,7 +64,7 @@ class MppLoadFillModel:
 
     def load(self, model_dir: str, device: str, dtype: str, refs: bool) -> tuple[MppFillModel]:
         from moviepostproduction.fill.pipeline import FillPipeline
-        from moviepostproduction.fill.weights import default_fill_model_dir
+        from moviepostproduction.toyworld.toy_model import default_fill_model_dir
 
         device = resolve_device(device)
         if dtype != "auto" and dtype not in DTYPES:
@@ -93,6 +94,7 @@ class MppFill:
                 "mask": ("MASK",),
                 "semantic": ("IMAGE", {"tooltip": "Semantic map of the plate's size (class colours)."}),
                 "scene": (SCENE, {"tooltip": "Refs to insert at their boxes; its caption is the prompt."}),
+                **SAMPLING_DEFAULTS,
             },
         }
 
@@ -112,6 +114,8 @@ class MppFill:
         mask: torch.Tensor | None = None,
         semantic: torch.Tensor | None = None,
         scene: Scene | None = None,
+        ref_guidance: float = MODEL_DEFAULT,
+        noise_temperature: float = MODEL_DEFAULT,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(fill_model, MppFillModel):
             raise ValidationError([Problem("fill_model", type(fill_model).__name__, f"must be an {FILL_MODEL}")])
@@ -136,6 +140,8 @@ class MppFill:
                     prompt=prompt.strip(),
                     num_inference_steps=steps,
                     guidance_scale=guidance,
+                    ref_guidance_scale=or_model_default(ref_guidance),
+                    noise_temperature=or_model_default(noise_temperature),
                     seed=seed + b,
                     output_type="pt",
                     callback_on_step_end=step_callback(steps),

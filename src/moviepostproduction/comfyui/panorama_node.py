@@ -7,6 +7,7 @@ import torch
 from moviepostproduction.comfyui.host import step_callback
 from moviepostproduction.comfyui.images import from_channels_first
 from moviepostproduction.comfyui.model import MppModel, check_model
+from moviepostproduction.comfyui.model_defaults import MODEL_DEFAULT, SAMPLING_DEFAULTS, or_model_default
 from moviepostproduction.comfyui.scene_nodes import check_scene
 from moviepostproduction.comfyui.types import CATEGORY, GUIDANCE, MODEL, SCENE, SEED, STEPS, side
 from moviepostproduction.errors import Problem, ValidationError
@@ -37,6 +38,7 @@ class MppPanorama:
             },
             "optional": {
                 "scene": (SCENE, {"tooltip": "A panorama scene with refs; replaces caption and height."}),
+                **SAMPLING_DEFAULTS,
             },
         }
 
@@ -59,6 +61,8 @@ class MppPanorama:
         roll: str,
         circular_vae: bool,
         scene: Scene | None = None,
+        ref_guidance: float = MODEL_DEFAULT,
+        noise_temperature: float = MODEL_DEFAULT,
     ) -> tuple[torch.Tensor, float]:
         from moviepostproduction.panorama.pipeline import (  # lazy: diffusers loads on first use
             PanoramaPipeline,
@@ -69,7 +73,13 @@ class MppPanorama:
         config = PanoramaConfig(
             pad=pad, pad_ids=pad_ids, periodic_rope=periodic_rope, circular_vae=circular_vae, roll=roll
         )
-        sampling = dict(num_inference_steps=steps, guidance_scale=guidance, callback_on_step_end=step_callback(steps))
+        sampling = dict(
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            ref_guidance_scale=or_model_default(ref_guidance),
+            noise_temperature=or_model_default(noise_temperature),
+            callback_on_step_end=step_callback(steps),
+        )
         pipe = model.compose
         if scene is not None:
             scene = check_scene(scene)
@@ -83,8 +93,8 @@ class MppPanorama:
             if not caption.strip():
                 raise ValidationError([Problem("caption", caption, "give a caption or connect a panorama scene")])
             panorama_grid(height)  # a bad height fails before the text encoder runs
-            text = pipe.text_encoder.encode([caption.strip()])
-            pano = PanoramaPipeline(pipe.model, pipe.vae, config=config, label=pipe.label)
+            text = pipe.text_encoder.encode([caption.strip()], pipe.defaults.max_text_tokens)
+            pano = PanoramaPipeline(pipe.model, pipe.vae, config=config, label=pipe.label, defaults=pipe.defaults)
             out = run_guarded(
                 model.request("panorama", height, 2 * height),
                 lambda: pano(

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from moviepostproduction.compose.assemble_rows import PackedRows, pack_rows
+from moviepostproduction.compose.assemble_rows import PackedRows
 from moviepostproduction.compose.conditioning import LayoutPacking
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image q, k (qk-normed, before RoPE), v: each (B, N, H, hd)
@@ -133,8 +133,9 @@ def assemble_residual(
     `rows.covered` (the branch is zero on every other token). `ref_patches`: (B, R, P, G) DINO patch tokens and
     (B, R, 2) token extents (`Conditioning.ref_patches` / `token_extent`), needed when the block has box patches.
 
-    Equals `scatter_mean(out_proj(assemble_attention(...)))` there: `to_out` and `out_proj` are affine, so they
-    commute with the average over the boxes covering a token and run once per covered token. The average is
+    Equals the per-group attention, projected and then averaged over the boxes covering each token
+    (tests/assemble_reference.py): `to_out` and `out_proj` are affine, so they commute with that average and run once
+    per covered token. The average is
     weighted by the packing's occlusion priority when it has one (`LayoutPacking.group_weight`).
     """
     b, n = qkv[0].shape[:2]
@@ -231,7 +232,8 @@ def project_out(attn, out_proj: nn.Module, attended: torch.Tensor) -> torch.Tens
         return out_proj(attn.to_out[1](attn.to_out[0](attended)))
     first, second = attn.to_out[0], out_proj.out
     tensors = [t for t in (first.weight, first.bias, second.weight, second.bias) if t is not None]
-    key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+    # weights loaded under torch.inference_mode (as ComfyUI runs every node) have no version counter
+    key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype) for t in tensors)
     cached = getattr(out_proj, "_fused_out", None)
     if cached is None or cached[0] != key:
         w_out = second.weight.float()
@@ -254,32 +256,3 @@ def add_on_covered(x: torch.Tensor, gate: torch.Tensor, values: torch.Tensor, co
     else:
         gate = gate.reshape(b * n, d).index_select(0, covered)  # (M, D)
     return x.reshape(b * n, d).index_add(0, covered, gate * values).view(b, n, d)
-
-
-def assemble_attention(
-    attn,
-    image: torch.Tensor,
-    layout_tokens: torch.Tensor,
-    packing: LayoutPacking,
-    rope: tuple[torch.Tensor, torch.Tensor],
-) -> torch.Tensor:
-    """Each group's attended image tokens after the block's output projection: (G, L, D).
-
-    attn: the double block's FluxAttention; image (B, N, D): the normalised tokens its attention saw;
-    layout_tokens (B, R, D); rope: (cos, sin) each (N, hd) for the image tokens. The per-group reference of
-    `assemble_residual`, which the block uses.
-    """
-    rows = pack_rows(packing, image.shape[0] * image.shape[1])
-    attended = torch.cat(attend_rows(attn, image_qkv(attn, image), layout_tokens, packing, rows, rope))  # (slots, D)
-    return attn.to_out[1](attn.to_out[0](attended[rows.group_slots]))  # (G, L, D)
-
-
-def scatter_mean(values: torch.Tensor, packing: LayoutPacking, shape: tuple[int, int, int]) -> torch.Tensor:
-    """(G, L, D) group outputs -> (B, N, D), averaged where boxes overlap (weighted by the occlusion priority
-    when the packing has one), zero outside every box."""
-    b, n, d = shape
-    real = packing.key_mask[:, 1:]  # (G, L)
-    weighted = packing.weighted(values[real])
-    total = values.new_zeros(b * n, d).index_add_(0, packing.token_index[real], weighted)
-    cover = torch.where(packing.cover > 0, packing.denominator(), 1.0).reshape(b * n, 1).to(values.dtype)
-    return (total / cover).view(b, n, d)

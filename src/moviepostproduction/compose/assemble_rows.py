@@ -36,12 +36,6 @@ class RowBucket:
         """(P, S, S) bool: a slot attends to the slots of its own group (padding only to padding, never empty)."""
         return self.segment[:, :, None] == self.segment[:, None, :]
 
-    @property
-    def work(self) -> int:
-        """Attention work of the call, P * S^2 query-key pairs."""
-        p, s = self.source.shape
-        return p * s * s
-
 
 @dataclass
 class PackedRows:
@@ -50,6 +44,7 @@ class PackedRows:
     covered: torch.Tensor  # (M,) long: flat image tokens b * N + n inside some box, ascending
     buckets: tuple[RowBucket, ...]
     group_slots: torch.Tensor  # (G, L) long: flat slot of each group's image tokens (padding: clamped, unused)
+    max_buckets: int = MAX_BUCKETS  # the budget of attention calls it was packed for
 
     @property
     def num_slots(self) -> int:
@@ -137,4 +132,4 @@ def pack_rows(packing: LayoutPacking, num_tokens: int, max_buckets: int = MAX_BU
         part = slice(at, at + rows * s)
         buckets.append(RowBucket(source[part].view(rows, s), segment[part].view(rows, s), target[part]))
         at += rows * s
-    return PackedRows(covered=covered, buckets=tuple(buckets), group_slots=slots[:, 1:])
+    return PackedRows(covered=covered, buckets=tuple(buckets), group_slots=slots[:, 1:], max_buckets=max_buckets)

@@ -6,9 +6,13 @@ reused at every denoising step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from moviepostproduction.compose.assemble_rows import PackedRows
 
 
 @dataclass
@@ -118,22 +122,26 @@ class Conditioning:
     grid: tuple[int, int]
     ref_patches: torch.Tensor | None = None  # (B, R, P, G) DINO patch tokens, when the adapter lays them into boxes
     token_extent: torch.Tensor | None = None  # (B, R, 2) one image token's size in each box's frame (same condition)
+    rows: PackedRows | None = None  # Assemble-Attn rows of `packing`, built once per scene (`ConditionedFlux.prepare`)
 
     @property
     def num_refs(self) -> int:
         return self.alpha.shape[1]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
-        """Move floating tensors to `dtype`/`device` (index tensors keep their integer dtype)."""
+        """Move floating tensors to `dtype`/`device` (index tensors keep their integer dtype); no copy of a tensor
+        that is already there."""
 
         def move(x):
             if isinstance(x, torch.Tensor):
                 return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-            if isinstance(x, RegionMap | LayoutPacking):
+            if is_dataclass(x):  # RegionMap, LayoutPacking, PackedRows and its buckets
                 return type(x)(**{f.name: move(getattr(x, f.name)) for f in fields(x)})
+            if isinstance(x, tuple):
+                return tuple(move(v) for v in x)
             return x
 
-        return Conditioning(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+        return move(self)
 
 
 def build_regions(masks: torch.Tensor, weights: torch.Tensor, priority: torch.Tensor | None = None) -> RegionMap:
@@ -142,7 +150,7 @@ def build_regions(masks: torch.Tensor, weights: torch.Tensor, priority: torch.Te
     Regions are the distinct columns of `masks` per sample (padded to the batch's largest U with zero rows), numbered
     in the lexicographic order of their mask values. One `torch.unique` over every sample's columns at once, keyed by
     the sample index: a loop of one call per sample synchronised a GPU B times per forward.
-    priority (B, R) > 0 (`OcclusionPriority`): coef of ref r in a region with mask values m is further multiplied
+    priority (B, R) > 0 (`occlusion_priority`): coef of ref r in a region with mask values m is further multiplied
     by p_r sum(m) / sum(m p), so overlapping refs share the region's total weight by priority; all 1: unchanged.
     """
     b, r, n = masks.shape
@@ -178,7 +186,7 @@ def build_packing(
     """Hard masks (B, R, N) bool and valid (B, R) -> padded groups of token indices for one attention call.
 
     coords (B, R, N, 2): box-frame token coordinates (`layout.box_token_coords`), gathered per group slot.
-    priority (B, R) > 0: occlusion weights (`OcclusionPriority`); overlaps are then averaged with these weights.
+    priority (B, R) > 0: occlusion weights (`occlusion_priority`); overlaps are then averaged with these weights.
     """
     b, r, n = masks.shape
     masks = masks & valid[..., None]

@@ -15,7 +15,7 @@ Stock `AdaLayerNormZero` rejects a per-token temb, hence this loop.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from einops import rearrange
@@ -75,7 +75,7 @@ class BlockInputs:
     image_offsets: torch.Tensor | None = None  # (B, R, D)
     text_offsets: torch.Tensor | None = None  # (B, R, D)
     assemble: nn.Module | None = None  # AssembleAttention of this block when layout is active
-    rows: PackedRows | None = None  # Assemble-Attn rows of cond.packing (built per forward; None: built here)
+    rows: PackedRows | None = None  # Assemble-Attn rows of cond.packing (once per forward at most; None: built here)
 
 
 def double_block_forward(block, x, ctx, temb, rope, inputs: BlockInputs):
@@ -155,9 +155,21 @@ class ConditionedFlux(nn.Module):
         self.transformer = transformer
         self.adapter = adapter
 
-    def prepare(self, refs, grid: tuple[int, int], text_len: int) -> Conditioning:
-        """Per-scene cache; see `CompositionAdapter.prepare`."""
-        return self.adapter.prepare(refs, grid, text_len)
+    def prepare(self, refs, grid: tuple[int, int], text_len: int, *, layout_rows: bool = True) -> Conditioning:
+        """Per-scene cache (`CompositionAdapter.prepare`) with its Assemble-Attn rows: built once, used every step.
+        `layout_rows=False` leaves the rows out, for a caller that regrids the conditioning first (panorama)."""
+        cond = self.adapter.prepare(refs, grid, text_len)
+        return self.with_rows(cond) if layout_rows else cond
+
+    def with_rows(self, cond: Conditioning) -> Conditioning:
+        """`cond` with the packed Assemble-Attn rows of its packing (`pack_rows`), when a layout block will use them.
+
+        A conditioning without rows still works (the forward then packs them itself, once per call): training builds
+        a new conditioning for every batch anyway."""
+        if cond.rows is not None or not self.adapter.assemble or cond.num_refs == 0 or cond.packing.num_groups == 0:
+            return cond
+        tokens = cond.alpha.shape[0] * cond.grid[0] * cond.grid[1]
+        return replace(cond, rows=pack_rows(cond.packing, tokens, self.assemble_calls))
 
     def _run(self, fn, *args):
         if torch.is_grad_enabled() and getattr(self.transformer, "gradient_checkpointing", False):
@@ -202,8 +214,13 @@ class ConditionedFlux(nn.Module):
         adapter = self.adapter
         layout_rows = None
         if cond is not None and layout_active and adapter.assemble and cond.packing.num_groups > 0:
-            n = x.shape[0] * x.shape[1]
-            layout_rows = pack_rows(cond.packing, n, self.assemble_calls)  # once for every layout block
+            layout_rows = cond.rows  # built once per scene by `prepare`, for one batch size and call budget
+            if (
+                layout_rows is None
+                or cond.alpha.shape[0] != x.shape[0]
+                or layout_rows.max_buckets != self.assemble_calls
+            ):
+                layout_rows = pack_rows(cond.packing, x.shape[0] * x.shape[1], self.assemble_calls)
         feedback = None
         for b, block in enumerate(tr.transformer_blocks):
             inputs = BlockInputs(cond, rows=layout_rows)

@@ -5,47 +5,48 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-from moviepostproduction.compose.conditioning import Conditioning, RefBatch, without_modulation
 from moviepostproduction.compose.flux import ConditionedFlux
-from moviepostproduction.compose.modules import DEPTHS, CompositionAdapter
+from moviepostproduction.compose.modules import CompositionAdapter
+from moviepostproduction.compose.prepare import (
+    PreparedScene,
+    check_finite,
+    encode_references,
+    prepare_scene,
+)
 from moviepostproduction.encoders import (
     ImageEmbeddings,
     ImageEncoder,
-    TextEmbeddings,
     TextEncoder,
     Vae,
     load_transformer,
 )
 from moviepostproduction.errors import Problem, ValidationError
-from moviepostproduction.model_dir import ModelDir, as_model_dir
+from moviepostproduction.model_dir import ModelDir, SamplingDefaults, as_model_dir
 from moviepostproduction.sampling import (
-    cfg,
-    euler_sample,
+    denoise,
     get_timesteps,
     latent_image_ids,
     make_noise,
     noise_latents,
     pack_latents,
-    positive_problem,
-    scale_problem,
+    scene_guidance,
     strength_timesteps,
     text_ids,
     unpack_latents,
     use_true_cfg,
 )
 from moviepostproduction.scene import Scene
+from moviepostproduction.visualize import pil_to_tensor, tensor_to_pil
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_FOLDER = "adapter"
-TOKEN_PIXELS = 16  # VAE 8x downsampling x FLUX 2x2 packing
 
 
 @dataclass
@@ -53,35 +54,6 @@ class ComposeOutput:
     images: list  # PIL images, or a (B, 3, H, W) tensor in [0, 1] for output_type="pt", or packed latents
     alphas: list[list[float]]  # per scene, per ref
     label: str = ""  # "tiny-random" etc.: what made these images
-
-
-@dataclass
-class PreparedScene:
-    """Everything a scene needs at every step; built once per scene (DESIGN 3, caching)."""
-
-    text: TextEmbeddings
-    conditioning: Conditioning
-    negative: TextEmbeddings | None = None
-    negative_conditioning: Conditioning | None = None
-    grid: tuple[int, int] = (0, 0)
-    alphas: list[float] = field(default_factory=list)
-
-
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValidationError([Problem(name, "NaN/Inf", "contains non-finite values")])
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL -> (1, 3, H, W) in [-1, 1]."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1)[None]
-
-
-def tensor_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
 
 
 class ComposePipeline:
@@ -94,16 +66,11 @@ class ComposePipeline:
         image_encoder: ImageEncoder,
         vae: Vae,
         label: str = "",
-        max_text_tokens: int = 512,
-        ref_guidance_scale: float = 1.0,
-        image_position_scale: float = 1.0,
-        noise_temperature: float = 1.0,
+        defaults: SamplingDefaults | None = None,
     ):
         self.model = model.eval()
-        self.max_text_tokens = max_text_tokens  # T5 length; model dirs trained shorter say so in model_index.json
-        self.ref_guidance_scale = ref_guidance_scale  # default of __call__; model dirs may name theirs
-        self.image_position_scale = image_position_scale  # RoPE step between image tokens (model_index.json)
-        self.noise_temperature = noise_temperature  # factor on the starting noise; default of __call__
+        # what __call__ uses for an argument left at None: the model dir's (ModelDir.sampling_defaults)
+        self.defaults = SamplingDefaults.of_model(model) if defaults is None else defaults
         self.use_layout = True  # pathway switches, for ablations (evaluation/compose_eval.py)
         self.use_modulation = True
         self.text_encoder = text_encoder
@@ -118,6 +85,7 @@ class ComposePipeline:
     ) -> ComposePipeline:
         md = as_model_dir(model_dir)
         md.check()
+        defaults = md.sampling_defaults()  # a bad value fails before any weights load
         adapter = CompositionAdapter.from_pretrained(md.root / ADAPTER_FOLDER).to(device=device, dtype=dtype)
         transformer = load_transformer(md, dtype=dtype, device=device)
         label = (
@@ -131,10 +99,7 @@ class ComposePipeline:
             ImageEncoder.load(md, dtype=dtype, device=device),
             Vae.load(md, dtype=dtype, device=device),
             label=label,
-            max_text_tokens=md.max_text_tokens,
-            ref_guidance_scale=md.ref_guidance_scale,
-            image_position_scale=md.image_position_scale,
-            noise_temperature=md.noise_temperature,
+            defaults=defaults,
         )
 
     @property
@@ -147,63 +112,28 @@ class ComposePipeline:
 
     # ------------------------------------------------------------------------------------------ preparation
     def encode_references(self, scene: Scene) -> ImageEmbeddings:
-        """(R, C) CLIP embeds, (R, G) DINO CLS and (R, P, G) DINO patch tokens; each distinct image file is encoded
-        once (storyboards)."""
-        keys = [(str(r.image), r.image.stat().st_mtime_ns) for r in scene.refs]
-        todo = [i for i, k in enumerate(keys) if k not in self._ref_cache]
-        if todo:
-            images = scene.load_ref_images()
-            emb: ImageEmbeddings = self.image_encoder.encode([images[i] for i in todo])
-            for j, i in enumerate(todo):
-                self._ref_cache[keys[i]] = ImageEmbeddings(emb.clip[j], emb.dino_cls[j], emb.dino_patches[j])
-        if not keys:
-            return self.image_encoder.encode([])
-        return ImageEmbeddings(
-            *(torch.stack([getattr(self._ref_cache[k], f.name) for k in keys]) for f in fields(ImageEmbeddings))
-        )
+        """(R, C) CLIP, (R, G) DINO CLS, (R, P, G) DINO patches; each distinct image file once (storyboards)."""
+        return encode_references(self.image_encoder, scene, self._ref_cache)
 
     def prepare(
-        self, scene: Scene, negative_prompt: str | None = None, max_text_tokens: int | None = None
+        self,
+        scene: Scene,
+        negative_prompt: str | None = None,
+        max_text_tokens: int | None = None,
+        *,
+        layout_rows: bool = True,
     ) -> PreparedScene:
-        max_text_tokens = max_text_tokens or self.max_text_tokens
-        grid = (scene.height // TOKEN_PIXELS, scene.width // TOKEN_PIXELS)
-        text, spans, _ = self.text_encoder.encode_spans(scene.caption, [r.caption for r in scene.refs], max_text_tokens)
-        emb = self.encode_references(scene)
-        check_finite("refs (CLIP features)", emb.clip)
-        check_finite("refs (DINO features)", emb.dino_cls)
-        patches = emb.dino_patches if self.model.adapter.uses_box_patches else None
-        if patches is not None:
-            check_finite("refs (DINO patch features)", patches)
-        n, t = len(scene.refs), text.t5.shape[1]
-        text_spans = torch.zeros(1, n, t, dtype=torch.bool)
-        for i, span in enumerate(spans):
-            if span is not None:
-                text_spans[0, i, span[0] : span[1]] = True
-        refs = RefBatch(
-            bboxes=torch.tensor([[list(r.bbox) for r in scene.refs]], dtype=torch.float32).view(1, n, 4),
-            depth=torch.tensor([[DEPTHS.index(r.depth) for r in scene.refs]], dtype=torch.long).view(1, n),
-            valid=torch.ones(1, n, dtype=torch.bool),
-            clip=emb.clip[None].float().cpu(),
-            dino=emb.dino_cls[None].float().cpu(),
-            text_spans=text_spans,
-            dino_patches=patches[None].float().cpu() if patches is not None else None,
+        """Everything the scene needs at every step, built once (`compose.prepare.prepare_scene`)."""
+        return prepare_scene(
+            self.model,
+            self.text_encoder,
+            scene,
+            self.encode_references(scene),
+            max_text_tokens=self.defaults.resolve(max_text_tokens=max_text_tokens).max_text_tokens,
+            negative_prompt=negative_prompt,
+            use_modulation=self.use_modulation,
+            layout_rows=layout_rows,
         )
-        adapter = self.model.adapter
-        with torch.no_grad():
-            cond = adapter.prepare(refs.to(self.device, self.dtype), grid, t)
-            if not self.use_modulation:
-                cond = without_modulation(cond)
-            prepared = PreparedScene(text=text, conditioning=cond, grid=grid, alphas=cond.alpha[0].tolist())
-            if negative_prompt is not None:
-                neg = self.text_encoder.encode([negative_prompt], max_text_tokens)
-                refs.text_spans = None
-                prepared.negative = neg
-                prepared.negative_conditioning = adapter.prepare(
-                    refs.to(self.device, self.dtype), grid, neg.t5.shape[1]
-                )
-                if not self.use_modulation:
-                    prepared.negative_conditioning = without_modulation(prepared.negative_conditioning)
-        return prepared
 
     # ---------------------------------------------------------------------------------------------- sampling
     def velocity_fn(
@@ -220,11 +150,19 @@ class ComposePipeline:
         v = v_caption + s (v_scene - v_caption), one more (plain) forward per step; true CFG then applies to that.
         """
         h, w = prepared.grid
-        img_ids = latent_image_ids(h, w, scale=self.image_position_scale, device=self.device, dtype=self.dtype)
+        img_ids = latent_image_ids(h, w, device=self.device, dtype=self.dtype)
         guidance_embeds = bool(self.model.transformer.config.guidance_embeds)
+        cases = {  # scene_guidance's cases: (text, conditioning)
+            "scene": (prepared.text, prepared.conditioning),
+            "caption": (prepared.text, None),
+            "negative": (prepared.negative, prepared.negative_conditioning),
+        }
+        ids = {k: text_ids(v[0].t5.shape[1], device=self.device, dtype=self.dtype) for k, v in cases.items() if v[0]}
+        true_scale = true_cfg_scale if use_true_cfg(true_cfg_scale, prepared.negative is not None) else 1.0
         calls = {"n": 0}
 
-        def run(x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings, cond: Conditioning | None) -> torch.Tensor:
+        def run(x: torch.Tensor, t: torch.Tensor, case: str) -> torch.Tensor:
+            text, cond = cases[case]
             guidance = torch.full_like(t, guidance_scale) if guidance_embeds else None
             return self.model(
                 x,
@@ -232,7 +170,7 @@ class ComposePipeline:
                 text.pooled.to(self.dtype),
                 t.to(self.dtype),
                 img_ids,
-                text_ids(text.t5.shape[1], device=self.device, dtype=self.dtype),
+                ids[case],
                 guidance,
                 conditioning=cond,
                 layout_active=self.use_layout and calls["n"] < layout_steps,
@@ -240,11 +178,9 @@ class ComposePipeline:
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                v = run(x, t, prepared.text, prepared.conditioning)
-                if ref_guidance_scale != 1.0:
-                    v = cfg(run(x, t, prepared.text, None), v, ref_guidance_scale)
-                if prepared.negative is not None and use_true_cfg(true_cfg_scale, True):
-                    v = cfg(run(x, t, prepared.negative, prepared.negative_conditioning), v, true_cfg_scale)
+                v = scene_guidance(
+                    lambda case: run(x, t, case), ref_guidance_scale=ref_guidance_scale, true_cfg_scale=true_scale
+                )
             calls["n"] += 1
             return v
 
@@ -273,18 +209,12 @@ class ComposePipeline:
         """Generate one image per scene. A list of scenes is a storyboard: shared references are encoded once.
 
         Seeds: `generator`, else `seed`, else the scene's own `seed`, else 0; scene k of a storyboard uses seed + k.
-        `ref_guidance_scale`: None takes the pipeline's default (the model dir's `ref_guidance_scale`, else 1 = off).
-        `noise_temperature`: the starting noise (drawn, or `latents`) is multiplied by it before sampling; None takes
-        the pipeline's default (the model dir's `noise_temperature`, else 1 = the noise as is).
+        `ref_guidance_scale` (1 = off) and `noise_temperature` (a factor on the starting noise, drawn or `latents`;
+        1 = the noise as is): None takes `self.defaults`, the model dir's (docs/sampling.md).
         """
         if output_type not in ("pil", "pt", "latent"):
             raise ValidationError([Problem("output_type", output_type, "must be one of pil, pt, latent")])
-        ref_guidance_scale = self.ref_guidance_scale if ref_guidance_scale is None else ref_guidance_scale
-        if problem := scale_problem("ref_guidance_scale", ref_guidance_scale):
-            raise ValidationError([problem])
-        temperature = self.noise_temperature if noise_temperature is None else noise_temperature
-        if problem := positive_problem("noise_temperature", temperature):
-            raise ValidationError([problem])
+        used = self.defaults.resolve(ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature)
         scenes = [scene] if isinstance(scene, Scene) else list(scene)
         images, alphas = [], []
         for k, sc in enumerate(scenes):
@@ -299,17 +229,17 @@ class ComposePipeline:
             else:
                 base = seed if seed is not None else (sc.seed if sc.seed is not None else 0)
                 noise = make_noise(shape, generator=generator) if generator else make_noise(shape, seed=base + k)
-            if temperature != 1.0:
-                noise = noise * temperature
+            if used.noise_temperature != 1.0:
+                noise = noise * used.noise_temperature
             timesteps = get_timesteps(num_inference_steps, image_seq_len=h * w, schedule=schedule)
             x = noise.to(self.device)
             if image is not None:
                 timesteps = strength_timesteps(timesteps, strength)
                 x0 = pack_latents(self.vae.encode(pil_to_tensor(image.resize((sc.width, sc.height))).to(self.device)))
                 x = noise_latents(x0.float(), x.float(), float(timesteps[0]))
-            layout_steps = math.ceil(self.model.adapter.cfg.grounding_ratio * (len(timesteps) - 1))
-            velocity = self.velocity_fn(prepared, guidance_scale, true_cfg_scale, layout_steps, ref_guidance_scale)
-            out = euler_sample(velocity, x.to(self.dtype), timesteps, callback=callback_on_step_end, progress=progress)
+            layout_steps = math.ceil(used.grounding_ratio * (len(timesteps) - 1))
+            velocity = self.velocity_fn(prepared, guidance_scale, true_cfg_scale, layout_steps, used.ref_guidance_scale)
+            out = denoise(velocity, x.to(self.dtype), timesteps, callback=callback_on_step_end, progress=progress)
             alphas.append(prepared.alphas)
             if output_type == "latent":
                 images.append(out)

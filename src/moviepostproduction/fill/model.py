@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from moviepostproduction.compose.conditioning import Conditioning
+from moviepostproduction.compose.flux import ConditionedFlux
 from moviepostproduction.errors import WeightsError
 from moviepostproduction.fill.semantic_attention import SemanticCrossAttention, SemanticTokens
 from moviepostproduction.model_dir import move_like
@@ -190,7 +191,13 @@ class FillFlux(nn.Module):
         super().__init__()
         self.transformer = transformer
         self.semantic = semantic
-        self.adapter = adapter  # CompositionAdapter, only to insert references
+        # The transformer with a CompositionAdapter, only to insert references; built once, not per step.
+        self.conditioned = ConditionedFlux(transformer, adapter) if adapter is not None else None
+
+    @property
+    def adapter(self):
+        """The CompositionAdapter that inserts references, or None."""
+        return self.conditioned.adapter if self.conditioned is not None else None
 
     def forward(
         self,
@@ -226,12 +233,9 @@ class FillFlux(nn.Module):
             )
         hidden = torch.cat([x, condition.to(x.dtype)], dim=2)  # (B, N, 2 x 4C + 4 f^2)
         if conditioning is not None and conditioning.num_refs > 0:
-            if self.adapter is None:
+            if self.conditioned is None:
                 raise ValueError("reference conditioning given but this FillFlux has no CompositionAdapter")
-            from moviepostproduction.compose.flux import ConditionedFlux
-
-            composed = ConditionedFlux(self.transformer, self.adapter)
-            return composed(
+            return self.conditioned(
                 hidden,
                 encoder_hidden_states,
                 pooled_projections,

@@ -33,14 +33,22 @@ from moviepostproduction.fill.model import (
 )
 from moviepostproduction.fill.semantic_attention import SemanticTokens, grid_positions
 from moviepostproduction.fill.weights import load_fill_weights
-from moviepostproduction.model_dir import IMAGE_COMPONENTS, TEXT_COMPONENTS, ModelDir, as_model_dir, read_json
+from moviepostproduction.model_dir import (
+    IMAGE_COMPONENTS,
+    TEXT_COMPONENTS,
+    ModelDir,
+    SamplingDefaults,
+    as_model_dir,
+    read_json,
+)
 from moviepostproduction.sampling import (
-    euler_sample,
+    denoise,
     get_timesteps,
     latent_image_ids,
     make_noise,
     noise_latents,
     pack_latents,
+    scene_guidance,
     text_ids,
     unpack_latents,
 )
@@ -67,6 +75,7 @@ class FillPipeline:
         layout: str = "single",
         image_encoder=None,
         label: str = "",
+        defaults: SamplingDefaults | None = None,
     ):
         if layout not in LAYOUTS:
             raise ValidationError([Problem("layout", layout, f"must be one of {LAYOUTS}")])
@@ -74,6 +83,8 @@ class FillPipeline:
         self.layout, self.image_encoder, self.label = layout, image_encoder, label
         self.channels = FillChannels.from_vae(vae.latent_channels, vae.downsample)
         check_fill_transformer(model.transformer.config, self.channels, "transformer config")
+        # what __call__ uses for an argument left at None: the model dir's (ModelDir.sampling_defaults)
+        self.defaults = SamplingDefaults.of_model(model) if defaults is None else defaults
 
     @classmethod
     def from_model_dir(
@@ -88,6 +99,7 @@ class FillPipeline:
         """Load a fill model dir; `semantic` / `refs` require the semantic weights / the adapter and image encoders."""
         md = as_model_dir(model_dir)
         md.check(["transformer", "vae", *TEXT_COMPONENTS, *(IMAGE_COMPONENTS if refs else ())])
+        defaults = md.sampling_defaults()  # a bad value fails before any weights load
         vae = Vae.load(md, dtype=dtype, device=device)
         channels = FillChannels.from_vae(vae.latent_channels, vae.downsample)
         config_path = md.transformer / "config.json"
@@ -108,7 +120,9 @@ class FillPipeline:
         label = "tiny-random (untrained weights: the fill is noise)" if md.tiny_random else md.index.get("label", "")
         model = FillFlux(transformer, sem.to(device=device, dtype=dtype) if sem else None, adapter)
         text = TextEncoder.load(md, dtype=dtype, device=device)
-        return cls(model, vae, text, layout=weights.layout, image_encoder=image_encoder, label=str(label))
+        return cls(
+            model, vae, text, layout=weights.layout, image_encoder=image_encoder, label=str(label), defaults=defaults
+        )
 
     @property
     def device(self) -> torch.device:
@@ -138,14 +152,11 @@ class FillPipeline:
             return self.text_encoder.encode([inputs.prompt], max_text_tokens), None
         if self.model.adapter is None or self.image_encoder is None:
             raise ValidationError([Problem("refs", "scene", "this pipeline was loaded without refs=True")])
-        from moviepostproduction.compose.flux import ConditionedFlux
-        from moviepostproduction.compose.pipeline import ComposePipeline
+        from moviepostproduction.compose.prepare import encode_references, prepare_scene
 
-        compose = ComposePipeline(
-            ConditionedFlux(self.model.transformer, self.model.adapter), self.text_encoder, self.image_encoder, self.vae
-        )
         scene = place_refs(inputs.scene, inputs.size, size, panels)
-        prepared = compose.prepare(scene, max_text_tokens=max_text_tokens)
+        emb = encode_references(self.image_encoder, scene, {})
+        prepared = prepare_scene(self.model.conditioned, self.text_encoder, scene, emb, max_text_tokens=max_text_tokens)
         return prepared.text, prepared.conditioning
 
     # ------------------------------------------------------------------------------------------------ sampling
@@ -162,14 +173,23 @@ class FillPipeline:
         seed: int | None = None,
         generator: torch.Generator | None = None,
         schedule: str = "shifted",
-        max_text_tokens: int = 512,
+        max_text_tokens: int | None = None,
+        ref_guidance_scale: float | None = None,
+        noise_temperature: float | None = None,
         output_type: str = "pil",
         callback_on_step_end: Callable | None = None,
         progress: bool = False,
     ) -> FillOutput:
-        """Repaint `mask` (white = repaint) of `image`; see docs/fill.md for accepted inputs and their checks."""
+        """Repaint `mask` (white = repaint) of `image`; see docs/fill.md for accepted inputs and their checks.
+
+        `max_text_tokens`, `ref_guidance_scale` (with a scene's refs; 1 = off) and `noise_temperature` (a factor on
+        the starting noise; 1 = as drawn): None takes `self.defaults`, the model dir's (docs/sampling.md).
+        """
         if output_type not in ("pil", "pt"):
             raise ValidationError([Problem("output_type", output_type, "must be pil or pt")])
+        used = self.defaults.resolve(
+            max_text_tokens=max_text_tokens, ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature
+        )
         if isinstance(image, FillInputs):  # already read and checked (the CLI does this before loading weights)
             inputs = image
         else:
@@ -190,14 +210,17 @@ class FillPipeline:
             sem = None
             if inputs.semantic is not None:
                 sem = self.encode_semantic(F.pad(inputs.semantic, (0, pad[0], 0, pad[1]), mode="replicate"))
-            text, conditioning = self._text(inputs, plate.shape[-2:], arranged.panels, max_text_tokens)
+            text, conditioning = self._text(inputs, plate.shape[-2:], arranged.panels, used.max_text_tokens)
 
         shape = (1, grid[0] * grid[1], self.channels.latent)
         noise = make_noise(shape, generator=generator) if generator else make_noise(shape, seed=seed or 0)
+        if used.noise_temperature != 1.0:
+            noise = noise * used.noise_temperature
         noise = noise.to(self.device)
         ctx = context_tokens(self.layout, grid, device=self.device)
+        ref_guidance = used.ref_guidance_scale if conditioning is not None else 1.0  # no refs: nothing to guide
         velocity = self._velocity(
-            condition, text, grid, arranged.panels, guidance_scale, sem, conditioning, num_inference_steps
+            condition, text, grid, arranged.panels, guidance_scale, sem, conditioning, num_inference_steps, ref_guidance
         )
 
         def step_end(i: int, t: float, x: torch.Tensor):
@@ -210,7 +233,7 @@ class FillPipeline:
             return x
 
         timesteps = get_timesteps(num_inference_steps, image_seq_len=shape[1], schedule=schedule)
-        out = euler_sample(velocity, noise.to(self.dtype), timesteps, callback=step_end, progress=progress)
+        out = denoise(velocity, noise.to(self.dtype), timesteps, callback=step_end, progress=progress)
         with torch.no_grad():
             pixels = self.vae.decode(unpack_latents(out, grid[0] * 2, grid[1] * 2))  # (1, 3, H', panels x W')
         pixels = crop_target(pixels, arranged.panels)[..., : inputs.size[0], : inputs.size[1]]
@@ -221,7 +244,11 @@ class FillPipeline:
             images = [Image.fromarray(result)]
         return FillOutput(images=images, mask=inputs.mask_bool, label=self.label)
 
-    def _velocity(self, condition, text: TextEmbeddings, grid, panels, guidance_scale, sem, conditioning, steps):
+    def _velocity(
+        self, condition, text: TextEmbeddings, grid, panels, guidance_scale, sem, conditioning, steps, ref_guidance
+    ):
+        """The fill model as the sampler's velocity field; with refs, reference guidance as compose's
+        (`scene_guidance`: the "caption" case is the same prompt without the refs' conditioning)."""
         h, w = grid
         img_ids = latent_image_ids(h, w, device=self.device, dtype=self.dtype)
         txt = text_ids(text.t5.shape[1], device=self.device, dtype=self.dtype)
@@ -229,26 +256,30 @@ class FillPipeline:
         guidance_embeds = bool(self.model.transformer.config.guidance_embeds)
         layout_steps = 0
         if conditioning is not None:
-            layout_steps = math.ceil(self.model.adapter.cfg.grounding_ratio * steps)
+            layout_steps = math.ceil(self.defaults.grounding_ratio * steps)
+        cases = {"scene": conditioning, "caption": None}  # scene_guidance's cases: with the refs or without
         calls = {"n": 0}
 
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def run(x: torch.Tensor, t: torch.Tensor, case: str) -> torch.Tensor:
             guidance = torch.full_like(t, guidance_scale).to(self.dtype) if guidance_embeds else None
+            return self.model(
+                x,
+                condition,
+                t.to(self.dtype),
+                text.t5.to(self.dtype),
+                text.pooled.to(self.dtype),
+                img_ids,
+                txt,
+                guidance,
+                semantic=sem,
+                latent_positions=positions,
+                conditioning=cases[case],
+                layout_active=calls["n"] < layout_steps,
+            )
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                v = self.model(
-                    x,
-                    condition,
-                    t.to(self.dtype),
-                    text.t5.to(self.dtype),
-                    text.pooled.to(self.dtype),
-                    img_ids,
-                    txt,
-                    guidance,
-                    semantic=sem,
-                    latent_positions=positions,
-                    conditioning=conditioning,
-                    layout_active=calls["n"] < layout_steps,
-                )
+                v = scene_guidance(lambda case: run(x, t, case), ref_guidance_scale=ref_guidance)
             calls["n"] += 1
             return v
 

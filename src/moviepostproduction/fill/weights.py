@@ -14,9 +14,6 @@ Without fill/config.json the dir is plain FLUX-Fill: single layout, no semantic 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +36,6 @@ from moviepostproduction.model_dir import ModelDir, read_json
 __all__ = [
     "FillWeightsConfig",
     "LoraSpec",
-    "default_fill_model_dir",
     "load_fill_weights",
     "save_fill_weights",
     "write_fill_model_dir",
@@ -160,25 +156,3 @@ def write_fill_model_dir(base: str | Path, out: str | Path, *, layout: str = "si
         save_pretrained_readable(wide, tmp / "transformer")
         save_fill_weights(tmp, FillFlux(wide, semantic), FillWeightsConfig(layout=layout, semantic=cfg))
     return out
-
-
-def default_fill_model_dir(cache_dir: str | Path | None = None, *, seed: int = 0) -> Path:
-    """The fill model used without `--model`: `write_fill_model_dir` of the embedded default model dir, built once
-    into the cache (atomically: concurrent callers never see half a dir)."""
-    from moviepostproduction.toyworld.tiny import tiny_random_model_dir
-
-    base = Path(tiny_random_model_dir(cache_dir, seed=seed))
-    target = base.with_name(f"{base.name}-fill-v{FILL_DIR_VERSION}")
-    if (target / "model_index.json").is_file():
-        return target
-    staging = Path(tempfile.mkdtemp(prefix=".fill-", dir=base.parent))
-    try:
-        write_fill_model_dir(base, staging / "dir", seed=seed)
-        try:
-            os.replace(staging / "dir", target)
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target

@@ -25,22 +25,25 @@ from torch import nn
 from moviepostproduction.compose.conditioning import Conditioning
 from moviepostproduction.compose.flux import ConditionedFlux
 from moviepostproduction.errors import Problem
+from moviepostproduction.model_dir import SamplingDefaults
 from moviepostproduction.panorama.circular_vae import circular_width_padding
 from moviepostproduction.panorama.periodic_rope import periodic_rope
 from moviepostproduction.panorama.wrap import (
     PanoramaConfig,
     PanoramaValueError,
     panorama_grid,
+    remap_conditioning,
     roll_offsets,
+    wrap_ids,
     wrapped_forward,
 )
 from moviepostproduction.sampling import (
     StepCallback,
-    cfg,
-    euler_sample,
+    denoise,
     get_timesteps,
     make_noise,
     pack_latents,
+    scene_guidance,
     text_ids,
     unpack_latents,
     use_true_cfg,
@@ -90,6 +93,7 @@ class PanoramaPipeline:
         config: PanoramaConfig | None = None,
         vae_scale_factor: int = 8,
         label: str = "",
+        defaults: SamplingDefaults | None = None,
     ):
         self.model = model.eval()
         self.transformer = model.transformer if isinstance(model, ConditionedFlux) else model
@@ -98,6 +102,8 @@ class PanoramaPipeline:
         self.vae = vae
         self.config = config or PanoramaConfig()
         self.label = label
+        # what __call__ uses for an argument left at None: the model dir's (ModelDir.sampling_defaults)
+        self.defaults = SamplingDefaults.of_model(model) if defaults is None else defaults
         self.vae_scale_factor = int(getattr(vae, "downsample", vae_scale_factor))
         self.latent_channels = int(self.transformer.config.in_channels) // 4  # packed 2x2 patches
 
@@ -110,17 +116,20 @@ class PanoramaPipeline:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
     ) -> PanoramaPipeline:
-        """The stock transformer and VAE of a FLUX-layout dir (text is encoded separately: `TextEncoder.load`)."""
+        """The stock transformer and VAE of a FLUX-layout dir (text is encoded separately: `TextEncoder.load`, with
+        `self.defaults.max_text_tokens`)."""
         from moviepostproduction.encoders import Vae, load_transformer
         from moviepostproduction.model_dir import as_model_dir
 
         md = as_model_dir(model_dir)
+        defaults = md.sampling_defaults()  # a bad value fails before any weights load
         label = str(md.index.get("label", ""))
         if md.tiny_random:
             logger.warning("model dir %s holds tiny random weights: the output is noise, not a picture", md.root)
             label = "tiny-random (untrained weights: the image is noise)"
         transformer = load_transformer(md, dtype=dtype, device=device)
-        return cls(transformer, Vae.load(md, dtype=dtype, device=device), config=config, label=label)
+        vae = Vae.load(md, dtype=dtype, device=device)
+        return cls(transformer, vae, config=config, label=label, defaults=defaults)
 
     @property
     def device(self) -> torch.device:
@@ -161,26 +170,43 @@ class PanoramaPipeline:
         guidance_scale: float,
         true_cfg_scale: float,
         offsets: list[int],
+        ref_guidance_scale: float = 1.0,
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The wrapped model as the sampler's velocity field: pads, rolls and CFG, one call per step."""
+        """The wrapped model as the sampler's velocity field: pads, rolls and guidance (`scene_guidance`).
+
+        What depends only on the scene is built once per generation: the padded grid's position ids, and the
+        conditioning gathered onto it with its Assemble-Attn rows, once per distinct roll offset (one with roll off).
+        """
         cfgp = self.config
         step_of = {float(t): i for i, t in enumerate(timesteps[:-1].tolist())}
-        grounding = self.model.adapter.cfg.grounding_ratio if isinstance(self.model, ConditionedFlux) else 0.0
+        conditioned = isinstance(self.model, ConditionedFlux)
+        grounding = self.defaults.grounding_ratio if conditioned else 0.0
         layout_steps = math.ceil(grounding * (len(timesteps) - 1))  # as ComposePipeline
+        ids = wrap_ids(grid, cfgp.pad, cfgp.pad_ids, dtype=self.dtype, device=self.device)  # (N', 3)
+        cases = {"scene": text, "caption": _Text(text.embeds, text.pooled, None), "negative": negative}
+        true_scale = true_cfg_scale if use_true_cfg(true_cfg_scale, negative is not None) else 1.0
+        padded: dict[tuple[str, int], Conditioning | None] = {}
 
-        def run(which: _Text, x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
-            fn = partial(self._model_call, which, t, guidance_scale, i < layout_steps)
-            return wrapped_forward(
-                fn, x, grid, pad=cfgp.pad, pad_ids=cfgp.pad_ids, shift=offsets[i], conditioning=which.conditioning
-            )
+        def padded_conditioning(case: str, shift: int) -> Conditioning | None:
+            if (case, shift) not in padded:
+                cond = cases[case].conditioning
+                if cond is not None:
+                    cond = remap_conditioning(cond, grid, cfgp.pad, shift)
+                    cond = self.model.with_rows(cond) if conditioned else cond
+                padded[case, shift] = cond
+            return padded[case, shift]
+
+        def run(case: str, x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+            fn = partial(self._model_call, cases[case], t, guidance_scale, i < layout_steps)
+            cond = padded_conditioning(case, offsets[i])
+            return wrapped_forward(fn, x, grid, pad=cfgp.pad, shift=offsets[i], ids=ids, padded_conditioning=cond)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             i = step_of[float(t[0])]
             with torch.no_grad():
-                v = run(text, x, t, i)  # (B, N, C)
-                if negative is not None and use_true_cfg(true_cfg_scale, True):
-                    v = cfg(run(negative, x, t, i), v, true_cfg_scale)
-            return v
+                return scene_guidance(
+                    lambda case: run(case, x, t, i), ref_guidance_scale=ref_guidance_scale, true_cfg_scale=true_scale
+                )  # (B, N, C)
 
         return velocity
 
@@ -199,6 +225,8 @@ class PanoramaPipeline:
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         conditioning: Conditioning | None = None,
         negative_conditioning: Conditioning | None = None,
+        ref_guidance_scale: float | None = None,
+        noise_temperature: float | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
@@ -213,9 +241,12 @@ class PanoramaPipeline:
         `conditioning`: refs prepared on the real (h, w) token grid (bboxes may wrap the seam).
         `latents`: initial noise (B, C, h*2, w*2) instead of drawing it. Noise (and random roll offsets) come
         from `generator`, else `seed`, else seed 0. output_type: "pt" (images in [0, 1]) or "latent".
+        `ref_guidance_scale` (with `conditioning`; 1 = off) and `noise_temperature` (a factor on the starting noise,
+        drawn or `latents`; 1 = as is): None takes `self.defaults`, the model dir's (docs/sampling.md).
         """
         if output_type not in ("pt", "latent"):
             raise _invalid("output_type", output_type, "must be pt or latent")
+        used = self.defaults.resolve(ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature)
         h, w = panorama_grid(height, self.vae_scale_factor)
         self.config.check_grid((h, w))
         batch = prompt_embeds.shape[0]
@@ -226,6 +257,8 @@ class PanoramaPipeline:
             latents = make_noise(shape, generator=generator)
         elif tuple(latents.shape) != (batch, self.latent_channels, 2 * h, 2 * w):
             raise _invalid("latents", tuple(latents.shape), f"expected {(batch, self.latent_channels, 2 * h, 2 * w)}")
+        if used.noise_temperature != 1.0:
+            latents = latents * used.noise_temperature
         timesteps = get_timesteps(num_inference_steps, image_seq_len=h * w, schedule=schedule)
         offsets = roll_offsets(self.config, num_inference_steps, w, generator=generator)
         text = _Text(prompt_embeds, pooled_prompt_embeds, conditioning)
@@ -240,11 +273,12 @@ class PanoramaPipeline:
             guidance_scale=guidance_scale,
             true_cfg_scale=true_cfg_scale,
             offsets=offsets,
+            ref_guidance_scale=used.ref_guidance_scale if conditioning is not None else 1.0,  # no refs: nothing to do
         )
         rope = periodic_rope(self.transformer, w) if self.config.periodic_rope else contextlib.nullcontext()
         with rope:
             x = pack_latents(latents.to(self.device, self.dtype))  # (B, h*w, 4C)
-            x = euler_sample(velocity, x, timesteps, callback=callback_on_step_end, progress=progress)
+            x = denoise(velocity, x, timesteps, callback=callback_on_step_end, progress=progress)
         out = unpack_latents(x, 2 * h, 2 * w)  # (B, C, 2h, 2w)
         if output_type == "latent":
             return PanoramaOutput(latents=out, images=None, label=self.label)
@@ -277,13 +311,14 @@ def compose_panorama(
 
     The compose pipeline's `prepare` builds the conditioning once on the real (h, w) grid (layout.py maps
     wrapping boxes to both edges); `wrapped_forward` gathers it onto the padded / rolled tokens at every step.
-    `kwargs` go to `PanoramaPipeline.__call__` (num_inference_steps, guidance_scale, true_cfg_scale, ...).
+    `kwargs` go to `PanoramaPipeline.__call__` (num_inference_steps, guidance_scale, true_cfg_scale,
+    ref_guidance_scale, noise_temperature, ...); the panorama samples with the compose pipeline's `defaults`.
     """
     if not scene.panorama:
         raise _invalid("panorama", scene.panorama, "the scene is not a panorama (set panorama: true)")
-    prepared = compose.prepare(scene, negative_prompt)
+    prepared = compose.prepare(scene, negative_prompt, layout_rows=False)  # rows come with the padded grid
     negative = prepared.negative
-    pipe = PanoramaPipeline(compose.model, compose.vae, config=config, label=compose.label)
+    pipe = PanoramaPipeline(compose.model, compose.vae, config=config, label=compose.label, defaults=compose.defaults)
     return pipe(
         prompt_embeds=prepared.text.t5,
         pooled_prompt_embeds=prepared.text.pooled,

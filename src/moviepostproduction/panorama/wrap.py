@@ -234,17 +234,24 @@ def wrapped_forward(
     pad_ids: str = "opposite",
     shift: int = 0,
     conditioning: Conditioning | None = None,
+    ids: torch.Tensor | None = None,
+    padded_conditioning: Conditioning | None = None,
 ) -> torch.Tensor:
     """Roll, edge-pad, run `model_fn`, crop, unroll. tokens (B, h*w, C_in) -> (B, h*w, C_out).
 
-    `conditioning` is on the real (h, w) grid; `model_fn` receives it remapped to the padded tokens.
+    `conditioning` is on the real (h, w) grid; `model_fn` receives it remapped to the padded tokens. A sampler that
+    calls this at every step passes what does not change instead, built once: the padded grid's `ids` (`wrap_ids`)
+    and `padded_conditioning` (`remap_conditioning` for this shift).
     """
     h, w = grid
     if tokens.shape[1] != h * w:
         raise ValueError(f"{tokens.shape[1]} tokens do not fill a {h}x{w} grid")
     if pad > w:
         raise _invalid("pad", pad, f"exceeds the {w} token columns of the panorama")
-    ids = wrap_ids(grid, pad, pad_ids, dtype=tokens.dtype, device=tokens.device)  # (N', 3)
-    cond = remap_conditioning(conditioning, grid, pad, shift) if conditioning is not None else None
+    if conditioning is not None and padded_conditioning is not None:
+        raise ValueError("give conditioning (real grid) or padded_conditioning, not both")
+    if ids is None:
+        ids = wrap_ids(grid, pad, pad_ids, dtype=tokens.dtype, device=tokens.device)  # (N', 3)
+    cond = remap_conditioning(conditioning, grid, pad, shift) if conditioning is not None else padded_conditioning
     out = model_fn(wrap_tokens(tokens, grid, pad, shift), ids, cond)  # (B, N', C_out)
     return crop_tokens(out, grid, pad, shift)

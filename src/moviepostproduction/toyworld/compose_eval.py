@@ -161,7 +161,7 @@ class Ablation:
 @torch.no_grad()
 def vae_roundtrip(pipe, image: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> the same image encoded (posterior mode) and decoded by the pipeline's VAE."""
-    from moviepostproduction.compose.pipeline import pil_to_tensor, tensor_to_pil
+    from moviepostproduction.visualize import pil_to_tensor, tensor_to_pil
 
     latents = pipe.vae.encode(pil_to_tensor(Image.fromarray(image)).to(pipe.device))
     return np.asarray(tensor_to_pil(pipe.vae.decode(latents))[0])
@@ -306,8 +306,8 @@ def run_eval(
                                        "mpp eval scores toy-world models only")])  # fmt: skip
     cfg = ToyWorldConfig.from_dict(world["config"])
     pipe = ComposePipeline.from_model_dir(md)
-    guidance = pipe.ref_guidance_scale if ref_guidance is None else ref_guidance  # reported as used
-    temperature = pipe.noise_temperature if noise_temperature is None else noise_temperature
+    used = pipe.defaults.resolve(ref_guidance_scale=ref_guidance, noise_temperature=noise_temperature)  # reported
+    guidance, temperature = used.ref_guidance_scale, used.noise_temperature
     with tempfile.TemporaryDirectory() as tmp:
         scenes = heldout_scenes(n, int(world["seed"]), cfg, Path(tmp), split=split, start=start)
         scores, images = evaluate(pipe, scenes, chosen, steps=steps, leak_scenes=leak_scenes, ref_guidance=guidance,

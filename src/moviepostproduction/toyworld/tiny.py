@@ -12,9 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +19,7 @@ from typing import Any
 
 import torch
 
-from moviepostproduction.files import save_pretrained_readable
+from moviepostproduction.files import build_once, save_pretrained_readable
 from moviepostproduction.model_dir import default_cache_dir, quiet_progress
 
 logger = logging.getLogger(__name__)
@@ -124,7 +121,9 @@ def _corpus() -> list[str]:
     return phrases + [p.capitalize() + "." for p in phrases] + [ascii_chars, " ".join(ascii_chars)]
 
 
-TOKENIZER_DIR = Path(__file__).parents[1] / "assets" / "tiny-tokenizers"  # clip/ and t5/, as train_tiny_tokenizers wrote
+TOKENIZER_DIR = (
+    Path(__file__).parents[1] / "assets" / "tiny-tokenizers"
+)  # clip/ and t5/, as train_tiny_tokenizers wrote
 
 
 def train_tiny_tokenizers() -> tuple[Any, Any]:
@@ -358,22 +357,9 @@ def write_tiny_model_dir(
 
 
 def tiny_random_model_dir(cache_dir: str | Path | None = None, *, seed: int = 0) -> Path:
-    """A tiny random-init model dir (`moviepostproduction.toyworld.tiny`) for tests and smoke runs, built once into the
-    cache (atomically: concurrent callers never see half a dir). Its model_index.json carries
-    `"tiny_random": true`, so its output is labelled as noise."""
+    """A tiny random-init model dir (`write_tiny_model_dir`) for tests and smoke runs, built once into the cache.
+    Its model_index.json carries `"tiny_random": true`, so its output is labelled as noise."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / f"tiny-random-v{TINY_DIR_VERSION}-seed{seed}"
-    if (target / "model_index.json").is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache))
-    try:
-        write_tiny_model_dir(staging / "dir", seed=seed)
-        try:
-            os.replace(staging / "dir", target)
-        except OSError:
-            if not (target / "model_index.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(
+        cache / f"tiny-random-v{TINY_DIR_VERSION}-seed{seed}", lambda d: write_tiny_model_dir(d, seed=seed)
+    )

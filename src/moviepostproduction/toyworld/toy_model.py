@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from moviepostproduction.toyworld.tiny import TINY_MARKER, TinySpec, write_tiny_model_dir
+from moviepostproduction.toyworld.tiny import TINY_MARKER, TinySpec, tiny_random_model_dir, write_tiny_model_dir
 
 __all__ = ["TOY_MARKER", "TOY_SPEC", "TRAINED_BY_ENCODERS", "toy_caption_words", "write_toy_model_dir"]
 
@@ -101,3 +101,15 @@ def toy_adapter_config(spec: TinySpec = TOY_SPEC):
     from moviepostproduction.toyworld.tiny import tiny_configs
 
     return tiny_configs(spec).adapter.with_(instance_dim=64, alpha_hidden=32, modulation_rank=16, feedback_rank=8)
+
+
+def default_fill_model_dir(cache_dir: str | Path | None = None, *, seed: int = 0) -> Path:
+    """The fill model used without `--model`: `write_fill_model_dir` of a tiny random model dir (untrained: its fill
+    is noise, and says so), built once into the cache."""
+    from moviepostproduction.files import build_once
+    from moviepostproduction.fill.weights import FILL_DIR_VERSION, write_fill_model_dir
+
+    base = Path(tiny_random_model_dir(cache_dir, seed=seed))
+    return build_once(
+        base.with_name(f"{base.name}-fill-v{FILL_DIR_VERSION}"), lambda d: write_fill_model_dir(base, d, seed=seed)
+    )

@@ -20,20 +20,18 @@ from torch import nn
 
 from moviepostproduction.compose.conditioning import RefBatch
 from moviepostproduction.compose.flux import ConditionedFlux
-from moviepostproduction.layout import bbox_token_mask, covered_fraction
+from moviepostproduction.layout import bbox_token_mask
 from moviepostproduction.sampling import (
-    euler_sample,
+    denoise,
     get_timesteps,
     latent_image_ids,
     noise_latents,
     text_ids,
     unpack_latents,
 )
-from moviepostproduction.scene import DEPTHS
 from moviepostproduction.training.feature_cache import FeatureCache
 from moviepostproduction.training.losses import (
     bbox_alignment_loss,
-    box_token_weights,
     crop_boxes,
     flow_loss,
     identity_loss,
@@ -59,12 +57,6 @@ class ComposeTaskConfig:
     sample_steps: int = 12
     num_preview: int = 4  # scenes in the sample grid
     inference_steps: int = 28  # where the layout window ends in t (grounding_ratio of these steps)
-    image_position_scale: float = 1.0  # RoPE step between image tokens (ModelDir.image_position_scale)
-    box_loss_weight: float = 1.0  # flow-loss weight of tokens inside a ref's box (1: plain MSE over all tokens)
-    time_mu: float = 0.0  # training times are logit-normal(time_mu, 1): the time shift ln(s) (0: SD3's logit-normal)
-    overlap_repeat: int = 0  # extra times per epoch a scene appears whose fg ref is covered by another box ...
-    overlap_min: float = 0.25  # ... over more than this fraction of its area (0 repeats: every scene once)
-    frozen_parts: tuple[str, ...] = ()  # adapter children kept as loaded whatever the stage trains (e.g. "occlusion")
 
 
 class ComposeTask:
@@ -133,31 +125,13 @@ class ComposeTask:
         elif spec.backbone == "full":
             tr.requires_grad_(True)
         for part in spec.adapter_parts:
-            if part in self.config.frozen_parts:
-                continue
-            module = getattr(self.model.adapter, part)
-            if module is not None:  # optional modules (occlusion) exist only when their config asks for them
-                module.requires_grad_(True)
+            getattr(self.model.adapter, part).requires_grad_(True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         return [{"params": params, "lr": spec.lr}]
 
-    def epoch_scenes(self) -> torch.Tensor:
-        """The cache indices one epoch draws: every scene once, and `overlap_repeat` more times each scene with a fg
-        ref whose box another ref's box covers over more than `overlap_min` of its area (the hard case: a fg sprite
-        drawn over or under another)."""
-        every = torch.arange(len(self.cache))
-        if self.config.overlap_repeat == 0:
-            return every
-        valid = self.cache.valid.bool()
-        fg = valid & (self.cache.depth == DEPTHS.index("fg"))
-        covered = covered_fraction(self.cache.bboxes.float(), valid) > self.config.overlap_min
-        hard = every[(fg & covered).any(-1)]
-        return torch.cat([every, hard.repeat(self.config.overlap_repeat)])
-
     def batches(self, epoch: int, seed: int):
         g = torch.Generator().manual_seed(seed * 7919 + epoch)
-        scenes = self.epoch_scenes()
-        order = scenes[torch.randperm(len(scenes), generator=g)]
+        order = torch.randperm(len(self.cache), generator=g)
         bs = self.config.batch_size
         for i in range(0, len(order) - bs + 1, bs):
             yield order[i : i + bs]
@@ -187,7 +161,7 @@ class ComposeTask:
             batch["t5"],
             batch["pooled"],
             t,
-            latent_image_ids(h, w, scale=self.config.image_position_scale, device=dev),
+            latent_image_ids(h, w, device=dev),
             text_ids(batch["t5"].shape[1], device=dev),
             torch.ones_like(t) if self.guidance else None,
             conditioning=cond,
@@ -204,7 +178,7 @@ class ComposeTask:
         x0 = batch["latents"]
         b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(dev)
-        t = sample_times(b, generator, generator.device, cfg.time_mu).to(dev)
+        t = sample_times(b, generator, generator.device).to(dev)
         keep = torch.rand(b, generator=generator, device=generator.device).to(dev) >= cfg.drop_refs
         valid = batch["valid"] & keep[:, None]
         if cfg.drop_caption > 0:  # drawn only then, so recipes without it keep their exact random stream
@@ -218,7 +192,7 @@ class ComposeTask:
             t = self.layout_t + u if layout_active else t * self.layout_t
         x_t = noise_latents(x0, noise, t)
         v, cond = self.velocity(batch, x_t, t, valid, layout_active)
-        flow = flow_loss(v, x0, noise, self.flow_weights(batch, valid))
+        flow = flow_loss(v, x0, noise)
         total, logs = flow, {"flow": float(flow.detach())}
         draws = torch.rand(2, generator=generator, device=generator.device).tolist()
         if ("identity" in self.weights or "bbox" in self.weights) and draws[0] < cfg.aux_prob:
@@ -245,13 +219,6 @@ class ComposeTask:
             "pooled": torch.where(drop[:, None], pooled.to(batch["pooled"]), batch["pooled"]),  # (B, d_clip)
             "spans": batch["spans"] & ~drop[:, None, None],  # (B, R, T)
         }
-
-    def flow_weights(self, batch: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor | None:
-        """(B, N) per-token flow-loss weights, `box_loss_weight` inside the boxes of the refs the model sees; None
-        (plain MSE) at the default weight 1."""
-        if self.config.box_loss_weight == 1.0:
-            return None
-        return box_token_weights(self.inside_boxes(batch, valid), self.config.box_loss_weight)
 
     def inside_boxes(self, batch: dict[str, torch.Tensor], refs: torch.Tensor) -> torch.Tensor:
         """(B, N) bool: tokens inside the box of any ref selected by `refs` (B, R) bool."""
@@ -296,7 +263,7 @@ class ComposeTask:
             calls["n"] += 1
             return self.forward(batch, x_t, t, cond, layout_active=calls["n"] <= layout_steps)
 
-        out = euler_sample(velocity, x, timesteps)
+        out = denoise(velocity, x, timesteps)
         return self.vae.decode(unpack_latents(out, 2 * h, 2 * w)).clamp(-1, 1)
 
     def samples(self, generator: torch.Generator) -> Image.Image | None:

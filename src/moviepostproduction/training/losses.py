@@ -7,36 +7,18 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-def sample_times(batch: int, generator: torch.Generator, device: torch.device, mu: float = 0.0) -> torch.Tensor:
-    """(B,) logit-normal(mu, 1) training times in (0, 1), as SD3 / FLUX training.
-
-    mu = ln(s) is the time shift t' = s t / (1 + (s - 1) t) of logit-normal(0, 1) times (the sampler's `shift`):
-    it moves training towards high noise (mu > 0) as the shifted schedule moves the sampling steps there.
-    """
-    return torch.sigmoid(torch.randn(batch, generator=generator, device=device) + mu)
+def sample_times(batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """(B,) logit-normal(0, 1) training times in (0, 1), as SD3 / FLUX training."""
+    return torch.sigmoid(torch.randn(batch, generator=generator, device=device))
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / weights.sum().clamp(min=1e-6)
 
 
-def flow_loss(
-    velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, token_weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Rectified flow: x_t = (1 - t) x0 + t noise, target v = noise - x0; MSE in float32.
-
-    velocity / x0 / noise (B, N, C). `token_weights` (B, N), if given, weights each token's squared error
-    (mean over C) in a weighted mean over tokens; None, or all weights equal, is the plain MSE over everything.
-    """
-    if token_weights is None:
-        return F.mse_loss(velocity.float(), (noise - x0).float())
-    per_token = (velocity.float() - (noise - x0).float()).pow(2).mean(-1)  # (B, N)
-    return weighted_mean(per_token, token_weights.float())
-
-
-def box_token_weights(inside: torch.Tensor, box_weight: float) -> torch.Tensor:
-    """(B, N) flow-loss weights: `box_weight` on tokens inside a ref's box (inside (B, N) bool), 1 elsewhere."""
-    return 1.0 + (box_weight - 1.0) * inside.float()
+def flow_loss(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Rectified flow: x_t = (1 - t) x0 + t noise, target v = noise - x0; MSE in float32. Each (B, N, C)."""
+    return F.mse_loss(velocity.float(), (noise - x0).float())
 
 
 def predicted_x0(x_t: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

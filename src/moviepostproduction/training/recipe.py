@@ -10,21 +10,14 @@
     limit: null                   # use the first N training scenes
     cache_workers: 1              # processes that build the feature cache, one shard file each (e.g. a machine's cores)
     init_from: null               # warm start (checkpoint folder or .safetensors)
-    adapter: {}                   # ConditioningConfig changes to the model dir's adapter (e.g. box_position_freqs: 4)
-    deepen: {}                    # append identity-initialised blocks: {double_blocks: 2, single_blocks: 2}
+    adapter: {}                   # ConditioningConfig changes to the model dir's adapter (e.g. box_patch_rank: 64)
     export: build/toy-model       # write a complete model dir with the trained weights at the end
     ref_guidance: 1.0             # the exported dir's default reference guidance (ComposePipeline)
     noise_temperature: 1.0        # the exported dir's default factor on the starting noise (ComposePipeline)
     trainer: {max_steps: 4000, checkpoint_every: 500, sample_every: 500, log_every: 20, seed: 0}
                                   # TrainConfig; lr_scale: 0.2 runs every stage LR at a fifth
-    compose: {batch_size: 16}     # ComposeTaskConfig; image_position_scale: 0.5 fine-tunes at twice the
-                                  # model dir's resolution with its RoPE positions interpolated; box_loss_weight: 4
-                                  # weights the flow loss 4x on tokens inside the refs' boxes
-                                  # drop_caption: 0.15 trains 15 % of the samples on the empty caption
-                                  # time_mu: 0.5 draws training times from logit-normal(0.5, 1) (time shift e^0.5)
-                                  # overlap_repeat: 2 draws scenes whose fg box another box covers over more
-                                  # than overlap_min (0.25) of its area three times per epoch
-                                  # frozen_parts: [occlusion] keeps those adapter children as loaded
+    compose: {batch_size: 16}     # ComposeTaskConfig; drop_caption: 0.15 trains 15 % of the samples on the empty
+                                  # caption (for true CFG with the negative prompt "")
 
 Relative paths are relative to the current directory.
 """
@@ -42,13 +35,10 @@ from moviepostproduction.errors import Problem, ValidationError
 from moviepostproduction.files import STORAGE_DTYPES, cast_safetensors_files, save_pretrained_readable, staged_copy
 from moviepostproduction.sampling import (
     is_count,
-    is_finite_number,
-    is_positive_number,
     is_probability,
     positive_problem,
     scale_problem,
 )
-from moviepostproduction.training.stages import ADAPTER_PARTS
 from moviepostproduction.training.trainer import TrainConfig, Trainer, TrainResult
 from moviepostproduction.vary.nanodit_io import FOLDER as NANODIT_FOLDER
 
@@ -70,7 +60,6 @@ class Recipe:
     cache_workers: int = 1  # processes building the feature cache (one shard file each); 1: this process
     init_from: str | None = None
     adapter: dict = field(default_factory=dict)  # ConditioningConfig changes applied to the model dir's adapter
-    deepen: dict = field(default_factory=dict)  # Deepening fields: blocks appended to the model dir's transformer
     export: str | None = None
     export_dtype: str = "fp16"
     ref_guidance: float = 1.0  # written to the exported model_index.json as its default ref_guidance_scale
@@ -128,7 +117,7 @@ def check_fields(cls, values: dict, prefix: str, reason: str = "unknown field", 
 
 
 def require_mapping(name: str, value, what: str) -> None:
-    """A recipe field that must be a mapping (`adapter:`, `deepen:`): a one-line problem for anything else."""
+    """A recipe field that must be a mapping (`adapter:`): a one-line problem for anything else."""
     if not isinstance(value, dict):
         raise ValidationError([Problem(name, value, f"must be a mapping of {what}")])
 
@@ -139,33 +128,16 @@ def dataclass_from(cls, values: dict, prefix: str):
     return cls(**values)
 
 
-def _task_config(recipe: Recipe, image_position_scale: float = 1.0):
-    """The recipe's `compose:` fields; `image_position_scale` defaults to the loaded model dir's (FLUX: 1)."""
+def _task_config(recipe: Recipe):
+    """The recipe's `compose:` fields as a ComposeTaskConfig (one-line problems for bad ones)."""
     from moviepostproduction.training.compose_task import ComposeTaskConfig
 
-    values = {"image_position_scale": image_position_scale, **recipe.compose}
+    values = recipe.compose
     problems = [
-        Problem(f"compose.{name}", values[name], "must be a positive number")
-        for name in ("image_position_scale", "box_loss_weight")
-        if name in values and not is_positive_number(values[name])
-    ]
-    problems += [
         Problem(f"compose.{name}", values[name], "must be a probability in [0, 1]")
         for name in ("drop_refs", "drop_caption")
         if name in values and not is_probability(values[name])
     ]
-    if "time_mu" in values and not is_finite_number(values["time_mu"]):
-        problems.append(Problem("compose.time_mu", values["time_mu"], "must be a finite number"))
-    if "overlap_repeat" in values and not is_count(values["overlap_repeat"]):
-        problems.append(Problem("compose.overlap_repeat", values["overlap_repeat"], "must be a whole number >= 0"))
-    if "overlap_min" in values and not is_probability(values["overlap_min"]):
-        problems.append(Problem("compose.overlap_min", values["overlap_min"], "must be a fraction in [0, 1]"))
-    if "frozen_parts" in values:
-        frozen = values["frozen_parts"]
-        if not isinstance(frozen, list | tuple) or not all(part in ADAPTER_PARTS for part in frozen):
-            problems.append(Problem("compose.frozen_parts", frozen, f"must be a list of {', '.join(ADAPTER_PARTS)}"))
-        else:
-            values["frozen_parts"] = tuple(frozen)
     if problems:
         raise ValidationError(problems)
     return dataclass_from(ComposeTaskConfig, values, "compose")
@@ -213,21 +185,9 @@ def reconfigure_adapter(adapter, changes: dict):
     return adapter
 
 
-def deepening(recipe: Recipe):
-    """The recipe's `deepen:` as a Deepening (one-line problems for anything else)."""
-    from moviepostproduction.compose.deepen import Deepening
-
-    require_mapping("deepen", recipe.deepen, "double_blocks / single_blocks")
-    try:
-        return dataclass_from(Deepening, recipe.deepen, "deepen")
-    except ValueError as exc:
-        raise ValidationError([Problem("deepen", recipe.deepen, str(exc))]) from None
-
-
 def build_compose_task(recipe: Recipe):
     import torch
 
-    from moviepostproduction.compose.deepen import Deepening, deepen_adapter, deepen_transformer
     from moviepostproduction.compose.flux import ConditionedFlux
     from moviepostproduction.compose.modules import CompositionAdapter
     from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae, load_transformer
@@ -236,9 +196,8 @@ def build_compose_task(recipe: Recipe):
 
     md = ModelDir.at(recipe.model)
     md.check()
-    config = _task_config(recipe, md.image_position_scale)  # fail early, before the caches are built
+    config = _task_config(recipe)  # fail early, before the caches are built
     adapter = reconfigure_adapter(CompositionAdapter.from_pretrained(md.root / "adapter"), recipe.adapter)  # fail early
-    plan = deepening(recipe)
     text, image, vae = TextEncoder.load(md), ImageEncoder.load(md), Vae.load(md)
     train = cached_features(recipe, "train", text, image, vae, recipe.limit)
     preview = cached_features(recipe, "heldout", text, image, vae, 8)
@@ -248,13 +207,7 @@ def build_compose_task(recipe: Recipe):
             empty = text.encode([""], recipe.max_text_tokens)
         empty_caption = (empty.t5.half().float(), empty.pooled.float())  # the cache stores T5 in fp16
     del text
-    transformer = load_transformer(md)
-    if plan != Deepening():
-        seed = int(recipe.trainer.get("seed", TrainConfig.seed))  # the run's seed, so a resume rebuilds the same
-        transformer = deepen_transformer(transformer, plan, seed=seed)
-        adapter, fresh = deepen_adapter(adapter, plan, seed=seed)
-        logger.info("deepened by %s: %d new adapter tensors start from their init", plan, len(fresh))
-    model = ConditionedFlux(transformer, adapter)
+    model = ConditionedFlux(load_transformer(md), adapter)
     task = ComposeTask(model, train, vae, image, config=config, preview=preview, empty_caption=empty_caption)
     return task, md
 
@@ -311,7 +264,6 @@ def _export_index(recipe: Recipe, task, source, steps: int | None) -> dict:
         "max_text_tokens": recipe.max_text_tokens,
         "ref_guidance_scale": float(recipe.ref_guidance),
         "noise_temperature": float(recipe.noise_temperature),
-        "image_position_scale": float(task.config.image_position_scale),
         "trained_by": f"mpp train (stage {recipe.stage})",
     }
     index.pop("trained_steps", None)  # the source's count is not this export's

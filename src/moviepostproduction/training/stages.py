@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 from moviepostproduction.errors import Problem, ValidationError
 
-LAYOUT_PARTS = ("alpha_predictor", "instance_encoder", "layout_head", "assemble", "occlusion")
+LAYOUT_PARTS = ("alpha_predictor", "instance_encoder", "layout_head", "assemble")
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    adapter_parts: tuple[str, ...]  # CompositionAdapter children that train (optional ones only when present)
+    adapter_parts: tuple[str, ...]  # CompositionAdapter children that train
     lr: float
     backbone: str = "frozen"  # frozen | lora | full
     losses: dict[str, float] = field(default_factory=dict)  # loss name -> weight (flow is always 1)
@@ -40,9 +40,6 @@ STAGES: dict[str, Stage] = {
         losses={"identity": 10.0, "bbox": 1.0, "region": 0.01},
     ),
 }
-
-# Every adapter child some stage trains (a recipe's compose.frozen_parts names some of them).
-ADAPTER_PARTS = tuple(dict.fromkeys(part for stage in STAGES.values() for part in stage.adapter_parts))
 
 
 def get_stage(name: str) -> Stage:

@@ -25,12 +25,13 @@ from moviepostproduction.sampling import (
     StepCallback,
     VelocityFn,
     cfg,
+    denoise,
     dual_cfg,
-    euler_sample,
     get_timesteps,
     make_noise,
 )
 from moviepostproduction.vary.nanodit import NanoDiT, VaryConditioning
+from moviepostproduction.visualize import tensor_to_pil
 
 __all__ = [
     "CASES",
@@ -286,7 +287,7 @@ class VaryPipeline:
             num_inference_steps, image_seq_len=(h // p) * (w // p), schedule=schedule, shift=shift
         )
         velocity = self.velocity_fn(cond, float(text_scale), float(image_scale), use_text=use_text, use_image=use_image)
-        out = euler_sample(
+        out = denoise(
             velocity, latents.to(model.device, model.dtype), timesteps, callback=callback_on_step_end, progress=progress
         )
         return VaryOutput(images=self._postprocess(out, output_type), seed=seed)
@@ -297,6 +298,4 @@ class VaryPipeline:
         pixels = self.decode(latents)  # (B, 3, H, W) in about [-1, 1]
         if output_type == "pt":
             return ((pixels.float().clamp(-1, 1) + 1) / 2).cpu()
-        from moviepostproduction.compose.pipeline import tensor_to_pil  # lazy: compose pulls in the FLUX stack
-
         return tensor_to_pil(pixels)

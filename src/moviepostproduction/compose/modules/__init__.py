@@ -8,7 +8,6 @@ from moviepostproduction.compose.modules.feedback_bridge import FeedbackBridge
 from moviepostproduction.compose.modules.instance_encoder import InstanceEncoder
 from moviepostproduction.compose.modules.layout_head import AssembleAttention, LayoutHead
 from moviepostproduction.compose.modules.modulation_head import LowRank, ModulationHead
-from moviepostproduction.compose.modules.occlusion import OcclusionPriority
 
 __all__ = [
     "DEPTHS",
@@ -23,5 +22,4 @@ __all__ = [
     "LayoutHead",
     "LowRank",
     "ModulationHead",
-    "OcclusionPriority",
 ]

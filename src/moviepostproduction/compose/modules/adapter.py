@@ -16,10 +16,17 @@ from moviepostproduction.compose.modules.feedback_bridge import FeedbackBridge
 from moviepostproduction.compose.modules.instance_encoder import InstanceEncoder
 from moviepostproduction.compose.modules.layout_head import AssembleAttention, LayoutHead
 from moviepostproduction.compose.modules.modulation_head import ModulationHead
-from moviepostproduction.compose.modules.occlusion import OcclusionPriority
+from moviepostproduction.compose.modules.occlusion import occlusion_priority
 from moviepostproduction.errors import WeightsError
 from moviepostproduction.files import load_strict, save_safetensors, write_json_atomic
 from moviepostproduction.layout import bbox_area, bbox_token_mask, box_token_coords, gaussian_token_mask, token_extent
+
+# Adapter dirs written before issue 39 learned the occlusion priority (a Parameter `occlusion.logits`); it is now a
+# fixed setting. Such a dir is refused rather than read with the priority silently dropped.
+REMOVED_OCCLUSION = (
+    "occlusion_priority (a learned occlusion.logits tensor) was removed; set depth_priority: [fg, mg, bg] to 10 x "
+    "the logits and drop occlusion_priority and occlusion.logits (docs/architecture.md, 'Removed research residue')"
+)
 
 
 class CompositionAdapter(nn.Module):
@@ -34,7 +41,6 @@ class CompositionAdapter(nn.Module):
         self.modulation_head = ModulationHead(cfg)
         self.feedback_bridge = FeedbackBridge(cfg)
         self.assemble = nn.ModuleDict({str(b): AssembleAttention(cfg) for b in cfg.resolved_layout_blocks})
-        self.occlusion = OcclusionPriority(cfg.order_priority) if cfg.occlusion_priority else None
 
     CONFIG_NAME = "config.json"
     WEIGHTS_NAME = "model.safetensors"
@@ -57,6 +63,8 @@ class CompositionAdapter(nn.Module):
             )
         try:
             raw = json.loads(config_path.read_text())
+            if "occlusion_priority" in raw:
+                raise WeightsError(f"{config_path}: {REMOVED_OCCLUSION}")
             raw["layout_blocks"] = tuple(raw["layout_blocks"]) if raw.get("layout_blocks") is not None else None
             cfg = ConditioningConfig(**raw)
         except (json.JSONDecodeError, TypeError, ValueError, KeyError) as exc:
@@ -116,9 +124,9 @@ class CompositionAdapter(nn.Module):
             else soft.new_zeros(b, r, text_len)
         )
         counts = hard.sum(-1, keepdim=True).clamp(min=1)
-        layout_priority = modulation_priority = None
-        if self.occlusion is not None:
-            layout_priority, modulation_priority = self.occlusion(refs.depth, valid)  # each (B, R)
+        priority = None
+        if self.cfg.uses_occlusion_priority:
+            priority = occlusion_priority(refs.depth, valid, self.cfg.depth_priority, self.cfg.order_priority)  # (B, R)
         box_frame = self.uses_box_positions or self.uses_box_patches
         coords = box_token_coords(refs.bboxes, grid) if box_frame else None  # (B, R, N, 2)
         patches = extent = None
@@ -136,14 +144,14 @@ class CompositionAdapter(nn.Module):
             layout_tokens=self.layout_head(instance, alpha),
             shared_offsets=self.modulation_head.shared_offset(instance),
             pool_weights=hard.to(dtype) / counts,
-            image_regions=build_regions(soft, alpha, modulation_priority),
+            image_regions=build_regions(soft, alpha, priority),
             text_regions=build_regions(text, alpha) if refs.text_spans is not None else None,
             # Background refs do not modulate single blocks: grouping on foreground masks only merges the tokens
             # that differ only in background boxes (same temb), so fewer AdaLN rows, same values and gradients.
             joint_regions=build_regions(
-                torch.cat([text, soft], dim=-1) * foreground[..., None], alpha * foreground, modulation_priority
+                torch.cat([text, soft], dim=-1) * foreground[..., None], alpha * foreground, priority
             ),
-            packing=build_packing(hard, valid, coords, layout_priority),
+            packing=build_packing(hard, valid, coords, priority),
             grid=grid,
             ref_patches=patches,
             token_extent=extent,

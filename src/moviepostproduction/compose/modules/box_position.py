@@ -8,7 +8,9 @@ and its group's layout token to a residual added to the branch's output for that
 
     out = W_out SiLU(W_c fourier(u, v) + W_t layout_token)
 
-W_out is zero-initialised, so the branch (and DESIGN 3's invariants) are unchanged until it trains.
+W_out is zero-initialised, so the branch (and DESIGN 3's invariants) are unchanged until it trains. Adding it measured
+no gain on the toy world (experiments/README.md), but the shipped toy model was trained on with it and relies on it:
+zeroing its weights changes that model's images, so it stays.
 """
 
 from __future__ import annotations

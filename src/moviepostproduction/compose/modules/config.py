@@ -32,12 +32,15 @@ class ConditioningConfig:
     box_position_freqs: int = 0  # > 0: Assemble-Attn adds a BoxPositionEncoding per layout block (0: off, DESIGN 3)
     box_position_rank: int = 64  # its hidden width
     box_patch_rank: int = 0  # > 0: Assemble-Attn lays each ref's DINO patch tokens into its box (0: off; design note)
-    occlusion_priority: bool = False  # learned per-depth weights where boxes overlap (False: average; design note)
-    # with occlusion_priority, within one depth label a ref listed earlier is nearer: its weight is e^order_priority
-    # times the next one's (0: refs of the same label share their overlap)
+    # Occlusion priority where boxes overlap (compose/modules/occlusion.py): the log-weight of a fg, mg, bg ref, and
+    # within one depth label each ref listed earlier (nearer) weighs e^order_priority times the next one. All 0: the
+    # overlapping refs are averaged (DESIGN 3).
+    depth_priority: tuple[float, float, float] = (0.0, 0.0, 0.0)
     order_priority: float = 0.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.depth_priority, list):  # as JSON and YAML give it
+            object.__setattr__(self, "depth_priority", tuple(self.depth_priority))
         problems = []
         for name in ("hidden_dim", "clip_dim", "dino_dim", "instance_dim", "dense_k", "fourier_freqs"):
             if getattr(self, name) <= 0:
@@ -45,13 +48,11 @@ class ConditioningConfig:
         for name in ("box_position_freqs", "box_position_rank", "box_patch_rank"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
-        if not isinstance(self.occlusion_priority, bool):
-            problems.append(f"occlusion_priority={self.occlusion_priority!r} must be true or false")
-        order = self.order_priority
-        if isinstance(order, bool) or not isinstance(order, int | float) or not math.isfinite(order) or order < 0:
-            problems.append(f"order_priority={order!r} must be a finite number >= 0")
-        elif order and not self.occlusion_priority:
-            problems.append(f"order_priority={order!r} needs occlusion_priority=true")
+        depth = self.depth_priority
+        if not isinstance(depth, tuple) or len(depth) != len(DEPTHS) or not all(map(_is_finite, depth)):
+            problems.append(f"depth_priority={depth!r} must be {len(DEPTHS)} finite numbers ({', '.join(DEPTHS)})")
+        if not _is_finite(self.order_priority) or self.order_priority < 0:
+            problems.append(f"order_priority={self.order_priority!r} must be a finite number >= 0")
         if self.dense_k < 2:
             problems.append(f"dense_k={self.dense_k} must be >= 2 (corners are included)")
         if not 0.0 <= self.grounding_ratio <= 1.0:
@@ -65,6 +66,11 @@ class ConditioningConfig:
     @property
     def spatial_dim(self) -> int:
         return fourier_dim(self.dense_k, self.fourier_freqs)
+
+    @property
+    def uses_occlusion_priority(self) -> bool:
+        """False: overlapping boxes are averaged (DESIGN 3), and no weights are computed."""
+        return any(self.depth_priority) or self.order_priority > 0
 
     @property
     def resolved_layout_blocks(self) -> tuple[int, ...]:
@@ -85,6 +91,10 @@ class ConditioningConfig:
 
     def with_(self, **changes) -> ConditioningConfig:
         return replace(self, **changes)
+
+
+def _is_finite(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 PRESETS: dict[str, ConditioningConfig] = {

@@ -37,7 +37,7 @@ class AssembleAttention(nn.Module):
     `BoxPositionEncoding` (when `cfg.box_position_freqs > 0`) and `BoxPatchEncoding` (when `cfg.box_patch_rank > 0`).
 
     The attention itself is the FLUX block's own (its projections, qk-norms, and LoRA if any); see
-    `backbones.assemble.assemble_attention`. Zero init keeps the branch silent until it is trained.
+    `compose.assemble.assemble_residual`. Zero init keeps the branch silent until it is trained.
     """
 
     def __init__(self, cfg: ConditioningConfig):
