@@ -186,3 +186,15 @@ def scatter_mean(values: torch.Tensor, packing: LayoutPacking, shape: tuple[int,
     total = values.new_zeros(b * n, d).index_add_(0, packing.token_index[real], weighted)
     cover = torch.where(packing.cover > 0, packing.denominator(), 1.0).reshape(b * n, 1).to(values.dtype)
     return (total / cover).view(b, n, d)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def example_scene(caption: str, size: tuple[int, int], refs: list[tuple], **extra):
+    """A scene over the example ref images: refs as (image under examples/, bbox, depth, caption); size (w, h)."""
+    from moviepostproduction.scene import scene_from_dict
+
+    listed = [{"image": i, "bbox": list(b), "depth": d, "caption": c} for i, b, d, c in refs]
+    data = {"caption": caption, "width": size[0], "height": size[1], "refs": listed, **extra}
+    return scene_from_dict(data, base_dir=EXAMPLES)

@@ -17,9 +17,9 @@ from moviepostproduction.compose.pipeline import ComposePipeline
 from moviepostproduction.encoders import TextEncoder
 from moviepostproduction.model_dir import default_model_dir
 from moviepostproduction.panorama.pipeline import compose_panorama
-from moviepostproduction.scene import scene_from_dict
 
-EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
+from helpers import example_scene
+
 STEPS = 28
 
 
@@ -47,24 +47,14 @@ def counts(monkeypatch):
 
 
 def scene(**extra):
-    data = {
-        "caption": "a red striped circle in front of a blue square",
-        "width": 128,
-        "height": 64 if extra.get("panorama") else 128,
-        "refs": [
-            {
-                "image": "refs/red_circle.png",
-                "bbox": [0.8, 0.3, 0.2, 0.8],
-                "depth": "fg",
-                "caption": "a red striped circle",
-            },
-            {"image": "refs/blue_square.png", "bbox": [0.3, 0.2, 0.6, 0.6], "depth": "mg", "caption": "a blue square"},
-        ],
-        **extra,
-    }
-    if not extra.get("panorama"):
-        data["refs"][0]["bbox"] = [0.1, 0.3, 0.4, 0.8]
-    return scene_from_dict(data, base_dir=EXAMPLES)
+    wrapping = extra.get("panorama", False)  # a panorama's fg box wraps the seam
+    circle = (0.8, 0.3, 0.2, 0.8) if wrapping else (0.1, 0.3, 0.4, 0.8)
+    refs = [
+        ("refs/red_circle.png", circle, "fg", "a red striped circle"),
+        ("refs/blue_square.png", (0.3, 0.2, 0.6, 0.6), "mg", "a blue square"),
+    ]
+    caption = "a red striped circle in front of a blue square"
+    return example_scene(caption, (128, 64 if wrapping else 128), refs, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -95,19 +85,7 @@ def test_fill_with_refs_builds_the_scene_and_the_model_once(counts, tmp_path):
     fill = FillPipeline.from_model_dir(default_fill_model_dir(tmp_path), refs=True)
     counts.update(dict.fromkeys(counts, 0))
     plate = Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8))
-    data = {
-        "caption": "a blue square",
-        "width": 64,
-        "height": 64,
-        "refs": [
-            {
-                "image": "refs/blue_square.png",
-                "bbox": [0.25, 0.25, 0.75, 0.75],
-                "depth": "fg",
-                "caption": "a blue square",
-            }
-        ],
-    }
-    fill(plate, scene=scene_from_dict(data, base_dir=EXAMPLES), num_inference_steps=STEPS, seed=0)
+    square = ("refs/blue_square.png", (0.25, 0.25, 0.75, 0.75), "fg", "a blue square")
+    fill(plate, scene=example_scene("a blue square", (64, 64), [square]), num_inference_steps=STEPS, seed=0)
     assert counts == {"conditioning": 1, "rows": counts["rows"], "padded": 0, "text": 1, "conditioned_flux": 0}
     assert counts["rows"] <= 1  # 1 where the tiny adapter has a layout block

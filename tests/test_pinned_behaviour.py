@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from helpers import example_scene
+
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = Path(__file__).resolve().parent / "data" / "pinned_latents.safetensors"
 STEPS = 6
@@ -46,43 +48,14 @@ def _scenes(folder: Path):
     return [load_scene(ROOT / "examples" / "scene.json"), *toy]
 
 
-def _panorama_scene(folder: Path):
-    from moviepostproduction.scene import scene_from_dict
-
-    data = {
-        "caption": "a red striped circle in a desert",
-        "width": 128,
-        "height": 64,
-        "panorama": True,
-        "refs": [
-            {
-                "image": "refs/red_circle.png",
-                "bbox": [0.8, 0.3, 0.2, 0.8],
-                "depth": "fg",
-                "caption": "a red striped circle",
-            }
-        ],
-    }
-    return scene_from_dict(data, base_dir=ROOT / "examples")
+def _panorama_scene():
+    circle = ("refs/red_circle.png", (0.8, 0.3, 0.2, 0.8), "fg", "a red striped circle")  # wraps the seam
+    return example_scene("a red striped circle in a desert", (128, 64), [circle], panorama=True)
 
 
-def _fill_scene(folder: Path):
-    from moviepostproduction.scene import scene_from_dict
-
-    data = {
-        "caption": "a blue square on the grass",
-        "width": 64,
-        "height": 64,
-        "refs": [
-            {
-                "image": "refs/blue_square.png",
-                "bbox": [0.25, 0.25, 0.75, 0.75],
-                "depth": "fg",
-                "caption": "a blue square",
-            }
-        ],
-    }
-    return scene_from_dict(data, base_dir=ROOT / "examples")
+def _fill_scene():
+    square = ("refs/blue_square.png", (0.25, 0.25, 0.75, 0.75), "fg", "a blue square")
+    return example_scene("a blue square on the grass", (64, 64), [square])
 
 
 def generate(folder: Path) -> dict[str, torch.Tensor]:
@@ -117,7 +90,7 @@ def generate(folder: Path) -> dict[str, torch.Tensor]:
             noise_temperature=1.0,  # as recorded: panorama took no model-dir defaults before issue 39 item 4
         )
         out[f"panorama-caption-seed{seed}"] = res.latents.contiguous()
-    scene = _panorama_scene(folder)
+    scene = _panorama_scene()
     for seed in SEEDS:
         res = compose_panorama(
             compose,
@@ -153,7 +126,7 @@ def generate(folder: Path) -> dict[str, torch.Tensor]:
         fill_refs(
             plate,
             semantic=Image.fromarray(semantic),
-            scene=_fill_scene(folder),
+            scene=_fill_scene(),
             num_inference_steps=STEPS,
             seed=seed,
             callback_on_step_end=callback,

@@ -193,6 +193,14 @@ class ModelDir:
         """True for the random-init tiny dirs of `moviepostproduction.toyworld.tiny`: their output is noise."""
         return bool(self.index.get("tiny_random", False))
 
+    def output_label(self, output: str = "image") -> str:
+        """What a pipeline loaded from this dir tells users made its `output`: model_index.json's `label`, or for a
+        tiny random dir a warning (also logged) that the output is noise."""
+        if self.tiny_random:
+            logger.warning("model dir %s holds tiny random weights: the output is noise, not a picture", self.root)
+            return f"tiny-random (untrained weights: the {output} is noise)"
+        return str(self.index.get("label", ""))
+
     def sampling_defaults(self) -> SamplingDefaults:
         """The `SamplingDefaults` this dir names: model_index.json's `max_text_tokens`, `ref_guidance_scale` and
         `noise_temperature`, adapter/config.json's `grounding_ratio`; the built-in value for a key it does not name.

@@ -183,16 +183,12 @@ def latent_image_ids(
     h: int,
     w: int,
     *,
-    scale: float = 1.0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """RoPE position ids (h * w, 3) for an h x w token grid: [0, row * scale, col * scale], row-major as
-    `pack_latents`. FLUX uses scale 1; a model fine-tuned at k times its training resolution with its positions
-    interpolated (scale 1 / k) keeps the position range it was trained on (model_index.json `image_position_scale`).
-    """
-    rows = torch.arange(h, dtype=dtype, device=device) * scale
-    cols = torch.arange(w, dtype=dtype, device=device) * scale
+    """RoPE position ids (h * w, 3) for an h x w token grid: [0, row, col], row-major as `pack_latents` (FLUX)."""
+    rows = torch.arange(h, dtype=dtype, device=device)
+    cols = torch.arange(w, dtype=dtype, device=device)
     grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)  # (h, w, 2)
     ids = torch.cat([torch.zeros(h, w, 1, dtype=dtype, device=device), grid], dim=-1)  # (h, w, 3)
     return rearrange(ids, "h w c -> (h w) c")
@@ -254,7 +250,7 @@ def is_finite_number(value: object) -> bool:
 
 
 def is_positive_number(value: object) -> bool:
-    """A finite real number > 0: e.g. `image_position_scale`."""
+    """A finite real number > 0: e.g. a noise temperature."""
     return is_finite_number(value) and value > 0
 
 

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from moviepostproduction.compose.assemble_rows import PackedRows
-from moviepostproduction.compose.conditioning import LayoutPacking
+from moviepostproduction.compose.conditioning import LayoutPacking, PackedRows
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image q, k (qk-normed, before RoPE), v: each (B, N, H, hd)
 

@@ -12,43 +12,12 @@ Pure index arithmetic on a `LayoutPacking`; no weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from moviepostproduction.compose.conditioning import LayoutPacking
+from moviepostproduction.compose.conditioning import MAX_BUCKETS, LayoutPacking, PackedRows, RowBucket
 
-MAX_BUCKETS = 4  # attention calls per layout block at most, whatever the number of refs
 MIN_GAIN = 0.05  # one more bucket (call) only if it cuts the attention work by more than this fraction
-
-
-@dataclass
-class RowBucket:
-    """One attention call: P rows of S slots; slot s of row p holds one token of one group."""
-
-    source: torch.Tensor  # (P, S) long: row of the table [covered image tokens (M) ; layout tokens (G)]
-    segment: torch.Tensor  # (P, S) long: group of each slot, -1 on padding
-    target: torch.Tensor  # (P * S,) long: row of each slot's image token in `covered`; M for layout and padding
-
-    @property
-    def mask(self) -> torch.Tensor:
-        """(P, S, S) bool: a slot attends to the slots of its own group (padding only to padding, never empty)."""
-        return self.segment[:, :, None] == self.segment[:, None, :]
-
-
-@dataclass
-class PackedRows:
-    """The groups of a `LayoutPacking` in size buckets of packed rows; slots are numbered bucket after bucket."""
-
-    covered: torch.Tensor  # (M,) long: flat image tokens b * N + n inside some box, ascending
-    buckets: tuple[RowBucket, ...]
-    group_slots: torch.Tensor  # (G, L) long: flat slot of each group's image tokens (padding: clamped, unused)
-    max_buckets: int = MAX_BUCKETS  # the budget of attention calls it was packed for
-
-    @property
-    def num_slots(self) -> int:
-        return sum(b.source.numel() for b in self.buckets)
 
 
 def first_fit_rows(lengths: list[int], width: int) -> list[tuple[int, int]]:

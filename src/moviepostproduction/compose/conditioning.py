@@ -7,12 +7,8 @@ reused at every denoising step.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, is_dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from moviepostproduction.compose.assemble_rows import PackedRows
 
 
 @dataclass
@@ -103,6 +99,37 @@ class LayoutPacking:
     def denominator(self) -> torch.Tensor:
         """(B, N): what a token's summed (weighted) group values are divided by, the weighted average's norm."""
         return self.cover if self.cover_weight is None else self.cover_weight
+
+
+MAX_BUCKETS = 4  # Assemble-Attn calls per layout block at most, whatever the number of refs (assemble_rows.py)
+
+
+@dataclass
+class RowBucket:
+    """One attention call: P rows of S slots; slot s of row p holds one token of one group."""
+
+    source: torch.Tensor  # (P, S) long: row of the table [covered image tokens (M) ; layout tokens (G)]
+    segment: torch.Tensor  # (P, S) long: group of each slot, -1 on padding
+    target: torch.Tensor  # (P * S,) long: row of each slot's image token in `covered`; M for layout and padding
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(P, S, S) bool: a slot attends to the slots of its own group (padding only to padding, never empty)."""
+        return self.segment[:, :, None] == self.segment[:, None, :]
+
+
+@dataclass
+class PackedRows:
+    """The groups of a `LayoutPacking` in size buckets of packed rows; slots are numbered bucket after bucket."""
+
+    covered: torch.Tensor  # (M,) long: flat image tokens b * N + n inside some box, ascending
+    buckets: tuple[RowBucket, ...]
+    group_slots: torch.Tensor  # (G, L) long: flat slot of each group's image tokens (padding: clamped, unused)
+    max_buckets: int = MAX_BUCKETS  # the budget of attention calls it was packed for
+
+    @property
+    def num_slots(self) -> int:
+        return sum(b.source.numel() for b in self.buckets)
 
 
 @dataclass

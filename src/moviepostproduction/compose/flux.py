@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moviepostproduction.compose.assemble import add_on_covered, assemble_residual, capture_image_qkv, image_qkv
-from moviepostproduction.compose.assemble_rows import MAX_BUCKETS, PackedRows, pack_rows
-from moviepostproduction.compose.conditioning import Conditioning, RegionMap
+from moviepostproduction.compose.assemble_rows import pack_rows
+from moviepostproduction.compose.conditioning import MAX_BUCKETS, Conditioning, PackedRows, RegionMap
 from moviepostproduction.compose.modules.adapter import CompositionAdapter
 
 

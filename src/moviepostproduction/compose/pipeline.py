@@ -88,11 +88,7 @@ class ComposePipeline:
         defaults = md.sampling_defaults()  # a bad value fails before any weights load
         adapter = CompositionAdapter.from_pretrained(md.root / ADAPTER_FOLDER).to(device=device, dtype=dtype)
         transformer = load_transformer(md, dtype=dtype, device=device)
-        label = (
-            "tiny-random (untrained weights: the image is noise)" if md.tiny_random else str(md.index.get("label", ""))
-        )
-        if md.tiny_random:
-            logger.warning("model dir %s holds tiny random weights: the output is noise, not a picture", md.root)
+        label = md.output_label()
         return cls(
             ConditionedFlux(transformer, adapter),
             TextEncoder.load(md, dtype=dtype, device=device),

@@ -1,6 +1,6 @@
 """FillPipeline: repaint the masked part of a plate with FLUX-Fill (DESIGN 7), optionally guided by a semantic map
 or inserting references at their bboxes (the compose conditioning). Pixels outside the mask are pasted back from
-the plate, so they are bit-identical in the output. Model dir layout and fill weights: `fill_weights.py`.
+the plate, so they are bit-identical in the output. Model dir layout and fill weights: `fill/weights.py`.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class FillPipeline:
 
             adapter = CompositionAdapter.from_pretrained(md.root / "adapter").to(device=device, dtype=dtype)
             image_encoder = ImageEncoder.load(md, dtype=dtype, device=device)
-        label = "tiny-random (untrained weights: the fill is noise)" if md.tiny_random else md.index.get("label", "")
+        label = md.output_label("fill")
         model = FillFlux(transformer, sem.to(device=device, dtype=dtype) if sem else None, adapter)
         text = TextEncoder.load(md, dtype=dtype, device=device)
         return cls(

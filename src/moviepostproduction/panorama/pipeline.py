@@ -123,10 +123,7 @@ class PanoramaPipeline:
 
         md = as_model_dir(model_dir)
         defaults = md.sampling_defaults()  # a bad value fails before any weights load
-        label = str(md.index.get("label", ""))
-        if md.tiny_random:
-            logger.warning("model dir %s holds tiny random weights: the output is noise, not a picture", md.root)
-            label = "tiny-random (untrained weights: the image is noise)"
+        label = md.output_label()
         transformer = load_transformer(md, dtype=dtype, device=device)
         vae = Vae.load(md, dtype=dtype, device=device)
         return cls(transformer, vae, config=config, label=label, defaults=defaults)

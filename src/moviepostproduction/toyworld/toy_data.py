@@ -1,4 +1,4 @@
-"""Training data of the toy encoders, drawn from the toy world (data/synthetic.py) and prepared exactly as the
+"""Training data of the toy encoders, drawn from the toy world (toyworld/synthetic.py) and prepared exactly as the
 loaders prepare inference inputs: image encoders see `ImagePreprocess` output of PIL images (encoders.py), text
 encoders see the tokenizers' fixed-length ids, the VAE sees pixels in [-1, 1].
 

@@ -248,7 +248,7 @@ class FillTask:
         return FillWeightsConfig(self.cfg.layout, sem, self.cfg.lora, self.cfg.train_x_embedder)
 
     def save(self, root: str | Path) -> Path:
-        """Write the trained parts as `root/fill/` (see pipelines/fill.py)."""
+        """Write the trained parts as `root/fill/` (see fill/weights.py)."""
         return save_fill_weights(root, self.model, self.weights_config())
 
 

@@ -3,7 +3,7 @@
 The frozen encoders of a model dir run once per scene, never per training step: the scene's VAE latents (the
 target), the caption's T5 states and mask, and DINO CLS + patch tokens of two possible image inputs, the scene
 itself and its foreground sprite's reference image (the sprite alone on white, as `mpp vary --ref` gets it).
-Scenes come from `data/synthetic.generate_scene`, a pure function of (index, seed, split, world config), so a
+Scenes come from `toyworld/synthetic.generate_scene`, a pure function of (index, seed, split, world config), so a
 cache is identified by those plus the model dir, and one built for anything else is refused.
 """
 
