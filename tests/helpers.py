@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
+from hypothesis import HealthCheck, settings
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moviepostproduction.compose.assemble import attend_rows, image_qkv
@@ -198,3 +200,32 @@ def example_scene(caption: str, size: tuple[int, int], refs: list[tuple], **extr
     listed = [{"image": i, "bbox": list(b), "depth": d, "caption": c} for i, b, d, c in refs]
     data = {"caption": caption, "width": size[0], "height": size[1], "refs": listed, **extra}
     return scene_from_dict(data, base_dir=EXAMPLES)
+
+
+def fuzz(examples: int) -> settings:
+    """Hypothesis settings of the fuzz suites: derandomized, so that CI sees the same `examples` every run
+    (MPP_FUZZ_RANDOM=1 explores new ones), no deadline, no example database."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=not os.environ.get("MPP_FUZZ_RANDOM"),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+
+
+def invoke_cli(args: list[str]):
+    """`mpp ARGS` through typer's CliRunner; the logging handler the app's callback adds (bound to this call's
+    captured stderr, closed afterwards) is removed, so a later call's warnings do not go to a closed stream."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from moviepostproduction.cli import app
+
+    before = list(logging.root.handlers)
+    try:
+        return CliRunner().invoke(app, args)
+    finally:
+        for handler in set(logging.root.handlers) - set(before):
+            logging.root.removeHandler(handler)

@@ -123,7 +123,7 @@ def test_box_patches_without_patch_tokens_or_with_bad_ones_are_refused():
         refs_at([[0.1, 0.1, 0.6, 0.5]], patches=torch.full((1, 1, PATCHES, CFG.dino_dim), float("nan")))
     with pytest.raises(ValueError, match=r"RefBatch.dino_patches has leading shape \(1, 2\)"):
         refs_at([[0.1, 0.1, 0.6, 0.5]], patches=torch.zeros(1, 2, PATCHES, CFG.dino_dim))
-    with pytest.raises(ValueError, match="box_patch_rank=-2 must be >= 0"):
+    with pytest.raises(ValueError, match=r"box_patch_rank=-2 must be an integer in \[0, 65536\]"):
         ConditioningConfig(box_patch_rank=-2)
     assert not CompositionAdapter(PRESETS["tiny"]).uses_box_patches  # off by default
     assert isinstance(adapter.assemble["1"].patches, BoxPatchEncoding)

@@ -116,5 +116,5 @@ def test_adapter_config_round_trips_and_reconfigures(tmp_path):
     assert all(torch.equal(v, new.state_dict()[k]) for k, v in old.state_dict().items())
     loaded = CompositionAdapter.from_pretrained(new.save_pretrained(tmp_path / "a"))
     assert loaded.cfg.box_position_freqs == 2 and loaded.assemble["0"].position is not None
-    with pytest.raises(ValueError, match="box_position_freqs=-1 must be >= 0"):
+    with pytest.raises(ValueError, match=r"box_position_freqs=-1 must be an integer in \[0, 1024\]"):
         ConditioningConfig(box_position_freqs=-1)

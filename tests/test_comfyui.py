@@ -232,11 +232,14 @@ def test_scene_node_errors_are_one_line_naming_the_field(key, inputs, line):
     assert str(err.value).startswith(line)
 
 
-def test_load_scene_node_reads_a_scene_file():
-    (scene,) = run("MPPLoadScene", path=str(ROOT / "examples" / "scene.json"), max_refs=50)
+def test_load_scene_node_reads_a_scene_file(monkeypatch):
+    monkeypatch.chdir(ROOT)  # outside ComfyUI the input directory is the current one
+    assert {"examples/scene.json", "examples/scene.yaml"} <= set(input_specs(NODE_CLASS_MAPPINGS["MPPLoadScene"])
+                                                                ["scene_file"][0])  # fmt: skip
+    (scene,) = run("MPPLoadScene", scene_file="examples/scene.json", max_refs=50)
     assert scene.refs and all(r.image.is_file() for r in scene.refs)
-    with pytest.raises(ValidationError, match="refs: too many refs"):
-        run("MPPLoadScene", path=str(ROOT / "examples" / "scene.json"), max_refs=0)
+    with pytest.raises(ValidationError, match=r"^examples/scene.json: refs: too many refs"):
+        run("MPPLoadScene", scene_file="examples/scene.json", max_refs=0)
 
 
 # ----------------------------------------------------------------------------------------------- samplers

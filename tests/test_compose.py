@@ -223,7 +223,7 @@ def test_noise_temperature_scales_the_starting_noise_and_the_model_dir_names_its
         app, ["compose", str(write_scene(tmp_path)), "-o", str(tmp_path / "o.png"), "--model", str(model_dir),
               "--steps", "1", "--noise-temperature", "-2"]
     )  # fmt: skip
-    assert result.exit_code == 2 and "noise_temperature: must be a positive number (got -2.0)" in result.output
+    assert result.exit_code == 2 and "--noise-temperature: must be a positive number (got -2.0)" in result.output
     assert "Traceback" not in result.output
 
 

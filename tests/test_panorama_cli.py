@@ -145,7 +145,9 @@ def recording_proxy() -> Iterator[tuple[int, list[str]]]:
 
 # Hosts Chromium itself contacts at start-up (time sync, sign-in, component updates), not the page.
 BROWSER_SERVICES = re.compile(
-    r"^(?:GET http://|CONNECT )(?:(?:www|accounts|clients\d*)\.google\.com|redirector\.gvt1\.com)[:/]"
+    r"^(?:(?:GET|POST|HEAD) http://|CONNECT )"
+    r"(?:(?:www|accounts|clients\d*)\.google\.com|(?:update|optimizationguide-pa)\.googleapis\.com|redirector\.gvt1\.com)"
+    r"[:/]"
 )
 
 

@@ -469,7 +469,7 @@ def test_cli_compose_refuses_an_absurd_size_before_loading_weights(tmp_path):
     assert "fewer refs" in line  # it never got to the missing model dir
 
 
-def test_every_cli_command_reports_an_untranslated_out_of_memory_in_one_line(model_dir, tmp_path, monkeypatch):
+def test_cli_panorama_reports_out_of_memory_in_one_line(model_dir, tmp_path, monkeypatch):
     from moviepostproduction.panorama.pipeline import PanoramaPipeline
 
     def oom(self, **kwargs):
@@ -480,7 +480,8 @@ def test_every_cli_command_reports_an_untranslated_out_of_memory_in_one_line(mod
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.strip().splitlines() == [
-        "error: out of memory (RuntimeError); try a smaller height/width, fewer refs or a lower-precision dtype"
+        "error: out of memory during panorama at 32x64 (height x width) on cpu; try a smaller size such as 16x32 "
+        "or a lower-precision dtype"
     ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -146,6 +147,16 @@ def node(key: str, **inputs) -> tuple:
         return getattr(cls(), cls.FUNCTION)(**inputs)
 
 
+def node_scene(folder: Path, name: str):
+    """MPP Load Scene reads from the input directory: outside ComfyUI, the current directory."""
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        return node("MPPLoadScene", scene_file=name, max_refs=50)[0]
+    finally:
+        os.chdir(cwd)
+
+
 @functools.cache
 def node_model(model_dir: Path):
     return node("MPPLoadModel", model_dir=str(model_dir), device="cpu", dtype="fp32")[0]
@@ -160,12 +171,12 @@ def via_node(case: str, dirs: dict[str, Path], files: Path, model_dir: Path, **w
     """The ComfyUI nodes; `widgets`: `ref_guidance` / `noise_temperature` (left out: -1, the model dir's)."""
     run = dict(steps=STEPS, seed=SEED, **widgets)
     if case == "compose":
-        (scene,) = node("MPPLoadScene", path=str(files / "compose.json"), max_refs=50)
+        scene = node_scene(files, "compose.json")
         image = node("MPPCompose", model=node_model(model_dir), scene=scene, guidance=3.5, true_cfg=1.0, **run)[0]
     elif case.startswith("panorama"):
         panorama = dict(height=32, guidance=3.5, pad=1, pad_ids="opposite", periodic_rope=False, roll="off")
         if case == "panorama-scene":
-            (scene,) = node("MPPLoadScene", path=str(files / "panorama.json"), max_refs=50)
+            scene = node_scene(files, "panorama.json")
             panorama.update(caption="", scene=scene)
         else:
             panorama.update(caption=CAPTION)
@@ -174,7 +185,7 @@ def via_node(case: str, dirs: dict[str, Path], files: Path, model_dir: Path, **w
         plate = torch.from_numpy(np.asarray(Image.open(files / "plate.png"), dtype=np.float32) / 255.0)[None]
         fill = dict(fill_model=node_fill_model(fill_dir(dirs, model_dir)), image=plate, guidance=30.0)
         if case == "fill-refs":
-            (scene,) = node("MPPLoadScene", path=str(files / "fill.json"), max_refs=50)
+            scene = node_scene(files, "fill.json")
             fill.update(prompt="", scene=scene)
         else:
             mask = torch.from_numpy(np.asarray(Image.open(files / "mask.png"), dtype=np.float32) / 255.0)[None]
@@ -233,7 +244,7 @@ def test_the_model_dir_names_its_defaults_in_model_index_and_the_adapter_config(
 @pytest.mark.parametrize(
     "file, key, value, message",
     [
-        ("model_index.json", "max_text_tokens", 0, "must be an integer >= 1"),
+        ("model_index.json", "max_text_tokens", 0, "must be an integer in [1, 4096]"),
         ("model_index.json", "ref_guidance_scale", "2", "must be a finite number >= 0"),
         ("model_index.json", "noise_temperature", -1, "must be a positive number"),
         ("adapter/config.json", "grounding_ratio", 1.5, "must be a number in [0, 1]"),

@@ -183,6 +183,9 @@ def test_each_bad_input_names_field_and_value(scene_dir: Path, key, value, field
     problems = _problems(_write(scene_dir, _mutate(key, value)))
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{field}: ") and words in problems[0]
+    if "unknown key" in words:  # the key is named, its value never shown (it may be a password)
+        assert "(got" not in problems[0]
+        return
     shown = "nothing" if value is ... else repr(value)
     assert problems[0].endswith(f"(got {shown})")
 

@@ -2,40 +2,105 @@
 
 Only safetensors are ever read, so no untrusted pickle is unpickled. Writes go to a temp file in the target's
 folder and are renamed into place, so a killed process never leaves half a file under the final name.
+Files a user names (scene files, recipes, images) are opened by `open_regular` (a FIFO or a device never is, sizes
+are bounded first); `read_structured` turns a JSON / YAML one into plain data within bounds.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
-from torch import nn
+from moviepostproduction.errors import FileProblem, MppError, WeightsError, parse_structured, shown_path
 
-from moviepostproduction.errors import WeightsError
+if TYPE_CHECKING:  # torch loads only with what needs it, so that reading a scene file does not (2 s)
+    import torch
+    from torch import nn
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+# -------------------------------------------------------------------------------------------------- outputs
+NAME_MAX = 255  # bytes in one file or folder name (Linux and macOS file systems)
+
+
+class OutputError(MppError):
+    """An output path that cannot be written (a folder, read-only, a full disk): one line naming the path."""
+
+
+def output_error(path: str | Path, exc: OSError) -> OutputError:
+    """The one-line error for an OSError met while writing `path`."""
+    return OutputError(f"cannot write {shown_path(path)}: {os.strerror(exc.errno) if exc.errno else exc}")
+
+
+def check_output(path: str | Path, field: str = "-o", *, folder: bool = False) -> Path:
+    """Refuse, before any work, an output path that cannot be written: an existing folder (a file when `folder`), a
+    folder that cannot be created (a file on the way) or written (read-only, no permission), a name too long. One
+    line naming `field` and the path; nothing is created."""
+    path = Path(path)
+    shown = f"{field} {shown_path(path)}"
+    if max(len(os.fsencode(part)) for part in path.parts) > NAME_MAX:
+        raise OutputError(f"{shown}: a file or folder name is longer than {NAME_MAX} bytes")
+    try:
+        if path.is_dir() != folder and path.exists():
+            kind, wanted = ("file", "folder") if folder else ("directory", "file")
+            raise OutputError(f"{shown}: is an existing {kind}; give a {wanted} name")
+        parent = path if path.is_dir() else path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent  # the nearest existing ancestor: the one the folders would be created in
+    except OSError as exc:  # a loop of symbolic links, a path too long as a whole
+        raise OutputError(f"{shown}: {os.strerror(exc.errno) if exc.errno else exc}") from None
+    if not parent.is_dir():
+        raise OutputError(f"{shown}: cannot create its folder, {shown_path(parent)} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{shown}: cannot write in {shown_path(parent)} (read-only or permission denied)")
+    return path
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a new temporary file beside `path` (a unique name: concurrent writers of one path never share it); when
+    the block ends without an error it replaces `path` whole. Any OSError on the way (a read-only folder, a full
+    disk, `path` an existing folder) is a one-line `OutputError` naming `path`; the temporary file is removed and an
+    earlier file at `path` is left as it was."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise output_error(path, exc) from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, default_file_mode())  # mkstemp (and safetensors) create 0600; outputs are shared files
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise output_error(path, exc) from None
+    finally:
+        with suppress(FileNotFoundError):
+            tmp.unlink()  # only there on failure: a successful replace moved it
+
+
 def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write `state` atomically (temp file + fsync + rename)."""
+    """Write `state` atomically (`atomic_output` + fsync)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, default_file_mode())  # safetensors creates 0600 files; a shared model dir must stay readable
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
     return path
 
 
@@ -51,17 +116,34 @@ def staged_copy(
     out = Path(out)
     if out.exists() and not replace:
         raise WeightsError(f"{out} exists; pick a new directory")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    root, skip = Path(source), set(leave_out)
     try:
-        shutil.copytree(root, tmp, ignore=lambda d, names: [n for n in names if n in skip] if Path(d) == root else [])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # unique per build
+    except OSError as exc:
+        raise output_error(out, exc) from None
+    root, skip = Path(source), set(leave_out)
+    old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")  # the replaced folder, until the new one is in place
+    try:
+        shutil.copytree(
+            root,
+            tmp,
+            ignore=lambda d, names: [n for n in names if n in skip] if Path(d) == root else [],
+            dirs_exist_ok=True,
+        )
         yield tmp
         if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if old.exists():
+                old.rename(out)  # the earlier folder back under its name
+            raise
+    except OSError as exc:
+        raise output_error(out, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only left on failure: a successful rename moved it
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_once(target: str | Path, build: Callable[[Path], object]) -> Path:
@@ -198,7 +280,12 @@ def load_strict(module: nn.Module, path: str | Path, what: str) -> None:
     module.load_state_dict(usable, strict=True)
 
 
-STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+def __getattr__(name: str) -> object:
+    if name == "STORAGE_DTYPES":  # {"fp16": torch.float16, "bf16": ..., "fp32": ...}, built when first asked for
+        import torch
+
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cast_safetensors_files(folder: str | Path, dtype: torch.dtype) -> None:
@@ -211,14 +298,83 @@ def cast_safetensors_files(folder: str | Path, dtype: torch.dtype) -> None:
 
 
 def write_text_atomic(text: str, path: str | Path) -> Path:
-    """Write a text file whole or not at all (temp file beside it + rename): a reader never sees half of it."""
+    """Write a UTF-8 text file whole or not at all (`atomic_output`): a reader never sees half of it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
 def write_json_atomic(data: dict, path: str | Path) -> Path:
     return write_text_atomic(json.dumps(data, indent=2, sort_keys=True) + "\n", path)
+
+
+# ---------------------------------------------------------------------------------- files a user names, read
+MAX_STRUCTURED_BYTES = 1 << 20  # a scene file or a recipe: a few KiB in practice
+_FORMATS = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}
+_REASONS = {errno.ELOOP: "path has a symlink loop", errno.ENAMETOOLONG: "path is too long", errno.ENOENT: "not found"}
+_REASONS |= {errno.ENOTDIR: "not found", errno.EACCES: "cannot be read (permission denied)"}
+
+
+def resolve_input(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> Path:
+    """`path` (relative to `base_dir`, `~` expanded) made absolute, links followed, nothing opened; a FileProblem for
+    a link loop, over 4095 bytes (255 a name), an unknown `~user` (`./~x` names a file `~x`), a NUL or a surrogate."""
+    text = os.fspath(path)
+    if (expanded := os.path.expanduser(text)).startswith("~"):
+        raise FileProblem(text, f"path starts with an unknown user ({expanded.split(os.sep)[0]})")
+    try:
+        full = os.fsencode(os.path.join(base_dir or "", expanded))
+        if len(full) > 4095 or max(map(len, full.split(b"/"))) > 255:
+            raise FileProblem(text, f"path is too long ({len(full)} bytes; at most 4095, 255 per name)")
+        return Path(os.fsdecode(full)).resolve()
+    except RuntimeError:  # Path.resolve's word for a loop
+        raise FileProblem(text, "path has a symlink loop") from None
+    except ValueError:  # a NUL, a lone surrogate
+        raise FileProblem(text, "path is not a valid file name (a NUL or a lone surrogate in it)") from None
+
+
+def _check_regular(path: Path, info: os.stat_result, max_bytes: int) -> None:
+    kind = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(info.st_mode))
+    if not stat.S_ISREG(info.st_mode):
+        raise FileProblem(path, f"is {kind or 'a device'}, not a regular file (left unread)")
+    if info.st_size > max_bytes:
+        raise FileProblem(path, f"is {info.st_size} bytes, more than the {max_bytes} allowed")
+
+
+@contextmanager
+def open_regular(path: str | os.PathLike, max_bytes: int) -> Iterator[BinaryIO]:
+    """`path` open for reading, once stat() says it is a regular file of at most `max_bytes`: a FIFO (opening blocks),
+    a device (/dev/zero never ends), a socket or a folder is refused without being opened, and the file opened is
+    checked again (it may have been swapped). Refusals and OSErrors are FileProblems naming `path`."""
+    try:
+        _check_regular(Path(path), os.stat(path), max_bytes)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise FileProblem(path, _REASONS.get(exc.errno, f"cannot be read ({exc.strerror})")) from None
+    except ValueError:
+        raise FileProblem(path, "path is not a valid file name (a NUL or a lone surrogate in it)") from None
+    with os.fdopen(fd, "rb") as fh:
+        _check_regular(Path(path), os.fstat(fd), max_bytes)
+        yield fh
+
+
+def read_structured(
+    path: str | os.PathLike, what: str = "file", *, fmt: str | None = None, max_bytes: int = MAX_STRUCTURED_BYTES
+) -> object:
+    """Plain data (dict, list, str, int, float, bool, None) from a JSON or YAML file a user named (`fmt`, else by
+    suffix), or one line naming the file (and line and column, or field): `resolve_input`, `open_regular`, not
+    UTF-8, `errors.parse_structured` (syntax, nesting, values with aliases expanded, tags, duplicate keys, numbers)."""
+    try:
+        if (fmt := fmt or _FORMATS.get(Path(path).suffix.lower())) not in ("json", "yaml"):
+            raise FileProblem(path, "suffix is not .json, .yaml or .yml")
+        with open_regular(resolve_input(path), max_bytes) as fh:
+            raw = fh.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise FileProblem(path, f"is more than the {max_bytes} bytes allowed")
+        text = raw.decode("utf-8-sig")
+    except FileProblem as err:
+        raise FileProblem(path, f"{what} {err.reason}") from None
+    except UnicodeDecodeError as err:
+        line, column = raw.count(b"\n", 0, err.start) + 1, err.start - raw.rfind(b"\n", 0, err.start)
+        raise FileProblem(path, f"line {line}, column {column}: {what} is not UTF-8 text") from None
+    return parse_structured(text, fmt, shown_path(path))

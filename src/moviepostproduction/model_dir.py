@@ -1,27 +1,45 @@
 """A local model directory in the FLUX.1-dev layout plus image encoders, checked before anything loads.
 
-Every problem is a `WeightsError` whose one-line message names the exact path and what was expected.
+Every problem is a `WeightsError` whose one-line message names the exact path and what was expected; the values of
+its JSON files are checked by key (types, bounds: encoders/checks.py) before anything is built from them.
 Weights are loaded from safetensors only, from local files only; missing tensors are an error, never
 silently random-initialised (transformers and diffusers both do that by default, with a warning).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from moviepostproduction.encoders.checks import (
+    INDEX_KEYS,
+    MAX_TEXT_TOKENS,
+    MODEL_KEYS,
+    PREPROCESSOR_KEYS,
+    SCHEDULER_KEYS,
+    Check,
+    check_safetensors,
+    component_parameters,
+    config_error,
+    config_problems,
+    count,
+    first_line,
+    fit_problem,
+    load_error,
+    regular_file,
+    stored_values,
+    tokenizer_problem,
+)
 from moviepostproduction.errors import Problem, WeightsError
 from moviepostproduction.sampling import (
     SamplingValueError,
-    is_count,
     is_probability,
     positive_problem,
     scale_problem,
@@ -33,6 +51,7 @@ M = TypeVar("M", bound=torch.nn.Module)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 
 @dataclass(frozen=True)
@@ -70,15 +89,15 @@ ADAPTER_CONFIG = "adapter/config.json"  # the CompositionAdapter's config, which
 INDEX_SAMPLING_KEYS = ("max_text_tokens", "ref_guidance_scale", "noise_temperature")  # in model_index.json
 
 
-def _checked(ok: Callable[[object], bool], message: str) -> Callable[[str, object], Problem | None]:
-    return lambda name, value: None if ok(value) else Problem(name, value, message)
+def _checked(check: Check) -> Callable[[str, object], Problem | None]:
+    return lambda name, value: Problem(name, value, message) if (message := check(value)) else None
 
 
 SAMPLING_CHECKS: dict[str, Callable[[str, object], Problem | None]] = {
-    "max_text_tokens": _checked(lambda v: is_count(v) and v >= 1, "must be an integer >= 1"),
+    "max_text_tokens": _checked(count(1, MAX_TEXT_TOKENS)),  # the bound keeps 10**9 from padding every prompt
     "ref_guidance_scale": scale_problem,
     "noise_temperature": positive_problem,
-    "grounding_ratio": _checked(is_probability, "must be a number in [0, 1]"),
+    "grounding_ratio": _checked(lambda v: None if is_probability(v) else "must be a number in [0, 1]"),
 }
 
 
@@ -126,28 +145,20 @@ def _a(label: str) -> str:
     return f"{'an' if label[0] in 'AEIOU' else 'a'} {label}"
 
 
-def read_json(path: Path, what: str, root: Path) -> dict[str, Any]:
-    """Parse a JSON object file or raise a one-line WeightsError naming it."""
+def read_json(path: Path, what: str, root: Path, keys: dict[str, Check] | None = None) -> dict[str, Any]:
+    """Parse a JSON object file or raise a one-line WeightsError naming it; with `keys`, the values of those keys
+    are checked too (encoders/checks.py), the first bad one named with the file and its value."""
+    regular_file(path, what, root)
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"model dir {root}: missing {path} (expected {what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"model dir {root}: cannot read {path} as JSON ({what}): {exc}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8, bad JSON, an int of 5000 digits
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else first_line(exc)
+        raise WeightsError(f"model dir {root}: cannot read {path} as JSON ({what}): {reason}") from None
     if not isinstance(data, dict):
         raise WeightsError(f"model dir {root}: {path} is not a JSON object (expected {what})")
+    if problems := config_problems(data, keys or {}):
+        raise config_error(root, path, problems[0])
     return data
-
-
-def _check_safetensors(file: Path, root: Path) -> None:
-    """Read the header only: catches truncated and corrupt files without touching the tensor data."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt"):
-            pass
-    except (SafetensorError, OSError) as exc:
-        raise WeightsError(f"model dir {root}: {file} is truncated or corrupt ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -186,7 +197,7 @@ class ModelDir:
     def index(self) -> dict[str, Any]:
         """model_index.json, or {} when absent (it is optional)."""
         path = self.root / "model_index.json"
-        return read_json(path, "a diffusers model_index.json", self.root) if path.exists() else {}
+        return read_json(path, "a diffusers model_index.json", self.root, INDEX_KEYS) if path.exists() else {}
 
     @property
     def tiny_random(self) -> bool:
@@ -212,7 +223,7 @@ class ModelDir:
                 named["grounding_ratio"] = (ADAPTER_CONFIG, adapter["grounding_ratio"])
         for key, (file, value) in named.items():
             if problem := SAMPLING_CHECKS[key](key, value):
-                raise WeightsError(f"model dir {self.root}: {file} {key} {problem.message} (got {value!r})")
+                raise config_error(self.root, self.root / file, problem)
         return SamplingDefaults(**{key: value for key, (_, value) in named.items()})
 
     def path(self, component: str) -> Path:
@@ -221,13 +232,18 @@ class ModelDir:
         return getattr(self, component)
 
     def check(self, components: Iterable[str] = tuple(COMPONENTS)) -> None:
-        """Raise a one-line WeightsError for the first missing or unusable file of the given components."""
-        scale = self.index.get("image_position_scale", 1.0)  # a malformed model_index.json fails here too
+        """Raise a one-line WeightsError for the first missing or unusable file of the given components: a value of
+        the wrong type or out of its bounds (encoders/checks.py), and a config that needs more parameters than its
+        weight files hold (found on the meta device), are refused before anything is built."""
+        index = self.index
+        scale = index.get("image_position_scale", 1.0)
         if scale != 1.0:  # RoPE positions are FLUX's; interpolated ones were an experiment (experiments/README.md)
             raise WeightsError(
                 f"model dir {self.root}: model_index.json image_position_scale {scale!r} is not supported (removed; "
                 "only FLUX's positions, 1.0)"
             )
+        if "scheduler" in index or (self.root / "scheduler").exists():  # not used for sampling; exports copy it
+            read_json(self.root / SCHEDULER_CONFIG, "a diffusers scheduler config", self.root, SCHEDULER_KEYS)
         for name in components:
             self._check_component(name)
 
@@ -243,7 +259,7 @@ class ModelDir:
         if comp.kind == "tokenizer":
             self._check_tokenizer(folder, comp)
             return
-        config = read_json(folder / "config.json", f"{_a(comp.label)} config in {layout}", self.root)
+        config = read_json(folder / "config.json", f"{_a(comp.label)} config in {layout}", self.root, MODEL_KEYS)
         declared = config.get("_class_name") if comp.kind == "diffusers" else config.get("model_type")
         if declared not in comp.accepted:
             key = "_class_name" if comp.kind == "diffusers" else "model_type"
@@ -257,15 +273,34 @@ class ModelDir:
                 folder / "preprocessor_config.json",
                 f"the {comp.label} preprocessor config (resize, crop, mean/std)",
                 self.root,
+                PREPROCESSOR_KEYS,
             )
+        self._check_fit(folder, comp)
+
+    def _check_fit(self, folder: Path, comp: Component) -> None:
+        """Build the component on the meta device (no memory) and refuse a config that needs far more parameters than
+        its weight files hold: the library would allocate (and random-initialise) the difference. A smaller mismatch
+        loads, and its missing tensors are named then."""
+        files = sorted(folder.glob("*.safetensors"))
+        try:
+            needed = component_parameters(comp.kind, comp.label, folder)
+        except Exception as exc:  # the libraries' config and constructor errors have no common type
+            raise load_error(self.root, folder, comp.label, exc) from exc
+        if problem := fit_problem(needed, stored_values(files)):
+            raise WeightsError(f"model dir {self.root}: {folder / 'config.json'} describes {_a(comp.label)} {problem}")
 
     def _check_tokenizer(self, folder: Path, comp: Component) -> None:
-        if not (folder / "tokenizer_config.json").is_file():
-            raise self._missing(folder / "tokenizer_config.json", f"{_a(comp.label)} saved with save_pretrained")
-        if not any((folder / f).is_file() for f in TOKENIZER_VOCAB_FILES):
+        what = f"{_a(comp.label)} saved with save_pretrained"
+        read_json(folder / "tokenizer_config.json", what, self.root, MODEL_KEYS)
+        if not any((folder / f).exists() for f in TOKENIZER_VOCAB_FILES):
             raise self._missing(
                 folder / "tokenizer.json", f"the {comp.label} vocabulary, or one of {list(TOKENIZER_VOCAB_FILES[1:])}"
             )
+        vocab = folder / "tokenizer.json"
+        if vocab.exists():
+            regular_file(vocab, f"the {comp.label} vocabulary", self.root)
+            if reason := tokenizer_problem(vocab):
+                raise WeightsError(f"model dir {self.root}: {vocab} is not a tokenizer file ({reason})")
 
     def _check_weights(self, folder: Path, comp: Component) -> None:
         files = sorted(folder.glob("*.safetensors"))
@@ -279,40 +314,21 @@ class ModelDir:
             stem = "diffusion_pytorch_model" if comp.kind == "diffusers" else "model"
             raise self._missing(folder / f"{stem}.safetensors", f"{comp.label} weights as .safetensors")
         for index_file in folder.glob("*.safetensors.index.json"):
-            weight_map = read_json(index_file, "a safetensors shard index", self.root).get("weight_map", {})
-            for shard in sorted(set(weight_map.values())):
+            shards = read_json(index_file, "a safetensors shard index", self.root).get("weight_map", {})
+            if not (isinstance(shards, dict) and all(isinstance(v, str) and "/" not in v for v in shards.values())):
+                raise config_error(
+                    self.root, index_file, Problem("weight_map", shards, "must map names to shard files")
+                )
+            for shard in sorted(set(shards.values())):
                 if not (folder / shard).is_file():
                     raise self._missing(folder / shard, f"a shard listed in {index_file.name}")
         for file in files:
-            _check_safetensors(file, self.root)
+            regular_file(file, f"{comp.label} weights", self.root, None)  # a FIFO would block the header read
+            check_safetensors(file, self.root)
 
 
 def as_model_dir(model_dir: ModelDir | str | Path) -> ModelDir:
     return model_dir if isinstance(model_dir, ModelDir) else ModelDir.at(model_dir)
-
-
-@contextlib.contextmanager
-def quiet_progress() -> Iterator[None]:
-    """Hide the per-file progress bars of transformers/diffusers while loading or saving tiny parts."""
-    from diffusers.utils import logging as d_logging
-    from transformers.utils import logging as t_logging
-
-    states = (t_logging.is_progress_bar_enabled(), d_logging.is_progress_bar_enabled())
-    t_logging.disable_progress_bar()
-    d_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if states[0]:
-            t_logging.enable_progress_bar()
-        if states[1]:
-            d_logging.enable_progress_bar()
-
-
-def freeze(module: M) -> M:
-    """Frozen encoders: no parameter gradients, eval mode (dropout off)."""
-    module.requires_grad_(False)
-    return module.eval()
 
 
 def move_like(module: M, device: torch.device | str, dtype: torch.dtype) -> M:
@@ -322,30 +338,6 @@ def move_like(module: M, device: torch.device | str, dtype: torch.dtype) -> M:
     if next(module.parameters()).dtype != dtype:
         module = module.to(dtype=dtype)
     return module
-
-
-def load_frozen(cls: type[M], model_dir: ModelDir, component: str, dtype: torch.dtype) -> M:
-    """`cls.from_pretrained` on one checked component: safetensors only, local only, no missing tensors."""
-    model_dir.check([component])
-    folder = model_dir.path(component)
-    try:
-        with quiet_progress():
-            model, info = cls.from_pretrained(
-                folder, local_files_only=True, use_safetensors=True, dtype=dtype, output_loading_info=True
-            )
-    except Exception as exc:  # the libraries raise OSError/ValueError/RuntimeError/SafetensorError alike
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"model dir {model_dir.root}: cannot load {folder} as {cls.__name__}: {first}") from exc
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise WeightsError(
-            f"model dir {model_dir.root}: weights in {folder} lack {len(missing)} tensors of {cls.__name__} "
-            f"({', '.join(missing[:3])}{more})"
-        )
-    if info.get("unexpected_keys"):
-        logger.debug("%s: ignored %d unexpected tensors", folder, len(info["unexpected_keys"]))
-    return freeze(model)
 
 
 def default_cache_dir() -> Path:

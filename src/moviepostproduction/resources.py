@@ -19,7 +19,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -29,6 +29,7 @@ import torch
 from moviepostproduction.errors import MppError, Problem, ValidationError
 
 __all__ = [
+    "LOADS",
     "ModelDims",
     "Request",
     "ResourceError",
@@ -38,6 +39,7 @@ __all__ = [
     "minimum_bytes",
     "out_of_memory_error",
     "preflight",
+    "preflight_weights",
     "require_finite",
     "run_guarded",
 ]
@@ -72,9 +74,10 @@ class Request:
     device: str = "cpu"
 
     def describe(self) -> str:
+        size = f" at {self.height}x{self.width} (height x width)" if self.height else ""  # 0: loading the weights
         refs = f" with {self.refs} ref{'s' if self.refs != 1 else ''}" if self.refs else ""
         batch = f", batch {self.batch}" if self.batch > 1 else ""
-        return f"{self.what} at {self.height}x{self.width} (height x width){refs}{batch} on {self.device}"
+        return f"{self.what}{size}{refs}{batch} on {self.device}"
 
 
 @dataclass(frozen=True)
@@ -87,24 +90,56 @@ class ModelDims:
     vae_factor: int = 8
     bytes_per_value: int = 2
     weights_bytes: int = 0  # everything loaded for the request (transformer, encoders, VAE)
+    token_pixels: int = TOKEN_PIXELS  # image pixels per transformer token along each side (NanoDiT: VAE x patch)
+    sample_pixels: int = 0  # the image side a NanoDiT config fixes (sample_size x the VAE factor); 0: the request's
+    weights_from: str = ""  # the config file whose sizes dominate a weights bound larger than the weight files
 
     @classmethod
-    def from_model_dir(cls, root: str | Path, dtype: torch.dtype = torch.float32) -> ModelDims:
-        """Read the sizes from config files and weight file sizes: nothing is loaded, so this runs before loading."""
+    def from_model_dir(
+        cls,
+        root: str | Path,
+        dtype: torch.dtype = torch.float32,
+        *,
+        components: Sequence[str] | None = None,
+        transformer: str = "transformer",
+    ) -> ModelDims:
+        """Read the sizes from config files and weight file sizes: nothing is loaded, so this runs before loading.
+
+        `components`: the top-level folders the request loads (None: all); their weight files count, and so does
+        a lower bound on the parameters their configs would build, so a config naming 10**9 layers is refused
+        here rather than constructed. `transformer`: the folder of the denoiser ("nanodit" for vary)."""
         root = Path(root)
-        transformer = _read_config(root / "transformer" / "config.json")
+        loads = (lambda folder: True) if components is None else (lambda folder: folder.split("/")[0] in components)
+        config = _read_config(root / transformer / "config.json")
         vae = _read_config(root / "vae" / "config.json")
-        files = sorted(p for p in root.rglob("*.safetensors") if p.is_file())
-        weights = sum(p.stat().st_size for p in files)
+        files = sorted(p for p in root.rglob("*.safetensors") if p.is_file() and loads(p.relative_to(root).parts[0]))
         stored = 2 if files and _stored_half(files[0]) else 4  # bytes per value in the files
-        scale = DTYPE_BYTES.get(dtype, 4) / stored  # loaded at the requested precision
-        channels = vae.get("block_out_channels") or FLUX_VAE_CHANNELS
+        b = DTYPE_BYTES.get(dtype, 4)
+        weights = int(sum(p.stat().st_size for p in files) * b / stored)  # loaded at the requested precision
+        built = {f"{c}/config.json": _built_params(_read_config(root / c / "config.json")) for c in CONFIGS if loads(c)}
+        channels = vae.get("block_out_channels")
+        if not (isinstance(channels, list) and channels and all(_size(c) for c in channels)):
+            channels = FLUX_VAE_CHANNELS
+        built["vae/config.json"] = _size(vae.get("layers_per_block")) * sum(9 * c * c for c in channels)  # 3x3 convs
+        largest = max(built, key=built.__getitem__)
+        vae_factor = 2 ** min(len(channels) - 1, 16)
+        sizes = dict(vae_channels=int(channels[0]), vae_factor=vae_factor, bytes_per_value=b)
+        if transformer == "transformer":
+            text_tokens = _size(_read_config(root / "model_index.json").get("max_text_tokens")) or 512
+            hidden = _size(config.get("num_attention_heads")) * _size(config.get("attention_head_dim")) or 3072
+            sizes.update(hidden=hidden, text_tokens=text_tokens)
+        else:  # NanoDiT: its own width, patch size and sample size; its text is short and counted as none
+            sizes.update(
+                hidden=_size(config.get("hidden_size")) or 1,
+                text_tokens=0,
+                token_pixels=vae_factor * (_size(config.get("patch_size")) or 1),
+                sample_pixels=_size(config.get("sample_size")) * vae_factor,
+            )
+        from_configs = sum(built.values()) * b
         return cls(
-            hidden=int(transformer.get("num_attention_heads", 24)) * int(transformer.get("attention_head_dim", 128)),
-            vae_channels=int(channels[0]),
-            vae_factor=2 ** (len(channels) - 1),
-            bytes_per_value=DTYPE_BYTES.get(dtype, 4),
-            weights_bytes=int(weights * scale),
+            **sizes,
+            weights_bytes=max(weights, from_configs),
+            weights_from=largest if from_configs > weights else "",
         )
 
     @classmethod
@@ -128,10 +163,43 @@ class ModelDims:
         )
 
 
+# The top-level folders of a model dir that each command loads, the denoiser first: only their weights count.
+TEXT = ("text_encoder", "text_encoder_2")
+LOADS = {
+    "compose": ("transformer", "vae", *TEXT, "image_encoders", "adapter"),
+    "panorama": ("transformer", "vae", *TEXT),  # a panorama scene loads what compose does
+    "fill": ("transformer", "vae", *TEXT, "fill"),  # with refs, also image_encoders and adapter
+    "vary": ("nanodit", "vae", *TEXT, "image_encoders"),
+}
+# The component configs whose sizes bound the parameters they build (the VAE's is read on its own).
+CONFIGS = ("transformer", "text_encoder", "text_encoder_2", "image_encoders/clip", "image_encoders/dino", "nanodit")
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KB; a larger one is left to the loaders, which report it
+
+
+def _size(value: object) -> int:
+    """A positive integer size from a config, else 0 (a missing or malformed value: the loaders report it)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _built_params(cfg: dict) -> int:
+    """A lower bound on the parameters a transformer config builds (FLUX, T5, CLIP, DINOv2, NanoDiT): per layer
+    the MLP's two width x ffn matrices, and the token embeddings. Real counts are several times higher."""
+    layers = sum(_size(cfg.get(k)) for k in ("num_layers", "num_single_layers", "num_hidden_layers", "depth"))
+    heads = _size(cfg.get("num_attention_heads")) * _size(cfg.get("attention_head_dim"))
+    width = _size(cfg.get("hidden_size")) or _size(cfg.get("d_model")) or heads
+    ratio = cfg.get("mlp_ratio")
+    ok = isinstance(ratio, int | float) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 0
+    by_ratio = int(width * min(ratio, 1e6)) if ok else 0  # capped: a lower bound may be low, never overflow
+    ffn = _size(cfg.get("intermediate_size")) or _size(cfg.get("d_ff")) or by_ratio or width
+    return layers * 2 * width * ffn + _size(cfg.get("vocab_size")) * width
+
+
 def _read_config(path: Path) -> dict:
     try:
+        if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:  # a FIFO would block the read
+            return {}
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}  # the loaders report a bad model dir with their own message; the bound uses defaults
     return data if isinstance(data, dict) else {}
 
@@ -142,7 +210,9 @@ def _stored_half(path: Path) -> bool:
         with open(path, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(min(n, 1 << 20)))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(header, dict):
         return False
     dtypes = [v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
     return bool(dtypes) and dtypes[0] in ("BF16", "F16")
@@ -170,7 +240,7 @@ def require_finite(**tensors: torch.Tensor | None) -> None:
 # ---------------------------------------------------------------------------------------------- pre-flight
 def minimum_bytes(request: Request, dims: ModelDims) -> tuple[int, str]:
     """A lower bound on the peak memory of `request` and the part that dominates it."""
-    tokens = (request.height // TOKEN_PIXELS) * (request.width // TOKEN_PIXELS)
+    tokens = (request.height // dims.token_pixels) * (request.width // dims.token_pixels)
     b = dims.bytes_per_value
     transformer = request.batch * (tokens + dims.text_tokens) * dims.hidden * b * TRANSFORMER_COPIES
     vae = request.batch * request.height * request.width * dims.vae_channels * b * VAE_COPIES
@@ -180,9 +250,15 @@ def minimum_bytes(request: Request, dims: ModelDims) -> tuple[int, str]:
 
 def device_memory(device: str | torch.device) -> int | None:
     """Total memory of `device` in bytes (cgroup limit or physical RAM for cpu); None when unknown."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(dev).total_memory)
+    try:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+        if dev.type == "cuda":
+            return int(torch.cuda.get_device_properties(dev).total_memory)
+    except (RuntimeError, AssertionError, ValueError) as exc:  # "gpu"; "cuda:9" on a one-GPU machine
+        reason = str(exc).split(" device type at")[0][:80]  # torch lists every device type it knows
+        raise ValidationError([Problem("device", str(device), f"is not a device of this machine: {reason}")]) from None
     if dev.type != "cpu":
         return None
     try:
@@ -226,16 +302,34 @@ def preflight(request: Request, dims: ModelDims, capacity: int | None = None) ->
         return
     have = f"more than the {capacity / GIB:.1f} GiB of {request.device} memory"
     fitting = _fitting_size(request, dims, capacity)
+    if fitting is None and dims.weights_bytes > capacity:
+        source = f" (the sizes in {dims.weights_from})" if dims.weights_from else ""
+        hint = "check those sizes" if dims.weights_from else "use a lower-precision dtype or a device with more memory"
+        raise ResourceError(
+            f"{request.describe()}: the weights alone need {dims.weights_bytes / GIB:.1f} GiB{source}, {have}; {hint}"
+        )
     if fitting is None:
         raise ResourceError(
-            f"{request.describe()}: the weights alone need {dims.weights_bytes / GIB:.1f} GiB, {have}; "
-            "use a lower-precision dtype or a device with more memory"
+            f"{request.describe()}: the weights and {dims.text_tokens} text tokens need at least "
+            f"{minimum_bytes(Request(request.what, 0, 0, batch=request.batch), dims)[0] / GIB:.1f} GiB, {have}; "
+            "lower max_text_tokens or use a device with more memory"
         )
     refs = ", fewer refs" if request.refs else ""
     raise ResourceError(
         f"{request.describe()} needs at least {need / GIB:.1f} GiB ({part}), {have}; "
         f"try at most {fitting[0]}x{fitting[1]} (height x width){refs} or a lower-precision dtype"
     )
+
+
+def preflight_weights(
+    what: str, root: str | Path, dtype: torch.dtype, device: str | torch.device, *, components: Sequence[str] = ()
+) -> None:
+    """Refuse to load a model dir whose weights (or what its configs name: 10**9 layers, 10**9 text tokens) cannot
+    fit on `device`, before anything is built; every pipeline's `from_model_dir` calls it. `components`: the folders
+    loaded (default `LOADS[what]`)."""
+    loads = components or LOADS[what]
+    dims = ModelDims.from_model_dir(root, dtype, components=loads, transformer=loads[0])
+    preflight(Request(what, 0, 0, device=str(device)), dims)
 
 
 # ---------------------------------------------------------------------------------------------- OOM guard

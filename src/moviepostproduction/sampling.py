@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from moviepostproduction.errors import MppError, Problem, ValidationError
 
 __all__ = [
+    "MAX_SEED",
+    "MAX_STEPS",
     "SCHEDULES",
     "SamplingConfig",
     "SamplingValueError",
@@ -28,13 +30,18 @@ __all__ = [
     "compute_mu",
     "denoise",
     "dual_cfg",
+    "finite_problem",
     "get_timesteps",
     "latent_image_ids",
     "make_noise",
     "noise_latents",
     "pack_latents",
+    "positive_problem",
+    "require_valid",
     "scale_problem",
     "scene_guidance",
+    "seed_problem",
+    "steps_problem",
     "strength_timesteps",
     "text_ids",
     "time_shift",
@@ -43,6 +50,8 @@ __all__ = [
 ]
 
 SCHEDULES = ("shifted", "linear", "cosine")
+MAX_STEPS = 1000  # the most denoising steps any entry point accepts (CLI, Python API, ComfyUI nodes)
+MAX_SEED = 2**64  # seeds are integers in [0, MAX_SEED): what torch.Generator.manual_seed takes, made non-negative
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, float, torch.Tensor], "torch.Tensor | None"]
@@ -95,8 +104,7 @@ def get_timesteps(
     static `shift` factor is given (SD3 / diffusers `FlowMatchEulerDiscreteScheduler(shift=...)` meaning), or
     the explicit `mu`. linear: the plain grid. cosine: (1 + cos(pi i / N)) / 2, denser near both ends.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise _invalid("num_steps", num_steps, "must be an integer >= 1")
+    require_valid(steps_problem("num_steps", num_steps))
     if schedule not in SCHEDULES:
         raise _invalid("schedule", schedule, f"unknown schedule, expected one of {', '.join(SCHEDULES)}")
     if schedule != "shifted" and (shift is not None or mu is not None):
@@ -217,6 +225,7 @@ def make_noise(
         raise _invalid("seed", seed, "give exactly one of generator or seed")
     shape = tuple(shape)
     if seed is not None:
+        require_valid(seed_problem("seed", seed))
         generator = torch.Generator("cpu").manual_seed(int(seed))
     if isinstance(generator, torch.Generator):
         noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
@@ -242,6 +251,39 @@ def scale_problem(field: str, value: object) -> Problem | None:
 def positive_problem(field: str, value: object) -> Problem | None:
     """The problem with a factor that must be a finite number > 0 (e.g. a noise temperature), if any."""
     return None if is_positive_number(value) else Problem(field, value, "must be a positive number")
+
+
+def finite_problem(field: str, value: object) -> Problem | None:
+    """The problem with a factor that may have any sign but must be a finite number (e.g. a dual-CFG scale)."""
+    return None if is_finite_number(value) else Problem(field, value, "must be a finite number")
+
+
+def steps_problem(field: str, value: object) -> Problem | None:
+    """The problem with a number of denoising steps, if any: an integer in [1, MAX_STEPS]. The bound keeps a typo
+    such as 10**9 from allocating its schedule (and rolling offsets) before the first step."""
+    if not (_is_integer(value) and 1 <= value <= MAX_STEPS):
+        return Problem(field, value, f"must be an integer in [1, {MAX_STEPS}]")
+    return None
+
+
+def seed_problem(field: str, value: object) -> Problem | None:
+    """The problem with a seed, if any: None (the default seed) or an integer in [0, 2**64), the range of
+    torch.Generator.manual_seed without its negative half (which aliases the top half)."""
+    if value is not None and not (_is_integer(value) and 0 <= value < MAX_SEED):
+        return Problem(field, value, "must be an integer in [0, 2**64)")
+    return None
+
+
+def _is_integer(value: object) -> bool:
+    """An integer of any integer type (numpy's too), not a bool."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
+def require_valid(*problems: Problem | None) -> None:
+    """Raise one `SamplingValueError` listing every problem given (None entries are no problem)."""
+    found = [p for p in problems if p is not None]
+    if found:
+        raise SamplingValueError(found)
 
 
 def is_finite_number(value: object) -> bool:

@@ -7,26 +7,37 @@ collected before one `ValidationError` is raised. Image paths are relative to th
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
-import yaml
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticCustomError
 
-from moviepostproduction.errors import MppError, Problem, ValidationError, problems_from_pydantic, syntax_problem
+from moviepostproduction.errors import (
+    FileProblem,
+    MppError,
+    Problem,
+    ValidationError,
+    data_problem,
+    problems_from_pydantic,
+    shown_path,
+)
+from moviepostproduction.files import open_regular, read_structured, resolve_input
 
 Depth = Literal["fg", "mg", "bg"]
 DEPTHS: tuple[str, ...] = ("fg", "mg", "bg")  # order of the depth one-hot (AlphaPredictor input)
 DEFAULT_MAX_REFS = 50
 SUFFIXES = (".json", ".yaml", ".yml")
+MAX_IMAGE_BYTES = 256 << 20  # an image file a user names; its pixels are bounded by PIL's MAX_IMAGE_PIXELS
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,7 @@ class _Context:
 
     base_dir: Path = field(default_factory=Path.cwd)
     check_images: bool = True
+    root: Path | None = None  # when set, every image must resolve inside it (ComfyUI's input directory)
     max_refs: int = DEFAULT_MAX_REFS
     # The raw `panorama` flag, known before refs are validated so that a wrapping bbox is judged in place;
     # None when unknown (direct construction), then `Scene` judges wraps after its refs are built.
@@ -52,20 +64,51 @@ def _fail(kind: str, message: str, shown: object = None) -> PydanticCustomError:
     return PydanticCustomError(kind, "{message}", ctx)
 
 
+@contextmanager
+def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Iterator[tuple[BinaryIO, Image.Image]]:
+    """An image file a user named, open with only its header read: a FIFO, a device or a folder is refused unopened
+    (`files.open_regular`), and more than `max_pixels` (default PIL's MAX_IMAGE_PIXELS) before any pixel is decoded
+    (a decompression bomb); both as a FileProblem."""
+    with open_regular(path, MAX_IMAGE_BYTES) as fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # bounded below, in one line
+        limit = max_pixels or Image.MAX_IMAGE_PIXELS
+        try:
+            img = Image.open(fh)
+        except Image.DecompressionBombError:  # past twice PIL's limit
+            raise FileProblem(path, f"has more than {limit} pixels (a decompression bomb?)") from None
+        with img:
+            if limit and img.width * img.height > limit:
+                raise FileProblem(
+                    path, f"is {img.width}x{img.height}, more than {limit} pixels (a decompression bomb?)"
+                )
+            yield fh, img
+
+
 def _image_problem(path: Path) -> str | None:
     """Why `path` is not a readable image, or None when it is."""
-    if not path.is_file():
-        return f"image file not found: {path}"
     # verify() catches bad checksums without decoding; load() then catches truncated pixel data.
     try:
-        with Image.open(path) as img:
+        with open_image(path) as (fh, img):
             img.verify()
-        with Image.open(path) as img:
-            img.load()
+            fh.seek(0)
+            with Image.open(fh) as again:
+                again.load()
+    except FileProblem as err:
+        return f"image file {err.reason}: {shown_path(path)}"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return f"cannot decode image file {path}: {reason}"
+        reason = "not a format Pillow knows" if isinstance(err, UnidentifiedImageError) else reason
+        return f"cannot decode image file {shown_path(path)}: {reason}"
     return None
+
+
+def _unicode(text: str) -> str:
+    """`text`, unless it holds a lone UTF-16 surrogate (JSON's "\\ud800"), which the tokenizer cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _fail("text", f"has a lone UTF-16 surrogate at character {err.start}") from None
+    return text
 
 
 def _parse_bbox(value: object, panorama: bool | None) -> tuple[float, float, float, float]:
@@ -109,7 +152,12 @@ class Reference(BaseModel):
         if not isinstance(value, str | os.PathLike) or not str(value).strip():
             raise _fail("image", "must be a non-empty path to an image file")
         ctx = _context(info)
-        path = (ctx.base_dir / Path(value).expanduser()).resolve()
+        if ctx.root is not None and resolve_inside(str(value), ctx.base_dir, ctx.root) is None:
+            raise _fail("image", "must be a relative path to an image file inside the input directory")
+        try:
+            path = resolve_input(value, ctx.base_dir)  # a loop, too long, an unknown ~user: refused unopened
+        except FileProblem as err:
+            raise _fail("image", f"image file {err.reason}") from None
         if ctx.check_images and (problem := _image_problem(path)):
             raise _fail("image", problem)
         return path
@@ -124,7 +172,7 @@ class Reference(BaseModel):
     def _check_caption(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise _fail("caption", "must be a non-empty string or left out")
-        return value.strip() if value is not None else None
+        return _unicode(value.strip()) if value is not None else None
 
     @property
     def wraps(self) -> bool:
@@ -160,7 +208,7 @@ class Scene(BaseModel):
     def _check_caption(cls, value: str) -> str:
         if not value.strip():
             raise _fail("caption", "must be a non-empty string")
-        return value.strip()
+        return _unicode(value.strip())
 
     @field_validator("height", "width")
     @classmethod
@@ -218,7 +266,7 @@ class Scene(BaseModel):
             raise ValidationError(problems)
         images = []
         for ref in self.refs:
-            with Image.open(ref.image) as img:
+            with open_image(ref.image) as (_, img):
                 rgba = img.convert("RGBA")
             canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             images.append(Image.alpha_composite(canvas, rgba).convert("RGB"))
@@ -250,6 +298,20 @@ def _relative(path: Path, base_dir: Path | None) -> str:
         return path.as_posix()
 
 
+def resolve_inside(name: str, base_dir: Path, root: Path) -> Path | None:
+    """The resolved path of `name` (relative to `base_dir`) when it lies inside the resolved folder `root`; None
+    when `name` is absolute, starts with `~`, or leaves `root` by `..` or through a link. The answer never depends
+    on whether anything outside `root` exists, so a refusal reveals nothing about the rest of the machine."""
+    if not name or Path(name).is_absolute() or name.startswith("~") or "\0" in name:
+        return None
+    try:
+        lexical = Path(os.path.normpath(base_dir / name))  # `..` judged as written, before any link is followed
+        path = lexical.resolve()
+    except (OSError, RuntimeError, ValueError):  # a link loop, a name too long
+        return None
+    return path if lexical.is_relative_to(root) and path.is_relative_to(root) else None
+
+
 def scene_from_dict(
     data: object,
     *,
@@ -257,8 +319,10 @@ def scene_from_dict(
     max_refs: int = DEFAULT_MAX_REFS,
     check_images: bool = True,
     source: str | None = None,
+    root: str | os.PathLike | None = None,
 ) -> Scene:
-    """Validate plain data (as parsed from a scene file); image paths are relative to `base_dir`."""
+    """Validate plain data (as parsed from a scene file); image paths are relative to `base_dir`. With `root`
+    (ComfyUI's input directory), every image path must be relative and resolve inside `root`."""
     if isinstance(max_refs, bool) or not isinstance(max_refs, int) or max_refs < 0:
         raise ValidationError([Problem("max_refs", max_refs, "must be an integer >= 0")], source=source)
     if not isinstance(data, dict):
@@ -267,11 +331,14 @@ def scene_from_dict(
             [Problem("(top level)", type(data).__name__, f"must be a mapping of keys to values, got {kind}")],
             source=source,
         )
+    if problem := data_problem(data):  # nesting, size, huge integers, lone surrogates: before pydantic recurses
+        raise ValidationError([problem], source=source)
     raw_panorama = data.get("panorama", False)
     ctx = _Context(
         base_dir=Path(base_dir).expanduser().resolve(),
         check_images=check_images,
         max_refs=max_refs,
+        root=Path(root).resolve() if root is not None else None,
         panorama=raw_panorama if isinstance(raw_panorama, bool) else None,
     )
     try:
@@ -280,19 +347,21 @@ def scene_from_dict(
         raise ValidationError(problems_from_pydantic(err, Scene, Reference), source=source) from None
 
 
-def load_scene(path: str | os.PathLike, *, max_refs: int = DEFAULT_MAX_REFS, check_images: bool = True) -> Scene:
-    """Read and validate a .json / .yaml / .yml scene file."""
+def load_scene(
+    path: str | os.PathLike,
+    *,
+    max_refs: int = DEFAULT_MAX_REFS,
+    check_images: bool = True,
+    root: str | os.PathLike | None = None,
+) -> Scene:
+    """Read and validate a .json / .yaml / .yml scene file (`root`: as in `scene_from_dict`). The file is read by
+    `files.read_structured`: a FIFO, a device, a symlink loop, a path too long, an unknown `~user`, more than 1 MiB,
+    nesting past 64, more than 100,000 values (YAML aliases counted in full), YAML tags, duplicate keys and
+    integers past 4300 digits are refused in one line naming the file."""
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise MppError(f"{path}: unsupported scene file suffix {path.suffix!r} (expected .json, .yaml or .yml)")
-    if not path.is_file():
-        raise MppError(f"{path}: scene file not found" if not path.exists() else f"{path}: not a file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise MppError(f"{path}: cannot read scene file: {err}") from None
-    try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ValidationError([syntax_problem(err, text)], source=str(path)) from None
-    return scene_from_dict(data, base_dir=path.parent, max_refs=max_refs, check_images=check_images, source=str(path))
+    data = read_structured(path, "scene file")
+    return scene_from_dict(
+        data, base_dir=path.parent, max_refs=max_refs, check_images=check_images, source=shown_path(path), root=root
+    )

@@ -3,7 +3,6 @@ conversions between PIL images and pixel tensors in [-1, 1]."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
+
+from moviepostproduction.files import atomic_output
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -70,15 +71,14 @@ def image_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
 
 
 def save_png(image: Image.Image, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write a PNG atomically (temp file + rename), with optional text chunks (e.g. the model that made it)."""
+    """Write a PNG atomically (`files.atomic_output`: a unique temp file + rename; a failure is one line naming
+    `path` and keeps an earlier file there), with optional text chunks (e.g. the model that made it)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(key, value)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 

@@ -35,7 +35,6 @@ def bench(
 ) -> None:
     """Time plain FLUX against the conditioned forward on identical inputs, interleaved; one line per case."""
     import json
-    from pathlib import Path
 
     from moviepostproduction.bench.harness import (
         BenchConfig,
@@ -48,7 +47,10 @@ def bench(
     from moviepostproduction.bench.report import format_case, format_encoders, format_header, format_prepare
     from moviepostproduction.bench.setup import BenchShape
     from moviepostproduction.compose.assemble_rows import MAX_BUCKETS
+    from moviepostproduction.files import check_output, write_text_atomic
 
+    if json_out:
+        check_output(json_out, "--json")  # before the timings, not after them
     cfg = BenchConfig(
         tokens=parse_numbers("--tokens", tokens) or default_tokens(device),
         refs=parse_numbers("--refs", refs),
@@ -74,5 +76,5 @@ def bench(
     for line in [*map(format_case, report.cases), *encoders, *map(format_prepare, report.prepares)]:
         typer.echo(line)
     if json_out:
-        Path(json_out).write_text(json.dumps(report.to_dict(), indent=2))
+        write_text_atomic(json.dumps(report.to_dict(), indent=2), json_out)
         typer.echo(f"wrote {json_out}")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 import typer
 
-from moviepostproduction.errors import MppError
+from moviepostproduction.errors import MppError, Problem, shown_path
 
 app = typer.Typer(
     name="mpp",
@@ -21,15 +23,26 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable)
+# OSErrors that are the machine's or the user's doing, not a bug: reported as one line naming the file.
+FILE_ERRNOS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
+    errno.ENAMETOOLONG, errno.EFBIG, errno.ENOENT, errno.EEXIST, errno.ELOOP,
+}  # fmt: skip
 
 
 def user_errors(fn: F) -> F:
-    """Report `MppError`s (and running out of memory) as one-line messages on stderr and exit with code 2."""
+    """Report `MppError`s, running out of memory and the file system's refusals of a named file (a full disk, a
+    read-only folder, ...) as one-line messages on stderr and exit with code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except OSError as err:  # a file a command reads or writes outside the checked paths: full disk, read-only
+            if err.errno not in FILE_ERRNOS or err.filename is None:
+                raise
+            typer.echo(f"error: {shown_path(err.filename)}: {os.strerror(err.errno)}", err=True)
+            raise typer.Exit(code=2) from None
         except (MppError, MemoryError, RuntimeError) as err:
             if not isinstance(err, MppError):  # an out-of-memory no command translated itself; anything else is a bug
                 from moviepostproduction.resources import out_of_memory_error
@@ -59,6 +72,37 @@ def noise_temperature_option():
     return typer.Option(
         None, "--noise-temperature", help="Factor on the starting noise, 1 = as drawn (default: the model dir's)."
     )
+
+
+STEPS_HELP = "Denoising steps, 1 to 1000."  # sampling.MAX_STEPS (not imported: it loads torch); a test pins it
+
+
+def check_options(*more: Problem | None, **options: object) -> None:
+    """Refuse bad numbers before anything loads, one line each naming the option (`--steps: must be an integer in
+    [1, 1000] (got 1000000000)`), with the checks the Python API uses (sampling.py), and the command's own `more`
+    problems in the same error. An option left out (None) takes its default from the model dir, which is checked
+    when it is read."""
+    from moviepostproduction.sampling import (
+        finite_problem,
+        positive_problem,
+        require_valid,
+        scale_problem,
+        seed_problem,
+        steps_problem,
+    )
+
+    checks = {
+        "steps": steps_problem,
+        "seed": seed_problem,
+        "guidance": scale_problem,
+        "true_cfg": scale_problem,
+        "ref_guidance": scale_problem,
+        "noise_temperature": positive_problem,
+        "text_scale": finite_problem,
+        "image_scale": finite_problem,
+    }
+    flag = {name: "--" + name.replace("_", "-") for name in checks}
+    require_valid(*(checks[k](flag[k], v) for k, v in options.items() if v is not None), *more)
 
 
 def parse_dtype(name: str):

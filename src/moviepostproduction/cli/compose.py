@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from moviepostproduction.cli.common import (
+    STEPS_HELP,
     app,
+    check_options,
     noise_temperature_option,
     parse_dtype,
     ref_guidance_option,
@@ -59,8 +61,8 @@ def compose(
     model: str | None = typer.Option(
         None, "--model", help="Model dir (FLUX.1-dev layout + adapter/); default: embedded."
     ),
-    steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed (default: the scene's seed, else 0)."),
+    steps: int = typer.Option(28, "--steps", help=STEPS_HELP),
+    seed: int | None = typer.Option(None, "--seed", help="Seed in [0, 2**64) (default: the scene's seed, else 0)."),
     guidance: float = typer.Option(3.5, "--guidance", help="FLUX guidance embedding scale."),
     true_cfg: float = typer.Option(1.0, "--true-cfg", help="True CFG scale (> 1 with --negative)."),
     negative: str | None = typer.Option(None, "--negative", help="Negative prompt for true CFG."),
@@ -75,15 +77,22 @@ def compose(
     from pathlib import Path
 
     from moviepostproduction.compose.pipeline import ComposePipeline
+    from moviepostproduction.files import check_output
     from moviepostproduction.model_dir import default_model_dir
-    from moviepostproduction.resources import ModelDims, Request, memory_guard, preflight
+    from moviepostproduction.resources import LOADS, ModelDims, Request, memory_guard, preflight
     from moviepostproduction.scene import load_scene
     from moviepostproduction.visualize import draw_layout, save_png
 
-    loaded = load_scene(scene, max_refs=max_refs)  # fail on a bad scene before loading any weights
+    # Everything that can be refused is, before any weights load: numbers, outputs, the scene, the memory bound.
+    check_options(steps=steps, seed=seed, guidance=guidance, true_cfg=true_cfg, ref_guidance=ref_guidance,
+                  noise_temperature=noise_temperature)  # fmt: skip
+    check_output(output)
+    if overlay:
+        check_output(Path(output).with_suffix(".layout.png"), "--overlay")
+    loaded = load_scene(scene, max_refs=max_refs)
     md, torch_dtype = model or default_model_dir(), parse_dtype(dtype)
     request = Request("compose", loaded.height, loaded.width, refs=len(loaded.refs), device=device)
-    preflight(request, ModelDims.from_model_dir(md, torch_dtype))  # refuse what cannot fit, before loading
+    preflight(request, ModelDims.from_model_dir(md, torch_dtype, components=LOADS["compose"]))
     with memory_guard(request):
         pipe = ComposePipeline.from_model_dir(md, dtype=torch_dtype, device=device)
         result = pipe(

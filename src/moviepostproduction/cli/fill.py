@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from moviepostproduction.cli.common import (
+    STEPS_HELP,
     app,
+    check_options,
     noise_temperature_option,
     parse_dtype,
     ref_guidance_option,
@@ -25,8 +27,8 @@ def fill(
     refs: str | None = typer.Option(None, "--refs", help="Scene: insert its refs at their bboxes (caption = prompt)."),
     prompt: str = typer.Option("", "--prompt", help="Text prompt (not with --refs)."),
     model: str | None = typer.Option(None, "--model", help="FLUX-Fill model dir (+ fill/ weights); default: embedded."),
-    steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
-    seed: int = typer.Option(0, "--seed", help="Noise seed."),
+    steps: int = typer.Option(28, "--steps", help=STEPS_HELP),
+    seed: int = typer.Option(0, "--seed", help="Noise seed in [0, 2**64)."),
     guidance: float = typer.Option(30.0, "--guidance", help="FLUX guidance embedding scale (FLUX-Fill default 30)."),
     ref_guidance: float | None = ref_guidance_option(),
     noise_temperature: float | None = noise_temperature_option(),
@@ -34,28 +36,36 @@ def fill(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
 ) -> None:
     """Repaint the masked part of a plate (FLUX-Fill); pixels outside the mask are kept exactly."""
+    from moviepostproduction.files import check_output
     from moviepostproduction.fill.inputs import read_fill_inputs
     from moviepostproduction.fill.pipeline import FillPipeline
+    from moviepostproduction.resources import LOADS, ModelDims, Request, memory_guard, preflight
     from moviepostproduction.toyworld.toy_model import default_fill_model_dir
     from moviepostproduction.visualize import save_png
 
-    inputs = read_fill_inputs(image, mask, semantic=semantic, scene=refs, prompt=prompt)  # before loading weights
-    pipe = FillPipeline.from_model_dir(
-        model or default_fill_model_dir(),
-        semantic=semantic is not None,
-        refs=refs is not None,
-        dtype=parse_dtype(dtype),
-        device=device,
-    )
-    result = pipe(
-        inputs,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        ref_guidance_scale=ref_guidance,
-        noise_temperature=noise_temperature,
-        seed=seed,
-        progress=True,
-    )
+    # Everything that can be refused is, before any weights load: numbers, the output, the inputs, the memory.
+    check_options(steps=steps, seed=seed, guidance=guidance, ref_guidance=ref_guidance,
+                  noise_temperature=noise_temperature)  # fmt: skip
+    check_output(output)
+    inputs = read_fill_inputs(image, mask, semantic=semantic, scene=refs, prompt=prompt)
+    md, torch_dtype = model or default_fill_model_dir(), parse_dtype(dtype)
+    n_refs = len(inputs.scene.refs) if inputs.scene is not None else 0
+    request = Request("fill", inputs.size[0], inputs.size[1], refs=n_refs, device=device)
+    loads = (*LOADS["fill"], *(LOADS["compose"] if refs is not None else ()))
+    preflight(request, ModelDims.from_model_dir(md, torch_dtype, components=loads))
+    with memory_guard(request):
+        pipe = FillPipeline.from_model_dir(
+            md, semantic=semantic is not None, refs=refs is not None, dtype=torch_dtype, device=device
+        )
+        result = pipe(
+            inputs,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            ref_guidance_scale=ref_guidance,
+            noise_temperature=noise_temperature,
+            seed=seed,
+            progress=True,
+        )
     out = save_png(result.images[0], output, {"mpp:prompt": inputs.prompt, "mpp:model": result.label or str(model)})
     h, w = result.mask.shape
     label = f" [{result.label}]" if result.label else ""

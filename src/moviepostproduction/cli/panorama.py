@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from moviepostproduction.cli.common import (
+    STEPS_HELP,
     app,
+    check_options,
     noise_temperature_option,
     parse_dtype,
     ref_guidance_option,
@@ -20,8 +22,8 @@ def panorama(
     caption: str | None = typer.Option(None, "--caption", help="Text prompt."),
     scene: str | None = typer.Option(None, "--scene", help="A panorama scene (refs may wrap the seam), not --caption."),
     height: int | None = typer.Option(None, "--height", help="Height in pixels, a multiple of 16 [default: 256]."),
-    steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed (default: the scene's seed, else 0)."),
+    steps: int = typer.Option(28, "--steps", help=STEPS_HELP),
+    seed: int | None = typer.Option(None, "--seed", help="Seed in [0, 2**64) (default: the scene's seed, else 0)."),
     guidance: float = typer.Option(3.5, "--guidance", help="FLUX guidance embedding scale."),
     ref_guidance: float | None = ref_guidance_option(),
     noise_temperature: float | None = noise_temperature_option(),
@@ -42,21 +44,37 @@ def panorama(
 
     from moviepostproduction.encoders import TextEncoder
     from moviepostproduction.errors import Problem, ValidationError
+    from moviepostproduction.files import check_output
     from moviepostproduction.model_dir import default_model_dir
     from moviepostproduction.panorama.pipeline import PanoramaPipeline, compose_panorama
     from moviepostproduction.panorama.seams import seam_ratio
     from moviepostproduction.panorama.viewer import write_viewer
     from moviepostproduction.panorama.wrap import PanoramaConfig, panorama_grid
+    from moviepostproduction.resources import LOADS, ModelDims, Request, memory_guard, preflight
+    from moviepostproduction.scene import load_scene
     from moviepostproduction.visualize import save_png
 
+    # Everything that can be refused is, before any weights load: numbers, outputs, the scene or size, the memory.
     if (caption is None) == (scene is None):
         raise ValidationError([Problem("--caption", caption, "give exactly one of --caption or --scene")])
     if scene is not None and height is not None:
         raise ValidationError([Problem("--height", height, "the scene sets the size; drop --height")])
+    check_options(steps=steps, seed=seed, guidance=guidance, ref_guidance=ref_guidance,
+                  noise_temperature=noise_temperature)  # fmt: skip
+    check_output(output)
+    if html:
+        check_output(Path(output).with_suffix(".html"), "--html")
     config = PanoramaConfig(pad=pad, pad_ids=pad_ids, periodic_rope=periodic_rope, circular_vae=circular_vae, roll=roll)
-    if height is not None:
-        panorama_grid(height)  # fail on a bad size before loading any weights
+    loaded = load_scene(scene) if scene is not None else None
+    if loaded is not None and not loaded.panorama:
+        raise ValidationError([Problem("panorama", loaded.panorama, f"{scene} is not a panorama scene")])
+    side = loaded.height if loaded is not None else height or 256
+    config.check_grid(panorama_grid(side))
     md, torch_dtype = model or default_model_dir(), parse_dtype(dtype)
+    refs = len(loaded.refs) if loaded is not None else 0
+    request = Request("panorama", side, 2 * side, refs=refs, device=device)
+    loads = LOADS["compose" if loaded is not None else "panorama"]
+    preflight(request, ModelDims.from_model_dir(md, torch_dtype, components=loads))
     sampling = dict(
         seed=seed,
         num_inference_steps=steps,
@@ -65,26 +83,19 @@ def panorama(
         noise_temperature=noise_temperature,
         progress=True,
     )
-    if scene is not None:
-        from moviepostproduction.compose.pipeline import ComposePipeline
-        from moviepostproduction.scene import load_scene
+    with memory_guard(request):
+        if loaded is not None:
+            from moviepostproduction.compose.pipeline import ComposePipeline
 
-        loaded = load_scene(scene)  # fail on a bad scene before loading any weights
-        if not loaded.panorama:
-            raise ValidationError([Problem("panorama", loaded.panorama, f"{scene} is not a panorama scene")])
-        compose_pipe = ComposePipeline.from_model_dir(md, dtype=torch_dtype, device=device)
-        result = compose_panorama(compose_pipe, loaded, config=config, **sampling)
-        prompt = loaded.caption
-    else:
-        pipe = PanoramaPipeline.from_model_dir(md, config=config, dtype=torch_dtype, device=device)
-        text = TextEncoder.load(md, dtype=torch_dtype, device=device).encode([caption], pipe.defaults.max_text_tokens)
-        result = pipe(
-            prompt_embeds=text.t5,
-            pooled_prompt_embeds=text.pooled,
-            height=height or 256,
-            **sampling,
-        )
-        prompt = caption
+            compose_pipe = ComposePipeline.from_model_dir(md, dtype=torch_dtype, device=device)
+            result = compose_panorama(compose_pipe, loaded, config=config, **sampling)
+            prompt = loaded.caption
+        else:
+            pipe = PanoramaPipeline.from_model_dir(md, config=config, dtype=torch_dtype, device=device)
+            encoder = TextEncoder.load(md, dtype=torch_dtype, device=device)
+            text = encoder.encode([caption], pipe.defaults.max_text_tokens)
+            result = pipe(prompt_embeds=text.t5, pooled_prompt_embeds=text.pooled, height=side, **sampling)
+            prompt = caption
     pixels = (result.images[0] * 255).round().byte().permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
     meta = {"mpp:caption": prompt, "mpp:model": result.label or str(model or "embedded"), "mpp:projection": "equirect"}
     out = save_png(Image.fromarray(pixels), output, meta)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from moviepostproduction.cli.common import app, noise_temperature_option, ref_guidance_option, user_errors
+from moviepostproduction.cli.common import (
+    STEPS_HELP,
+    app,
+    check_options,
+    noise_temperature_option,
+    ref_guidance_option,
+    user_errors,
+)
 
 
 @app.command("prepare-data")
@@ -24,9 +31,11 @@ def prepare_data(
     """Generate the procedural toy world as WebDataset tar shards (train and held-out splits)."""
     from tqdm import tqdm
 
+    from moviepostproduction.files import check_output
     from moviepostproduction.toyworld.shards import write_dataset
     from moviepostproduction.toyworld.synthetic import ToyWorldConfig
 
+    check_output(out, "--out", folder=True)
     cfg = ToyWorldConfig(size=size, ref_size=ref_size, max_refs=max_refs)
     with tqdm(total=n, unit="scene", desc="prepare-data", disable=None) as bar:
         manifest = write_dataset(
@@ -54,11 +63,27 @@ def train(
     max_steps: int | None = typer.Option(None, "--max-steps", help="Override trainer.max_steps."),
 ) -> None:
     """Train (or resume) from a recipe: cached features, stages, checkpoints, samples, curves, export."""
+    import torch
+
+    from moviepostproduction.files import check_output
+    from moviepostproduction.resources import LOADS, ModelDims, Request, preflight
     from moviepostproduction.training.recipe import Recipe, run_recipe
 
     recipe = Recipe.from_file(config)
     if max_steps is not None:
         recipe.trainer["max_steps"] = max_steps
+    # Refused before any weights load: an output folder that cannot be written, weights that cannot fit.
+    check_output(recipe.out, f"{config}: out", folder=True)
+    if recipe.export:
+        check_output(recipe.export, f"{config}: export", folder=True)
+    loads = LOADS.get(recipe.task, LOADS["compose"])
+    dims = ModelDims.from_model_dir(  # bf16, the least a frozen backbone may be loaded in: a lower bound
+        recipe.model,
+        torch.bfloat16,
+        components=loads,
+        transformer="nanodit" if recipe.task == "vary" else "transformer",
+    )
+    preflight(Request("train", 0, 0, device="cuda" if torch.cuda.is_available() else "cpu"), dims)
     result = run_recipe(recipe)
     tail = f", exported {recipe.export}" if recipe.export else ""
     typer.echo(f"trained to step {result.step}, loss {result.losses[-1]:.4f}, checkpoint {result.checkpoint}{tail}")
@@ -73,7 +98,7 @@ def eval_(
     start: int = typer.Option(
         0, "--start", min=0, help="First scene index (e.g. train scenes past a recipe's limit: a validation set)."
     ),
-    steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
+    steps: int = typer.Option(28, "--steps", help=STEPS_HELP),
     seeds: int = typer.Option(
         1,
         "--seeds",
@@ -102,8 +127,22 @@ def eval_(
 ) -> None:
     """Bbox alignment (IoU, centre error), fg identity (also on seen / unseen shape-colour pairs) and leakage of a
     toy-world model and its ablations."""
-    from moviepostproduction.toyworld.compose_eval import run_eval
+    from moviepostproduction.errors import Problem
+    from moviepostproduction.toyworld.compose_eval import MAX_EVAL_SCENES, MAX_EVAL_SEEDS, run_eval
 
+    counts = (
+        ("--n", n, MAX_EVAL_SCENES),
+        ("--start", start, MAX_EVAL_SCENES * 100),
+        ("--seeds", seeds, MAX_EVAL_SEEDS),
+        ("--first-seed", first_seed, MAX_EVAL_SEEDS * 100),
+    )
+    check_options(
+        *(Problem(flag, value, f"must be at most {most}") for flag, value, most in counts if value > most),
+        Problem("--leak-scenes", leak_scenes, "must be >= 0") if leak_scenes < 0 else None,
+        steps=steps,
+        ref_guidance=ref_guidance,
+        noise_temperature=noise_temperature,
+    )
     report = run_eval(
         split=split,
         model=model,

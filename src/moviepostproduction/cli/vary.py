@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moviepostproduction.cli.common import app, parse_dtype, user_errors
+from moviepostproduction.cli.common import STEPS_HELP, app, check_options, parse_dtype, user_errors
 
 
 @app.command()
@@ -16,30 +16,40 @@ def vary(
     model: str | None = typer.Option(
         None, "--model", help="Model dir with nanodit/ (config.json + model.safetensors); default: embedded."
     ),
-    steps: int = typer.Option(28, "--steps", min=1, help="Denoising steps."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the noise."),
+    steps: int = typer.Option(28, "--steps", help=STEPS_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise, in [0, 2**64)."),
     text_scale: float = typer.Option(4.0, "--text-scale", help="Dual CFG text scale s_T (unused without --caption)."),
     image_scale: float = typer.Option(1.5, "--image-scale", help="Dual CFG image scale s_I."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
 ) -> None:
     """A variation of a reference image with NanoDiT (DINO CLS + patch features), optionally steered by a caption."""
+    from moviepostproduction.files import check_output
     from moviepostproduction.model_dir import default_model_dir
+    from moviepostproduction.resources import LOADS, ModelDims, Request, memory_guard, preflight
     from moviepostproduction.vary.pipeline import VaryPipeline, load_reference
     from moviepostproduction.visualize import save_png
 
-    image = load_reference(ref, "--ref")  # fail on a bad reference before loading any weights
-    pipe = VaryPipeline.from_model_dir(model or default_model_dir(), dtype=parse_dtype(dtype), device=device)
-    inputs = pipe.encode([image], [caption] if caption else None)
-    result = pipe(
-        **inputs,
-        text_scale=text_scale,
-        image_scale=image_scale,
-        num_inference_steps=steps,
-        seed=seed,
-        output_type="pil",
-        progress=True,
-    )
+    # Everything that can be refused is, before any weights load: numbers, the output, the reference, the memory.
+    check_options(steps=steps, seed=seed, text_scale=text_scale, image_scale=image_scale)
+    check_output(output)
+    image = load_reference(ref, "--ref")
+    md, torch_dtype = model or default_model_dir(), parse_dtype(dtype)
+    dims = ModelDims.from_model_dir(md, torch_dtype, components=LOADS["vary"], transformer="nanodit")
+    request = Request("vary", dims.sample_pixels, dims.sample_pixels, device=device)  # NanoDiT's fixed size
+    preflight(request, dims)
+    with memory_guard(request):
+        pipe = VaryPipeline.from_model_dir(md, dtype=torch_dtype, device=device)
+        inputs = pipe.encode([image], [caption] if caption else None)
+        result = pipe(
+            **inputs,
+            text_scale=text_scale,
+            image_scale=image_scale,
+            num_inference_steps=steps,
+            seed=seed,
+            output_type="pil",
+            progress=True,
+        )
     picture = result.images[0]
     source = pipe.label or str(model or "embedded")
     meta = {"mpp:caption": caption or "", "mpp:reference": str(ref), "mpp:model": source}

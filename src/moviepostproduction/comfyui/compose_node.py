@@ -6,6 +6,7 @@ import torch
 
 from moviepostproduction.comfyui.host import step_callback
 from moviepostproduction.comfyui.images import from_channels_first, from_pil, to_pil
+from moviepostproduction.comfyui.inputs import checked
 from moviepostproduction.comfyui.model import MppModel, check_model
 from moviepostproduction.comfyui.model_defaults import MODEL_DEFAULT, SAMPLING_DEFAULTS, or_model_default
 from moviepostproduction.comfyui.scene_nodes import check_scene
@@ -48,6 +49,7 @@ class MppCompose:
     FUNCTION = "compose"
     CATEGORY = CATEGORY
 
+    @checked
     def compose(
         self,
         model: MppModel,

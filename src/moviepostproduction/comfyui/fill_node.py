@@ -15,12 +15,14 @@ import torch
 
 from moviepostproduction.comfyui.host import step_callback
 from moviepostproduction.comfyui.images import check_image, check_mask, from_channels_first
+from moviepostproduction.comfyui.inputs import checked
 from moviepostproduction.comfyui.model import DTYPES, resolve_device
 from moviepostproduction.comfyui.model_defaults import MODEL_DEFAULT, SAMPLING_DEFAULTS, or_model_default
 from moviepostproduction.comfyui.scene_nodes import check_scene
 from moviepostproduction.comfyui.types import CATEGORY, SCENE, SEED, STEPS
 from moviepostproduction.errors import Problem, ValidationError
 from moviepostproduction.resources import ModelDims, Request, run_guarded
+from moviepostproduction.sampling import MAX_SEED
 from moviepostproduction.scene import Scene
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ class MppLoadFillModel:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
+    @checked
     def load(self, model_dir: str, device: str, dtype: str, refs: bool) -> tuple[MppFillModel]:
         from moviepostproduction.fill.pipeline import FillPipeline
         from moviepostproduction.toyworld.toy_model import default_fill_model_dir
@@ -103,6 +106,7 @@ class MppFill:
     FUNCTION = "fill"
     CATEGORY = CATEGORY
 
+    @checked
     def fill(
         self,
         fill_model: MppFillModel,
@@ -142,7 +146,7 @@ class MppFill:
                     guidance_scale=guidance,
                     ref_guidance_scale=or_model_default(ref_guidance),
                     noise_temperature=or_model_default(noise_temperature),
-                    seed=seed + b,
+                    seed=(seed + b) % MAX_SEED,  # plate b: the next seed, wrapping as a 64-bit seed does
                     output_type="pt",
                     callback_on_step_end=step_callback(steps),
                 ),

@@ -1,4 +1,5 @@
-"""What the nodes take from a running ComfyUI when there is one: device, progress bar, interrupt, temp folder.
+"""What the nodes take from a running ComfyUI when there is one: device, progress bar, interrupt, temp and input
+folders.
 
 ComfyUI's own modules (`comfy.model_management`, `comfy.utils`, `folder_paths`) exist only inside ComfyUI; the
 pack imports without them, so it can be tested and used from plain Python. Each hook below asks for the module
@@ -39,6 +40,13 @@ def ref_folder() -> Path:
     folder_paths = _host_module("folder_paths")
     base = Path(folder_paths.get_temp_directory()) if folder_paths is not None else default_cache_dir()
     return base / REF_FOLDER
+
+
+def input_folder() -> Path:
+    """The only folder MPP Load Scene reads from: ComfyUI's input directory inside ComfyUI (where LoadImage reads
+    and uploads land), else the current directory. Scene files and the images they name must resolve inside it."""
+    folder_paths = _host_module("folder_paths")
+    return Path(folder_paths.get_input_directory() if folder_paths is not None else Path.cwd()).resolve()
 
 
 def step_callback(total: int) -> StepCallback | None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moviepostproduction.comfyui.host import default_device
+from moviepostproduction.comfyui.inputs import checked
 from moviepostproduction.comfyui.types import CATEGORY, MODEL
 from moviepostproduction.errors import Problem, ValidationError, WeightsError
 from moviepostproduction.resources import ModelDims, Request
@@ -111,6 +112,7 @@ class MppLoadModel:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
+    @checked
     def load(self, model_dir: str, device: str, dtype: str, vary_checkpoint: str = "") -> tuple[MppModel]:
         return (load_model(model_dir, device, dtype, vary_checkpoint),)
 

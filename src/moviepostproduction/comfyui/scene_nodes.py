@@ -5,25 +5,41 @@ its one-line errors naming `refs[i].bbox`) applies unchanged.
 The scene format points at image files, so each IMAGE reference is written once as a PNG named by the hash of
 its pixels (`host.ref_folder()`); the same pixels give the same file, and the compose pipeline's reference
 cache (keyed by path and mtime) is hit across queue runs.
+
+A scene file is chosen from ComfyUI's input directory (`host.input_folder()`), as LoadImage chooses an image: the
+file and every image it names must resolve inside that folder, so a (possibly remote) user of the ComfyUI server
+reads nothing else on the machine, and a refusal does not tell whether a file outside exists.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
-import yaml
 from PIL import Image
 
-from moviepostproduction.comfyui.host import ref_folder
+from moviepostproduction.comfyui.host import input_folder, ref_folder
 from moviepostproduction.comfyui.images import check_image, check_mask, to_pil
+from moviepostproduction.comfyui.inputs import checked
 from moviepostproduction.comfyui.types import CATEGORY, SCENE, side
-from moviepostproduction.errors import Problem, ValidationError
-from moviepostproduction.scene import DEFAULT_MAX_REFS, DEPTHS, Scene, load_scene, scene_from_dict
+from moviepostproduction.errors import FileProblem, Problem, ValidationError, parse_structured
+from moviepostproduction.scene import (
+    DEFAULT_MAX_REFS,
+    DEPTHS,
+    SUFFIXES,
+    Scene,
+    load_scene,
+    resolve_inside,
+    scene_from_dict,
+)
 from moviepostproduction.visualize import save_png
 
 UNIT = {"min": 0.0, "max": 1.0, "step": 0.01}  # a normalised bbox coordinate
+MAX_BBOX_TEXT = 8_000  # characters of the bboxes input: 50 boxes of full-precision floats
+MAX_LISTED = 1_000  # scene files offered in MPP Load Scene's list (folders walked: 10 x as many)
+NOT_A_SCENE_FILE = "must name a .json / .yaml / .yml scene file inside the input directory"
 
 
 def check_scene(scene: object) -> Scene:
@@ -42,10 +58,14 @@ def write_ref(image: Image.Image) -> Path:
 
 
 def _parse(field: str, text: str, example: str) -> object:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ValidationError([Problem(field, text[:60], f"cannot be parsed, write it like {example}")]) from None
+    """YAML for lists of numbers, parsed within the bounds of `errors.parse_structured` (no tags, aliases counted
+    as expanded) and at most 3 levels deep: a list of boxes needs 2."""
+    if len(text) <= MAX_BBOX_TEXT:
+        try:
+            return parse_structured(text, "yaml", max_depth=3, max_values=MAX_BBOX_TEXT)
+        except ValidationError:
+            pass
+    raise ValidationError([Problem(field, text, f"cannot be parsed, write it like {example}")])
 
 
 def _per_image(field: str, values: list, count: int) -> list:
@@ -61,11 +81,13 @@ def ref_entries(images: torch.Tensor, bboxes: str, depths: str, captions: str) -
     """Scene-file ref entries for an IMAGE batch with its bboxes / depths / captions as text."""
     images = check_image("images", images)
     count = images.shape[0]
+    if count > DEFAULT_MAX_REFS:  # before any PNG is written
+        raise ValidationError([Problem("images", f"batch of {count}", f"at most {DEFAULT_MAX_REFS} references")])
     boxes = _parse("bboxes", bboxes, "[[0.1, 0.2, 0.5, 0.9], [0.5, 0.1, 0.9, 0.5]]")
     if isinstance(boxes, list) and len(boxes) == 4 and not any(isinstance(b, list) for b in boxes):
         boxes = [boxes]  # one bare [x0, y0, x1, y1]
     if not isinstance(boxes, list) or not boxes:
-        raise ValidationError([Problem("bboxes", bboxes[:60], "must be a list of [x0, y0, x1, y1], one per image")])
+        raise ValidationError([Problem("bboxes", bboxes, "must be a list of [x0, y0, x1, y1], one per image")])
     boxes = _per_image("bboxes", boxes, count)
     depth_list = _per_image("depths", [d for d in depths.replace(",", " ").split() if d] or ["fg"], count)
     lines = [c.strip() for c in captions.splitlines()]
@@ -104,6 +126,7 @@ class MppScene:
     FUNCTION = "build"
     CATEGORY = CATEGORY
 
+    @checked
     def build(
         self,
         caption: str,
@@ -146,6 +169,7 @@ class MppAddReference:
     FUNCTION = "add"
     CATEGORY = CATEGORY
 
+    @checked
     def add(
         self,
         scene: Scene,
@@ -172,14 +196,44 @@ class MppAddReference:
         return (scene_from_dict(data, base_dir=scene.base_dir or ref_folder()),)
 
 
+def scene_files(root: Path) -> list[str]:
+    """The scene files under `root` as relative POSIX names (`shots/a.json`) for MPP Load Scene's list, at most
+    MAX_LISTED; hidden entries and links to folders are skipped, as is a folder past the walk's bound."""
+    names: list[str] = []
+    for walked, (folder, dirs, files) in enumerate(os.walk(root)):
+        if walked >= 10 * MAX_LISTED or len(names) >= MAX_LISTED:
+            break
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        base = Path(folder).relative_to(root)
+        names += [(base / f).as_posix() for f in files if f.lower().endswith(SUFFIXES) and not f.startswith(".")]
+    return sorted(names)[:MAX_LISTED]
+
+
+def scene_path(name: object, root: Path) -> Path:
+    """The scene file `name` (relative to `root`) resolved; one refusal, the same line, for a name that is missing,
+    leaves `root` (absolute, `~`, `..`, a link), is not a regular file (a FIFO, a device, a folder) or not a scene
+    file, so that it reveals nothing about files outside `root`."""
+    path = resolve_inside(name.strip(), root, root) if isinstance(name, str) else None
+    try:
+        if path is not None and path.suffix.lower() in SUFFIXES and path.is_file():
+            return path
+    except OSError:  # a name too long
+        pass
+    raise ValidationError([Problem("scene_file", name, NOT_A_SCENE_FILE)])
+
+
 class MppLoadScene:
-    """Read a scene file (.json / .yaml, image paths relative to it), validated as `mpp validate` does."""
+    """Read a scene file from ComfyUI's input directory (outside ComfyUI: the current directory), validated as
+    `mpp validate` does; its image paths are relative to it and must stay inside the input directory."""
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's name
         return {
             "required": {
-                "path": ("STRING", {"default": ""}),
+                "scene_file": (
+                    scene_files(input_folder()),
+                    {"tooltip": "A .json / .yaml scene file in ComfyUI's input directory (or a subfolder of it)."},
+                ),
                 "max_refs": ("INT", {"default": DEFAULT_MAX_REFS, "min": 0, "max": 10000}),
             }
         }
@@ -189,5 +243,31 @@ class MppLoadScene:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, path: str, max_refs: int) -> tuple[Scene]:
-        return (load_scene(path.strip(), max_refs=max_refs),)
+    @classmethod
+    def VALIDATE_INPUTS(cls, scene_file: str) -> bool | str:  # noqa: N802 - ComfyUI's name
+        """ComfyUI's hook (as LoadImage's): a name not in the list, e.g. uploaded since, passes if `load` takes it."""
+        try:
+            scene_path(scene_file, input_folder())
+        except ValidationError as err:
+            return str(err)
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, scene_file: str, max_refs: int) -> str:  # noqa: N802 - ComfyUI's name
+        """ComfyUI runs the node again when this changes: an edited scene file is read again."""
+        try:
+            stat = scene_path(scene_file, input_folder()).stat()
+        except (ValidationError, OSError):
+            return ""
+        return f"{stat.st_mtime_ns} {stat.st_size} {max_refs}"
+
+    @checked
+    def load(self, scene_file: str, max_refs: int) -> tuple[Scene]:
+        root = input_folder()
+        path = scene_path(scene_file, root)
+        try:
+            return (load_scene(path, max_refs=max_refs, root=root),)
+        except ValidationError as err:  # named as the user named it, not by the server's absolute path
+            raise ValidationError(err.problems, source=scene_file.strip()) from None
+        except FileProblem as err:  # too large, not UTF-8, unreadable
+            raise FileProblem(scene_file.strip(), err.reason) from None

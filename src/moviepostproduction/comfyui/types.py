@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from moviepostproduction.sampling import MAX_SEED, MAX_STEPS
+
 CATEGORY = "moviepostproduction"
 MODEL = "MPP_MODEL"  # comfyui.model.MppModel
 SCENE = "MPP_SCENE"  # scene.Scene (validated, immutable)
 
 MAX_SIDE = 16384  # ComfyUI's MAX_RESOLUTION
-SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True})
-STEPS = ("INT", {"default": 28, "min": 1, "max": 1000})
+SEED = ("INT", {"default": 0, "min": 0, "max": MAX_SEED - 1, "control_after_generate": True})
+STEPS = ("INT", {"default": 28, "min": 1, "max": MAX_STEPS})
 GUIDANCE = ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "FLUX guidance embedding."})
 
 

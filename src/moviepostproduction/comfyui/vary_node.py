@@ -8,6 +8,7 @@ import torch
 
 from moviepostproduction.comfyui.host import step_callback
 from moviepostproduction.comfyui.images import check_image, from_channels_first, to_pil
+from moviepostproduction.comfyui.inputs import checked
 from moviepostproduction.comfyui.model import MppModel, check_model
 from moviepostproduction.comfyui.types import CATEGORY, MODEL, SEED, STEPS, side
 from moviepostproduction.errors import Problem, ValidationError
@@ -41,6 +42,7 @@ class MppVary:
     FUNCTION = "vary"
     CATEGORY = CATEGORY
 
+    @checked
     def vary(
         self,
         model: MppModel,
@@ -58,7 +60,7 @@ class MppVary:
         model = check_model(model)
         if model.vary is None:
             raise ValidationError(
-                [Problem("model", str(model.root), "has no NanoDiT: set vary_checkpoint in MPP Load Model")]
+                [Problem("model", model.root, "has no NanoDiT: set vary_checkpoint in MPP Load Model")]
             )
         images = check_image("image", image)
         pipe, nanodit = model.compose, model.vary

@@ -28,14 +28,20 @@ from moviepostproduction.encoders import (
 )
 from moviepostproduction.errors import Problem, ValidationError
 from moviepostproduction.model_dir import ModelDir, SamplingDefaults, as_model_dir
+from moviepostproduction.resources import preflight_weights
 from moviepostproduction.sampling import (
+    MAX_SEED,
     denoise,
     get_timesteps,
     latent_image_ids,
     make_noise,
     noise_latents,
     pack_latents,
+    require_valid,
+    scale_problem,
     scene_guidance,
+    seed_problem,
+    steps_problem,
     strength_timesteps,
     text_ids,
     unpack_latents,
@@ -86,15 +92,15 @@ class ComposePipeline:
         md = as_model_dir(model_dir)
         md.check()
         defaults = md.sampling_defaults()  # a bad value fails before any weights load
+        preflight_weights("compose", md.root, dtype, device)  # and sizes that cannot fit, before anything is built
         adapter = CompositionAdapter.from_pretrained(md.root / ADAPTER_FOLDER).to(device=device, dtype=dtype)
         transformer = load_transformer(md, dtype=dtype, device=device)
-        label = md.output_label()
         return cls(
             ConditionedFlux(transformer, adapter),
             TextEncoder.load(md, dtype=dtype, device=device),
             ImageEncoder.load(md, dtype=dtype, device=device),
             Vae.load(md, dtype=dtype, device=device),
-            label=label,
+            label=md.output_label(),  # after loading: a tiny dir's warning is for a pipeline that exists
             defaults=defaults,
         )
 
@@ -204,12 +210,19 @@ class ComposePipeline:
     ) -> ComposeOutput:
         """Generate one image per scene. A list of scenes is a storyboard: shared references are encoded once.
 
-        Seeds: `generator`, else `seed`, else the scene's own `seed`, else 0; scene k of a storyboard uses seed + k.
+        Seeds (integers in [0, 2**64)): `generator`, else `seed`, else the scene's own `seed`, else 0; scene k of a
+        storyboard uses seed + k. At most `sampling.MAX_STEPS` steps; scales must be finite numbers >= 0.
         `ref_guidance_scale` (1 = off) and `noise_temperature` (a factor on the starting noise, drawn or `latents`;
         1 = the noise as is): None takes `self.defaults`, the model dir's (docs/sampling.md).
         """
         if output_type not in ("pil", "pt", "latent"):
             raise ValidationError([Problem("output_type", output_type, "must be one of pil, pt, latent")])
+        require_valid(
+            steps_problem("num_inference_steps", num_inference_steps),
+            seed_problem("seed", seed),
+            scale_problem("guidance_scale", guidance_scale),
+            scale_problem("true_cfg_scale", true_cfg_scale),
+        )
         used = self.defaults.resolve(ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature)
         scenes = [scene] if isinstance(scene, Scene) else list(scene)
         images, alphas = [], []
@@ -224,7 +237,8 @@ class ComposePipeline:
                 noise = latents.to(self.device, torch.float32)
             else:
                 base = seed if seed is not None else (sc.seed if sc.seed is not None else 0)
-                noise = make_noise(shape, generator=generator) if generator else make_noise(shape, seed=base + k)
+                seeded = (base + k) % MAX_SEED  # a storyboard's scene k: seed + k, wrapping at 2**64
+                noise = make_noise(shape, generator=generator) if generator else make_noise(shape, seed=seeded)
             if used.noise_temperature != 1.0:
                 noise = noise * used.noise_temperature
             timesteps = get_timesteps(num_inference_steps, image_seq_len=h * w, schedule=schedule)

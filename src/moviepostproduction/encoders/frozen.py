@@ -12,23 +12,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 from torch import nn
 
+from moviepostproduction.encoders.checks import load_error, quiet_progress
 from moviepostproduction.encoders.preprocess import ImagePreprocess
-from moviepostproduction.errors import Problem, ValidationError
-from moviepostproduction.model_dir import (
-    IMAGE_COMPONENTS,
-    TEXT_COMPONENTS,
-    ModelDir,
-    as_model_dir,
-    freeze,
-    load_frozen,
-    quiet_progress,
-)
+from moviepostproduction.errors import Problem, ValidationError, WeightsError
+from moviepostproduction.model_dir import COMPONENTS, IMAGE_COMPONENTS, TEXT_COMPONENTS, ModelDir, as_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +37,49 @@ __all__ = [
 ]
 
 Span = tuple[int, int]  # half-open [start, stop) token indices in the T5 sequence
+M = TypeVar("M", bound=nn.Module)
+
+
+def freeze(module: M) -> M:
+    """Frozen encoders: no parameter gradients, eval mode (dropout off)."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def load_frozen(cls: type[M], model_dir: ModelDir, component: str, dtype: torch.dtype) -> M:
+    """`cls.from_pretrained` on one checked component: safetensors only, local only, no missing tensors; the
+    libraries' own warnings are silenced, so a failure is our one line."""
+    model_dir.check([component])
+    folder = model_dir.path(component)
+    try:
+        with quiet_progress():
+            model, info = cls.from_pretrained(
+                folder, local_files_only=True, use_safetensors=True, dtype=dtype, output_loading_info=True
+            )
+    except Exception as exc:  # the libraries raise OSError/ValueError/RuntimeError/SafetensorError alike
+        raise load_error(model_dir.root, folder, cls.__name__, exc) from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise WeightsError(
+            f"model dir {model_dir.root}: weights in {folder} lack {len(missing)} tensors of {cls.__name__} "
+            f"({', '.join(missing[:3])}{more})"
+        )
+    if info.get("unexpected_keys"):
+        logger.debug("%s: ignored %d unexpected tensors", folder, len(info["unexpected_keys"]))
+    return freeze(model)
+
+
+def load_tokenizer(model_dir: ModelDir, component: str) -> Any:
+    """The tokenizer saved in one checked component folder; anything the library refuses is one line naming it."""
+    from transformers import AutoTokenizer
+
+    folder = model_dir.path(component)
+    try:
+        with quiet_progress():
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # a vocabulary the library cannot read
+        raise load_error(model_dir.root, folder, f"the {COMPONENTS[component].label}", exc) from exc
 
 
 class _Frozen(nn.Module):
@@ -127,13 +163,11 @@ class TextEncoder(_Frozen):
     def load(
         cls, model_dir: ModelDir | str | Path, *, dtype: torch.dtype = torch.float32, device: str | None = None
     ) -> TextEncoder:
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+        from transformers import CLIPTextModel, T5EncoderModel
 
         md = as_model_dir(model_dir)
         md.check(TEXT_COMPONENTS)
-        with quiet_progress():
-            tok = AutoTokenizer.from_pretrained(md.tokenizer, local_files_only=True)
-            tok2 = AutoTokenizer.from_pretrained(md.tokenizer_2, local_files_only=True)
+        tok, tok2 = load_tokenizer(md, "tokenizer"), load_tokenizer(md, "tokenizer_2")
         clip = load_frozen(CLIPTextModel, md, "text_encoder", dtype)
         t5 = load_frozen(T5EncoderModel, md, "text_encoder_2", dtype)
         return cls(clip, tok, t5, tok2).to(device)

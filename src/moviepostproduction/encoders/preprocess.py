@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from moviepostproduction.encoders.checks import PREPROCESSOR_KEYS
 from moviepostproduction.errors import WeightsError
 from moviepostproduction.model_dir import read_json
 
@@ -49,7 +50,7 @@ class ImagePreprocess:
 
     @classmethod
     def from_file(cls, path: Path, root: Path) -> ImagePreprocess:
-        cfg = read_json(path, "an image preprocessor config", root)
+        cfg = read_json(path, "an image preprocessor config", root, PREPROCESSOR_KEYS)  # types and sizes checked
         try:
             resize = _hw(cfg.get("size"), square_int=False) if cfg.get("do_resize", True) else None
             crop = _hw(cfg.get("crop_size"), square_int=True) if cfg.get("do_center_crop", True) else None

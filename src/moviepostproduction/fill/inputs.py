@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from moviepostproduction.errors import Problem, ValidationError
+from moviepostproduction.errors import FileProblem, Problem, ValidationError
+from moviepostproduction.files import resolve_input
 from moviepostproduction.fill.model import MASK_THRESHOLD
-from moviepostproduction.scene import Scene, load_scene
+from moviepostproduction.scene import Scene, load_scene, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,12 @@ def _invalid(field: str, value: object, message: str) -> ValidationError:
 
 
 def _open(field: str, path: str | Path) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise _invalid(field, str(path), "file not found")
-    try:
-        with Image.open(path) as img:
+    try:  # a FIFO or a device is refused unopened, a decompression bomb before decoding (scene.open_image)
+        with open_image(resolve_input(path)) as (_, img):
             img.load()
             return img.copy()
+    except FileProblem as err:
+        raise _invalid(field, str(path), "file not found" if err.missing else err.reason) from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise _invalid(field, str(path), f"cannot decode image: {reason}") from None

@@ -41,6 +41,7 @@ from moviepostproduction.model_dir import (
     as_model_dir,
     read_json,
 )
+from moviepostproduction.resources import LOADS, preflight_weights
 from moviepostproduction.sampling import (
     denoise,
     get_timesteps,
@@ -48,7 +49,11 @@ from moviepostproduction.sampling import (
     make_noise,
     noise_latents,
     pack_latents,
+    require_valid,
+    scale_problem,
     scene_guidance,
+    seed_problem,
+    steps_problem,
     text_ids,
     unpack_latents,
 )
@@ -100,6 +105,8 @@ class FillPipeline:
         md = as_model_dir(model_dir)
         md.check(["transformer", "vae", *TEXT_COMPONENTS, *(IMAGE_COMPONENTS if refs else ())])
         defaults = md.sampling_defaults()  # a bad value fails before any weights load
+        loads = (*LOADS["fill"], *(LOADS["compose"] if refs else ()))
+        preflight_weights("fill", md.root, dtype, device, components=loads)  # sizes that cannot fit: before building
         vae = Vae.load(md, dtype=dtype, device=device)
         channels = FillChannels.from_vae(vae.latent_channels, vae.downsample)
         config_path = md.transformer / "config.json"
@@ -183,10 +190,16 @@ class FillPipeline:
         """Repaint `mask` (white = repaint) of `image`; see docs/fill.md for accepted inputs and their checks.
 
         `max_text_tokens`, `ref_guidance_scale` (with a scene's refs; 1 = off) and `noise_temperature` (a factor on
-        the starting noise; 1 = as drawn): None takes `self.defaults`, the model dir's (docs/sampling.md).
+        the starting noise; 1 = as drawn): None takes `self.defaults`, the model dir's (docs/sampling.md). `seed`: an
+        integer in [0, 2**64) (None: 0); at most `sampling.MAX_STEPS` steps; `guidance_scale` finite and >= 0.
         """
         if output_type not in ("pil", "pt"):
             raise ValidationError([Problem("output_type", output_type, "must be pil or pt")])
+        require_valid(
+            steps_problem("num_inference_steps", num_inference_steps),
+            seed_problem("seed", seed),
+            scale_problem("guidance_scale", guidance_scale),
+        )
         used = self.defaults.resolve(
             max_text_tokens=max_text_tokens, ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature
         )

@@ -37,13 +37,18 @@ from moviepostproduction.panorama.wrap import (
     wrap_ids,
     wrapped_forward,
 )
+from moviepostproduction.resources import preflight_weights
 from moviepostproduction.sampling import (
     StepCallback,
     denoise,
     get_timesteps,
     make_noise,
     pack_latents,
+    require_valid,
+    scale_problem,
     scene_guidance,
+    seed_problem,
+    steps_problem,
     text_ids,
     unpack_latents,
     use_true_cfg,
@@ -123,10 +128,10 @@ class PanoramaPipeline:
 
         md = as_model_dir(model_dir)
         defaults = md.sampling_defaults()  # a bad value fails before any weights load
-        label = md.output_label()
+        preflight_weights("panorama", md.root, dtype, device)  # and sizes that cannot fit, before anything is built
         transformer = load_transformer(md, dtype=dtype, device=device)
         vae = Vae.load(md, dtype=dtype, device=device)
-        return cls(transformer, vae, config=config, label=label, defaults=defaults)
+        return cls(transformer, vae, config=config, label=md.output_label(), defaults=defaults)
 
     @property
     def device(self) -> torch.device:
@@ -237,12 +242,19 @@ class PanoramaPipeline:
         prompt_embeds (B, T, d_t5) and pooled_prompt_embeds (B, d_clip) as `TextEncoder.encode` returns them;
         `conditioning`: refs prepared on the real (h, w) token grid (bboxes may wrap the seam).
         `latents`: initial noise (B, C, h*2, w*2) instead of drawing it. Noise (and random roll offsets) come
-        from `generator`, else `seed`, else seed 0. output_type: "pt" (images in [0, 1]) or "latent".
+        from `generator`, else `seed` (an integer in [0, 2**64)), else seed 0. At most `sampling.MAX_STEPS` steps;
+        scales must be finite numbers >= 0. output_type: "pt" (images in [0, 1]) or "latent".
         `ref_guidance_scale` (with `conditioning`; 1 = off) and `noise_temperature` (a factor on the starting noise,
         drawn or `latents`; 1 = as is): None takes `self.defaults`, the model dir's (docs/sampling.md).
         """
         if output_type not in ("pt", "latent"):
             raise _invalid("output_type", output_type, "must be pt or latent")
+        require_valid(
+            steps_problem("num_inference_steps", num_inference_steps),
+            seed_problem("seed", seed),
+            scale_problem("guidance_scale", guidance_scale),
+            scale_problem("true_cfg_scale", true_cfg_scale),
+        )
         used = self.defaults.resolve(ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature)
         h, w = panorama_grid(height, self.vae_scale_factor)
         self.config.check_grid((h, w))

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from moviepostproduction.errors import Problem, ValidationError
+from moviepostproduction.errors import FileProblem, Problem, ValidationError
+from moviepostproduction.files import resolve_input, write_text_atomic
+from moviepostproduction.scene import open_image
 
 logger = logging.getLogger(__name__)
 
@@ -188,20 +190,24 @@ img.src = SRC;
 
 
 def _embedded(path: Path) -> tuple[str, tuple[int, int]]:
-    """(data URL, (width, height)); PNG and JPEG bytes are embedded unchanged, other formats as PNG."""
+    """(data URL, (width, height)); PNG and JPEG bytes are embedded unchanged, other formats as PNG. A FIFO or a
+    device is refused unopened, and an image of more than twice PIL's MAX_IMAGE_PIXELS (16384 x 8192 passes)
+    before any pixel is decoded (a decompression bomb: the browser would decode it all)."""
     try:
-        with Image.open(path) as im:
+        with open_image(resolve_input(path), 2 * (Image.MAX_IMAGE_PIXELS or 0) or None) as (fh, im):
             size, fmt = im.size, im.format
             if fmt in _EMBED_AS_IS:
-                data, mime = path.read_bytes(), _EMBED_AS_IS[fmt]
+                fh.seek(0)
+                data, mime = fh.read(), _EMBED_AS_IS[fmt]
             else:
                 buf = io.BytesIO()
                 im.convert("RGB").save(buf, format="PNG")
                 data, mime = buf.getvalue(), "image/png"
-    except FileNotFoundError:
-        raise ValidationError([Problem("image", str(path), "no such file")]) from None
+    except FileProblem as exc:
+        raise ValidationError([Problem("image", str(path), "no such file" if exc.missing else exc.reason)]) from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValidationError([Problem("image", str(path), f"cannot be read as an image ({exc})")]) from None
+        reason = "not a format Pillow knows" if isinstance(exc, UnidentifiedImageError) else exc
+        raise ValidationError([Problem("image", str(path), f"cannot be read as an image ({reason})")]) from None
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", size
 
 
@@ -217,10 +223,5 @@ def panorama_html(image: str | Path, *, title: str | None = None) -> str:
 
 
 def write_viewer(image: str | Path, output: str | Path, *, title: str | None = None) -> Path:
-    """Write `panorama_html(image)` to `output` (atomically: temp file + rename) and return its path."""
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(panorama_html(image, title=title), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    """Write `panorama_html(image)` to `output` (atomically: `files.write_text_atomic`) and return its path."""
+    return write_text_atomic(panorama_html(image, title=title), output)

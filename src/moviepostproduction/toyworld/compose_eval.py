@@ -36,6 +36,8 @@ from moviepostproduction.toyworld.synthetic import HELDOUT_COMBOS, ToyScene, Toy
 
 VARIANTS = ("model", "layout-only", "modulation-only", "untrained", "vae-roundtrip")
 MIN_VISIBLE_FOR_IDENTITY = 0.9  # an fg sprite the layout itself hides in part cannot be judged by its shape
+MAX_EVAL_SCENES = 100_000  # `--n`: scene files are written up front, so the count is bounded before any work
+MAX_EVAL_SEEDS = 1_000  # `--seeds`
 SEED_STRIDE = 100_003  # seed j of scene i draws the noise of seed i + SEED_STRIDE * j (j = 0: the scene's own)
 
 
@@ -285,8 +287,9 @@ def run_eval(
 
     from moviepostproduction.compose.pipeline import ComposePipeline
     from moviepostproduction.errors import Problem, ValidationError
-    from moviepostproduction.files import write_text_atomic
+    from moviepostproduction.files import check_output, write_text_atomic
     from moviepostproduction.model_dir import ModelDir, default_model_dir
+    from moviepostproduction.resources import LOADS, ModelDims, Request, preflight
     from moviepostproduction.toyworld.synthetic import SPLITS
     from moviepostproduction.visualize import save_png
 
@@ -299,12 +302,16 @@ def run_eval(
         problems.append(Problem("--split", split, f"expected one of {', '.join(SPLITS)}"))
     if problems:
         raise ValidationError(problems)
+    if out:
+        check_output(out, "--out", folder=True)  # before the compute, not after it
     md = ModelDir.at(model or default_model_dir())
     world = md.index.get("toy_world_data")
     if world is None:
-        raise ValidationError([Problem("--model", str(md.root), "has no toy_world_data in model_index.json; "
+        raise ValidationError([Problem("--model", md.root, "has no toy_world_data in model_index.json; "
                                        "mpp eval scores toy-world models only")])  # fmt: skip
     cfg = ToyWorldConfig.from_dict(world["config"])
+    dims = ModelDims.from_model_dir(md.root, components=LOADS["compose"])
+    preflight(Request("eval", cfg.size, cfg.size, refs=cfg.max_refs), dims)
     pipe = ComposePipeline.from_model_dir(md)
     used = pipe.defaults.resolve(ref_guidance_scale=ref_guidance, noise_temperature=noise_temperature)  # reported
     guidance, temperature = used.ref_guidance_scale, used.noise_temperature

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from moviepostproduction.errors import MppError, Problem, ValidationError
+from moviepostproduction.files import write_json_atomic
 from moviepostproduction.toyworld.synthetic import GENERATOR_VERSION, ToyScene, ToyWorldConfig, generate_scene
 
 MANIFEST = "manifest.json"
@@ -152,11 +153,11 @@ def _clear(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise ValidationError([Problem("out", str(out), "is a file, not a directory")])
+        raise ValidationError([Problem("out", out, "is a file, not a directory")])
     if not any(out.iterdir()):
         return
     if not overwrite:
-        raise ValidationError([Problem("out", str(out), "is not empty; pass --overwrite to replace its shards")])
+        raise ValidationError([Problem("out", out, "is not empty; pass --overwrite to replace its shards")])
     # Remove only what this writer produces; anything else the user put in OUT stays.
     for split in ("train", "heldout"):
         for old in [*(out / split).glob("shard-*.tar"), *(out / split).glob(".shard-*.tar.tmp-*")]:
@@ -215,9 +216,7 @@ def write_dataset(
         "config": cfg.to_dict(),
         "splits": splits,
     }
-    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    write_json_atomic(manifest, out / MANIFEST)
     return manifest
 
 

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from moviepostproduction.encoders.checks import quiet_progress
 from moviepostproduction.files import build_once, save_pretrained_readable
-from moviepostproduction.model_dir import default_cache_dir, quiet_progress
+from moviepostproduction.model_dir import default_cache_dir
 
 logger = logging.getLogger(__name__)
 

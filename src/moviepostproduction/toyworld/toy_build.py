@@ -99,7 +99,7 @@ def _train(task: Any, cfg: ToyEncodersConfig, stage: str, steps: int, decay_step
 def _prepare_out(cfg: ToyEncodersConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise ValidationError([Problem("out", str(out), "is not empty (pass overwrite / --overwrite)")])
+        raise ValidationError([Problem("out", out, "is not empty (pass overwrite / --overwrite)")])
     return out
 
 

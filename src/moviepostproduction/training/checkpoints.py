@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
-from moviepostproduction.errors import WeightsError
-from moviepostproduction.files import load_safetensors, save_safetensors, write_json_atomic
+from moviepostproduction.encoders.checks import Check, config_problems, count, first_line, listing, text
+from moviepostproduction.errors import NOTHING, Problem, WeightsError, shown
+from moviepostproduction.files import load_safetensors, output_error, save_safetensors, write_json_atomic
+from moviepostproduction.sampling import is_finite_number
 
 STEP_PREFIX = "step-"
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")
@@ -99,19 +101,24 @@ class CheckpointStore:
         final = self.folder(step)
         tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_safetensors(trainable, tmp / "trainable.safetensors")
-        save_safetensors(optimizer, tmp / "optimizer.safetensors")
-        if ema is not None:
-            save_safetensors(ema, tmp / "ema.safetensors")
-        if os.environ.get("MPP_TEST_SLOW_CHECKPOINT"):  # lets tests kill a run in the middle of a save
-            import time
+        try:
+            tmp.mkdir(parents=True)
+            save_safetensors(trainable, tmp / "trainable.safetensors")
+            save_safetensors(optimizer, tmp / "optimizer.safetensors")
+            if ema is not None:
+                save_safetensors(ema, tmp / "ema.safetensors")
+            if os.environ.get("MPP_TEST_SLOW_CHECKPOINT"):  # lets tests kill a run in the middle of a save
+                import time
 
-            time.sleep(float(os.environ["MPP_TEST_SLOW_CHECKPOINT"]))
-        write_json_atomic(state, tmp / "state.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+                time.sleep(float(os.environ["MPP_TEST_SLOW_CHECKPOINT"]))
+            write_json_atomic(state, tmp / "state.json")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as exc:  # a full disk or a read-only folder: one line, the earlier checkpoints kept
+            raise output_error(final, exc) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # only there on failure: the rename moved it
         self.prune()
         return final
 
@@ -128,12 +135,38 @@ class CheckpointStore:
         state_file = path / "state.json"
         if not state_file.is_file():
             raise WeightsError(f"{path}: not a complete checkpoint folder (missing state.json)")
-        try:
-            state = json.loads(state_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise WeightsError(f"{state_file}: invalid JSON ({exc})") from None
+        state = read_state(state_file)
         trainable = load_safetensors(path / "trainable.safetensors", "trainable parameters")
         optimizer = load_safetensors(path / "optimizer.safetensors", "optimizer state")
         ema_file = path / "ema.safetensors"
         ema = load_safetensors(ema_file, "EMA weights") if ema_file.is_file() else None
         return Snapshot(path, trainable, optimizer, state, ema)
+
+
+# What a resumed run reads from state.json (trainer.py), each checked so that a corrupt file is one line naming it.
+STATE_KEYS: dict[str, Check] = {
+    **dict.fromkeys(("step", "epoch", "index"), count(0)),
+    "losses": listing(lambda v: None if is_finite_number(v) else "not a number", "finite numbers", None, 0),
+    "stage": text,
+    "logs": listing(lambda v: None if isinstance(v, dict) else "not a mapping", "mappings", None, 0),
+}
+REQUIRED_STATE = ("step", "epoch", "index", "losses", "stage")
+
+
+def read_state(state_file: Path) -> dict:
+    """A checkpoint's state.json, checked; a corrupt one is a WeightsError naming it and what to do, never a silent
+    start from scratch."""
+    advice = (
+        f"a corrupt checkpoint: remove {state_file.parent} to resume from the one before, or set trainer.resume: false"
+    )
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, an int of 5000 digits
+        raise WeightsError(f"{state_file}: not valid JSON ({first_line(exc)}; {advice})") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{state_file}: not a JSON object (got {shown(state)}; {advice})")
+    problems = [Problem(k, NOTHING, "required") for k in REQUIRED_STATE if k not in state]
+    problems += config_problems(state, STATE_KEYS)
+    if problems:
+        raise WeightsError(f"{state_file}: {problems[0]} ({advice})")
+    return state

@@ -258,7 +258,7 @@ def export_fill_model_dir(task: FillTask, source: str | Path, out: str | Path) -
     training copy."""
     md, out = as_model_dir(source), Path(out)
     if out.exists() and any(out.iterdir()):
-        raise ValidationError([Problem("out", str(out), "must be absent or empty")])
+        raise ValidationError([Problem("out", out, "must be absent or empty")])
     base = load_transformer(md)
     with staged_copy(md.root, out, leave_out=("fill",), replace=True) as tmp:  # replaces an empty `out` only
         if int(base.config.in_channels) == task.channels.latent:

@@ -19,7 +19,8 @@
     compose: {batch_size: 16}     # ComposeTaskConfig; drop_caption: 0.15 trains 15 % of the samples on the empty
                                   # caption (for true CFG with the negative prompt "")
 
-Relative paths are relative to the current directory.
+Relative paths are relative to the current directory. Every field is checked when the file is read, before anything
+loads (training/recipe_checks.py: types, bounds, seeds in [0, 2**64), the task's stages; one line per bad field).
 """
 
 from __future__ import annotations
@@ -28,23 +29,23 @@ import dataclasses
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from moviepostproduction.errors import Problem, ValidationError
-from moviepostproduction.files import STORAGE_DTYPES, cast_safetensors_files, save_pretrained_readable, staged_copy
-from moviepostproduction.sampling import (
-    is_count,
-    is_probability,
-    positive_problem,
-    scale_problem,
+from moviepostproduction.files import (
+    STORAGE_DTYPES,
+    cast_safetensors_files,
+    read_structured,
+    save_pretrained_readable,
+    staged_copy,
 )
+from moviepostproduction.sampling import is_probability
+from moviepostproduction.training.recipe_checks import recipe_problems
 from moviepostproduction.training.trainer import TrainConfig, Trainer, TrainResult
 from moviepostproduction.vary.nanodit_io import FOLDER as NANODIT_FOLDER
 
 logger = logging.getLogger(__name__)
-
-TASKS = ("compose", "fill", "vary")
 
 
 @dataclass
@@ -71,41 +72,38 @@ class Recipe:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
-        import yaml
-
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ValidationError([Problem("CONFIG", str(path), f"cannot read ({exc.strerror})")]) from None
-        try:
-            raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            first = str(exc).splitlines()[0]
-            raise ValidationError([Problem("CONFIG", str(path), f"not valid {path.suffix[1:]} ({first})")]) from None
+        """Read a recipe and check every field (training/recipe_checks.py), its trainer and its task's sections
+        included: each bad one is a line of one ValidationError naming the file, before anything loads."""
+        raw = read_structured(path, "recipe", fmt="json" if Path(path).suffix == ".json" else "yaml")
         if not isinstance(raw, dict):
-            raise ValidationError([Problem("CONFIG", str(path), "must be a mapping of recipe fields")])
-        known = {f.name for f in dataclasses.fields(cls)}
-        problems = [
-            Problem(k, raw[k], f"unknown field (known: {', '.join(sorted(known))})") for k in raw if k not in known
-        ]
-        problems += [Problem(k, None, "required") for k in ("model", "data", "out") if k not in raw]
-        if raw.get("export_dtype", "fp16") not in STORAGE_DTYPES:
-            problems.append(
-                Problem("export_dtype", raw["export_dtype"], f"expected one of {', '.join(STORAGE_DTYPES)}")
-            )
-        if problem := scale_problem("ref_guidance", raw.get("ref_guidance", 1.0)):
-            problems.append(problem)
-        if problem := positive_problem("noise_temperature", raw.get("noise_temperature", 1.0)):
-            problems.append(problem)
-        workers = raw.get("cache_workers", 1)
-        if not (is_count(workers) and workers >= 1):
-            problems.append(Problem("cache_workers", workers, "must be a positive integer"))
-        if raw.get("task", "compose") not in TASKS:
-            problems.append(Problem("task", raw.get("task"), f"expected one of {', '.join(TASKS)}"))
+            raise ValidationError([Problem("(top level)", raw, "must be a mapping of recipe fields")], source=str(path))
+        problems = recipe_problems(cls, raw, section_configs(), task_stages)
         if problems:
             raise ValidationError(problems, source=str(path))
-        return cls(**raw)
+        recipe = cls(**raw)
+        for section, build in (("trainer", _trainer_config), (recipe.task, TASK_CONFIGS[recipe.task])):
+            try:  # the sections' own range checks, now rather than after the caches are built
+                build(recipe)
+            except ValidationError as err:
+                named = [replace(p, field=f"{section}.{p.field.removeprefix(section + '.')}") for p in err.problems]
+                raise ValidationError(named, source=str(path)) from None
+        return recipe
+
+
+def section_configs() -> dict[str, type]:
+    """The dataclass each section of a recipe sets (`trainer:` TrainConfig, `compose:` ComposeTaskConfig, ...)."""
+    from moviepostproduction.training.compose_task import ComposeTaskConfig
+    from moviepostproduction.training.fill_task import FillTaskConfig
+    from moviepostproduction.training.vary_task import VaryTaskConfig
+
+    return {"trainer": TrainConfig, "compose": ComposeTaskConfig, "fill": FillTaskConfig, "vary": VaryTaskConfig}
+
+
+def task_stages(task: str) -> tuple[str, ...]:
+    """The stages a task trains in (training/stages.py for compose; its own STAGES for fill and vary)."""
+    from moviepostproduction.training import fill_task, stages, vary_task
+
+    return tuple({"compose": stages.STAGES, "fill": fill_task.STAGES, "vary": vary_task.STAGES}[task])
 
 
 def check_fields(cls, values: dict, prefix: str, reason: str = "unknown field", exclude: frozenset = frozenset()):
@@ -141,6 +139,21 @@ def _task_config(recipe: Recipe):
     if problems:
         raise ValidationError(problems)
     return dataclass_from(ComposeTaskConfig, values, "compose")
+
+
+def _fill_config(recipe: Recipe):
+    from moviepostproduction.training.fill_task import FillTaskConfig
+
+    return dataclass_from(FillTaskConfig, recipe.fill, "fill")
+
+
+def _vary_config(recipe: Recipe):
+    from moviepostproduction.training.vary_task import VaryTaskConfig
+
+    return dataclass_from(VaryTaskConfig, recipe.vary, "vary")
+
+
+TASK_CONFIGS = {"compose": _task_config, "fill": _fill_config, "vary": _vary_config}
 
 
 def _trainer_config(recipe: Recipe) -> TrainConfig:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from moviepostproduction.errors import MppError, Problem, ValidationError
-from moviepostproduction.files import KeyReport, load_matching, load_safetensors, write_json_atomic
+from moviepostproduction.files import KeyReport, load_matching, load_safetensors, write_json_atomic, write_text_atomic
 from moviepostproduction.sampling import is_positive_number
 from moviepostproduction.training.checkpoints import (
     CheckpointStore,
@@ -366,4 +366,4 @@ class Trainer:
         for key in sorted({k for e in logs for k in e} - {"step", "loss", "lr", "grad_norm"}):
             series[key] = [(e["step"], e[key]) for e in logs if key in e]
         save_png(plot_curves(series, title=f"{self.task.name} stage {self.config.stage}"), self.out / "curves.png")
-        (self.out / "losses.json").write_text(json.dumps(losses))
+        write_text_atomic(json.dumps(losses), self.out / "losses.json")

@@ -19,7 +19,17 @@ from pathlib import Path
 
 import torch
 
-from moviepostproduction.errors import MppError, WeightsError
+from moviepostproduction.encoders.checks import (
+    MAX_LAYERS,
+    MAX_WIDTH,
+    boolean,
+    config_problems,
+    count,
+    first_line,
+    fit_problem,
+    positive,
+)
+from moviepostproduction.errors import MppError, WeightsError, shown
 from moviepostproduction.files import save_safetensors
 from moviepostproduction.vary.nanodit import NanoDiT, NanoDiTConfig
 
@@ -43,6 +53,26 @@ FOLDER = "nanodit"  # the model-dir sub-folder
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INFO_NAME = "info.json"  # optional provenance: label, training command, validation numbers
+# The bounds of a NanoDiT config read from a file, checked before NanoDiTConfig (which checks the rest) and before
+# any module is built: a typo such as depth 10**9 is one line, not a hang.
+CONFIG_KEYS = {
+    "depth": count(1, MAX_LAYERS),
+    **dict.fromkeys(
+        (
+            "in_channels",
+            "sample_size",
+            "patch_size",
+            "hidden_size",
+            "num_heads",
+            "text_dim",
+            "dino_dim",
+            "dino_patches",
+        ),
+        count(1, MAX_WIDTH),
+    ),
+    "mlp_ratio": positive,
+    "qk_norm": boolean,
+}
 
 
 @dataclass(frozen=True)
@@ -94,10 +124,23 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def _config_from_metadata(path: Path, metadata: dict[str, str]) -> NanoDiTConfig:
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise WeightsError(f"{path}: no NanoDiT config in the file's metadata; pass the config explicitly")
+    return parse_config(metadata["config"], f"{path}: invalid NanoDiT config in metadata")
+
+
+def parse_config(text: str, where: str) -> NanoDiTConfig:
+    """A NanoDiTConfig from JSON text; anything else is one WeightsError line starting with `where`."""
     try:
-        return NanoDiTConfig(**json.loads(metadata["config"]))
-    except (TypeError, ValueError) as exc:
-        raise WeightsError(f"{path}: invalid NanoDiT config in metadata ({exc})") from None
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, an int of 5000 digits
+        raise WeightsError(f"{where} ({first_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{where} (must be a JSON object, got {shown(raw)})")
+    if problems := config_problems(raw, CONFIG_KEYS):
+        raise WeightsError(f"{where} ({problems[0]})")
+    try:
+        return NanoDiTConfig(**raw)
+    except (TypeError, ValueError) as exc:  # TypeError: an unknown key; NanoDiTValueError: one line per problem
+        raise WeightsError(f"{where} ({'; '.join(str(exc).splitlines())})") from None
 
 
 def load_nanodit(
@@ -119,6 +162,12 @@ def load_nanodit(
     path = Path(path)
     tensors, metadata = _read(path)
     cfg = cfg if cfg is not None else _config_from_metadata(path, metadata)
+    if strict:  # the parameters that must come from the file, counted on the meta device before any is allocated
+        with torch.device("meta"):
+            skeleton = NanoDiT(cfg)
+        needed = sum(p.numel() for k, p in skeleton.named_parameters() if not k.startswith(tuple(strict_new)))
+        if problem := fit_problem(needed, sum(t.numel() for t in tensors.values())):
+            raise WeightsError(f"{path}: its config describes a NanoDiT {problem}")
     model = NanoDiT(cfg)
     if generator is not None:
         model.initialize_weights(generator)
@@ -183,8 +232,9 @@ def load_nanodit_dir(
     if not weights.is_file():
         raise WeightsError(f"missing {weights} (the NanoDiT weights of mpp vary)")
     try:
-        cfg = NanoDiTConfig(**json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise WeightsError(f"{config_path}: not a valid NanoDiT config ({exc})") from None
+        text = config_path.read_text()
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{config_path}: not a valid NanoDiT config ({first_line(exc)})") from None
+    cfg = parse_config(text, f"{config_path}: not a valid NanoDiT config")
     model, _ = load_nanodit(weights, cfg, strict_new=(), device=device, dtype=dtype)
     return model.eval()

@@ -20,15 +20,20 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from moviepostproduction.errors import Problem, ValidationError
+from moviepostproduction.errors import FileProblem, Problem, ValidationError
+from moviepostproduction.resources import preflight_weights
 from moviepostproduction.sampling import (
     StepCallback,
     VelocityFn,
     cfg,
     denoise,
     dual_cfg,
+    finite_problem,
     get_timesteps,
     make_noise,
+    require_valid,
+    seed_problem,
+    steps_problem,
 )
 from moviepostproduction.vary.nanodit import NanoDiT, VaryConditioning
 from moviepostproduction.visualize import tensor_to_pil
@@ -53,11 +58,16 @@ def load_reference(path: str | Path, field: str = "ref") -> Image.Image:
     """An RGB reference image from a file; a missing or unreadable file is a ValidationError naming `field`."""
     from PIL import UnidentifiedImageError
 
-    try:
-        with Image.open(path) as img:
+    from moviepostproduction.files import resolve_input
+    from moviepostproduction.scene import open_image
+
+    try:  # a FIFO, a device, a folder or a decompression bomb is refused unread, as for scene images
+        with open_image(resolve_input(path)) as (_, img):
             return img.convert("RGB")
     except FileNotFoundError:
         raise ValidationError([Problem(field, str(path), "no such file")]) from None
+    except FileProblem as exc:
+        raise ValidationError([Problem(field, str(path), "no such file" if exc.missing else exc.reason)]) from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ValidationError([Problem(field, str(path), f"cannot be read as an image ({exc})")]) from None
 
@@ -162,6 +172,7 @@ class VaryPipeline:
         from moviepostproduction.vary.nanodit_io import FOLDER, INFO_NAME, load_nanodit_dir
 
         md = as_model_dir(model_dir)
+        preflight_weights("vary", md.root, dtype, device)  # sizes that cannot fit (nanodit/ too), before building
         model = load_nanodit_dir(md.root / FOLDER, device=device, dtype=dtype)  # fail first: the new part
         vae = Vae.load(md, dtype=dtype, device=device)
         text, image = (
@@ -257,7 +268,8 @@ class VaryPipeline:
         text_embeds (B, T, Dt) and text_mask (B, T) bool (None: all real) from the text encoder, or None for no
         caption; image_cls (B, G) and image_patches (B, P, G) from DINO on the reference, or both None for
         text only. `latent_size` (h, w) in the model's input space (default config.sample_size square). Noise
-        comes from `generator` or `seed`; with neither, a seed is drawn, logged and returned.
+        comes from `generator` or `seed` (an integer in [0, 2**64)); with neither, a seed is drawn, logged and
+        returned. Scales must be finite; at most `sampling.MAX_STEPS` steps.
         """
         model, cfg = self.model, self.model.config
         problems = []
@@ -265,11 +277,13 @@ class VaryPipeline:
             problems.append(Problem("output_type", output_type, f"must be one of {', '.join(OUTPUT_TYPES)}"))
         elif output_type != "latent" and self.decode is None:
             problems.append(Problem("output_type", output_type, "needs a decoder (VaryPipeline(decode=...))"))
-        for name, scale in (("text_scale", text_scale), ("image_scale", image_scale)):
-            if isinstance(scale, bool) or not isinstance(scale, int | float) or scale != scale:
-                problems.append(Problem(name, scale, "must be a number"))
-        if problems:
-            raise ValidationError(problems)
+        problems += [
+            finite_problem("text_scale", text_scale),
+            finite_problem("image_scale", image_scale),
+            steps_problem("num_inference_steps", num_inference_steps),
+            seed_problem("seed", seed),
+        ]
+        require_valid(*problems)
         use_text, use_image = text_embeds is not None, image_cls is not None
         cond = self._conditioning(text_embeds, text_mask, image_cls, image_patches)
         h, w = latent_size or (cfg.sample_size, cfg.sample_size)

@@ -17,7 +17,8 @@ from moviepostproduction.compose.modules.instance_encoder import InstanceEncoder
 from moviepostproduction.compose.modules.layout_head import AssembleAttention, LayoutHead
 from moviepostproduction.compose.modules.modulation_head import ModulationHead
 from moviepostproduction.compose.modules.occlusion import occlusion_priority
-from moviepostproduction.errors import WeightsError
+from moviepostproduction.encoders.checks import first_line, require_fit
+from moviepostproduction.errors import Problem, ValidationError, WeightsError
 from moviepostproduction.files import load_strict, save_safetensors, write_json_atomic
 from moviepostproduction.layout import bbox_area, bbox_token_mask, box_token_coords, gaussian_token_mask, token_extent
 
@@ -56,21 +57,26 @@ class CompositionAdapter(nn.Module):
     def from_pretrained(cls, directory: str | Path) -> CompositionAdapter:
         """Load a saved adapter; the weights must match its config exactly."""
         directory = Path(directory)
-        config_path = directory / cls.CONFIG_NAME
+        config_path, weights = directory / cls.CONFIG_NAME, directory / cls.WEIGHTS_NAME
         if not config_path.is_file():
             raise WeightsError(
                 f"missing {config_path} (expected a CompositionAdapter config written by save_pretrained)"
             )
         try:
             raw = json.loads(config_path.read_text())
-            if "occlusion_priority" in raw:
-                raise WeightsError(f"{config_path}: {REMOVED_OCCLUSION}")
-            raw["layout_blocks"] = tuple(raw["layout_blocks"]) if raw.get("layout_blocks") is not None else None
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, 5000-digit ints
+            raise WeightsError(f"{config_path}: not a valid CompositionAdapter config ({first_line(exc)})") from None
+        if not isinstance(raw, dict):
+            raise WeightsError(f"{config_path}: not a valid CompositionAdapter config (must be a JSON object)")
+        if "occlusion_priority" in raw:
+            raise WeightsError(f"{config_path}: {REMOVED_OCCLUSION}")
+        try:
             cfg = ConditioningConfig(**raw)
-        except (json.JSONDecodeError, TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError) as exc:  # TypeError: an unknown key
             raise WeightsError(f"{config_path}: not a valid CompositionAdapter config ({exc})") from None
+        require_fit(lambda: cls(cfg), weights, config_path, "CompositionAdapter weights")
         adapter = cls(cfg)
-        load_strict(adapter, directory / cls.WEIGHTS_NAME, "CompositionAdapter weights")
+        load_strict(adapter, weights, "CompositionAdapter weights")
         return adapter
 
     @property
@@ -107,7 +113,8 @@ class CompositionAdapter(nn.Module):
     def prepare(self, refs: RefBatch, grid: tuple[int, int], text_len: int) -> Conditioning:
         """Everything that does not depend on the noisy latent, for an (H, W) image-token grid."""
         if refs.num_refs > self.cfg.max_refs:
-            raise ValueError(f"{refs.num_refs} refs exceed max_refs={self.cfg.max_refs}")
+            message = f"more than the adapter takes (its config's max_refs is {self.cfg.max_refs})"
+            raise ValidationError([Problem("refs", refs.num_refs, message)])
         dtype = refs.clip.dtype
         valid = refs.valid
         alpha = self.alpha_predictor(refs.clip, bbox_area(refs.bboxes), refs.depth)  # (B, R)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+from moviepostproduction.encoders.checks import MAX_LAYERS, MAX_WIDTH, count
+from moviepostproduction.errors import shown
 from moviepostproduction.layout import fourier_dim
 from moviepostproduction.scene import DEPTHS
+
+MAX_REFS = 4096  # refs one scene may give the adapter (scenes default to at most 50)
 
 __all__ = ["DEPTHS", "PRESETS", "ConditioningConfig"]
 
@@ -39,29 +44,37 @@ class ConditioningConfig:
     order_priority: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.depth_priority, list):  # as JSON and YAML give it
-            object.__setattr__(self, "depth_priority", tuple(self.depth_priority))
-        problems = []
-        for name in ("hidden_dim", "clip_dim", "dino_dim", "instance_dim", "dense_k", "fourier_freqs"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("box_position_freqs", "box_position_rank", "box_patch_rank"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name}={getattr(self, name)} must be >= 0")
-        depth = self.depth_priority
-        if not isinstance(depth, tuple) or len(depth) != len(DEPTHS) or not all(map(_is_finite, depth)):
-            problems.append(f"depth_priority={depth!r} must be {len(DEPTHS)} finite numbers ({', '.join(DEPTHS)})")
-        if not _is_finite(self.order_priority) or self.order_priority < 0:
-            problems.append(f"order_priority={self.order_priority!r} must be a finite number >= 0")
-        if self.dense_k < 2:
-            problems.append(f"dense_k={self.dense_k} must be >= 2 (corners are included)")
-        if not 0.0 <= self.grounding_ratio <= 1.0:
-            problems.append(f"grounding_ratio={self.grounding_ratio} must be in [0, 1]")
-        bad = [b for b in self.resolved_layout_blocks if not 0 <= b < self.num_double_blocks]
-        if bad:
-            problems.append(f"layout_blocks {bad} outside [0, {self.num_double_blocks})")
+        for name in ("depth_priority", "layout_blocks"):  # as JSON and YAML give them
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        problems = [f"{name}={_shown(getattr(self, name))} {message}" for name, message in self._problems()]
         if problems:
             raise ValueError("invalid ConditioningConfig: " + "; ".join(problems))
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        """(field, what it must be) for each bad field; counts are bounded so that a typo (10**9 blocks) is refused
+        before any module is built."""
+        for name, check in COUNTS.items():
+            if message := check(getattr(self, name)):
+                yield name, message
+        depth = self.depth_priority
+        if not isinstance(depth, tuple) or len(depth) != len(DEPTHS) or not all(map(_is_finite, depth)):
+            yield "depth_priority", f"must be {len(DEPTHS)} finite numbers ({', '.join(DEPTHS)})"
+        if not _is_finite(self.order_priority) or self.order_priority < 0:
+            yield "order_priority", "must be a finite number >= 0"
+        if not (_is_finite(self.grounding_ratio) and 0.0 <= self.grounding_ratio <= 1.0):
+            yield "grounding_ratio", "must be a number in [0, 1]"
+        if not (_is_finite(self.soft_sigma) and self.soft_sigma > 0):
+            yield "soft_sigma", "must be a finite number > 0 (tokens)"
+        if not isinstance(self.soft_masks, bool):
+            yield "soft_masks", "must be true or false"
+        blocks, double = self.layout_blocks, self.num_double_blocks
+        if blocks is not None and not (isinstance(blocks, tuple) and all(_is_int(b) for b in blocks)):
+            yield "layout_blocks", "must be a list of block indices or null"
+        elif COUNTS["num_double_blocks"](double) is None and any(
+            not 0 <= b < double for b in self.resolved_layout_blocks
+        ):
+            yield "layout_blocks", f"must index double blocks in [0, {double})"
 
     @property
     def spatial_dim(self) -> int:
@@ -95,6 +108,27 @@ class ConditioningConfig:
 
 def _is_finite(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def _shown(value) -> str:
+    """A value as the config file gave it: JSON's lists were made tuples above."""
+    return shown(list(value) if isinstance(value, tuple) else value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# The integer fields and their bounds (encoders/checks.py: the maxima of every model dir config).
+COUNTS = {
+    **dict.fromkeys(("hidden_dim", "clip_dim", "dino_dim", "instance_dim", "alpha_hidden"), count(1, MAX_WIDTH)),
+    **dict.fromkeys(("modulation_rank", "feedback_rank", "box_position_rank", "box_patch_rank"), count(0, MAX_WIDTH)),
+    **dict.fromkeys(("num_double_blocks", "num_single_blocks"), count(0, MAX_LAYERS)),
+    "dense_k": count(2, 64),  # K x K points per box, corners included
+    "fourier_freqs": count(1, 1024),
+    "box_position_freqs": count(0, 1024),
+    "max_refs": count(1, MAX_REFS),
+}
 
 
 PRESETS: dict[str, ConditioningConfig] = {
