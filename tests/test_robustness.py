@@ -604,3 +604,35 @@ def test_run_killed_mid_checkpoint_resumes_from_the_last_complete_one_with_nothi
     end = CheckpointStore.load(full.checkpoint).trainable
     for key, value in CheckpointStore.load(resumed.checkpoint).trainable.items():
         assert torch.equal(value, end[key])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["compose", "examples/scene.json", "--seed", "abc", "-o", "x.png"], "Invalid value for '--seed'"),
+        (["compose", "examples/scene.json"], "Missing option '-o' / '--output'"),
+        (["compose", "examples/scene.json", "-o", "x.png", "--no-such-flag"], "No such option: --no-such-flag"),
+        (["no-such-command"], "No such command 'no-such-command'"),
+        (["panorama", "--caption", "x", "-o", "p.png", "--height", "1e9"], "Invalid value for '--height'"),
+    ],
+)
+def test_the_cli_parser_refuses_in_one_line_with_exit_2(args, message):
+    """Click's own refusals come out like every other bad input: one `error:` line, exit code 2, no usage box."""
+    from typer.testing import CliRunner
+
+    from moviepostproduction.cli import app
+
+    result = CliRunner().invoke(app, args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+
+
+def test_help_and_no_arguments_still_print_the_help():
+    from typer.testing import CliRunner
+
+    from moviepostproduction.cli import app
+
+    for args, code in (([], 2), (["--help"], 0), (["compose", "--help"], 0)):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == code and "Usage: mpp" in result.output, (args, result.output)

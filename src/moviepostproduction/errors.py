@@ -57,7 +57,7 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        line = f"{_one_line(self.field, SHOWN_FIELD)}: {_one_line(self.message, SHOWN_MESSAGE)}"
+        line = f"{one_line(self.field, SHOWN_FIELD)}: {one_line(self.message, SHOWN_MESSAGE)}"
         return line if self.value is WITHHELD else f"{line} (got {shown(self.value)})"
 
 
@@ -85,15 +85,15 @@ def shown(value: object) -> str:
     """`value` as a message shows it: its repr on one line, at most SHOWN_VALUE characters (`...` marks a cut); a
     path (a Path object: a name the user gave to find a file) as its quoted string, up to SHOWN_PATH."""
     if isinstance(value, os.PathLike):
-        return _one_line(repr(os.fsdecode(value)), SHOWN_PATH)
+        return one_line(repr(os.fsdecode(value)), SHOWN_PATH)
     try:
         text = _REPR.repr(value)
     except Exception:  # a repr that fails must not hide the problem being reported
         text = f"<{type(value).__name__}>"
-    return _one_line(text, SHOWN_VALUE)
+    return one_line(text, SHOWN_VALUE)
 
 
-def _one_line(text: object, limit: int | None = None) -> str:
+def one_line(text: object, limit: int | None = None) -> str:
     """Line breaks and other control characters (from a key or a path the user wrote) shown escaped, so that one
     problem is always one line; cut to `limit` characters, `...` marking the cut."""
     line = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
@@ -106,7 +106,7 @@ class ValidationError(MppError):
     def __init__(self, problems: list[Problem], source: str | None = None):
         self.problems = list(problems)
         self.source = source
-        prefix = f"{_one_line(source, SHOWN_MESSAGE)}: " if source else ""
+        prefix = f"{one_line(source, SHOWN_MESSAGE)}: " if source else ""
         super().__init__("\n".join(prefix + str(p) for p in self.problems))
 
 
@@ -124,7 +124,7 @@ class FileProblem(MppError):
 
 def shown_path(path: object) -> str:
     """A path as a message shows it: one line, at most 200 characters."""
-    return _one_line(str(path), SHOWN_PATH)
+    return one_line(str(path), SHOWN_PATH)
 
 
 # ------------------------------------------------------------------------- scene-file parser errors

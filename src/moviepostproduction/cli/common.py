@@ -11,8 +11,36 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import typer
+from typer.core import TyperGroup
 
-from moviepostproduction.errors import MppError, Problem, shown_path
+try:  # recent typer vendors click; older releases use click itself
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, NoArgsIsHelpError
+
+from moviepostproduction.errors import SHOWN_MESSAGE, MppError, Problem, one_line, shown_path
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Click's own refusals (`--seed abc`, a missing option, an unknown command) as one `error:` line and exit code
+    2, like every other bad input, instead of the usage box. `--help` and `mpp` alone still print the help."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except ClickException as err:
+            typer.echo(f"error: {one_line(err.format_message(), SHOWN_MESSAGE)}", err=True)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="mpp",
@@ -20,6 +48,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=OneLineUsageErrors,
 )
 
 F = TypeVar("F", bound=Callable)
