@@ -636,3 +636,25 @@ def test_help_and_no_arguments_still_print_the_help():
     for args, code in (([], 2), (["--help"], 0), (["compose", "--help"], 0)):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == code and "Usage: mpp" in result.output, (args, result.output)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bench", "--tokens", "1000000000"], "tokens: need counts in [1, 65536]"),
+        (["bench", "--refs", "0,100000"], "refs: need counts in [0, 1000]"),
+        (["bench", "--repeats", "1000000"], "repeats: must be in [1, 1000]"),
+        (["prepare-data", "--out", "{tmp}/d", "--n", "1000000000000"], "n: must be in [1, 10000000]"),
+        (["prepare-data", "--out", "{tmp}/d", "--n", "4", "--size", "1000000"], "size: must be in [32, 4096]"),
+    ],
+)
+def test_bench_and_prepare_data_bound_their_sizes_before_any_work(args, message, tmp_path):
+    """Counts and sizes that would run for hours (or fill the disk) are refused in one line before work starts."""
+    from typer.testing import CliRunner
+
+    from moviepostproduction.cli import app
+
+    result = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "d").exists()  # nothing written

@@ -260,4 +260,4 @@ def test_cli_prepare_data_and_overwrite_refusal(tmp_path):
     assert sorted(p.name for p in (out / "train").iterdir()) == ["shard-000000.tar"]  # stale shard removed
 
     bad = runner.invoke(app, ["prepare-data", "--out", str(tmp_path / "x"), "--n", "0"])
-    assert bad.exit_code == 2 and "n: must be >= 1 (got 0)" in bad.output
+    assert bad.exit_code == 2 and "n: must be in [1, 10000000] (got 0)" in bad.output

@@ -41,6 +41,8 @@ CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: C
 CPU_HEAPS = ("keep", "system")
 HEAP_NOTES = {True: "freed memory kept in the process", False: "system allocator defaults"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_TOKENS = 65536  # image tokens per case: 4096 x 4096 px at FLUX's 16 px per token, bounded before any work
+MAX_REFS = 1000  # references per case (the design's 50, and stress cases well past it)
 
 
 @dataclass(frozen=True)
@@ -66,17 +68,27 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            ("tokens", self.tokens, bool(self.tokens) and all(t > 0 for t in self.tokens), "need counts > 0"),
-            ("refs", self.refs, bool(self.refs) and all(r >= 0 for r in self.refs), "need counts >= 0"),
-            ("text_tokens", self.text_tokens, self.text_tokens > 0, "must be > 0"),
-            ("batch", self.batch, self.batch >= 1, "must be >= 1"),
+            (
+                "tokens",
+                self.tokens,
+                bool(self.tokens) and all(0 < t <= MAX_TOKENS for t in self.tokens),
+                f"need counts in [1, {MAX_TOKENS}]",
+            ),
+            (
+                "refs",
+                self.refs,
+                bool(self.refs) and all(0 <= r <= MAX_REFS for r in self.refs),
+                f"need counts in [0, {MAX_REFS}]",
+            ),
+            ("text_tokens", self.text_tokens, 0 < self.text_tokens <= 4096, "must be in [1, 4096]"),
+            ("batch", self.batch, 1 <= self.batch <= 64, "must be in [1, 64]"),
             ("mode", self.modes, bool(self.modes) and set(self.modes) <= set(MODES), f"choose from {MODES} or all"),
-            ("repeats", self.repeats, self.repeats >= 1, "must be >= 1"),
-            ("warmup", self.warmup, self.warmup >= 1, "must be >= 1 (warm-up also measures memory)"),
+            ("repeats", self.repeats, 1 <= self.repeats <= 1000, "must be in [1, 1000]"),
+            ("warmup", self.warmup, 1 <= self.warmup <= 100, "must be in [1, 100] (warm-up also measures memory)"),
             ("dtype", self.dtype, self.dtype in DTYPES, f"choose from {tuple(DTYPES)}"),
             ("coverage", self.coverage, 0.0 < self.coverage <= 1.0, "must be in (0, 1]"),
             ("assemble_calls", self.assemble_calls, self.assemble_calls >= 1, "must be >= 1"),
-            ("encoder_refs", self.encoder_refs, self.encoder_refs >= 0, "must be >= 0"),
+            ("encoder_refs", self.encoder_refs, 0 <= self.encoder_refs <= MAX_REFS, f"must be in [0, {MAX_REFS}]"),
             ("threads", self.threads, self.threads is None or self.threads >= 1, "must be >= 1"),
             ("clock", self.clock, self.clock in CLOCKS, f"choose from {tuple(CLOCKS)}"),
             ("cpu_heap", self.cpu_heap, self.cpu_heap in CPU_HEAPS, f"choose from {CPU_HEAPS}"),

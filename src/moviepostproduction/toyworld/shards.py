@@ -165,6 +165,9 @@ def _clear(out: Path, overwrite: bool) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
 
 
+MAX_SCENES = 10_000_000  # per dataset: bounded before any shard is written (about 100 GB of toy shards)
+
+
 def write_dataset(
     out: str | Path,
     n: int,
@@ -183,11 +186,11 @@ def write_dataset(
     """
     cfg = cfg or ToyWorldConfig()
     checks = [
-        ("n", n, n >= 1, "must be >= 1"),
-        ("seed", seed, seed >= 0, "must be >= 0"),
+        ("n", n, 1 <= n <= MAX_SCENES, f"must be in [1, {MAX_SCENES}]"),
+        ("seed", seed, 0 <= seed < 2**64, "must be in [0, 2**64)"),
         ("heldout_frac", heldout_frac, 0.0 <= heldout_frac < 1.0, "must be in [0, 1)"),
-        ("shard_size", shard_size, shard_size >= 1, "must be >= 1"),
-        ("workers", workers, workers >= 1, "must be >= 1"),
+        ("shard_size", shard_size, 1 <= shard_size <= MAX_SCENES, f"must be in [1, {MAX_SCENES}]"),
+        ("workers", workers, 1 <= workers <= 256, "must be in [1, 256]"),
     ]
     problems = [Problem(f, v, msg) for f, v, ok, msg in checks if not ok]
     if problems:

@@ -82,8 +82,8 @@ class ToyWorldConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            ("size", self.size >= 32, "must be >= 32"),
-            ("ref_size", self.ref_size >= 16, "must be >= 16"),
+            ("size", 32 <= self.size <= 4096, "must be in [32, 4096]"),
+            ("ref_size", 16 <= self.ref_size <= 4096, "must be in [16, 4096]"),
             ("min_refs", 1 <= self.min_refs <= self.max_refs, f"must be in [1, max_refs={self.max_refs}]"),
             ("max_refs", self.max_refs <= len(COLOURS), f"must be <= {len(COLOURS)} (one colour per ref)"),
             ("supersample", 1 <= self.supersample <= 8, "must be in [1, 8]"),
