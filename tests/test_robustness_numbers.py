@@ -422,3 +422,21 @@ def test_train_checks_its_output_folders_and_the_weights_before_it_starts(monkey
         expected = line.format(tmp_path / "afile")
         assert result.exit_code == 2 and expected in got, got
     assert not (tmp_path / "run").exists() and (tmp_path / "afile").read_text() == "kept"
+
+
+def test_the_python_api_bounds_each_request_before_any_work(monkeypatch):
+    """A pipeline loaded from a model dir refuses a request that cannot fit (here: a 1M x 1M shot, a 160000 px high
+    panorama) in one line before drawing noise or running the model, as the CLI does."""
+    from moviepostproduction.compose.pipeline import ComposePipeline
+    from moviepostproduction.errors import MppError
+    from moviepostproduction.panorama.pipeline import PanoramaPipeline
+    from moviepostproduction.scene import scene_from_dict
+
+    compose = ComposePipeline.from_model_dir(TOY)
+    monkeypatch.setattr(compose, "prepare", lambda *a, **k: pytest.fail("prepared a scene that cannot fit"))
+    huge = scene_from_dict({"caption": "x", "width": 2**20, "height": 2**20, "refs": []}, base_dir=ROOT)
+    with pytest.raises(MppError, match=r"^compose at 1048576x1048576 .* needs at least"):
+        compose(huge, num_inference_steps=2)
+    panorama = PanoramaPipeline.from_model_dir(TOY)
+    with pytest.raises(MppError, match=r"^panorama at 160000x320000 .* needs at least"):
+        panorama(prompt_embeds=torch.zeros(1, 4, 64), pooled_prompt_embeds=torch.zeros(1, 64), height=160000)

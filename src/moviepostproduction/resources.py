@@ -323,13 +323,14 @@ def preflight(request: Request, dims: ModelDims, capacity: int | None = None) ->
 
 def preflight_weights(
     what: str, root: str | Path, dtype: torch.dtype, device: str | torch.device, *, components: Sequence[str] = ()
-) -> None:
+) -> ModelDims:
     """Refuse to load a model dir whose weights (or what its configs name: 10**9 layers, 10**9 text tokens) cannot
     fit on `device`, before anything is built; every pipeline's `from_model_dir` calls it. `components`: the folders
-    loaded (default `LOADS[what]`)."""
+    loaded (default `LOADS[what]`). Returns the sizes, for the pipeline's per-call `preflight` of a request."""
     loads = components or LOADS[what]
     dims = ModelDims.from_model_dir(root, dtype, components=loads, transformer=loads[0])
     preflight(Request(what, 0, 0, device=str(device)), dims)
+    return dims
 
 
 # ---------------------------------------------------------------------------------------------- OOM guard

@@ -28,7 +28,7 @@ from moviepostproduction.encoders import (
 )
 from moviepostproduction.errors import Problem, ValidationError
 from moviepostproduction.model_dir import ModelDir, SamplingDefaults, as_model_dir
-from moviepostproduction.resources import preflight_weights
+from moviepostproduction.resources import ModelDims, Request, preflight, preflight_weights
 from moviepostproduction.sampling import (
     MAX_SEED,
     denoise,
@@ -65,6 +65,8 @@ class ComposeOutput:
 class ComposePipeline:
     """Frozen encoders + VAE + `ConditionedFlux`. Use `from_model_dir` to load the real on-disk layout."""
 
+    memory_dims: ModelDims | None = None  # sizes from the model dir (from_model_dir): each call is bounded first
+
     def __init__(
         self,
         model: ConditionedFlux,
@@ -92,10 +94,10 @@ class ComposePipeline:
         md = as_model_dir(model_dir)
         md.check()
         defaults = md.sampling_defaults()  # a bad value fails before any weights load
-        preflight_weights("compose", md.root, dtype, device)  # and sizes that cannot fit, before anything is built
+        dims = preflight_weights("compose", md.root, dtype, device)  # sizes that cannot fit, before anything is built
         adapter = CompositionAdapter.from_pretrained(md.root / ADAPTER_FOLDER).to(device=device, dtype=dtype)
         transformer = load_transformer(md, dtype=dtype, device=device)
-        return cls(
+        pipe = cls(
             ConditionedFlux(transformer, adapter),
             TextEncoder.load(md, dtype=dtype, device=device),
             ImageEncoder.load(md, dtype=dtype, device=device),
@@ -103,6 +105,8 @@ class ComposePipeline:
             label=md.output_label(),  # after loading: a tiny dir's warning is for a pipeline that exists
             defaults=defaults,
         )
+        pipe.memory_dims = dims
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -225,6 +229,9 @@ class ComposePipeline:
         )
         used = self.defaults.resolve(ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature)
         scenes = [scene] if isinstance(scene, Scene) else list(scene)
+        for sc in scenes if self.memory_dims is not None else ():  # refuse what cannot fit before any work
+            request = Request("compose", sc.height, sc.width, refs=len(sc.refs), device=str(self.device))
+            preflight(request, self.memory_dims)
         images, alphas = [], []
         for k, sc in enumerate(scenes):
             prepared = self.prepare(

@@ -41,7 +41,7 @@ from moviepostproduction.model_dir import (
     as_model_dir,
     read_json,
 )
-from moviepostproduction.resources import LOADS, preflight_weights
+from moviepostproduction.resources import LOADS, ModelDims, Request, preflight, preflight_weights
 from moviepostproduction.sampling import (
     denoise,
     get_timesteps,
@@ -70,6 +70,8 @@ class FillOutput:
 
 class FillPipeline:
     """Frozen FLUX-Fill transformer (+ semantic attention / LoRA / adapter) + VAE + text encoder."""
+
+    memory_dims: ModelDims | None = None  # sizes from the model dir (from_model_dir): each call is bounded first
 
     def __init__(
         self,
@@ -106,7 +108,7 @@ class FillPipeline:
         md.check(["transformer", "vae", *TEXT_COMPONENTS, *(IMAGE_COMPONENTS if refs else ())])
         defaults = md.sampling_defaults()  # a bad value fails before any weights load
         loads = (*LOADS["fill"], *(LOADS["compose"] if refs else ()))
-        preflight_weights("fill", md.root, dtype, device, components=loads)  # sizes that cannot fit: before building
+        dims = preflight_weights("fill", md.root, dtype, device, components=loads)  # what cannot fit: before building
         vae = Vae.load(md, dtype=dtype, device=device)
         channels = FillChannels.from_vae(vae.latent_channels, vae.downsample)
         config_path = md.transformer / "config.json"
@@ -127,9 +129,11 @@ class FillPipeline:
         label = md.output_label("fill")
         model = FillFlux(transformer, sem.to(device=device, dtype=dtype) if sem else None, adapter)
         text = TextEncoder.load(md, dtype=dtype, device=device)
-        return cls(
+        pipe = cls(
             model, vae, text, layout=weights.layout, image_encoder=image_encoder, label=str(label), defaults=defaults
         )
+        pipe.memory_dims = dims
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -212,6 +216,10 @@ class FillPipeline:
                 "this fill model has no SemanticCrossAttention weights (fill/semantic_attention"
                 ".safetensors); it cannot take a semantic map"
             )
+        if self.memory_dims is not None:  # refuse what cannot fit before any work
+            refs = len(inputs.scene.refs) if inputs.scene is not None else 0
+            request = Request("fill", inputs.size[0], inputs.size[1], refs=refs, device=str(self.device))
+            preflight(request, self.memory_dims)
         f2 = 2 * self.vae.downsample
         pad = (pad_amount(inputs.size[1], f2), pad_amount(inputs.size[0], f2))  # (right, bottom)
         plate = F.pad(inputs.plate, (0, pad[0], 0, pad[1]), mode="replicate")  # (1, 3, H', W')

@@ -37,7 +37,7 @@ from moviepostproduction.panorama.wrap import (
     wrap_ids,
     wrapped_forward,
 )
-from moviepostproduction.resources import preflight_weights
+from moviepostproduction.resources import ModelDims, Request, preflight, preflight_weights
 from moviepostproduction.sampling import (
     StepCallback,
     denoise,
@@ -90,6 +90,8 @@ def _invalid(field: str, value: object, message: str) -> PanoramaValueError:
 class PanoramaPipeline:
     """A FLUX velocity model + an optional VAE; `__call__` is keyword-only like diffusers' FluxPipeline."""
 
+    memory_dims: ModelDims | None = None  # sizes from the model dir (from_model_dir): each call is bounded first
+
     def __init__(
         self,
         model: nn.Module,
@@ -128,10 +130,12 @@ class PanoramaPipeline:
 
         md = as_model_dir(model_dir)
         defaults = md.sampling_defaults()  # a bad value fails before any weights load
-        preflight_weights("panorama", md.root, dtype, device)  # and sizes that cannot fit, before anything is built
+        dims = preflight_weights("panorama", md.root, dtype, device)  # sizes that cannot fit, before anything is built
         transformer = load_transformer(md, dtype=dtype, device=device)
         vae = Vae.load(md, dtype=dtype, device=device)
-        return cls(transformer, vae, config=config, label=md.output_label(), defaults=defaults)
+        pipe = cls(transformer, vae, config=config, label=md.output_label(), defaults=defaults)
+        pipe.memory_dims = dims
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -259,6 +263,8 @@ class PanoramaPipeline:
         h, w = panorama_grid(height, self.vae_scale_factor)
         self.config.check_grid((h, w))
         batch = prompt_embeds.shape[0]
+        if self.memory_dims is not None:  # refuse what cannot fit before any work
+            preflight(Request("panorama", height, 2 * height, batch=batch, device=str(self.device)), self.memory_dims)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
         if latents is None:
