@@ -116,3 +116,19 @@ def compose(
         typer.echo(f"wrote {path}")
     for i, (ref, a) in enumerate(zip(loaded.refs, alphas, strict=True)):
         typer.echo(f"  ref {i} {ref.depth} alpha {a:.3f} -> {'modulation' if a >= 0.5 else 'layout'}")
+
+
+@app.command("init-adapter")
+@user_errors
+def init_adapter(
+    model: str = typer.Argument(..., help="A FLUX model dir as downloaded, with image_encoders/clip and /dino."),
+    out: str | None = typer.Option(None, "--out", help="Where to write it [default: MODEL/adapter]."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the (non-zero) initial weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing adapter folder."),
+) -> None:
+    """Write a fresh composition adapter sized for MODEL: compose then samples exactly as stock FLUX until trained."""
+    from moviepostproduction.compose.adapter_init import init_adapter as write_adapter
+
+    path, cfg = write_adapter(model, out=out, seed=seed, overwrite=overwrite)
+    sizes = f"width {cfg.hidden_dim}, {cfg.num_double_blocks} + {cfg.num_single_blocks} blocks"
+    typer.echo(f"wrote {path} ({sizes}, layout blocks {list(cfg.resolved_layout_blocks)}; untrained)")
