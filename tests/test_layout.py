@@ -113,3 +113,15 @@ def test_fourier_features_are_deterministic_with_known_values():
 def test_area_handles_wrapping_boxes():
     areas = bbox_area(torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.9, 0.0, 0.1, 1.0]]))
     assert areas.tolist() == pytest.approx([0.25, 0.2])
+
+
+def test_fourier_features_stay_finite_and_exact_in_half_precision():
+    """At FLUX.1-dev's 16 frequencies the angles reach 2^15 pi: computed in fp16 they overflow (NaN), in bf16 they
+    are noise. The features are computed in float32 and cast, so each dtype gets the fp32 values rounded once."""
+    points = torch.rand(3, 16, 2, generator=torch.Generator().manual_seed(0))
+    exact = fourier_features(points, 16)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = fourier_features(points.to(dtype), 16)
+        assert half.dtype == dtype and bool(torch.isfinite(half).all())
+        torch.testing.assert_close(half.float(), fourier_features(points.to(dtype).float(), 16).to(dtype).float())
+    assert exact.dtype == torch.float32

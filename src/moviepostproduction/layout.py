@@ -112,11 +112,14 @@ def dense_sample_points(bboxes: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def fourier_features(points: torch.Tensor, num_freqs: int) -> torch.Tensor:
-    """(..., P, 2) coordinates in [0, 1] -> (..., P * 2 * 2 * num_freqs) as sin/cos(2^f * pi * coord)."""
-    freqs = (2.0 ** torch.arange(num_freqs, dtype=points.dtype, device=points.device)) * math.pi  # (F,)
-    angles = points[..., None] * freqs  # (..., P, 2, F)
+    """(..., P, 2) coordinates in [0, 1] -> (..., P * 2 * 2 * num_freqs) as sin/cos(2^f * pi * coord), in the
+    points' dtype. The angles are computed in float32 at least: at 16 frequencies they reach 2^15 pi = 102944, past
+    fp16's range (NaN) and far past bf16's precision (errors of about 200 rad); sin / cos are then exact to cast."""
+    work = torch.promote_types(points.dtype, torch.float32)
+    freqs = (2.0 ** torch.arange(num_freqs, dtype=work, device=points.device)) * math.pi  # (F,)
+    angles = points.to(work)[..., None] * freqs  # (..., P, 2, F)
     feats = torch.stack([angles.sin(), angles.cos()], dim=-1)  # (..., P, 2, F, 2)
-    return rearrange(feats, "... p c f s -> ... (p c f s)")
+    return rearrange(feats, "... p c f s -> ... (p c f s)").to(points.dtype)
 
 
 def fourier_dim(k: int, num_freqs: int) -> int:
