@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
@@ -40,6 +41,8 @@ from moviepostproduction.encoders.checks import (
 from moviepostproduction.errors import Problem, WeightsError
 from moviepostproduction.sampling import (
     SamplingValueError,
+    compute_mu,
+    get_timesteps,
     is_probability,
     positive_problem,
     scale_problem,
@@ -102,6 +105,29 @@ SAMPLING_CHECKS: dict[str, Callable[[str, object], Problem | None]] = {
 
 
 @dataclass(frozen=True)
+class FlowShift:
+    """The "shifted" schedule's bend, from scheduler_config.json as FluxPipeline reads it: mu from the token count
+    when `dynamic` (FLUX.1-dev, the built-in, `compute_mu`), else ln(shift) (FLUX.1-schnell: 1, linear)."""
+
+    dynamic: bool = True
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    shift: float = 1.0
+
+    def mu(self, image_seq_len: int) -> float:
+        dynamic = compute_mu(image_seq_len, self.base_seq_len, self.max_seq_len, self.base_shift, self.max_shift)
+        return dynamic if self.dynamic else math.log(self.shift)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> FlowShift:
+        keys = dict(dynamic="use_dynamic_shifting", base_seq_len="base_image_seq_len", max_seq_len="max_image_seq_len")
+        keys.update(shift="shift" if config.get("use_dynamic_shifting") is False else "")  # unused when dynamic
+        return cls(**{f.name: config[k] for f in fields(cls) if (k := keys.get(f.name, f.name)) in config})
+
+
+@dataclass(frozen=True)
 class SamplingDefaults:
     """The sampling arguments a model was tuned for; every pipeline uses them for an argument left at None.
 
@@ -113,9 +139,11 @@ class SamplingDefaults:
     ref_guidance_scale: float = 1.0  # reference guidance v_caption + s (v_scene - v_caption); 1 = off
     noise_temperature: float = 1.0  # factor on the starting noise; 1 = the noise as drawn
     grounding_ratio: float = 0.3  # fraction of the steps with Assemble-Attn (ConditioningConfig's default)
+    flow_shift: FlowShift = FlowShift()  # the shifted schedule's bend (scheduler/scheduler_config.json)
 
     def __post_init__(self) -> None:
-        problems = [p for f in fields(self) if (p := SAMPLING_CHECKS[f.name](f.name, getattr(self, f.name)))]
+        checked = [f for f in fields(self) if f.name in SAMPLING_CHECKS]
+        problems = [p for f in checked if (p := SAMPLING_CHECKS[f.name](f.name, getattr(self, f.name)))]
         if problems:
             raise SamplingValueError(problems)
 
@@ -126,6 +154,10 @@ class SamplingDefaults:
         adapter = getattr(model, "adapter", None)
         return cls() if adapter is None else cls(grounding_ratio=adapter.cfg.grounding_ratio)
 
+    def timesteps(self, num_steps: int, image_seq_len: int, schedule: str = "shifted") -> torch.Tensor:
+        mu = self.flow_shift.mu(image_seq_len) if schedule == "shifted" else None  # the model's bend of "shifted"
+        return get_timesteps(num_steps, image_seq_len=image_seq_len, schedule=schedule, mu=mu)
+
     def resolve(
         self,
         *,
@@ -135,13 +167,12 @@ class SamplingDefaults:
     ) -> SamplingDefaults:
         """These defaults with each argument that is not None in its place; a bad one is a `SamplingValueError`
         naming it (`noise_temperature: must be a positive number (got -2.0)`)."""
-        given = dict(
-            max_text_tokens=max_text_tokens, ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature
-        )
+        given = dict(max_text_tokens=max_text_tokens, ref_guidance_scale=ref_guidance_scale)
+        given.update(noise_temperature=noise_temperature)
         return replace(self, **{name: value for name, value in given.items() if value is not None})
 
 
-def _a(label: str) -> str:
+def _a(label: str) -> str:  # "an image encoder", "a VAE"
     return f"{'an' if label[0] in 'AEIOU' else 'a'} {label}"
 
 
@@ -224,7 +255,13 @@ class ModelDir:
         for key, (file, value) in named.items():
             if problem := SAMPLING_CHECKS[key](key, value):
                 raise config_error(self.root, self.root / file, problem)
-        return SamplingDefaults(**{key: value for key, (_, value) in named.items()})
+        shift = {}
+        if (self.root / SCHEDULER_CONFIG).is_file():  # checked by SCHEDULER_KEYS (NaN, types, bounds)
+            scheduler = read_json(self.root / SCHEDULER_CONFIG, "a scheduler config", self.root, SCHEDULER_KEYS)
+            if scheduler.get("time_shift_type", "exponential") != "exponential":  # FLUX's; "linear" is not
+                raise WeightsError(f"model dir {self.root}: {SCHEDULER_CONFIG} time_shift_type must be exponential")
+            shift["flow_shift"] = FlowShift.from_config(scheduler)
+        return SamplingDefaults(**{key: value for key, (_, value) in named.items()}, **shift)
 
     def path(self, component: str) -> Path:
         if component not in COMPONENTS:

@@ -77,6 +77,8 @@ def compute_mu(
 
     Extrapolates outside the two anchor points, as FLUX and diffusers do (a 2048^2 image gets mu > 1.15).
     """
+    if max_seq_len == base_seq_len:
+        raise _invalid("max_image_seq_len", max_seq_len, "must differ from base_image_seq_len (the shift is a line)")
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return base_shift + slope * (image_seq_len - base_seq_len)
 

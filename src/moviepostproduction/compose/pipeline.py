@@ -32,7 +32,6 @@ from moviepostproduction.resources import ModelDims, Request, preflight, preflig
 from moviepostproduction.sampling import (
     MAX_SEED,
     denoise,
-    get_timesteps,
     latent_image_ids,
     make_noise,
     noise_latents,
@@ -248,7 +247,7 @@ class ComposePipeline:
                 noise = make_noise(shape, generator=generator) if generator else make_noise(shape, seed=seeded)
             if used.noise_temperature != 1.0:
                 noise = noise * used.noise_temperature
-            timesteps = get_timesteps(num_inference_steps, image_seq_len=h * w, schedule=schedule)
+            timesteps = self.defaults.timesteps(num_inference_steps, h * w, schedule)
             x = noise.to(self.device)
             if image is not None:
                 timesteps = strength_timesteps(timesteps, strength)

@@ -44,7 +44,6 @@ from moviepostproduction.model_dir import (
 from moviepostproduction.resources import LOADS, ModelDims, Request, preflight, preflight_weights
 from moviepostproduction.sampling import (
     denoise,
-    get_timesteps,
     latent_image_ids,
     make_noise,
     noise_latents,
@@ -253,7 +252,7 @@ class FillPipeline:
                 x = replaced if replaced is not None else x
             return x
 
-        timesteps = get_timesteps(num_inference_steps, image_seq_len=shape[1], schedule=schedule)
+        timesteps = self.defaults.timesteps(num_inference_steps, shape[1], schedule)
         out = denoise(velocity, noise.to(self.dtype), timesteps, callback=step_end, progress=progress)
         with torch.no_grad():
             pixels = self.vae.decode(unpack_latents(out, grid[0] * 2, grid[1] * 2))  # (1, 3, H', panels x W')

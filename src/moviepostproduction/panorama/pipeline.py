@@ -41,7 +41,6 @@ from moviepostproduction.resources import ModelDims, Request, preflight, preflig
 from moviepostproduction.sampling import (
     StepCallback,
     denoise,
-    get_timesteps,
     make_noise,
     pack_latents,
     require_valid,
@@ -274,7 +273,7 @@ class PanoramaPipeline:
             raise _invalid("latents", tuple(latents.shape), f"expected {(batch, self.latent_channels, 2 * h, 2 * w)}")
         if used.noise_temperature != 1.0:
             latents = latents * used.noise_temperature
-        timesteps = get_timesteps(num_inference_steps, image_seq_len=h * w, schedule=schedule)
+        timesteps = self.defaults.timesteps(num_inference_steps, h * w, schedule)
         offsets = roll_offsets(self.config, num_inference_steps, w, generator=generator)
         text = _Text(prompt_embeds, pooled_prompt_embeds, conditioning)
         negative = None
