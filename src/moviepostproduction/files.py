@@ -106,13 +106,13 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata:
 
 @contextmanager
 def staged_copy(
-    source: str | Path, out: str | Path, *, leave_out: Iterable[str] = (), replace: bool = False
+    source: str | Path | None, out: str | Path, *, leave_out: Iterable[str] = (), replace: bool = False
 ) -> Iterator[Path]:
     """Build the folder `out` under a temporary name beside it and rename it into place when the block ends without
     an error, so a killed or failed build never leaves half a folder under the final name, and an `out` being
     replaced stays whole until then. The temporary folder (yielded) starts as a copy of `source` less its top-level
-    entries named in `leave_out`; a failed block removes it. An existing `out` is replaced only with `replace`
-    (else a WeightsError naming it, before anything is copied)."""
+    entries named in `leave_out` (empty for source None); a failed block removes it. An existing `out` is replaced
+    only with `replace` (else a WeightsError naming it, before anything is copied)."""
     out = Path(out)
     if out.exists() and not replace:
         raise WeightsError(f"{out} exists; pick a new directory")
@@ -121,15 +121,17 @@ def staged_copy(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # unique per build
     except OSError as exc:
         raise output_error(out, exc) from None
-    root, skip = Path(source), set(leave_out)
+    skip = set(leave_out)
     old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")  # the replaced folder, until the new one is in place
     try:
-        shutil.copytree(
-            root,
-            tmp,
-            ignore=lambda d, names: [n for n in names if n in skip] if Path(d) == root else [],
-            dirs_exist_ok=True,
-        )
+        if source is not None:
+            root = Path(source)
+            shutil.copytree(
+                root,
+                tmp,
+                ignore=lambda d, names: [n for n in names if n in skip] if Path(d) == root else [],
+                dirs_exist_ok=True,
+            )
         yield tmp
         if out.exists():
             out.rename(old)

@@ -27,6 +27,7 @@ __all__ = [
     "SamplingConfig",
     "SamplingValueError",
     "cfg",
+    "check_call",
     "compute_mu",
     "denoise",
     "dual_cfg",
@@ -279,6 +280,16 @@ def seed_problem(field: str, value: object) -> Problem | None:
 def _is_integer(value: object) -> bool:
     """An integer of any integer type (numpy's too), not a bool."""
     return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
+def check_call(num_inference_steps: object, seed: object, guidance_scale: object, true_cfg_scale: object = 1.0) -> None:
+    """The numbers every FLUX pipeline's `__call__` takes, checked together before any work (one line per problem)."""
+    require_valid(
+        steps_problem("num_inference_steps", num_inference_steps),
+        seed_problem("seed", seed),
+        scale_problem("guidance_scale", guidance_scale),
+        scale_problem("true_cfg_scale", true_cfg_scale),
+    )
 
 
 def require_valid(*problems: Problem | None) -> None:

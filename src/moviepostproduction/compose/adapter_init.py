@@ -8,15 +8,13 @@ adapter samples exactly as stock FLUX until the adapter is trained (`mpp train`)
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from moviepostproduction.compose.modules import CompositionAdapter, ConditioningConfig
 from moviepostproduction.errors import WeightsError
+from moviepostproduction.files import staged_copy
 from moviepostproduction.model_dir import ModelDir, as_model_dir, read_json
 
 ADAPTER_FOLDER = "adapter"
@@ -49,21 +47,14 @@ def adapter_config(md: ModelDir) -> ConditioningConfig:
 
 def init_adapter(model_dir: str | Path, *, out: str | Path | None = None, seed: int = 0, overwrite: bool = False):
     """Write a fresh (zero-initialised branches) adapter for `model_dir` to `out` (default `model_dir/adapter`),
-    atomically: a failed write leaves no folder and an existing one whole. Returns (path, config)."""
+    atomically (`files.staged_copy`): a failed write leaves no folder and an existing one whole. Returns (path,
+    config)."""
     md = as_model_dir(model_dir)
     target = Path(out) if out is not None else md.root / ADAPTER_FOLDER
     if target.exists() and not overwrite:
         raise WeightsError(f"{target} exists; pass --overwrite to replace it with a fresh, untrained adapter")
     cfg = adapter_config(md)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            CompositionAdapter(cfg).save_pretrained(staging / "adapter")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging / "adapter", target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_copy(None, target, replace=True) as folder, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CompositionAdapter(cfg).save_pretrained(folder)
     return target, cfg

@@ -31,16 +31,13 @@ from moviepostproduction.model_dir import ModelDir, SamplingDefaults, as_model_d
 from moviepostproduction.resources import ModelDims, Request, preflight, preflight_weights
 from moviepostproduction.sampling import (
     MAX_SEED,
+    check_call,
     denoise,
     latent_image_ids,
     make_noise,
     noise_latents,
     pack_latents,
-    require_valid,
-    scale_problem,
     scene_guidance,
-    seed_problem,
-    steps_problem,
     strength_timesteps,
     text_ids,
     unpack_latents,
@@ -220,12 +217,7 @@ class ComposePipeline:
         """
         if output_type not in ("pil", "pt", "latent"):
             raise ValidationError([Problem("output_type", output_type, "must be one of pil, pt, latent")])
-        require_valid(
-            steps_problem("num_inference_steps", num_inference_steps),
-            seed_problem("seed", seed),
-            scale_problem("guidance_scale", guidance_scale),
-            scale_problem("true_cfg_scale", true_cfg_scale),
-        )
+        check_call(num_inference_steps, seed, guidance_scale, true_cfg_scale)
         used = self.defaults.resolve(ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature)
         scenes = [scene] if isinstance(scene, Scene) else list(scene)
         for sc in scenes if self.memory_dims is not None else ():  # refuse what cannot fit before any work

@@ -43,16 +43,13 @@ from moviepostproduction.model_dir import (
 )
 from moviepostproduction.resources import LOADS, ModelDims, Request, preflight, preflight_weights
 from moviepostproduction.sampling import (
+    check_call,
     denoise,
     latent_image_ids,
     make_noise,
     noise_latents,
     pack_latents,
-    require_valid,
-    scale_problem,
     scene_guidance,
-    seed_problem,
-    steps_problem,
     text_ids,
     unpack_latents,
 )
@@ -198,11 +195,7 @@ class FillPipeline:
         """
         if output_type not in ("pil", "pt"):
             raise ValidationError([Problem("output_type", output_type, "must be pil or pt")])
-        require_valid(
-            steps_problem("num_inference_steps", num_inference_steps),
-            seed_problem("seed", seed),
-            scale_problem("guidance_scale", guidance_scale),
-        )
+        check_call(num_inference_steps, seed, guidance_scale)
         used = self.defaults.resolve(
             max_text_tokens=max_text_tokens, ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature
         )

@@ -40,14 +40,11 @@ from moviepostproduction.panorama.wrap import (
 from moviepostproduction.resources import ModelDims, Request, preflight, preflight_weights
 from moviepostproduction.sampling import (
     StepCallback,
+    check_call,
     denoise,
     make_noise,
     pack_latents,
-    require_valid,
-    scale_problem,
     scene_guidance,
-    seed_problem,
-    steps_problem,
     text_ids,
     unpack_latents,
     use_true_cfg,
@@ -252,12 +249,7 @@ class PanoramaPipeline:
         """
         if output_type not in ("pt", "latent"):
             raise _invalid("output_type", output_type, "must be pt or latent")
-        require_valid(
-            steps_problem("num_inference_steps", num_inference_steps),
-            seed_problem("seed", seed),
-            scale_problem("guidance_scale", guidance_scale),
-            scale_problem("true_cfg_scale", true_cfg_scale),
-        )
+        check_call(num_inference_steps, seed, guidance_scale, true_cfg_scale)
         used = self.defaults.resolve(ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature)
         h, w = panorama_grid(height, self.vae_scale_factor)
         self.config.check_grid((h, w))
