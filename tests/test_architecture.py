@@ -13,13 +13,18 @@ ROOT_MODULES = {
     "scene.py",
     "layout.py",
     "sampling.py",
+    "noise.py",  # starting noise drawn and packed as diffusers draws it (docs/sampling.md)
     "model_dir.py",
+    "adapter_dir.py",  # the adapter folder beside a stock FLUX folder: its index, encoders, sampling defaults
+    "sampling_defaults.py",  # SamplingDefaults / FlowShift: what a model dir or adapter names for sampling
+    "devices.py",  # --device / --dtype auto and the one-line refusal of a device this machine lacks
     "errors.py",
     "files.py",  # safetensors / JSON files: atomic writes, checked reads (docs/architecture.md says why here)
     "resources.py",  # pre-flight memory bound and out-of-memory messages, shared by the CLI and the nodes
     "visualize.py",  # PNG writing, overlays, grids, curves: every command's pictures
 }
 ROOT_FOLDERS = {"encoders", "compose", "panorama", "fill", "vary", "training", "toyworld", "bench", "comfyui", "cli"}
+ROOT_FOLDERS |= {"datasets"}  # real training data: COCO / scene-file import, the real-data shards
 CORE = {p.removesuffix(".py") for p in ROOT_MODULES - {"__init__.py"}} | {"encoders"}
 
 
@@ -121,7 +126,7 @@ def test_the_core_imports_no_capability():
 
 def test_capabilities_import_only_the_core_and_compose():
     """compose, panorama, fill and vary sit on the core; panorama and fill reuse compose's conditioning."""
-    allowed = {"compose": set(), "panorama": {"compose"}, "fill": {"compose"}, "vary": set()}
+    allowed = {"compose": set(), "panorama": {"compose"}, "fill": {"compose"}, "vary": set(), "datasets": set()}
     for name, deps in import_graph().items():
         parts = name.split(".")
         if len(parts) > 2 and parts[1] in allowed:

@@ -22,7 +22,7 @@ from moviepostproduction.bench.harness import (
 )
 from moviepostproduction.bench.memory import PeakMemory
 from moviepostproduction.bench.report import format_case, format_encoders, format_header, format_prepare
-from moviepostproduction.bench.setup import BenchShape, bench_refs, coverage_boxes, make_inputs, token_grid
+from moviepostproduction.bench.setup import BenchShape, bench_refs, coverage_boxes, large_boxes, make_inputs, token_grid
 from moviepostproduction.cli import app
 from moviepostproduction.errors import ValidationError
 from moviepostproduction.layout import bbox_token_mask
@@ -116,11 +116,18 @@ def test_report_serialises_with_derived_values(report):
 
 
 def test_format_case_and_prepare_lines():
-    case = CaseResult("forward", 4096, 512, 50, 0.5, 812, 10_773, (3.41,), (3.62,), 812.4, 901.0)
-    assert format_case(case) == (
-        "forward 4096 tokens 50 refs: plain 3.41 s, conditioned 3.62 s, ratio 1.06 "
-        "[rounds 1.06-1.06, covered 50%, 812 regions, 10773 layout slots, peak MiB plain 812 / conditioned 901]"
+    case = CaseResult(
+        "forward", 4096, 512, 50, 0.5, 812, 10_773, (3.41,), (3.62,), 812.4, 901.0, "small", "buckets", 10773
     )
+    assert format_case(case) == (
+        "forward 4096 tokens 50 refs: plain 3.41 s, conditioned 3.62 s, ratio 1.06 [rounds 1.06-1.06, covered 50%, "
+        "812 regions, small boxes, buckets plan, 10773 layout slots, masks 0.01 MiB, "
+        "peak MiB plain 812 / conditioned 901]"
+    )
+    large = CaseResult("forward", 4096, 512, 50, 1.0, 906, 0, (31.1,), (36.9,), None, None, "large", "shared", 819_200)
+    assert "906 regions, large boxes, shared plan, 0 layout slots, masks 0.78 MiB]" in format_case(large)
+    empty = CaseResult("forward", 4096, 512, 0, 0.0, 1, 0, (3.41,), (3.4,))
+    assert format_case(empty).endswith("covered 0%, 1 regions, 0 layout slots]")
     assert format_prepare(PrepareResult(4096, 50, 0.08, 3.2)) == (
         "prepare 4096 tokens 50 refs: 0.08 s once per scene = 2.5% of one conditioned step (3.2 s)"
     )
@@ -128,6 +135,45 @@ def test_format_case_and_prepare_lines():
     assert format_encoders(EncoderResult(50, 61.23, "CLIP + DINOv2 ViTs (24 x 1024, /14, 224 px)")) == (
         "prepare encoders 50 refs: 61.2 s once per scene (CLIP + DINOv2 ViTs (24 x 1024, /14, 224 px))"
     )
+
+
+def test_large_boxes_each_cover_a_quarter_to_all_of_the_frame_and_overlap():
+    boxes = large_boxes(50, torch.Generator().manual_seed(0))
+    assert boxes.shape == (50, 4) and (boxes >= 0).all() and (boxes <= 1 + 1e-6).all()
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert (area >= 0.25 - 1e-6).all() and (area <= 1 + 1e-6).all() and area.max() - area.min() > 0.5
+    masks = bbox_token_mask(boxes, (64, 64))  # (50, 4096)
+    assert masks.sum(0).float().mean() > 25  # every token lies in ~30 boxes on average
+    refs = bench_refs(50, BenchShape().tiny(), 0.5, 8, seed=3, boxes="large")
+    assert torch.equal(refs.bboxes[0], large_boxes(50, torch.Generator().manual_seed(3)))
+
+
+def test_cli_runs_large_boxes_on_the_shared_plan(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--tiny", "--tokens", "1024", "--refs", "0,20", "--repeats", "1", "--mode", "forward"]
+    result = CliRunner().invoke(app, [*args, "--text-tokens", "8", "--encoder-refs", "0", "--boxes", "large"])
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("forward 1024 tokens 20 refs")]
+    assert ", covered 100%, " in line and ", large boxes, shared plan, 0 layout slots, masks " in line
+    forced = CliRunner().invoke(
+        app,
+        [
+            *args,
+            "--text-tokens",
+            "8",
+            "--encoder-refs",
+            "0",
+            "--boxes",
+            "large",
+            "--assemble-path",
+            "buckets",
+            "--json",
+            str(out),
+        ],
+    )
+    assert forced.exit_code == 0, forced.output
+    case = json.loads(out.read_text())["cases"][1]
+    assert (case["boxes"], case["layout_path"], case["mask_bytes"] > 0) == ("large", "buckets", True)
 
 
 @pytest.mark.parametrize("coverage", [0.25, 0.5, 1.0])
@@ -213,6 +259,8 @@ def test_cli_prints_one_line_per_case_and_writes_json(tmp_path):
         ("--assemble-calls", "0", "error: assemble_calls: must be >= 1 (got 0)"),
         ("--cpu-heap", "pooled", "error: cpu_heap: choose from ('keep', 'system') (got 'pooled')"),
         ("--batch", "0", "error: batch: must be in [1, 64] (got 0)"),
+        ("--boxes", "huge", "error: boxes: choose from ('small', 'large') (got 'huge')"),
+        ("--assemble-path", "fast", "error: assemble_path: choose from ('auto', 'buckets', 'shared') (got 'fast')"),
     ],
 )
 def test_cli_reports_bad_options_in_one_line(option, value, message):

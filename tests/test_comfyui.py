@@ -401,3 +401,25 @@ def test_fill_node_errors_are_one_line_naming_the_input(fill_model, inputs, line
     with pytest.raises(ValidationError) as err:
         run("MPPFill", **{**base, **inputs})
     assert str(err.value).startswith(line) and "\n" not in str(err.value)
+
+
+def test_loader_falls_back_to_the_dirs_nanodit_as_mpp_vary_does():
+    from moviepostproduction.model_dir import default_model_dir
+
+    (model,) = run("MPPLoadModel", model_dir="", device="cpu", dtype="fp32")
+    assert model.vary_path == default_model_dir() / "nanodit" and model.vary is not None
+
+
+def test_loader_takes_an_adapter_folder_beside_a_stock_flux_folder(tmp_path, model_dir):
+    import shutil
+
+    from moviepostproduction.compose.adapter_init import init_adapter
+
+    stock = tmp_path / "flux"
+    shutil.copytree(model_dir, stock, ignore=shutil.ignore_patterns("adapter", "image_encoders"))
+    clip, dino = (model_dir / "image_encoders" / name for name in ("clip", "dino"))
+    init_adapter(stock, out=tmp_path / "adapter", clip=clip, dino=dino)
+    with pytest.raises(WeightsError, match="pass --adapter DIR"):
+        run("MPPLoadModel", model_dir=str(stock), device="cpu", dtype="fp32")
+    (model,) = run("MPPLoadModel", model_dir=str(stock), device="cpu", dtype="fp32", adapter=str(tmp_path / "adapter"))
+    assert model.compose.image_encoder.clip_dim == model.compose.model.adapter.cfg.clip_dim

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from moviepostproduction.cli import app
 from moviepostproduction.compose.pipeline import ComposePipeline
 from moviepostproduction.errors import MppError, ValidationError, WeightsError
-from moviepostproduction.sampling import make_noise
+from moviepostproduction.noise import draw_packed, seeded_generator
 from moviepostproduction.scene import load_scene
 from moviepostproduction.toyworld.tiny import write_tiny_model_dir
 
@@ -82,7 +82,7 @@ def test_conditioning_is_prepared_once_for_all_steps(model_dir, tmp_path):
     scene = load_scene(write_scene(tmp_path))
     calls, steps = [], []
     pipe.model.adapter.instance_encoder.register_forward_hook(lambda *a: calls.append(1))
-    pipe(scene, num_inference_steps=5, callback_on_step_end=lambda i, t, x: steps.append(i))
+    pipe(scene, num_inference_steps=5, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {})
     assert steps == [0, 1, 2, 3, 4]
     assert len(calls) == 1
 
@@ -97,7 +97,13 @@ def test_true_cfg_runs_a_negative_branch_and_img2img_skips_early_steps(model_dir
     forwards.clear()
     steps = []
     init = Image.new("RGB", (64, 48), (200, 30, 30))
-    pipe(scene, num_inference_steps=4, image=init, strength=0.5, callback_on_step_end=lambda i, t, x: steps.append(t))
+    pipe(
+        scene,
+        num_inference_steps=4,
+        image=init,
+        strength=0.5,
+        callback_on_step_end=lambda p, i, t, kw: steps.append(t) or {},
+    )
     assert 0 < len(steps) < 4 and len(forwards) == len(steps)
 
 
@@ -196,7 +202,7 @@ def test_noise_temperature_scales_the_starting_noise_and_the_model_dir_names_its
     assert pipe.defaults.noise_temperature == 1.0
     scene = load_scene(write_scene(tmp_path))
     h, w = scene.height // 16, scene.width // 16
-    noise = make_noise((1, h * w, pipe.vae.latent_channels * 4), seed=scene.seed or 0)
+    noise = draw_packed(1, pipe.vae.latent_channels, (2 * h, 2 * w), seeded_generator(scene.seed))
 
     def latents(**kwargs) -> torch.Tensor:
         return pipe(scene, num_inference_steps=2, output_type="latent", **kwargs).images[0]

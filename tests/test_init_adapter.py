@@ -26,8 +26,12 @@ def stock(tmp_path_factory):
     return root
 
 
+def init(stock, *more: str):
+    return CliRunner().invoke(app, ["init-adapter", "--model", str(stock), "-o", str(stock / "adapter"), *more])
+
+
 def test_init_adapter_sizes_it_from_the_folder_and_compose_then_runs(stock):
-    result = CliRunner().invoke(app, ["init-adapter", str(stock)])
+    result = init(stock)
     assert result.exit_code == 0 and result.output.startswith(f"wrote {stock / 'adapter'}"), result.output
     cfg = json.loads((stock / "adapter" / "config.json").read_text())
     tr = json.loads((stock / "transformer" / "config.json").read_text())
@@ -43,14 +47,14 @@ def test_init_adapter_sizes_it_from_the_folder_and_compose_then_runs(stock):
 
 
 def test_init_adapter_keeps_an_existing_adapter_unless_told(stock, tmp_path):
-    assert CliRunner().invoke(app, ["init-adapter", str(stock)]).exit_code == 0
+    assert init(stock).exit_code == 0
     before = (stock / "adapter" / "model.safetensors").read_bytes()
-    again = CliRunner().invoke(app, ["init-adapter", str(stock), "--seed", "3"])
+    again = init(stock, "--seed", "3")
     assert again.exit_code == 2 and again.output.strip().splitlines() == [
         f"error: {stock / 'adapter'} exists; pass --overwrite to replace it with a fresh, untrained adapter"
     ]
     assert (stock / "adapter" / "model.safetensors").read_bytes() == before
-    replaced = CliRunner().invoke(app, ["init-adapter", str(stock), "--seed", "3", "--overwrite"])
+    replaced = init(stock, "--seed", "3", "--overwrite")
     assert replaced.exit_code == 0 and (stock / "adapter" / "model.safetensors").read_bytes() != before
     assert [p.name for p in stock.iterdir() if p.name.startswith(".")] == []  # no staging folder left
 
@@ -58,7 +62,7 @@ def test_init_adapter_keeps_an_existing_adapter_unless_told(stock, tmp_path):
 def test_init_adapter_names_a_bad_config_in_one_line(stock):
     path = stock / "transformer" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "attention_head_dim": "x"}))
-    result = CliRunner().invoke(app, ["init-adapter", str(stock)])
+    result = init(stock)
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "attention_head_dim" in lines[0], result.output
     assert not (stock / "adapter").exists()

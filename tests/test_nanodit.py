@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from moviepostproduction.errors import MppError, WeightsError
-from moviepostproduction.sampling import denoise, get_timesteps, make_noise
+from moviepostproduction.noise import make_noise
+from moviepostproduction.sampling import denoise, get_timesteps
 from moviepostproduction.training.vary_objective import DropoutProbs, flow_matching_loss, sample_dropout
 from moviepostproduction.vary.nanodit import PRESETS, NanoDiT, NanoDiTConfig, NanoDiTValueError, VaryConditioning
 from moviepostproduction.vary.nanodit_io import load_nanodit, save_nanodit

@@ -29,8 +29,9 @@ SEEDS = (0, 1)
 def _last_latents():
     seen = {}
 
-    def callback(i, t, x):
-        seen["x"] = x.detach().clone()
+    def callback(pipe, i, t, kwargs):
+        seen["x"] = kwargs["latents"].detach().clone()
+        return {}
 
     return seen, callback
 

@@ -116,6 +116,14 @@ def world(tmp_path_factory) -> dict[str, Path]:
     os.mkfifo(inp / "fifo.json")
     for name, image in ESCAPES.items():
         (inp / f"escape-{name}.json").write_text(json.dumps(scene_data(image.format(secrets=secrets))))
+    for folder, name in (
+        ("diffusion_models", "flux1-dev.safetensors"),
+        ("text_encoders", "t5xxl_fp16.safetensors"),
+        ("text_encoders", "clip_l.safetensors"),
+        ("vae", "ae.safetensors"),
+    ):
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (base / "models" / folder / name).write_bytes(b"")  # never read: every fuzzed call is refused first
     return {"base": base, "secrets": secrets, "input": inp, "temp": base / "temp"}
 
 
@@ -125,6 +133,7 @@ def comfy(world, monkeypatch) -> Path:
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.get_input_directory = lambda: str(world["input"])
     folder_paths.get_temp_directory = lambda: str(world["temp"])
+    folder_paths.get_folder_paths = lambda name: [str(world["base"] / "models" / name)]
     monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
     return world["input"]
 
@@ -317,6 +326,9 @@ def base_inputs(key: str, models: dict) -> dict:
     sample = dict(steps=1, seed=0)
     return {
         "MPPLoadModel": dict(model_dir="/nonexistent-mpp-model", device="cpu", dtype="fp32", vary_checkpoint=""),
+        "MPPLoadFluxFiles": dict(diffusion_model="flux1-dev.safetensors", t5="t5xxl_fp16.safetensors",
+                                 clip_l="clip_l.safetensors", vae="ae.safetensors", adapter="/nonexistent-mpp-adapter",
+                                 device="cpu", dtype="fp32"),
         "MPPScene": dict(caption="a red square", width=32, height=32, panorama=False, images=image,
                          bboxes="[[0.1, 0.1, 0.9, 0.9]]", depths="fg", captions="a red square"),
         "MPPAddReference": dict(scene=scene, image=image, x0=0.1, y0=0.1, x1=0.9, y1=0.9, depth="fg", caption="",

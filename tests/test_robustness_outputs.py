@@ -327,6 +327,9 @@ def test_cli_full_disk_at_the_end_is_one_line_and_keeps_the_earlier_png(monkeypa
     class Done:
         label = ""
 
+        def load_loras(self, loras):
+            return []
+
         def __call__(self, scene, **kwargs):
             return ComposeOutput(images=[image(9, 128)], alphas=[[0.5] * len(scene.refs)])
 

@@ -8,6 +8,14 @@ import pytest
 import torch
 
 from moviepostproduction.errors import MppError
+from moviepostproduction.noise import (
+    batch_problem,
+    check_packed_latents,
+    diffusers_latent_hw,
+    draw_latents,
+    draw_packed,
+    make_noise,
+)
 from moviepostproduction.sampling import (
     SCHEDULES,
     SamplingConfig,
@@ -17,9 +25,9 @@ from moviepostproduction.sampling import (
     dual_cfg,
     get_timesteps,
     latent_image_ids,
-    make_noise,
     noise_latents,
     pack_latents,
+    step_end,
     strength_timesteps,
     text_ids,
     time_shift,
@@ -192,6 +200,32 @@ def test_noise_needs_exactly_one_source(kwargs: dict) -> None:
         make_noise(SHAPE, **kwargs)
 
 
+def test_pipeline_noise_is_diffusers_randn_tensor_in_its_shape_then_packed() -> None:
+    """FluxPipeline.prepare_latents: randn_tensor((B, 16, 2 (H // 16), 2 (W // 16))) in the pipeline dtype on the
+    generator's device, then packed 2x2; a list of generators draws one item each (issue 41: mpp drew (1, N, 64))."""
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+    from diffusers.utils.torch_utils import randn_tensor
+
+    assert diffusers_latent_hw(72, 100) == (8, 12)  # 2 (H // 16), as diffusers rounds down to whole tokens
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = draw_packed(2, 16, (8, 12), torch.Generator("cpu").manual_seed(3), dtype=dtype)
+        drawn = randn_tensor((2, 16, 8, 12), generator=torch.Generator("cpu").manual_seed(3), dtype=dtype)
+        assert ours.dtype == dtype and torch.equal(ours, FluxPipeline._pack_latents(drawn, 2, 16, 8, 12))
+    gens = [torch.Generator("cpu").manual_seed(s) for s in (1, 2)]
+    expected = randn_tensor((2, 16, 4, 4), generator=[torch.Generator("cpu").manual_seed(s) for s in (1, 2)])
+    assert torch.equal(draw_latents((2, 16, 4, 4), gens), expected)
+    with pytest.raises(MppError, match=r"generator: need one generator per image \(3\)"):
+        draw_latents((3, 16, 4, 4), [torch.Generator() for _ in range(2)])
+
+
+def test_given_latents_must_be_packed_and_finite_one_line_naming_the_shape() -> None:
+    check_packed_latents(torch.zeros(2, 16, 64), (2, 16, 64))
+    with pytest.raises(MppError, match=r"^latents: must be packed latents of shape \(1, 16, 64\) \(B, N, 4C\)"):
+        check_packed_latents(torch.zeros(1, 16, 4, 4), (1, 16, 64))
+    with pytest.raises(MppError, match="latents: contains non-finite values"):
+        check_packed_latents(torch.full((1, 16, 64), math.nan), (1, 16, 64))
+
+
 # ------------------------------------------------------------------------------------------------ guidance
 def test_cfg_endpoints() -> None:
     u, c = torch.randn(SHAPE), torch.randn(SHAPE)
@@ -287,3 +321,49 @@ def test_non_finite_state_raises_naming_the_step() -> None:
 def test_euler_rejects_bad_timesteps() -> None:
     with pytest.raises(MppError, match="timesteps"):
         denoise(lambda x, t: x, torch.randn(SHAPE), torch.tensor([0.0, 1.0]))
+
+
+def test_step_end_is_diffusers_callback_on_step_end() -> None:
+    """callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict: timestep = the step's own t x 1000 (as
+    the scheduler's timesteps), callback_kwargs holds the tensor inputs, a returned "latents" replaces the state."""
+    pipe, seen = object(), []
+    timesteps = get_timesteps(4, schedule="linear")
+
+    def zero_first(p, step: int, timestep: torch.Tensor, kwargs: dict) -> dict:
+        seen.append((p is pipe, step, float(timestep), sorted(kwargs)))
+        return {"latents": torch.zeros_like(kwargs["latents"])} if step == 0 else {}
+
+    callback = step_end(pipe, zero_first, ["latents"], timesteps)
+    out = denoise(lambda x, t: torch.ones_like(x), torch.randn(SHAPE), timesteps, callback=callback)
+    assert seen == [(True, i, 1000.0 * (1 - i / 4), ["latents"]) for i in range(4)]
+    assert torch.allclose(out, torch.full(SHAPE, -0.75))
+
+
+@pytest.mark.parametrize(
+    "callback, inputs, message",
+    [
+        (
+            lambda i, t, x: None,
+            ["latents"],
+            r"callback_on_step_end: must take \(pipe, step, timestep, callback_kwargs\)",
+        ),
+        (lambda p, i, t, kw: {}, ["prompt_embeds"], r"callback_on_step_end_tensor_inputs: only \['latents'\]"),
+    ],
+)
+def test_step_end_refuses_the_old_form_and_unknown_tensor_inputs(callback, inputs, message) -> None:
+    with pytest.raises(MppError, match=message):
+        step_end(None, callback, inputs, get_timesteps(2, schedule="linear"))
+
+
+def test_step_end_needs_a_dict_back() -> None:
+    callback = step_end(None, lambda p, i, t, kw: None, ["latents"], get_timesteps(2, schedule="linear"))
+    with pytest.raises(MppError, match="callback_on_step_end: must return a dict"):
+        denoise(lambda x, t: x, torch.randn(SHAPE), get_timesteps(2, schedule="linear"), callback=callback)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_num_images_per_prompt_is_an_integer_of_at_least_1(value) -> None:
+    assert str(batch_problem("num_images_per_prompt", value)).startswith(
+        "num_images_per_prompt: must be an integer >= 1"
+    )
+    assert batch_problem("num_images_per_prompt", 3) is None

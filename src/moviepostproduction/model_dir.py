@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from moviepostproduction.adapter_dir import AdapterDir
 from moviepostproduction.encoders.checks import (
     INDEX_KEYS,
-    MAX_TEXT_TOKENS,
     MODEL_KEYS,
     PREPROCESSOR_KEYS,
     SCHEDULER_KEYS,
@@ -30,7 +29,6 @@ from moviepostproduction.encoders.checks import (
     component_parameters,
     config_error,
     config_problems,
-    count,
     first_line,
     fit_problem,
     load_error,
@@ -39,14 +37,9 @@ from moviepostproduction.encoders.checks import (
     tokenizer_problem,
 )
 from moviepostproduction.errors import Problem, WeightsError
-from moviepostproduction.sampling import (
-    SamplingValueError,
-    compute_mu,
-    get_timesteps,
-    is_probability,
-    positive_problem,
-    scale_problem,
-)
+from moviepostproduction.sampling_defaults import SAMPLING_CHECKS, FlowShift, SamplingDefaults
+
+__all__ = ["FlowShift", "ModelDir", "SamplingDefaults", "as_model_dir", "default_model_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,88 +81,7 @@ TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 IMAGE_COMPONENTS = ("image_clip", "image_dino")
 
 
-ADAPTER_CONFIG = "adapter/config.json"  # the CompositionAdapter's config, which names its layout window
 INDEX_SAMPLING_KEYS = ("max_text_tokens", "ref_guidance_scale", "noise_temperature")  # in model_index.json
-
-
-def _checked(check: Check) -> Callable[[str, object], Problem | None]:
-    return lambda name, value: Problem(name, value, message) if (message := check(value)) else None
-
-
-SAMPLING_CHECKS: dict[str, Callable[[str, object], Problem | None]] = {
-    "max_text_tokens": _checked(count(1, MAX_TEXT_TOKENS)),  # the bound keeps 10**9 from padding every prompt
-    "ref_guidance_scale": scale_problem,
-    "noise_temperature": positive_problem,
-    "grounding_ratio": _checked(lambda v: None if is_probability(v) else "must be a number in [0, 1]"),
-}
-
-
-@dataclass(frozen=True)
-class FlowShift:
-    """The "shifted" schedule's bend, from scheduler_config.json as FluxPipeline reads it: mu from the token count
-    when `dynamic` (FLUX.1-dev, the built-in, `compute_mu`), else ln(shift) (FLUX.1-schnell: 1, linear)."""
-
-    dynamic: bool = True
-    base_shift: float = 0.5
-    max_shift: float = 1.15
-    base_seq_len: int = 256
-    max_seq_len: int = 4096
-    shift: float = 1.0
-
-    def mu(self, image_seq_len: int) -> float:
-        dynamic = compute_mu(image_seq_len, self.base_seq_len, self.max_seq_len, self.base_shift, self.max_shift)
-        return dynamic if self.dynamic else math.log(self.shift)
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> FlowShift:
-        keys = dict(dynamic="use_dynamic_shifting", base_seq_len="base_image_seq_len", max_seq_len="max_image_seq_len")
-        keys.update(shift="shift" if config.get("use_dynamic_shifting") is False else "")  # unused when dynamic
-        return cls(**{f.name: config[k] for f in fields(cls) if (k := keys.get(f.name, f.name)) in config})
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """The sampling arguments a model was tuned for; every pipeline uses them for an argument left at None.
-
-    Precedence (docs/sampling.md): an explicit argument > the model dir (`ModelDir.sampling_defaults`) > these
-    built-in values, which sample as FLUX does. A bad value raises at construction, naming the field.
-    """
-
-    max_text_tokens: int = 512  # T5 length the transformer was trained with (FLUX.1-dev: 512)
-    ref_guidance_scale: float = 1.0  # reference guidance v_caption + s (v_scene - v_caption); 1 = off
-    noise_temperature: float = 1.0  # factor on the starting noise; 1 = the noise as drawn
-    grounding_ratio: float = 0.3  # fraction of the steps with Assemble-Attn (ConditioningConfig's default)
-    flow_shift: FlowShift = FlowShift()  # the shifted schedule's bend (scheduler/scheduler_config.json)
-
-    def __post_init__(self) -> None:
-        checked = [f for f in fields(self) if f.name in SAMPLING_CHECKS]
-        problems = [p for f in checked if (p := SAMPLING_CHECKS[f.name](f.name, getattr(self, f.name)))]
-        if problems:
-            raise SamplingValueError(problems)
-
-    @classmethod
-    def of_model(cls, model: torch.nn.Module) -> SamplingDefaults:
-        """The built-in values with the layout window of `model.adapter`, if it has one: for a pipeline built from
-        modules in memory rather than from a model dir."""
-        adapter = getattr(model, "adapter", None)
-        return cls() if adapter is None else cls(grounding_ratio=adapter.cfg.grounding_ratio)
-
-    def timesteps(self, num_steps: int, image_seq_len: int, schedule: str = "shifted") -> torch.Tensor:
-        mu = self.flow_shift.mu(image_seq_len) if schedule == "shifted" else None  # the model's bend of "shifted"
-        return get_timesteps(num_steps, image_seq_len=image_seq_len, schedule=schedule, mu=mu)
-
-    def resolve(
-        self,
-        *,
-        max_text_tokens: int | None = None,
-        ref_guidance_scale: float | None = None,
-        noise_temperature: float | None = None,
-    ) -> SamplingDefaults:
-        """These defaults with each argument that is not None in its place; a bad one is a `SamplingValueError`
-        naming it (`noise_temperature: must be a positive number (got -2.0)`)."""
-        given = dict(max_text_tokens=max_text_tokens, ref_guidance_scale=ref_guidance_scale)
-        given.update(noise_temperature=noise_temperature)
-        return replace(self, **{name: value for name, value in given.items() if value is not None})
 
 
 def _a(label: str) -> str:  # "an image encoder", "a VAE"
@@ -194,7 +106,8 @@ def read_json(path: Path, what: str, root: Path, keys: dict[str, Check] | None =
 
 @dataclass(frozen=True)
 class ModelDir:
-    """Paths of a model directory (`--model DIR`); see docs/model-directory.md."""
+    """Paths of a model directory (`--model DIR`) and of the adapter used with it (`--adapter DIR`, else DIR/adapter);
+    see docs/model-directory.md. The image encoders are the adapter's (`adapter_dir.AdapterDir`)."""
 
     root: Path
     transformer: Path
@@ -205,13 +118,18 @@ class ModelDir:
     tokenizer_2: Path
     image_clip: Path
     image_dino: Path
+    adapter: AdapterDir
 
     @classmethod
-    def at(cls, root: str | Path) -> ModelDir:
+    def at(cls, root: str | Path, adapter: str | Path | None = None) -> ModelDir:
         base = Path(root).expanduser()
         if not base.is_dir():
             raise WeightsError(f"model dir {base}: not a directory (expected a FLUX-layout model folder)")
-        return cls(base, **{name: base / comp.subdir for name, comp in COMPONENTS.items()})
+        if adapter is not None and not Path(adapter).expanduser().is_dir():
+            raise WeightsError(f"adapter {adapter}: not a directory (expected an adapter folder: mpp init-adapter)")
+        found = AdapterDir.at(base / "adapter" if adapter is None else adapter, model_root=base)
+        paths = {name: base / comp.subdir for name, comp in COMPONENTS.items() if name not in IMAGE_COMPONENTS}
+        return cls(base, **paths, image_clip=found.image_clip, image_dino=found.image_dino, adapter=found)
 
     @classmethod
     def source_of(cls, source: str | Path, out: str | Path) -> tuple[ModelDir, Path]:
@@ -245,16 +163,19 @@ class ModelDir:
 
     def sampling_defaults(self) -> SamplingDefaults:
         """The `SamplingDefaults` this dir names: model_index.json's `max_text_tokens`, `ref_guidance_scale` and
-        `noise_temperature`, adapter/config.json's `grounding_ratio`; the built-in value for a key it does not name.
-        A bad value is a one-line WeightsError naming the file, the key and the value."""
-        named = {key: ("model_index.json", self.index[key]) for key in INDEX_SAMPLING_KEYS if key in self.index}
-        if (self.root / ADAPTER_CONFIG).is_file():
-            adapter = read_json(self.root / ADAPTER_CONFIG, "a CompositionAdapter config", self.root)
+        `noise_temperature`, overridden by the adapter's (adapter_index.json `sampling`, config.json's
+        `grounding_ratio`); the built-in value for a key neither names. A bad value is a one-line WeightsError naming
+        the file, the key and the value."""
+        index = self.root / "model_index.json"
+        named = {key: (index, self.index[key]) for key in INDEX_SAMPLING_KEYS if key in self.index}
+        named.update({key: (self.adapter.root / "adapter_index.json", v) for key, v in self.adapter.sampling.items()})
+        if self.adapter.config.is_file():
+            adapter = read_json(self.adapter.config, "a CompositionAdapter config", self.root)
             if "grounding_ratio" in adapter:
-                named["grounding_ratio"] = (ADAPTER_CONFIG, adapter["grounding_ratio"])
+                named["grounding_ratio"] = (self.adapter.config, adapter["grounding_ratio"])
         for key, (file, value) in named.items():
             if problem := SAMPLING_CHECKS[key](key, value):
-                raise config_error(self.root, self.root / file, problem)
+                raise config_error(self.root, file, problem)
         shift = {}
         if (self.root / SCHEDULER_CONFIG).is_file():  # checked by SCHEDULER_KEYS (NaN, types, bounds)
             scheduler = read_json(self.root / SCHEDULER_CONFIG, "a scheduler config", self.root, SCHEDULER_KEYS)
@@ -364,8 +285,12 @@ class ModelDir:
             check_safetensors(file, self.root)
 
 
-def as_model_dir(model_dir: ModelDir | str | Path) -> ModelDir:
-    return model_dir if isinstance(model_dir, ModelDir) else ModelDir.at(model_dir)
+def as_model_dir(model_dir: ModelDir | str | Path, adapter: str | Path | None = None) -> ModelDir:
+    """A ModelDir for a path (with `adapter`, the adapter folder used with it); a ModelDir is returned as is unless
+    another adapter is named."""
+    if isinstance(model_dir, ModelDir):
+        return model_dir if adapter is None else ModelDir.at(model_dir.root, adapter)
+    return ModelDir.at(model_dir, adapter)
 
 
 def move_like(module: M, device: torch.device | str, dtype: torch.dtype) -> M:

@@ -16,17 +16,29 @@ traceback from deep inside a convolution. Three guards, all usable around any pi
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
+from moviepostproduction.encoders.weight_files import (
+    CONFIGS,
+    built_params,
+    component_bytes,
+    on_device,
+    outside_bytes,
+    positive_size,
+    quantized_bytes,
+    read_config,
+)
 from moviepostproduction.errors import MppError, Problem, ValidationError
+
+if TYPE_CHECKING:
+    from moviepostproduction.model_dir import ModelDir
 
 __all__ = [
     "LOADS",
@@ -97,49 +109,61 @@ class ModelDims:
     @classmethod
     def from_model_dir(
         cls,
-        root: str | Path,
+        root: str | Path | ModelDir,
         dtype: torch.dtype = torch.float32,
         *,
+        adapter: str | Path | None = None,
         components: Sequence[str] | None = None,
         transformer: str = "transformer",
+        quantize: Mapping[str, str] | None = None,
+        offload: str | None = None,
     ) -> ModelDims:
         """Read the sizes from config files and weight file sizes: nothing is loaded, so this runs before loading.
 
         `components`: the top-level folders the request loads (None: all); their weight files count, and so does
         a lower bound on the parameters their configs would build, so a config naming 10**9 layers is refused
-        here rather than constructed. `transformer`: the folder of the denoiser ("nanodit" for vary)."""
-        root = Path(root)
+        here rather than constructed. `transformer`: the folder of the denoiser ("nanodit" for vary). `quantize`:
+        folder -> spec ({"transformer": "nf4"}); `offload`: "model" or "sequential" counts what is on the device at
+        once (encoders/weight_files.py: only the files the loaders read, each tensor at the dtype it is loaded in)."""
+        md = root if hasattr(root, "adapter") else None  # a ModelDir: its adapter and encoders may be elsewhere
+        if md is None and adapter is not None and Path(root).is_dir():
+            from moviepostproduction.model_dir import ModelDir
+
+            md = ModelDir.at(root, adapter)
+        root = md.root if md is not None else Path(root)
         loads = (lambda folder: True) if components is None else (lambda folder: folder.split("/")[0] in components)
-        config = _read_config(root / transformer / "config.json")
-        vae = _read_config(root / "vae" / "config.json")
-        files = sorted(p for p in root.rglob("*.safetensors") if p.is_file() and loads(p.relative_to(root).parts[0]))
-        stored = 2 if files and _stored_half(files[0]) else 4  # bytes per value in the files
+        config = read_config(root / transformer / "config.json")
+        vae = read_config(root / "vae" / "config.json")
         b = DTYPE_BYTES.get(dtype, 4)
-        weights = int(sum(p.stat().st_size for p in files) * b / stored)  # loaded at the requested precision
-        built = {f"{c}/config.json": _built_params(_read_config(root / c / "config.json")) for c in CONFIGS if loads(c)}
+        folders = components if components is not None else [p.name for p in sorted(root.glob("*/"))]
+        per_value = quantized_bytes(quantize)
+        inside = component_bytes(root, folders, b, per_value)
+        weights = on_device({**inside, **(outside_bytes(md, folders, b) if md is not None else {})}, offload)
+        built = {c: built_params(read_config(root / c / "config.json")) for c in CONFIGS if loads(c)}
         channels = vae.get("block_out_channels")
-        if not (isinstance(channels, list) and channels and all(_size(c) for c in channels)):
+        if not (isinstance(channels, list) and channels and all(positive_size(c) for c in channels)):
             channels = FLUX_VAE_CHANNELS
-        built["vae/config.json"] = _size(vae.get("layers_per_block")) * sum(9 * c * c for c in channels)  # 3x3 convs
+        built["vae"] = positive_size(vae.get("layers_per_block")) * sum(9 * c * c for c in channels)  # 3x3 convs
         largest = max(built, key=built.__getitem__)
         vae_factor = 2 ** min(len(channels) - 1, 16)
         sizes = dict(vae_channels=int(channels[0]), vae_factor=vae_factor, bytes_per_value=b)
         if transformer == "transformer":
-            text_tokens = _size(_read_config(root / "model_index.json").get("max_text_tokens")) or 512
-            hidden = _size(config.get("num_attention_heads")) * _size(config.get("attention_head_dim")) or 3072
+            text_tokens = positive_size(read_config(root / "model_index.json").get("max_text_tokens")) or 512
+            heads, head_dim = (positive_size(config.get(k)) for k in ("num_attention_heads", "attention_head_dim"))
+            hidden = heads * head_dim or 3072
             sizes.update(hidden=hidden, text_tokens=text_tokens)
         else:  # NanoDiT: its own width, patch size and sample size; its text is short and counted as none
             sizes.update(
-                hidden=_size(config.get("hidden_size")) or 1,
+                hidden=positive_size(config.get("hidden_size")) or 1,
                 text_tokens=0,
-                token_pixels=vae_factor * (_size(config.get("patch_size")) or 1),
-                sample_pixels=_size(config.get("sample_size")) * vae_factor,
+                token_pixels=vae_factor * (positive_size(config.get("patch_size")) or 1),
+                sample_pixels=positive_size(config.get("sample_size")) * vae_factor,
             )
-        from_configs = sum(built.values()) * b
+        from_configs = on_device({c: int(n * per_value.get(c.split("/")[0], b)) for c, n in built.items()}, offload)
         return cls(
             **sizes,
             weights_bytes=max(weights, from_configs),
-            weights_from=largest if from_configs > weights else "",
+            weights_from=f"{largest}/config.json" if from_configs > weights else "",
         )
 
     @classmethod
@@ -171,51 +195,6 @@ LOADS = {
     "fill": ("transformer", "vae", *TEXT, "fill"),  # with refs, also image_encoders and adapter
     "vary": ("nanodit", "vae", *TEXT, "image_encoders"),
 }
-# The component configs whose sizes bound the parameters they build (the VAE's is read on its own).
-CONFIGS = ("transformer", "text_encoder", "text_encoder_2", "image_encoders/clip", "image_encoders/dino", "nanodit")
-MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KB; a larger one is left to the loaders, which report it
-
-
-def _size(value: object) -> int:
-    """A positive integer size from a config, else 0 (a missing or malformed value: the loaders report it)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _built_params(cfg: dict) -> int:
-    """A lower bound on the parameters a transformer config builds (FLUX, T5, CLIP, DINOv2, NanoDiT): per layer
-    the MLP's two width x ffn matrices, and the token embeddings. Real counts are several times higher."""
-    layers = sum(_size(cfg.get(k)) for k in ("num_layers", "num_single_layers", "num_hidden_layers", "depth"))
-    heads = _size(cfg.get("num_attention_heads")) * _size(cfg.get("attention_head_dim"))
-    width = _size(cfg.get("hidden_size")) or _size(cfg.get("d_model")) or heads
-    ratio = cfg.get("mlp_ratio")
-    ok = isinstance(ratio, int | float) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 0
-    by_ratio = int(width * min(ratio, 1e6)) if ok else 0  # capped: a lower bound may be low, never overflow
-    ffn = _size(cfg.get("intermediate_size")) or _size(cfg.get("d_ff")) or by_ratio or width
-    return layers * 2 * width * ffn + _size(cfg.get("vocab_size")) * width
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:  # a FIFO would block the read
-            return {}
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
-        return {}  # the loaders report a bad model dir with their own message; the bound uses defaults
-    return data if isinstance(data, dict) else {}
-
-
-def _stored_half(path: Path) -> bool:
-    """True when the first tensor of a safetensors file is 16-bit (the file size then counts 2 bytes a value)."""
-    try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(min(n, 1 << 20)))
-    except (OSError, ValueError, RecursionError):
-        return False
-    if not isinstance(header, dict):
-        return False
-    dtypes = [v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    return bool(dtypes) and dtypes[0] in ("BF16", "F16")
 
 
 # ------------------------------------------------------------------------------------------------ non-finite
@@ -322,13 +301,23 @@ def preflight(request: Request, dims: ModelDims, capacity: int | None = None) ->
 
 
 def preflight_weights(
-    what: str, root: str | Path, dtype: torch.dtype, device: str | torch.device, *, components: Sequence[str] = ()
+    what: str,
+    root: str | Path | ModelDir,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    *,
+    components: Sequence[str] = (),
+    quantize: Mapping[str, str] | None = None,
+    offload: str | None = None,
 ) -> ModelDims:
     """Refuse to load a model dir whose weights (or what its configs name: 10**9 layers, 10**9 text tokens) cannot
     fit on `device`, before anything is built; every pipeline's `from_model_dir` calls it. `components`: the folders
-    loaded (default `LOADS[what]`). Returns the sizes, for the pipeline's per-call `preflight` of a request."""
+    loaded (default `LOADS[what]`); `quantize` / `offload` as for `ModelDims.from_model_dir`. Returns the sizes, for
+    the pipeline's per-call `preflight` of a request."""
     loads = components or LOADS[what]
-    dims = ModelDims.from_model_dir(root, dtype, components=loads, transformer=loads[0])
+    dims = ModelDims.from_model_dir(
+        root, dtype, components=loads, transformer=loads[0], quantize=quantize, offload=offload
+    )
     preflight(Request(what, 0, 0, device=str(device)), dims)
     return dims
 

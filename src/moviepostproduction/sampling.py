@@ -1,4 +1,4 @@
-"""Rectified-flow sampling shared by every pipeline: schedules, packing, noise, guidance, the one denoise loop.
+"""Rectified-flow sampling shared by every pipeline: schedules, packing, guidance, the denoise loop (noise: noise.py).
 
 Convention (FLUX / SD3 rectified flow): x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0, and
 sampling integrates dx/dt = v from t = 1 (pure noise) down to t = 0 (data). The model is a pure velocity
@@ -9,6 +9,7 @@ guidance and true CFG: `scene_guidance`; dual CFG: `dual_cfg`) are the small fun
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from moviepostproduction.errors import MppError, Problem, ValidationError
 
 __all__ = [
+    "CALLBACK_TENSOR_INPUTS",
     "MAX_SEED",
     "MAX_STEPS",
     "SCHEDULES",
@@ -34,7 +36,6 @@ __all__ = [
     "finite_problem",
     "get_timesteps",
     "latent_image_ids",
-    "make_noise",
     "noise_latents",
     "pack_latents",
     "positive_problem",
@@ -42,6 +43,7 @@ __all__ = [
     "scale_problem",
     "scene_guidance",
     "seed_problem",
+    "step_end",
     "steps_problem",
     "strength_timesteps",
     "text_ids",
@@ -210,38 +212,6 @@ def text_ids(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device
     return torch.zeros(n, 3, dtype=dtype, device=device)
 
 
-# --------------------------------------------------------------------------------------------------- noise
-def make_noise(
-    shape: Sequence[int],
-    *,
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    seed: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Standard normal noise from exactly one of `generator` (or one per batch item) or `seed`.
-
-    Drawn in float32 on the generator's device (CPU for `seed`) and then cast and moved, so a seed gives
-    the same noise on every device and dtype, as diffusers' `randn_tensor` does for CPU generators.
-    """
-    if (generator is None) == (seed is None):
-        raise _invalid("seed", seed, "give exactly one of generator or seed")
-    shape = tuple(shape)
-    if seed is not None:
-        require_valid(seed_problem("seed", seed))
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-    if isinstance(generator, torch.Generator):
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    else:
-        generators = list(generator)
-        if len(generators) != shape[0]:
-            raise _invalid("generator", len(generators), f"need one generator per batch item ({shape[0]})")
-        noise = torch.cat(
-            [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32).cpu() for g in generators]
-        )
-    return noise.to(device=device, dtype=dtype)
-
-
 # ------------------------------------------------------------------------------------------------ guidance
 def scale_problem(field: str, value: object) -> Problem | None:
     """The problem with a guidance scale, if any: it must be a finite number >= 0 (a config file may hand over a
@@ -387,3 +357,44 @@ def denoise(
             if replaced is not None:
                 state = replaced.to(torch.float32)
     return state.to(dtype)
+
+
+# ------------------------------------------------------------------------------- diffusers' step-end callback
+CALLBACK_TENSOR_INPUTS = ("latents",)  # what callback_kwargs may hold (diffusers' `_callback_tensor_inputs`)
+
+
+def step_end(
+    pipe: object, callback: Callable | None, tensor_inputs: Sequence[str], timesteps: torch.Tensor
+) -> StepCallback | None:
+    """diffusers' `callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict` as `denoise`'s callback: after
+    step i, the step's diffusers timestep (timesteps[i] x 1000, 0-d float32) and {name: tensor} for `tensor_inputs`;
+    a returned "latents" replaces the state. The old `callback(i, t, x)` form is refused in one line."""
+    bad = [name for name in tensor_inputs if name not in CALLBACK_TENSOR_INPUTS]
+    if bad:
+        raise _invalid("callback_on_step_end_tensor_inputs", bad, f"only {list(CALLBACK_TENSOR_INPUTS)} can be passed")
+    if callback is None:
+        return None
+    if not callable(callback) or _positional_count(callback) == 3:
+        raise _invalid(
+            "callback_on_step_end", getattr(callback, "__name__", type(callback).__name__),
+            "must take (pipe, step, timestep, callback_kwargs) and return a dict, as in diffusers (not (i, t, x))",
+        )  # fmt: skip
+    times = (timesteps.detach().to("cpu", torch.float32) * 1000.0).unbind()
+
+    def call(i: int, _t_next: float, x: torch.Tensor) -> torch.Tensor | None:
+        out = callback(pipe, i, times[i], {name: x for name in tensor_inputs})
+        if not isinstance(out, dict):
+            raise _invalid("callback_on_step_end", type(out).__name__, "must return a dict (callback_kwargs)")
+        return out.get("latents")
+
+    return call
+
+
+def _positional_count(fn: Callable) -> int | None:
+    """How many positional parameters `fn` takes (None with *args or without an inspectable signature)."""
+    try:
+        kinds = [p.kind for p in inspect.signature(fn).parameters.values()]
+    except (TypeError, ValueError):
+        return None
+    positional = sum(k <= inspect.Parameter.POSITIONAL_OR_KEYWORD for k in kinds)
+    return None if inspect.Parameter.VAR_POSITIONAL in kinds else positional

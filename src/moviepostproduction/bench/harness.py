@@ -16,13 +16,15 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from moviepostproduction.bench.cpu_heap import heap_kept, keep_freed_memory
 from moviepostproduction.bench.memory import PeakMemory
+from moviepostproduction.bench.results import CaseResult, EncoderResult, PrepareResult
 from moviepostproduction.bench.setup import (
+    BOXES,
     BenchShape,
     bench_refs,
     build_image_encoder,
@@ -30,7 +32,7 @@ from moviepostproduction.bench.setup import (
     make_inputs,
     token_grid,
 )
-from moviepostproduction.compose.assemble_rows import MAX_BUCKETS, pack_rows
+from moviepostproduction.compose.assemble_rows import MAX_BUCKETS, PATHS
 from moviepostproduction.errors import Problem, ValidationError
 from moviepostproduction.layout import bbox_token_mask
 
@@ -56,9 +58,11 @@ class BenchConfig:
     warmup: int = 1  # untimed rounds first; the last one also measures peak memory
     device: str = "cpu"
     dtype: str = "fp32"
-    coverage: float = 0.5  # fraction of the image covered by the union of the boxes
+    coverage: float = 0.5  # fraction of the image covered by the union of the boxes (small boxes)
+    boxes: str = "small"  # "small": random boxes inside the covered strip; "large": each 25-100 % of the frame
     layout_active: bool = True  # Assemble-Attn on (first `grounding_ratio` of the steps) or off
     assemble_calls: int = MAX_BUCKETS  # Assemble-Attn attention calls per layout block at most (1: one padded call)
+    assemble_path: str = "auto"  # Assemble-Attn plan: cheaper by cost ("auto"), or "buckets" / "shared" forced
     encoder_refs: int = 50  # reference images through the image encoders, timed once (0: skip)
     threads: int | None = None  # torch intra-op threads during the run (None: torch's default)
     clock: str = "wall"  # "process" (CPU time) is steadier than wall time on a shared CPU with one thread
@@ -87,7 +91,9 @@ class BenchConfig:
             ("warmup", self.warmup, 1 <= self.warmup <= 100, "must be in [1, 100] (warm-up also measures memory)"),
             ("dtype", self.dtype, self.dtype in DTYPES, f"choose from {tuple(DTYPES)}"),
             ("coverage", self.coverage, 0.0 < self.coverage <= 1.0, "must be in (0, 1]"),
+            ("boxes", self.boxes, self.boxes in BOXES, f"choose from {BOXES}"),
             ("assemble_calls", self.assemble_calls, self.assemble_calls >= 1, "must be >= 1"),
+            ("assemble_path", self.assemble_path, self.assemble_path in PATHS, f"choose from {PATHS}"),
             ("encoder_refs", self.encoder_refs, 0 <= self.encoder_refs <= MAX_REFS, f"must be in [0, {MAX_REFS}]"),
             ("threads", self.threads, self.threads is None or self.threads >= 1, "must be >= 1"),
             ("clock", self.clock, self.clock in CLOCKS, f"choose from {tuple(CLOCKS)}"),
@@ -102,63 +108,6 @@ class BenchConfig:
             problems.append(Problem("clock", self.clock, "process time does not see GPU work; use wall on cuda"))
         if problems:
             raise ValidationError(problems)
-
-
-@dataclass(frozen=True)
-class CaseResult:
-    """One (mode, tokens, refs) case. Times in seconds, memory in MiB above the level before the call."""
-
-    mode: str
-    tokens: int
-    text_tokens: int
-    refs: int
-    covered: float  # fraction of image tokens inside some box
-    regions: int  # distinct modulation regions of the image stream (AdaLN linear runs once per region)
-    layout_slots: int  # Assemble-Attn attention slots (rows x row length after packing; 0 without refs)
-    plain_times: tuple[float, ...]
-    conditioned_times: tuple[float, ...]
-    plain_peak_mib: float | None = None
-    conditioned_peak_mib: float | None = None
-
-    @property
-    def plain_s(self) -> float:
-        return statistics.median(self.plain_times)
-
-    @property
-    def conditioned_s(self) -> float:
-        return statistics.median(self.conditioned_times)
-
-    @property
-    def ratio(self) -> float:
-        return self.conditioned_s / self.plain_s
-
-    @property
-    def round_ratios(self) -> tuple[float, ...]:
-        """Conditioned / plain within each round (measured minutes apart at most): the spread shows the noise."""
-        return tuple(c / p for c, p in zip(self.conditioned_times, self.plain_times, strict=True))
-
-
-@dataclass(frozen=True)
-class PrepareResult:
-    """`adapter.prepare` (paid once per scene) against one conditioned forward step (paid every step)."""
-
-    tokens: int
-    refs: int
-    prepare_s: float
-    step_s: float | None  # median conditioned forward of the same case; None without forward mode
-
-    @property
-    def fraction(self) -> float | None:
-        return None if self.step_s is None else self.prepare_s / self.step_s
-
-
-@dataclass(frozen=True)
-class EncoderResult:
-    """The reference image encoders on `refs` images in one batch: paid once per scene (cached per image file)."""
-
-    refs: int
-    seconds: float
-    encoders: str
 
 
 @dataclass(frozen=True)
@@ -262,7 +211,7 @@ def _group(model, cfg: BenchConfig, mode: str, tokens: int, memory: PeakMemory) 
     inputs = make_inputs(cfg.shape, grid, cfg.text_tokens, device, dtype, cfg.seed, cfg.batch)
     scenes = {}
     for r in cfg.refs:
-        refs = bench_refs(r, model.adapter.cfg, cfg.coverage, cfg.text_tokens, cfg.seed + r, cfg.batch)
+        refs = bench_refs(r, model.adapter.cfg, cfg.coverage, cfg.text_tokens, cfg.seed + r, cfg.batch, cfg.boxes)
         refs = refs.to(device, dtype)
         with torch.no_grad():
             scenes[r] = (refs, model.prepare(refs, grid, cfg.text_tokens))
@@ -272,6 +221,10 @@ def _group(model, cfg: BenchConfig, mode: str, tokens: int, memory: PeakMemory) 
     cases = []
     for r, (refs, cond) in scenes.items():
         covered = bbox_token_mask(refs.bboxes[0].float(), grid).any(0).float().mean().item() if r else 0.0
+        rows = None
+        if r:  # the plan the timed step ran: prepare's (no autograd) when sampling; training plans under autograd
+            with torch.set_grad_enabled(mode == "train"):
+                rows = model.with_rows(replace(cond, rows=None)).rows
         cases.append(
             CaseResult(
                 mode=mode,
@@ -280,11 +233,14 @@ def _group(model, cfg: BenchConfig, mode: str, tokens: int, memory: PeakMemory) 
                 refs=r,
                 covered=covered,
                 regions=cond.image_regions.num_regions,
-                layout_slots=pack_rows(cond.packing, cfg.batch * tokens, cfg.assemble_calls).num_slots if r else 0,
+                layout_slots=rows.num_slots if rows is not None else 0,
                 plain_times=tuple(times["plain"]),
                 conditioned_times=tuple(times[r]),
                 plain_peak_mib=peaks["plain"],
                 conditioned_peak_mib=peaks[r],
+                boxes=cfg.boxes,
+                layout_path=("shared" if rows.shared is not None else "buckets") if rows is not None else "",
+                mask_bytes=rows.mask_bytes if rows is not None else 0,
             )
         )
     return cases
@@ -293,7 +249,8 @@ def _group(model, cfg: BenchConfig, mode: str, tokens: int, memory: PeakMemory) 
 def _prepare_time(model, cfg: BenchConfig, case: CaseResult) -> PrepareResult:
     """Median `adapter.prepare` time of the case's scene, against its median conditioned forward step."""
     device, grid = torch.device(cfg.device), token_grid(case.tokens)
-    refs = bench_refs(case.refs, model.adapter.cfg, cfg.coverage, cfg.text_tokens, cfg.seed + case.refs, cfg.batch)
+    seed = cfg.seed + case.refs
+    refs = bench_refs(case.refs, model.adapter.cfg, cfg.coverage, cfg.text_tokens, seed, cfg.batch, cfg.boxes)
     refs = refs.to(device, DTYPES[cfg.dtype])
 
     def prepare() -> None:
@@ -350,7 +307,7 @@ def _run(cfg: BenchConfig) -> BenchReport:
     torch.manual_seed(cfg.seed)
     encoders = _encoder_time(cfg) if cfg.encoder_refs > 0 else None
     model = build_model(cfg.shape, max(cfg.refs)).to(device=device, dtype=DTYPES[cfg.dtype])
-    model.assemble_calls = cfg.assemble_calls
+    model.assemble_calls, model.assemble_path = cfg.assemble_calls, cfg.assemble_path
     model.transformer.requires_grad_(False)  # base frozen, adapter trainable, as in training
     model.adapter.requires_grad_(True)
     memory = PeakMemory(device)

@@ -26,7 +26,13 @@ def format_case(case: CaseResult) -> str:
         f"{case.mode} {case.tokens} tokens {case.refs} refs: plain {case.plain_s:.3g} s, "
         f"conditioned {case.conditioned_s:.3g} s, ratio {case.ratio:.2f} "
         f"[rounds {min(rounds):.2f}-{max(rounds):.2f}, covered {100 * case.covered:.0f}%, "
-        f"{case.regions} regions, {case.layout_slots} layout slots"
+        f"{case.regions} regions, "
+        + (
+            f"{case.boxes} boxes, {case.layout_path} plan, {case.layout_slots} layout slots, "
+            f"masks {case.mask_bytes / 2**20:.2f} MiB"
+            if case.refs
+            else f"{case.layout_slots} layout slots"
+        )
     )
     if case.plain_peak_mib is not None and case.conditioned_peak_mib is not None:
         line += f", peak MiB plain {case.plain_peak_mib:.0f} / conditioned {case.conditioned_peak_mib:.0f}"

@@ -84,15 +84,35 @@ def coverage_boxes(refs: int, coverage: float, gen: torch.Generator) -> torch.Te
     return torch.cat([torch.tensor(boxes).view(tiles, 4), torch.cat([lo, lo + size], dim=-1)])  # (refs, 4)
 
 
-def bench_refs(refs: int, cfg, coverage: float, text_tokens: int, seed: int, batch: int = 1) -> RefBatch:
-    """`batch` samples with `refs` refs each: coverage boxes (the random ones past the strip's tiles drawn per sample),
-    random depths and features, a caption span each. Sample 0's boxes do not depend on the batch size."""
+def large_boxes(refs: int, gen: torch.Generator, smallest: float = 0.25) -> torch.Tensor:
+    """(refs, 4) boxes each covering a uniform `smallest`-100 % of the frame's area, placed anywhere inside it (so
+    they overlap heavily): the crowded scene whose per-box attention costs far more than one full attention."""
+    area = smallest + (1 - smallest) * torch.rand(refs, generator=gen)  # (refs,)
+    width = area + (1 - area) * torch.rand(refs, generator=gen)  # in [area, 1], so height = area / width <= 1
+    size = torch.stack([width, area / width], dim=-1)  # (refs, 2)
+    lo = torch.rand(refs, 2, generator=gen) * (1 - size)
+    return torch.cat([lo, lo + size], dim=-1)
+
+
+BOXES = ("small", "large")  # coverage_boxes (inside the covered strip) or large_boxes (25-100 % of the frame each)
+
+
+def bench_refs(
+    refs: int, cfg, coverage: float, text_tokens: int, seed: int, batch: int = 1, boxes: str = "small"
+) -> RefBatch:
+    """`batch` samples with `refs` refs each: coverage boxes (the random ones past the strip's tiles drawn per sample)
+    or, with `boxes="large"`, `large_boxes` (coverage unused), random depths and features, a caption span each.
+    Sample 0's boxes do not depend on the batch size."""
     gen = torch.Generator().manual_seed(seed)
     spans = torch.zeros(batch, refs, text_tokens, dtype=torch.bool)
     for r in range(refs):
         spans[:, r, [(CAPTION_TOKENS * r + j) % text_tokens for j in range(CAPTION_TOKENS)]] = True
+
+    def draw() -> torch.Tensor:
+        return large_boxes(refs, gen) if boxes == "large" else coverage_boxes(refs, coverage, gen)
+
     return RefBatch(
-        bboxes=torch.stack([coverage_boxes(refs, coverage, gen) for _ in range(batch)]),  # (B, R, 4)
+        bboxes=torch.stack([draw() for _ in range(batch)]),  # (B, R, 4)
         depth=torch.randint(0, 3, (batch, refs), generator=gen),
         valid=torch.ones(batch, refs, dtype=torch.bool),
         clip=torch.randn(batch, refs, cfg.clip_dim, generator=gen),

@@ -17,12 +17,18 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", help="Timed rounds; each case reports the median."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed rounds first; the last one also measures memory."),
     mode: str = typer.Option("all", "--mode", help="forward, train or all."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: str = typer.Option("", "--dtype", help="fp32, bf16 or fp16 [cpu: fp32, cuda: bf16]."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available, else cpu), cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16 [auto: cpu fp32, cuda bf16]."),
     coverage: float = typer.Option(0.5, "--coverage", help="Fraction of the image inside the union of the boxes."),
+    boxes: str = typer.Option(
+        "small", "--boxes", help="small: boxes inside the --coverage strip; large: each 25-100 % of the frame's area."
+    ),
     layout: bool = typer.Option(True, "--layout/--no-layout", help="Assemble-Attn on (early steps) or off (later)."),
     assemble_calls: int | None = typer.Option(
         None, "--assemble-calls", help="Assemble-Attn attention calls per layout block at most [4]; 1: one padded call."
+    ),
+    assemble_path: str = typer.Option(
+        "auto", "--assemble-path", help="Assemble-Attn plan: auto (cheaper by cost), buckets or shared."
     ),
     encoder_refs: int = typer.Option(50, "--encoder-refs", help="Images through CLIP + DINOv2, timed once (0: skip)."),
     threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads [default: torch's]."),
@@ -47,10 +53,13 @@ def bench(
     from moviepostproduction.bench.report import format_case, format_encoders, format_header, format_prepare
     from moviepostproduction.bench.setup import BenchShape
     from moviepostproduction.compose.assemble_rows import MAX_BUCKETS
+    from moviepostproduction.devices import resolve_device
     from moviepostproduction.files import check_output, write_text_atomic
 
     if json_out:
         check_output(json_out, "--json")  # before the timings, not after them
+    device = resolve_device(device)
+    dtype = "" if dtype == "auto" else dtype
     cfg = BenchConfig(
         tokens=parse_numbers("--tokens", tokens) or default_tokens(device),
         refs=parse_numbers("--refs", refs),
@@ -62,8 +71,10 @@ def bench(
         device=device,
         dtype=dtype or default_dtype(device),
         coverage=coverage,
+        boxes=boxes,
         layout_active=layout,
         assemble_calls=MAX_BUCKETS if assemble_calls is None else assemble_calls,
+        assemble_path=assemble_path,
         encoder_refs=encoder_refs,
         threads=threads,
         clock=clock,

@@ -86,14 +86,66 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# Libraries diffusers imports when they are installed (the `quant` extra) and that log at import time about kernels
+# this machine lacks (triton, a CUDA build's .so files); one-line errors stay ours. Shown with --verbose.
+IMPORT_NOISE = ("torchao", "bitsandbytes", "torch.utils._pytree", "diffusers.quantizers")
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
+    for name in IMPORT_NOISE if not verbose else ():
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def ref_guidance_option():
     """`--ref-guidance`; left out, the pipeline takes the model dir's `ref_guidance_scale` (docs/sampling.md)."""
     return typer.Option(None, "--ref-guidance", help="Reference guidance scale, 1 = off (default: the model dir's).")
+
+
+def adapter_option():
+    """`--adapter DIR`: our folder beside a stock FLUX.1 folder (docs/model-directory.md); left out, MODEL/adapter."""
+    return typer.Option(
+        None, "--adapter", help="Adapter folder (mpp init-adapter, mpp train) [default: MODEL/adapter]."
+    )
+
+
+def lora_option():
+    """`--lora FILE[:SCALE]`, repeatable: LoRA files on the transformer (docs/lora.md); parse with `parse_loras`."""
+    return typer.Option(
+        None, "--lora", help="LoRA .safetensors (diffusers, kohya, XLabs) as FILE or FILE:SCALE [scale 1]; repeatable."
+    )
+
+
+def parse_loras(values: list[str] | None) -> list[tuple[str, float]]:
+    """(file, scale) per `--lora`, refused in one line before any weights load: a scale that is not a finite
+    number, a missing file, a file that is not .safetensors. A name holding ':' that exists is a file alone."""
+    import math
+    from pathlib import Path
+
+    from moviepostproduction.errors import ValidationError
+    from moviepostproduction.files import PICKLE_SUFFIXES, resolve_input
+
+    parsed = []
+    for text in values or ():
+        name, scale = text, 1.0
+        if ":" in text and not Path(text).expanduser().is_file():
+            name, scale_text = text.rsplit(":", 1)
+            try:
+                scale = float(scale_text)
+            except ValueError:
+                scale = math.nan
+            if not math.isfinite(scale):
+                raise ValidationError([Problem("--lora", text, "SCALE after the last ':' must be a finite number")])
+        path = resolve_input(name)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ValidationError([Problem("--lora", name, "must be a .safetensors file (pickles are never read)")])
+        if path.suffix.lower() != ".safetensors":
+            raise ValidationError([Problem("--lora", name, "must be a .safetensors file")])
+        if not path.is_file():
+            raise ValidationError([Problem("--lora", name, "no such file")])
+        parsed.append((str(path), scale))
+    return parsed
 
 
 def noise_temperature_option():
@@ -134,12 +186,48 @@ def check_options(*more: Problem | None, **options: object) -> None:
     require_valid(*(checks[k](flag[k], v) for k, v in options.items() if v is not None), *more)
 
 
-def parse_dtype(name: str):
-    import torch
+DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:1 ..."
+DTYPE_HELP = "auto (bf16 on cuda, else fp32), fp32, bf16 or fp16."
 
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name not in table:
-        from moviepostproduction.errors import Problem, ValidationError
 
-        raise ValidationError([Problem("--dtype", name, f"must be one of {', '.join(table)}")])
-    return table[name]
+def parse_device_dtype(device: str, dtype: str):
+    """(device, torch dtype) for `--device` / `--dtype` (`auto` resolved, devices this machine lacks refused in one
+    line: devices.py), checked before anything loads."""
+    from moviepostproduction.devices import resolve_device, resolve_dtype
+
+    used = resolve_device(device)
+    return used, resolve_dtype(dtype, used)
+
+
+def quantize_option():
+    return typer.Option(None, "--quantize", help="nf4 (CUDA), int8 or fp8 (CUDA): transformer and T5 weights.")
+
+
+def offload_option():
+    return typer.Option(None, "--offload", help="model or sequential: CPU offload onto --device (docs/memory.md).")
+
+
+def vae_tiling_option():
+    return typer.Option(False, "--vae-tiling", help="Decode large images tile by tile (less memory).")
+
+
+def parse_memory(quantize: str | None, offload: str | None, vae_tiling: bool, device: str):
+    """The checked memory switches (encoders/memory.py), refused in one line naming the flag before anything loads:
+    an unknown value, a quantization the device or the installed packages cannot run."""
+    from dataclasses import replace
+
+    from moviepostproduction.encoders.memory import MemoryOptions
+    from moviepostproduction.encoders.quantize import check_quantization
+    from moviepostproduction.errors import ValidationError
+
+    try:
+        memory = MemoryOptions(quantize, offload, vae_tiling)
+        if quantize is not None:
+            check_quantization(quantize, device)
+    except ValidationError as err:
+        raise ValidationError([replace(p, field="--" + p.field.replace("_", "-")) for p in err.problems]) from None
+    return memory
+
+
+def compile_option():
+    return typer.Option(False, "--compile", help="torch.compile the conditioned transformer (first step compiles).")

@@ -5,13 +5,23 @@ from __future__ import annotations
 import typer
 
 from moviepostproduction.cli.common import (
+    DEVICE_HELP,
+    DTYPE_HELP,
     STEPS_HELP,
+    adapter_option,
     app,
     check_options,
+    compile_option,
+    lora_option,
     noise_temperature_option,
-    parse_dtype,
+    offload_option,
+    parse_device_dtype,
+    parse_loras,
+    parse_memory,
+    quantize_option,
     ref_guidance_option,
     user_errors,
+    vae_tiling_option,
 )
 
 
@@ -59,8 +69,10 @@ def compose(
     scene: str = typer.Argument(..., help="Scene file (.json or .yaml)."),
     output: str = typer.Option(..., "-o", "--output", help="Output PNG."),
     model: str | None = typer.Option(
-        None, "--model", help="Model dir (FLUX.1-dev layout + adapter/); default: embedded."
+        None, "--model", help="A FLUX.1 folder as downloaded (or a model dir with adapter/); default: embedded."
     ),
+    adapter: str | None = adapter_option(),
+    lora: list[str] | None = lora_option(),
     steps: int = typer.Option(28, "--steps", help=STEPS_HELP),
     seed: int | None = typer.Option(None, "--seed", help="Seed in [0, 2**64) (default: the scene's seed, else 0)."),
     guidance: float = typer.Option(3.5, "--guidance", help="FLUX guidance embedding scale."),
@@ -70,8 +82,12 @@ def compose(
     noise_temperature: float | None = noise_temperature_option(),
     overlay: bool = typer.Option(False, "--overlay", help="Also write OUT.layout.png: boxes, depth, alpha."),
     max_refs: int = typer.Option(50, "--max-refs", min=0, help="Most refs the scene may have."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    quantize: str | None = quantize_option(),
+    offload: str | None = offload_option(),
+    compile_model: bool = compile_option(),
+    vae_tiling: bool = vae_tiling_option(),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Compose a scene: caption + references placed by bbox and depth -> one image."""
     from pathlib import Path
@@ -86,15 +102,26 @@ def compose(
     # Everything that can be refused is, before any weights load: numbers, outputs, the scene, the memory bound.
     check_options(steps=steps, seed=seed, guidance=guidance, true_cfg=true_cfg, ref_guidance=ref_guidance,
                   noise_temperature=noise_temperature)  # fmt: skip
+    loras = parse_loras(lora)
     check_output(output)
     if overlay:
         check_output(Path(output).with_suffix(".layout.png"), "--overlay")
     loaded = load_scene(scene, max_refs=max_refs)
-    md, torch_dtype = model or default_model_dir(), parse_dtype(dtype)
+    device, torch_dtype = parse_device_dtype(device, dtype)
+    memory = parse_memory(quantize, offload, vae_tiling, device)
+    md = model or default_model_dir()
     request = Request("compose", loaded.height, loaded.width, refs=len(loaded.refs), device=device)
-    preflight(request, ModelDims.from_model_dir(md, torch_dtype, components=LOADS["compose"]))
+    preflight(
+        request,
+        ModelDims.from_model_dir(md, torch_dtype, adapter=adapter, components=LOADS["compose"], **memory.counted()),
+    )
     with memory_guard(request):
-        pipe = ComposePipeline.from_model_dir(md, dtype=torch_dtype, device=device)
+        pipe = ComposePipeline.from_model_dir(
+            md, adapter=adapter, dtype=torch_dtype, device=device, **memory.keywords()
+        )
+        pipe.load_loras(loras)
+        if compile_model:
+            pipe.enable_compile()
         result = pipe(
             loaded,
             num_inference_steps=steps,
@@ -121,14 +148,26 @@ def compose(
 @app.command("init-adapter")
 @user_errors
 def init_adapter(
-    model: str = typer.Argument(..., help="A FLUX model dir as downloaded, with image_encoders/clip and /dino."),
-    out: str | None = typer.Option(None, "--out", help="Where to write it [default: MODEL/adapter]."),
+    model: str = typer.Option(
+        ..., "--model", help="A FLUX.1 folder as downloaded, or flux1-dev / flux1-schnell (single files: ComfyUI)."
+    ),
+    out: str = typer.Option(..., "-o", "--out", help="The adapter folder to write."),
+    clip: str | None = typer.Option(
+        None, "--clip", help="CLIP folder as downloaded (CLIPModel or vision) [default: MODEL/image_encoders/clip]."
+    ),
+    dino: str | None = typer.Option(
+        None, "--dino", help="DINOv2 folder as downloaded [default: MODEL/image_encoders/dino]."
+    ),
+    copy_encoders: bool = typer.Option(False, "--copy-encoders", help="Copy the encoders in instead of naming them."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the (non-zero) initial weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing adapter folder."),
 ) -> None:
     """Write a fresh composition adapter sized for MODEL: compose then samples exactly as stock FLUX until trained."""
     from moviepostproduction.compose.adapter_init import init_adapter as write_adapter
 
-    path, cfg = write_adapter(model, out=out, seed=seed, overwrite=overwrite)
+    path, cfg = write_adapter(
+        model, out=out, clip=clip, dino=dino, copy_encoders=copy_encoders, seed=seed, overwrite=overwrite
+    )
     sizes = f"width {cfg.hidden_dim}, {cfg.num_double_blocks} + {cfg.num_single_blocks} blocks"
     typer.echo(f"wrote {path} ({sizes}, layout blocks {list(cfg.resolved_layout_blocks)}; untrained)")
+    typer.echo(f"use it with: mpp compose SCENE -o OUT.png --model {model} --adapter {path}")

@@ -5,11 +5,20 @@ from __future__ import annotations
 import typer
 
 from moviepostproduction.cli.common import (
+    DEVICE_HELP,
+    DTYPE_HELP,
     STEPS_HELP,
+    adapter_option,
     app,
     check_options,
+    compile_option,
+    lora_option,
     noise_temperature_option,
-    parse_dtype,
+    offload_option,
+    parse_device_dtype,
+    parse_loras,
+    parse_memory,
+    quantize_option,
     ref_guidance_option,
     user_errors,
 )
@@ -28,14 +37,19 @@ def panorama(
     ref_guidance: float | None = ref_guidance_option(),
     noise_temperature: float | None = noise_temperature_option(),
     model: str | None = typer.Option(None, "--model", help="Model dir (FLUX.1-dev layout); default: embedded."),
+    adapter: str | None = adapter_option(),
+    lora: list[str] | None = lora_option(),
     pad: int = typer.Option(1, "--pad", help="Wrapped token columns on each side (DiT360: 1; 0 = off)."),
     pad_ids: str = typer.Option("opposite", "--pad-ids", help="Pad position ids: opposite (DiT360) or continuous."),
     periodic_rope: bool = typer.Option(False, "--periodic-rope/--no-periodic-rope", help="Column RoPE on a circle."),
     roll: str = typer.Option("off", "--roll", help="Latent rolling between steps: off, fixed or random."),
     circular_vae: bool = typer.Option(True, "--circular-vae/--no-circular-vae", help="Circular VAE width padding."),
     html: bool = typer.Option(False, "--html", help="Also write OUT.html, a self-contained 360 viewer."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    quantize: str | None = quantize_option(),
+    offload: str | None = offload_option(),
+    compile_model: bool = compile_option(),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Generate a seamless 360-degree panorama from a caption (or a panorama scene with placed refs)."""
     from pathlib import Path
@@ -61,6 +75,7 @@ def panorama(
         raise ValidationError([Problem("--height", height, "the scene sets the size; drop --height")])
     check_options(steps=steps, seed=seed, guidance=guidance, ref_guidance=ref_guidance,
                   noise_temperature=noise_temperature)  # fmt: skip
+    loras = parse_loras(lora)
     check_output(output)
     if html:
         check_output(Path(output).with_suffix(".html"), "--html")
@@ -70,11 +85,13 @@ def panorama(
         raise ValidationError([Problem("panorama", loaded.panorama, f"{scene} is not a panorama scene")])
     side = loaded.height if loaded is not None else height or 256
     config.check_grid(panorama_grid(side))
-    md, torch_dtype = model or default_model_dir(), parse_dtype(dtype)
+    device, torch_dtype = parse_device_dtype(device, dtype)
+    memory = parse_memory(quantize, offload, False, device)
+    md = model or default_model_dir()
     refs = len(loaded.refs) if loaded is not None else 0
     request = Request("panorama", side, 2 * side, refs=refs, device=device)
     loads = LOADS["compose" if loaded is not None else "panorama"]
-    preflight(request, ModelDims.from_model_dir(md, torch_dtype, components=loads))
+    preflight(request, ModelDims.from_model_dir(md, torch_dtype, adapter=adapter, components=loads, **memory.counted()))
     sampling = dict(
         seed=seed,
         num_inference_steps=steps,
@@ -87,13 +104,25 @@ def panorama(
         if loaded is not None:
             from moviepostproduction.compose.pipeline import ComposePipeline
 
-            compose_pipe = ComposePipeline.from_model_dir(md, dtype=torch_dtype, device=device)
+            compose_pipe = ComposePipeline.from_model_dir(
+                md, adapter=adapter, dtype=torch_dtype, device=device, **memory.keywords()
+            )
+            compose_pipe.load_loras(loras)
+            if compile_model:
+                compose_pipe.enable_compile()
             result = compose_panorama(compose_pipe, loaded, config=config, **sampling)
             prompt = loaded.caption
         else:
-            pipe = PanoramaPipeline.from_model_dir(md, config=config, dtype=torch_dtype, device=device)
-            encoder = TextEncoder.load(md, dtype=torch_dtype, device=device)
+            pipe = PanoramaPipeline.from_model_dir(
+                md, adapter=adapter, config=config, dtype=torch_dtype, device=device, **memory.keywords(tiling=False)
+            )
+            pipe.load_loras(loras)
+            if compile_model:
+                pipe.enable_compile()
+            t5_config = memory.quantized(torch_dtype, device)[1]
+            encoder = TextEncoder.load(md, dtype=torch_dtype, device=device, t5_quantization_config=t5_config)
             text = encoder.encode([caption], pipe.defaults.max_text_tokens)
+            del encoder  # used once: its memory is free before sampling
             result = pipe(prompt_embeds=text.t5, pooled_prompt_embeds=text.pooled, height=side, **sampling)
             prompt = caption
     pixels = (result.images[0] * 255).round().byte().permute(1, 2, 0).cpu().numpy()  # (H, W, 3)

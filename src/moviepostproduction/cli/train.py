@@ -18,25 +18,52 @@ from moviepostproduction.cli.common import (
 @user_errors
 def prepare_data(
     out: str = typer.Option(..., "--out", help="Output directory (train/, heldout/, manifest.json)."),
-    n: int = typer.Option(..., "--n", help="Total number of scenes (train + held-out)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the toy-world streams."),
-    size: int = typer.Option(128, "--size", help="Scene side in pixels."),
-    ref_size: int = typer.Option(64, "--ref-size", help="Reference image side in pixels."),
-    max_refs: int = typer.Option(4, "--max-refs", help="Most sprites (refs) per scene."),
-    heldout_frac: float = typer.Option(0.1, "--heldout-frac", help="Fraction of --n written to heldout/."),
+    n: int | None = typer.Option(None, "--n", help="Toy world: total number of scenes (train + held-out)."),
+    seed: int | None = typer.Option(None, "--seed", help="Toy world: seed of the streams [0]."),
+    size: int | None = typer.Option(None, "--size", help="Toy world: scene side in pixels [128]."),
+    ref_size: int | None = typer.Option(None, "--ref-size", help="Toy world: reference image side in pixels [64]."),
+    max_refs: int | None = typer.Option(None, "--max-refs", help="Most refs per scene (toy world 4, real data 50)."),
+    heldout_frac: float = typer.Option(0.1, "--heldout-frac", help="Fraction of the scenes written to heldout/."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Most samples per tar shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the shards of a non-empty --out."),
-    workers: int = typer.Option(1, "--workers", help="Processes writing shards in parallel (same bytes)."),
+    workers: int | None = typer.Option(None, "--workers", help="Toy world: processes writing shards (same bytes) [1]."),
+    from_coco: str | None = typer.Option(None, "--from-coco", help="COCO instances JSON (docs/training-data.md)."),
+    images: str | None = typer.Option(None, "--images", help="With --from-coco: the folder of its images."),
+    captions: str | None = typer.Option(None, "--captions", help="With --from-coco: COCO captions JSON."),
+    from_scenes: str | None = typer.Option(None, "--from-scenes", help="Folder of scene files + target images."),
+    depth_model: str | None = typer.Option(None, "--depth-model", help="Local depth-estimation model folder."),
+    device: str | None = typer.Option(None, "--device", help="Device of --depth-model (default: cpu)."),
+    min_area: float | None = typer.Option(None, "--min-area", help="Real data: least box area / image area [0.001]."),
+    max_pixels: int | None = typer.Option(None, "--max-pixels", help="Real data: larger targets scaled down [2048^2]."),
+    lossless: bool = typer.Option(False, "--lossless", help="Real data: targets as PNG, not JPEG (quality 95)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Real data: skip and count malformed records."),
 ) -> None:
-    """Generate the procedural toy world as WebDataset tar shards (train and held-out splits)."""
+    """Write WebDataset tar shards (train and held-out splits): the procedural toy world (--n), COCO instance
+    annotations (--from-coco) or scene files (--from-scenes); docs/training-data.md."""
     from tqdm import tqdm
 
+    from moviepostproduction.cli.data import REAL_ONLY, TOY_ONLY, prepare_real, refuse_options
     from moviepostproduction.files import check_output
     from moviepostproduction.toyworld.shards import write_dataset
     from moviepostproduction.toyworld.synthetic import ToyWorldConfig
 
+    real = (images, captions, depth_model, min_area, max_pixels, lossless, skip_bad, device)
+    if from_coco is not None or from_scenes is not None:
+        toy = dict(zip(TOY_ONLY, (n, seed, size, ref_size, workers), strict=True))
+        refuse_options(toy, TOY_ONLY, "is for the toy world only")
+        options = {"min_area": min_area, "max_refs": max_refs, "max_pixels": max_pixels}
+        options = {k: v for k, v in options.items() if v is not None}
+        options |= {"heldout_frac": heldout_frac, "shard_size": shard_size, "lossless": lossless}
+        options |= {"skip_bad": skip_bad, "overwrite": overwrite}
+        return prepare_real(out, coco=from_coco, scenes=from_scenes, images=images, captions=captions,
+                            depth_model=depth_model, device=device or "cpu", options=options)  # fmt: skip
+    refuse_options(dict(zip(REAL_ONLY, real, strict=True)), REAL_ONLY, "is for --from-coco / --from-scenes")
+    if n is None:
+        raise typer.BadParameter("the toy world needs --n (or give --from-coco / --from-scenes)", param_hint="--n")
+    seed, workers = 0 if seed is None else seed, 1 if workers is None else workers
+    toy = {"size": size, "ref_size": ref_size, "max_refs": max_refs}
     check_output(out, "--out", folder=True)
-    cfg = ToyWorldConfig(size=size, ref_size=ref_size, max_refs=max_refs)
+    cfg = ToyWorldConfig(**{k: v for k, v in toy.items() if v is not None})  # left out: the toy world's defaults
     with tqdm(total=n, unit="scene", desc="prepare-data", disable=None) as bar:
         manifest = write_dataset(
             out,

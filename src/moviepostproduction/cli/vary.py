@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from moviepostproduction.cli.common import STEPS_HELP, app, check_options, parse_dtype, user_errors
+from moviepostproduction.cli.common import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    STEPS_HELP,
+    app,
+    check_options,
+    parse_device_dtype,
+    user_errors,
+)
 
 
 @app.command()
@@ -20,8 +28,8 @@ def vary(
     seed: int = typer.Option(0, "--seed", help="Seed of the noise, in [0, 2**64)."),
     text_scale: float = typer.Option(4.0, "--text-scale", help="Dual CFG text scale s_T (unused without --caption)."),
     image_scale: float = typer.Option(1.5, "--image-scale", help="Dual CFG image scale s_I."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """A variation of a reference image with NanoDiT (DINO CLS + patch features), optionally steered by a caption."""
     from moviepostproduction.files import check_output
@@ -34,7 +42,8 @@ def vary(
     check_options(steps=steps, seed=seed, text_scale=text_scale, image_scale=image_scale)
     check_output(output)
     image = load_reference(ref, "--ref")
-    md, torch_dtype = model or default_model_dir(), parse_dtype(dtype)
+    device, torch_dtype = parse_device_dtype(device, dtype)
+    md = model or default_model_dir()
     dims = ModelDims.from_model_dir(md, torch_dtype, components=LOADS["vary"], transformer="nanodit")
     request = Request("vary", dims.sample_pixels, dims.sample_pixels, device=device)  # NanoDiT's fixed size
     preflight(request, dims)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from moviepostproduction.comfyui.compose_node import MppCompose
 from moviepostproduction.comfyui.fill_node import MppFill, MppLoadFillModel
+from moviepostproduction.comfyui.flux_files import MppLoadFluxFiles
 from moviepostproduction.comfyui.model import MppLoadModel, MppModel
 from moviepostproduction.comfyui.panorama_node import MppPanorama
 from moviepostproduction.comfyui.scene_nodes import MppAddReference, MppLoadScene, MppScene
@@ -16,6 +17,7 @@ from moviepostproduction.comfyui.vary_node import MppVary
 
 NODES = {
     "MPPLoadModel": (MppLoadModel, "MPP Load Model"),
+    "MPPLoadFluxFiles": (MppLoadFluxFiles, "MPP Load FLUX Files"),
     "MPPScene": (MppScene, "MPP Scene"),
     "MPPAddReference": (MppAddReference, "MPP Add Reference"),
     "MPPLoadScene": (MppLoadScene, "MPP Load Scene File"),

@@ -20,6 +20,7 @@ from moviepostproduction.comfyui.model import DTYPES, resolve_device
 from moviepostproduction.comfyui.model_defaults import MODEL_DEFAULT, SAMPLING_DEFAULTS, or_model_default
 from moviepostproduction.comfyui.scene_nodes import check_scene
 from moviepostproduction.comfyui.types import CATEGORY, SCENE, SEED, STEPS
+from moviepostproduction.devices import resolve_dtype
 from moviepostproduction.errors import Problem, ValidationError
 from moviepostproduction.resources import ModelDims, Request, run_guarded
 from moviepostproduction.sampling import MAX_SEED
@@ -56,7 +57,10 @@ class MppLoadFillModel:
                 "device": (["auto", "cpu", "cuda"], {"default": "auto"}),
                 "dtype": (["auto", *DTYPES], {"default": "auto", "tooltip": "auto: bf16 on CUDA, fp32 on CPU."}),
                 "refs": ("BOOLEAN", {"default": False, "tooltip": "Also load the adapter and image encoders."}),
-            }
+            },
+            "optional": {
+                "adapter": ("STRING", {"default": "", "tooltip": "Adapter folder; empty = model folder's adapter/."}),
+            },
         }
 
     RETURN_TYPES = (FILL_MODEL,)
@@ -65,16 +69,16 @@ class MppLoadFillModel:
     CATEGORY = CATEGORY
 
     @checked
-    def load(self, model_dir: str, device: str, dtype: str, refs: bool) -> tuple[MppFillModel]:
+    def load(self, model_dir: str, device: str, dtype: str, refs: bool, adapter: str = "") -> tuple[MppFillModel]:
         from moviepostproduction.fill.pipeline import FillPipeline
         from moviepostproduction.toyworld.toy_model import default_fill_model_dir
 
         device = resolve_device(device)
-        if dtype != "auto" and dtype not in DTYPES:
-            raise ValidationError([Problem("dtype", dtype, f"must be auto or one of {', '.join(DTYPES)}")])
-        auto = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        torch_dtype = resolve_dtype(dtype, device, "dtype")
         root = Path(model_dir.strip()).expanduser() if model_dir.strip() else default_fill_model_dir()
-        pipe = FillPipeline.from_model_dir(root, refs=refs, dtype=DTYPES.get(dtype, auto), device=device)
+        pipe = FillPipeline.from_model_dir(
+            root, refs=refs, adapter=adapter.strip() or None, dtype=torch_dtype, device=device
+        )
         return (MppFillModel(root=root, pipe=pipe, device=device),)
 
 

@@ -9,13 +9,13 @@ when called and does the plain-Python thing when it is absent.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from moviepostproduction.model_dir import default_cache_dir
-from moviepostproduction.sampling import StepCallback
 
 REF_FOLDER = "moviepostproduction-refs"
 
@@ -49,7 +49,7 @@ def input_folder() -> Path:
     return Path(folder_paths.get_input_directory() if folder_paths is not None else Path.cwd()).resolve()
 
 
-def step_callback(total: int) -> StepCallback | None:
+def step_callback(total: int) -> Callable | None:
     """A sampler callback that moves ComfyUI's progress bar and honours its Cancel button (None outside ComfyUI)."""
     utils = _host_module("comfy.utils")
     mm = _host_module("comfy.model_management")
@@ -57,11 +57,12 @@ def step_callback(total: int) -> StepCallback | None:
         return None
     bar = utils.ProgressBar(total) if utils is not None else None
 
-    def callback(i: int, t: float, x: torch.Tensor) -> None:
-        del i, t, x
+    def callback(pipe: object, step: int, timestep: torch.Tensor, callback_kwargs: dict) -> dict:
+        del pipe, step, timestep  # diffusers' callback_on_step_end form; nothing replaced
         if mm is not None:
             mm.throw_exception_if_processing_interrupted()
         if bar is not None:
             bar.update(1)
+        return {}
 
     return callback

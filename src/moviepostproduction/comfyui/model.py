@@ -10,6 +10,7 @@ import torch
 
 from moviepostproduction.comfyui.host import default_device
 from moviepostproduction.comfyui.inputs import checked
+from moviepostproduction.comfyui.loras import NO_LORA, lora_inputs, lora_path
 from moviepostproduction.comfyui.types import CATEGORY, MODEL
 from moviepostproduction.errors import Problem, ValidationError, WeightsError
 from moviepostproduction.resources import ModelDims, Request
@@ -46,36 +47,53 @@ class MppModel:
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
-        return default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValidationError([Problem("device", device, "CUDA is not available on this machine")])
-    return device
+    """ComfyUI's device for "auto" (its model management inside ComfyUI); else checked as the CLI checks it."""
+    from moviepostproduction.devices import resolve_device as checked_device
+
+    return default_device() if device == "auto" else checked_device(device, "device")
 
 
-def load_model(model_dir: str, device: str = "auto", dtype: str = "auto", vary_checkpoint: str = "") -> MppModel:
-    """Load a model dir (empty: the embedded default) and optionally a NanoDiT checkpoint for `vary`."""
+def load_model(
+    model_dir: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    vary_checkpoint: str = "",
+    adapter: str = "",
+    lora: str = NO_LORA,
+    lora_strength: float = 1.0,
+) -> MppModel:
+    """Load a model dir (empty: the embedded default) with its adapter (`adapter`, else MODEL/adapter) and a NanoDiT
+    for `vary`: the checkpoint named, else the model dir's nanodit/ when it has one (as `mpp vary` does)."""
     from moviepostproduction.compose.pipeline import ComposePipeline
+    from moviepostproduction.devices import resolve_dtype
     from moviepostproduction.model_dir import default_model_dir
+    from moviepostproduction.vary.nanodit_io import FOLDER
 
     device = resolve_device(device)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValidationError([Problem("dtype", dtype, f"must be auto or one of {', '.join(DTYPES)}")])
-    torch_dtype = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    torch_dtype = resolve_dtype(dtype, device, "dtype")
     root = Path(model_dir.strip()).expanduser() if model_dir.strip() else default_model_dir()
-    compose = ComposePipeline.from_model_dir(root, dtype=torch_dtype, device=device)
+    compose = ComposePipeline.from_model_dir(root, adapter=adapter.strip() or None, dtype=torch_dtype, device=device)
+    if lora != NO_LORA:  # a file of ComfyUI's loras folder, on the transformer every sampler node shares
+        compose.load_loras([(lora_path(lora), lora_strength)])
     model = MppModel(root=root, compose=compose, device=device)
     if vary_checkpoint.strip():
         model.vary_path = Path(vary_checkpoint.strip()).expanduser()
+    elif (root / FOLDER / "config.json").is_file():
+        model.vary_path = root / FOLDER
+    if model.vary_path is not None:
         model.vary = load_vary(model.vary_path, compose, device, torch_dtype)
     return model
 
 
 def load_vary(path: Path, compose: ComposePipeline, device: str, dtype: torch.dtype) -> NanoDiT:
-    """A NanoDiT checkpoint whose encoder widths match the model dir's T5, DINO and VAE (else a WeightsError)."""
-    from moviepostproduction.vary.nanodit_io import load_nanodit
+    """A NanoDiT checkpoint (a .safetensors file, or a nanodit/ folder) whose encoder widths match the model dir's
+    T5, DINO and VAE (else a WeightsError)."""
+    from moviepostproduction.vary.nanodit_io import load_nanodit, load_nanodit_dir
 
-    nanodit, _ = load_nanodit(path, device=device, dtype=dtype)
+    if path.is_dir():
+        nanodit = load_nanodit_dir(path, device=device, dtype=dtype)
+    else:
+        nanodit, _ = load_nanodit(path, device=device, dtype=dtype)
     cfg, images = nanodit.config, compose.image_encoder
     expected = {
         "text_dim": int(compose.text_encoder.t5.config.d_model),
@@ -92,7 +110,8 @@ def load_vary(path: Path, compose: ComposePipeline, device: str, dtype: torch.dt
 
 
 class MppLoadModel:
-    """Load a moviepostproduction model dir (FLUX.1-dev layout + adapter/) once; every sampler node reuses it."""
+    """Load a FLUX.1 folder and a moviepostproduction adapter (or a model dir with adapter/) once; every sampler node
+    reuses it."""
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's name
@@ -104,6 +123,8 @@ class MppLoadModel:
             },
             "optional": {
                 "vary_checkpoint": ("STRING", {"default": "", "tooltip": "NanoDiT .safetensors for MPP Vary."}),
+                "adapter": ("STRING", {"default": "", "tooltip": "Adapter folder; empty = model folder's adapter/."}),
+                **lora_inputs(),
             },
         }
 
@@ -113,8 +134,17 @@ class MppLoadModel:
     CATEGORY = CATEGORY
 
     @checked
-    def load(self, model_dir: str, device: str, dtype: str, vary_checkpoint: str = "") -> tuple[MppModel]:
-        return (load_model(model_dir, device, dtype, vary_checkpoint),)
+    def load(
+        self,
+        model_dir: str,
+        device: str,
+        dtype: str,
+        vary_checkpoint: str = "",
+        adapter: str = "",
+        lora: str = NO_LORA,
+        lora_strength: float = 1.0,
+    ) -> tuple[MppModel]:
+        return (load_model(model_dir, device, dtype, vary_checkpoint, adapter, lora, lora_strength),)
 
 
 def check_model(model: object) -> MppModel:

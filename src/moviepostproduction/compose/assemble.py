@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from moviepostproduction.compose.assemble_shared import cover_weights, shared_attention
 from moviepostproduction.compose.conditioning import LayoutPacking, PackedRows
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image q, k (qk-normed, before RoPE), v: each (B, N, H, hd)
@@ -90,6 +91,61 @@ def _context_qkv(attn, context: torch.Tensor) -> QKV:
     return attn.norm_added_q(_heads(attn, cq)), attn.norm_added_k(_heads(attn, ck)), _heads(attn, cv)
 
 
+def covered_qkv(
+    attn,
+    qkv: QKV,
+    layout_tokens: torch.Tensor,
+    packing: LayoutPacking,
+    covered: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[QKV, QKV]:
+    """q, k, v (M, H, hd) of the covered image tokens, rotated once each, and of the layout tokens (G, H, hd)."""
+    n = qkv[0].shape[1]
+    # index_select, not x[index]: advanced indexing on CPU is several times slower, forward and backward.
+    q, k, v = (x.flatten(0, 1).index_select(0, covered) for x in qkv)  # each (M, H, hd): tokens in a box
+    positions = covered % n
+    cos, sin = (r.index_select(0, positions)[None] for r in rope[:2])  # (1, M, hd)
+    q, k = rotate_pairs(q[None], cos, sin)[0], rotate_pairs(k[None], cos, sin)[0]  # RoPE once per covered token
+    context = _context_qkv(attn, layout_tokens[packing.group_batch, packing.group_ref])  # each (G, H, hd)
+    return (q, k, v), context
+
+
+def _backend(attn):
+    """The attention backend diffusers would use for this block (`set_attention_backend`), None: the active one."""
+    return getattr(getattr(attn, "processor", None), "_attention_backend", None)
+
+
+# diffusers backends that honour a key mask: SDPA's kernels, flex, xformers, and the varlen kernels (which turn a
+# prefix mask into sequence lengths). Flash, sage and the rest refuse or ignore one.
+MASKED_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "_native_cudnn", "flex", "xformers"})
+
+
+def _takes_masks(backend) -> bool:
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    name = backend if backend is not None else _AttentionBackendRegistry.get_active_backend()[0]
+    name = getattr(name, "value", name)
+    return name in MASKED_BACKENDS or "varlen" in name
+
+
+def routed_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None):
+    """Attention of P rows through diffusers' dispatcher, with the backend the block's processor would use.
+
+    q, k, v (P, S, H, hd); key_mask (P, 1, 1, S) bool with the real keys a prefix of each row, or None. A backend
+    without masks (flash, sage: not in MASKED_BACKENDS) gets each row cut to its real length, one call per row, and
+    the padding slots' outputs (never read) stay 0. Returns (P, S, H, hd).
+    """
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    backend = _backend(attn)
+    if key_mask is None or _takes_masks(backend):
+        return dispatch_attention_fn(q, k, v, attn_mask=key_mask, backend=backend)
+    out = torch.zeros_like(q)
+    for p, length in enumerate(key_mask[:, 0, 0].sum(-1).tolist()):
+        out[p, :length] = dispatch_attention_fn(*(x[p : p + 1, :length] for x in (q, k, v)), backend=backend)[0]
+    return out
+
+
 def attend_rows(
     attn,
     qkv: QKV,
@@ -98,23 +154,16 @@ def attend_rows(
     rows: PackedRows,
     rope: tuple[torch.Tensor, torch.Tensor],
 ) -> list[torch.Tensor]:
-    """One masked attention call per size bucket of rows. Returns each bucket's attended slots before `to_out`:
+    """One attention call per size bucket of rows. Returns each bucket's attended slots before `to_out`:
     (P_b * S_b, D) per bucket, in slot order."""
-    n = qkv[0].shape[1]
-    # index_select, not x[index]: advanced indexing on CPU is several times slower, forward and backward.
-    q, k, v = (x.flatten(0, 1).index_select(0, rows.covered) for x in qkv)  # each (M, H, hd): tokens in a box
-    positions = rows.covered % n
-    cos, sin = (r.index_select(0, positions)[None] for r in rope[:2])  # (1, M, hd)
-    q, k = rotate_pairs(q[None], cos, sin)[0], rotate_pairs(k[None], cos, sin)[0]  # RoPE once per covered token
-    context = _context_qkv(attn, layout_tokens[packing.group_batch, packing.group_ref])  # each (G, H, hd)
-    tables = [torch.cat([i, c]) for i, c in zip((q, k, v), context, strict=True)]  # each (M + G, H, hd)
-
+    image, context = covered_qkv(attn, qkv, layout_tokens, packing, rows.covered, rope)
+    tables = [torch.cat([i, c]) for i, c in zip(image, context, strict=True)]  # each (M + G, H, hd)
     outs = []
     for bucket in rows.buckets:
         index, p = bucket.source.flatten(), bucket.source.shape[0]
-        qb, kb, vb = (rearrange(t.index_select(0, index), "(p s) h d -> p h s d", p=p) for t in tables)
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bucket.mask[:, None])  # (P, H, S, hd)
-        outs.append(rearrange(out, "p h s d -> (p s) (h d)"))
+        qb, kb, vb = (rearrange(t.index_select(0, index), "(p s) h d -> p s h d", p=p) for t in tables)
+        out = routed_attention(attn, qb, kb, vb, bucket.key_mask)  # (P, S, H, hd)
+        outs.append(rearrange(out, "p s h d -> (p s) (h d)"))
     return outs
 
 
@@ -134,20 +183,27 @@ def assemble_residual(
 
     Equals the per-group attention, projected and then averaged over the boxes covering each token
     (tests/assemble_reference.py): `to_out` and `out_proj` are affine, so they commute with that average and run once
-    per covered token. The average is
-    weighted by the packing's occlusion priority when it has one (`LayoutPacking.group_weight`).
+    per covered token. The average is weighted by the packing's occlusion priority when it has one
+    (`LayoutPacking.group_weight`). Size-bucket rows attend group by group; a shared plan (`rows.shared`) computes
+    the average directly (`compose.assemble_shared`).
     """
     b, n = qkv[0].shape[:2]
-    attended = attend_rows(attn, qkv, layout_tokens, packing, rows, rope)  # per bucket (P_b * S_b, D)
-    m = rows.covered.numel()
-    total = attended[0].new_zeros(m + 1, attended[0].shape[-1])
-    for bucket, out in zip(rows.buckets, attended, strict=True):
-        total.index_add_(0, bucket.target, packing.weighted(out, bucket.segment.flatten()))
-    cover = packing.denominator().reshape(b * n).index_select(0, rows.covered).to(total.dtype)  # (M,)
-    values = project_out(attn, out_proj, total[:m] / cover[:, None])  # (M, D)
+    cover = packing.denominator().reshape(b * n).index_select(0, rows.covered)  # (M,)
+    if rows.shared is not None:
+        image, context = covered_qkv(attn, qkv, layout_tokens, packing, rows.covered, rope)
+        weight = cover_weights(packing, rows.shared, rows.covered)  # (M, G)
+        averaged = shared_attention(*image, context, rows.shared, weight).to(image[0].dtype)  # (M, D)
+    else:
+        attended = attend_rows(attn, qkv, layout_tokens, packing, rows, rope)  # per bucket (P_b * S_b, D)
+        m = rows.covered.numel()
+        total = attended[0].new_zeros(m + 1, attended[0].shape[-1])
+        for bucket, out in zip(rows.buckets, attended, strict=True):
+            total.index_add_(0, bucket.target, packing.weighted(out, bucket.segment.flatten()))
+        averaged = total[:m] / cover[:, None].to(total.dtype)
+    values = project_out(attn, out_proj, averaged)  # (M, D)
     slots = box_frame_values(out_proj, layout_tokens, ref_patches, packing)
     if slots is not None:
-        values = values + average_on_covered(slots, packing, rows.covered, cover)
+        values = values + average_on_covered(slots, packing, rows.covered, cover.to(values.dtype))
     return values
 
 
@@ -213,9 +269,20 @@ def box_patch_values(
     return encoding(patches, extent, coords, groups)
 
 
-def _fusable(attn, out_proj: nn.Module) -> bool:
+def _dense_on(linear, device: torch.device) -> bool:
+    """A stock nn.Linear whose weights are plain tensors on `device`: no LoRA wrapper, no quantized tensor subclass
+    (torchao), no bitsandbytes layer, no offload hook (accelerate keeps such weights on the meta device)."""
+    if type(linear) is not nn.Linear or hasattr(linear, "_hf_hook"):
+        return False
+    tensors = [t for t in (linear.weight, linear.bias) if t is not None]
+    return all(
+        type(t) in (torch.Tensor, nn.Parameter) and t.device == device and t.is_floating_point() for t in tensors
+    )
+
+
+def _fusable(attn, out_proj: nn.Module, device: torch.device) -> bool:
     linear, dropout = attn.to_out[0], attn.to_out[1]
-    plain = type(linear) is nn.Linear and type(getattr(out_proj, "out", None)) is nn.Linear  # no LoRA wrapper
+    plain = _dense_on(linear, device) and _dense_on(getattr(out_proj, "out", None), device)
     return plain and not (dropout.training and dropout.p > 0)
 
 
@@ -225,10 +292,11 @@ def project_out(attn, out_proj: nn.Module, attended: torch.Tensor) -> torch.Tens
     Without autograd (sampling), the two affine maps run as one: W = W_out W_to, b = W_out b_to + b_out, computed
     in fp32 once per weights (kept on `out_proj`, keyed on the four tensors' storage and version counters, so an
     optimiser step, a reload or a move recomputes it) and reused by every denoising step: half the matmul work.
-    Training, LoRA-wrapped projections and active dropout take the two-step path.
+    Training, LoRA-wrapped, quantized or offloaded projections and active dropout take the two-step path (the
+    modules' own calls).
     """
-    if torch.is_grad_enabled() or not _fusable(attn, out_proj):
-        return out_proj(attn.to_out[1](attn.to_out[0](attended)))
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not _fusable(attn, out_proj, attended.device):
+        return out_proj(attn.to_out[1](attn.to_out[0](attended)))  # compiled: no host-side cache in the graph
     first, second = attn.to_out[0], out_proj.out
     tensors = [t for t in (first.weight, first.bias, second.weight, second.bias) if t is not None]
     # weights loaded under torch.inference_mode (as ComfyUI runs every node) have no version counter

@@ -106,30 +106,51 @@ MAX_BUCKETS = 4  # Assemble-Attn calls per layout block at most, whatever the nu
 
 @dataclass
 class RowBucket:
-    """One attention call: P rows of S slots; slot s of row p holds one token of one group."""
+    """One attention call: P rows of S slots, one group per row: [layout token ; its box's tokens ; padding]."""
 
     source: torch.Tensor  # (P, S) long: row of the table [covered image tokens (M) ; layout tokens (G)]
     segment: torch.Tensor  # (P, S) long: group of each slot, -1 on padding
     target: torch.Tensor  # (P * S,) long: row of each slot's image token in `covered`; M for layout and padding
+    padded: bool = True  # some row is shorter than S (False: every group fills its row, no mask at all)
 
     @property
-    def mask(self) -> torch.Tensor:
-        """(P, S, S) bool: a slot attends to the slots of its own group (padding only to padding, never empty)."""
-        return self.segment[:, :, None] == self.segment[:, None, :]
+    def key_mask(self) -> torch.Tensor | None:
+        """(P, 1, 1, S) bool: the real keys of each row (a prefix), broadcast over heads and queries; None when no
+        row has padding. P x S bools, never a (slots x slots) mask."""
+        return (self.segment >= 0)[:, None, None, :] if self.padded else None
+
+
+@dataclass
+class SharedCover:
+    """Assemble-Attn as one attention per sample over its covered tokens (`compose.assemble_shared`)."""
+
+    membership: torch.Tensor  # (M, G) bool: covered token (row of `PackedRows.covered`) m lies in group g's box
+    spans: tuple[tuple[int, int, int, int], ...]  # per sample with groups: covered rows [m0, m1), groups [g0, g1)
 
 
 @dataclass
 class PackedRows:
-    """The groups of a `LayoutPacking` in size buckets of packed rows; slots are numbered bucket after bucket."""
+    """The groups of a `LayoutPacking` ready for Assemble-Attn: size buckets of rows (slots numbered bucket after
+    bucket), or, for crowded / large boxes, one shared attention per sample (`shared`; then no buckets)."""
 
     covered: torch.Tensor  # (M,) long: flat image tokens b * N + n inside some box, ascending
     buckets: tuple[RowBucket, ...]
-    group_slots: torch.Tensor  # (G, L) long: flat slot of each group's image tokens (padding: clamped, unused)
+    group_slots: torch.Tensor | None  # (G, L) long: flat slot of each group's image tokens (padding: clamped); None
     max_buckets: int = MAX_BUCKETS  # the budget of attention calls it was packed for
+    shared: SharedCover | None = None
+    path: str = "buckets"  # the requested path ("auto", "buckets", "shared"), see `assemble_rows.pack_rows`
 
     @property
     def num_slots(self) -> int:
         return sum(b.source.numel() for b in self.buckets)
+
+    @property
+    def mask_bytes(self) -> int:
+        """Bytes of the masks this plan hands to attention: key masks per bucket, or the shared path's membership as
+        the float32 matrix it computes with."""
+        if self.shared is not None:
+            return self.shared.membership.numel() * 4
+        return sum(b.source.numel() for b in self.buckets if b.padded)
 
 
 @dataclass

@@ -6,8 +6,8 @@ It adds three things:
 - per-token temb-space modulation: temb_n = temb + sum_i mask_i(n) alpha_i offset_{i,b}, turned into
   shift/scale/gate by the block's own AdaLN linear, run once per distinct region (tokens covered by the same
   refs share temb), never once per token;
-- Assemble-Attn after the attention of the layout double blocks (all refs batched, <= 4 calls), gated by the
-  block's gate_msa;
+- Assemble-Attn after the attention of the layout double blocks (all refs batched: <= 4 size-bucket calls, or one
+  shared attention over the covered tokens for crowded / large boxes), gated by the block's gate_msa;
 - the feedback bridge from double block b to b+1 for foreground refs.
 Stock `AdaLayerNormZero` rejects a per-token temb, hence this loop.
 """
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moviepostproduction.compose.assemble import add_on_covered, assemble_residual, capture_image_qkv, image_qkv
-from moviepostproduction.compose.assemble_rows import pack_rows
+from moviepostproduction.compose.assemble_rows import PATHS, pack_rows
 from moviepostproduction.compose.conditioning import MAX_BUCKETS, Conditioning, PackedRows, RegionMap
 from moviepostproduction.compose.modules.adapter import CompositionAdapter
 
@@ -92,14 +92,19 @@ def double_block_forward(block, x, ctx, temb, rope, inputs: BlockInputs):
     norm_x = _modulate(block.norm1.norm, x, shift, scale)
     norm_ctx = _modulate(block.norm1_context.norm, ctx, c_shift, c_scale)
     layout = inputs.assemble is not None and cond.packing.num_groups > 0
-    with capture_image_qkv(block.attn) if layout else nullcontext() as found:  # Assemble-Attn reuses q/k/v
+    # Assemble-Attn reuses the joint attention's q/k/v through forward hooks; torch.compile cannot trace hooks
+    # registered inside the graph, so there the image q/k/v are projected again (`image_qkv` without `found`).
+    capture = layout and not torch.compiler.is_compiling()
+    with capture_image_qkv(block.attn) if capture else nullcontext() as found:
         attn_out, ctx_attn_out = block.attn(
             hidden_states=norm_x, encoder_hidden_states=norm_ctx, image_rotary_emb=rope[1]
         )
     x = multiply_add(x, gate, attn_out)
     if layout:
         qkv = image_qkv(block.attn, norm_x, found)
-        rows = inputs.rows if inputs.rows is not None else pack_rows(cond.packing, x.shape[0] * x.shape[1])
+        rows = inputs.rows
+        if rows is None:
+            rows = pack_rows(cond.packing, x.shape[0] * x.shape[1], head_dim=block.attn.head_dim, path="auto")
         patches = (cond.ref_patches, cond.token_extent) if cond.ref_patches is not None else None
         values = assemble_residual(
             block.attn, inputs.assemble, qkv, cond.layout_tokens, cond.packing, rows, rope[2], patches
@@ -133,14 +138,25 @@ class ConditionedFlux(nn.Module):
     """A stock FluxTransformer2DModel plus a CompositionAdapter; a pure velocity predictor.
 
     `assemble_calls`: attention calls per layout block at most (size buckets, `assemble_rows`); 1 is a single
-    padded call over every group. Same output either way (to rounding), the default does less work.
+    padded call over every group. `assemble_path`: "auto" picks size buckets or the shared attention over the
+    covered tokens (crowded / large boxes) by their cost (`assemble_rows.pack_rows`); "buckets" / "shared" force
+    one. Same output every way (to rounding), the defaults do less work.
     """
 
-    def __init__(self, transformer: nn.Module, adapter: CompositionAdapter, assemble_calls: int = MAX_BUCKETS):
+    def __init__(
+        self,
+        transformer: nn.Module,
+        adapter: CompositionAdapter,
+        assemble_calls: int = MAX_BUCKETS,
+        assemble_path: str = "auto",
+    ):
         super().__init__()
         if assemble_calls < 1:
             raise ValueError(f"assemble_calls={assemble_calls}: need at least 1 attention call per layout block")
+        if assemble_path not in PATHS:
+            raise ValueError(f"assemble_path={assemble_path!r}: choose from {PATHS}")
         self.assemble_calls = assemble_calls
+        self.assemble_path = assemble_path
         cfg = transformer.config
         if adapter.cfg.hidden_dim != cfg.num_attention_heads * cfg.attention_head_dim:
             raise ValueError(
@@ -169,7 +185,11 @@ class ConditionedFlux(nn.Module):
         if cond.rows is not None or not self.adapter.assemble or cond.num_refs == 0 or cond.packing.num_groups == 0:
             return cond
         tokens = cond.alpha.shape[0] * cond.grid[0] * cond.grid[1]
-        return replace(cond, rows=pack_rows(cond.packing, tokens, self.assemble_calls))
+        return replace(cond, rows=self._plan(cond, tokens))
+
+    def _plan(self, cond: Conditioning, tokens: int) -> PackedRows:
+        head_dim = self.transformer.config.attention_head_dim
+        return pack_rows(cond.packing, tokens, self.assemble_calls, head_dim, self.assemble_path)
 
     def _run(self, fn, *args):
         if torch.is_grad_enabled() and getattr(self.transformer, "gradient_checkpointing", False):
@@ -218,9 +238,9 @@ class ConditionedFlux(nn.Module):
             if (
                 layout_rows is None
                 or cond.alpha.shape[0] != x.shape[0]
-                or layout_rows.max_buckets != self.assemble_calls
+                or (layout_rows.max_buckets, layout_rows.path) != (self.assemble_calls, self.assemble_path)
             ):
-                layout_rows = pack_rows(cond.packing, x.shape[0] * x.shape[1], self.assemble_calls)
+                layout_rows = self._plan(cond, x.shape[0] * x.shape[1])
         feedback = None
         for b, block in enumerate(tr.transformer_blocks):
             inputs = BlockInputs(cond, rows=layout_rows)

@@ -5,6 +5,7 @@ with refs; the pipelines only sample from it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -13,6 +14,7 @@ from moviepostproduction.compose.conditioning import Conditioning, RefBatch, wit
 from moviepostproduction.compose.flux import ConditionedFlux
 from moviepostproduction.compose.modules import DEPTHS
 from moviepostproduction.encoders import ImageEmbeddings, ImageEncoder, TextEmbeddings, TextEncoder
+from moviepostproduction.encoders.offload import compute_dtype, execution_device
 from moviepostproduction.errors import Problem, ValidationError
 from moviepostproduction.scene import Scene
 
@@ -75,26 +77,46 @@ def ref_batch(scene: Scene, emb: ImageEmbeddings, spans: list, text_len: int, pa
     )
 
 
+def _stack(values: list[torch.Tensor | None], batch: int) -> torch.Tensor | None:
+    """Scenes' (1, ...) tensors -> (S x batch, ...), scene-major; None where the field is absent."""
+    if any(v is None for v in values):
+        return None
+    return torch.cat(values).repeat_interleave(batch, dim=0)
+
+
 @torch.no_grad()
 def prepare_scene(
     model: ConditionedFlux,
     text_encoder: TextEncoder,
-    scene: Scene,
-    emb: ImageEmbeddings,
+    scene: Scene | Sequence[Scene],
+    emb: ImageEmbeddings | Sequence[ImageEmbeddings],
     *,
     max_text_tokens: int,
     negative_prompt: str | None = None,
     use_modulation: bool = True,
     layout_rows: bool = True,
+    batch: int = 1,
 ) -> PreparedScene:
     """The scene's caption (with each ref's caption span), its refs and, for true CFG, the negative prompt with the
     same refs, as the model will read them at every step. `use_modulation=False` is the layout-only ablation;
-    `layout_rows=False` leaves out the Assemble-Attn rows (`ConditionedFlux.prepare`)."""
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
-    grid = (scene.height // TOKEN_PIXELS, scene.width // TOKEN_PIXELS)
-    text, spans, _ = text_encoder.encode_spans(scene.caption, [r.caption for r in scene.refs], max_text_tokens)
-    refs = ref_batch(scene, emb, spans, text.t5.shape[1], model.adapter.uses_box_patches)
+    `layout_rows=False` leaves out the Assemble-Attn rows (`ConditionedFlux.prepare`); `batch` > 1 conditions that many
+    images of the scene at once (the text stays one row per scene: the caller repeats it). A list of scenes of one
+    size and one ref count (a storyboard's) is prepared as one batch: scene after scene, each its `batch` images."""
+    device, dtype = execution_device(model), compute_dtype(model)  # with offload / quantized weights too
+    scenes = [scene] if isinstance(scene, Scene) else list(scene)
+    embs = [emb] if isinstance(emb, ImageEmbeddings) else list(emb)
+    shapes = sorted({(sc.height, sc.width, len(sc.refs)) for sc in scenes})
+    if len(shapes) != 1 or len(embs) != len(scenes):
+        raise ValueError(f"scenes prepared as one batch need one size and ref count each, got {shapes}")
+    grid = (scenes[0].height // TOKEN_PIXELS, scenes[0].width // TOKEN_PIXELS)
+    texts, parts = [], []
+    for sc, e in zip(scenes, embs, strict=True):
+        text, spans, _ = text_encoder.encode_spans(sc.caption, [r.caption for r in sc.refs], max_text_tokens)
+        texts.append(text)
+        parts.append(ref_batch(sc, e, spans, text.t5.shape[1], model.adapter.uses_box_patches))
+    text = TextEmbeddings(*(torch.cat([getattr(t, f.name) for t in texts]) for f in fields(TextEmbeddings)))
+    # (S scenes x batch images, R, ...): each scene's images next to each other, as diffusers orders prompts' images
+    refs = RefBatch(**{f.name: _stack([getattr(r, f.name) for r in parts], batch) for f in fields(RefBatch)})
 
     def condition(text_len: int) -> Conditioning:
         cond = model.prepare(refs.to(device, dtype), grid, text_len, layout_rows=layout_rows)

@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from moviepostproduction.encoders.checks import load_error, quiet_progress
+from moviepostproduction.encoders.offload import execution_device
 from moviepostproduction.encoders.preprocess import ImagePreprocess
 from moviepostproduction.errors import Problem, ValidationError, WeightsError
 from moviepostproduction.model_dir import COMPONENTS, IMAGE_COMPONENTS, TEXT_COMPONENTS, ModelDir, as_model_dir
@@ -46,15 +47,19 @@ def freeze(module: M) -> M:
     return module.eval()
 
 
-def load_frozen(cls: type[M], model_dir: ModelDir, component: str, dtype: torch.dtype) -> M:
+def load_frozen(
+    cls: type[M], model_dir: ModelDir, component: str, dtype: torch.dtype, quantization_config: Any = None
+) -> M:
     """`cls.from_pretrained` on one checked component: safetensors only, local only, no missing tensors; the
-    libraries' own warnings are silenced, so a failure is our one line."""
+    libraries' own warnings are silenced, so a failure is our one line. `quantization_config`: the library's own
+    (encoders/quantize.py builds one)."""
     model_dir.check([component])
     folder = model_dir.path(component)
+    quantized = {} if quantization_config is None else {"quantization_config": quantization_config}
     try:
         with quiet_progress():
             model, info = cls.from_pretrained(
-                folder, local_files_only=True, use_safetensors=True, dtype=dtype, output_loading_info=True
+                folder, local_files_only=True, use_safetensors=True, dtype=dtype, output_loading_info=True, **quantized
             )
     except Exception as exc:  # the libraries raise OSError/ValueError/RuntimeError/SafetensorError alike
         raise load_error(model_dir.root, folder, cls.__name__, exc) from exc
@@ -91,7 +96,8 @@ class _Frozen(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where inputs go: the offload hooks' execution device (encoders/offload.py), else the weights' device."""
+        return execution_device(self)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -161,15 +167,22 @@ class TextEncoder(_Frozen):
 
     @classmethod
     def load(
-        cls, model_dir: ModelDir | str | Path, *, dtype: torch.dtype = torch.float32, device: str | None = None
+        cls,
+        model_dir: ModelDir | str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | None = None,
+        t5_quantization_config: Any = None,
     ) -> TextEncoder:
+        """`t5_quantization_config`: a transformers quantization config for T5 (`quantize.quantization_config(spec,
+        target="t5")`); CLIP-L (0.25 GB in bf16) is never quantized."""
         from transformers import CLIPTextModel, T5EncoderModel
 
         md = as_model_dir(model_dir)
         md.check(TEXT_COMPONENTS)
         tok, tok2 = load_tokenizer(md, "tokenizer"), load_tokenizer(md, "tokenizer_2")
         clip = load_frozen(CLIPTextModel, md, "text_encoder", dtype)
-        t5 = load_frozen(T5EncoderModel, md, "text_encoder_2", dtype)
+        t5 = load_frozen(T5EncoderModel, md, "text_encoder_2", dtype, t5_quantization_config)
         return cls(clip, tok, t5, tok2).to(device)
 
     def _ids(self, tokenizer: Any, prompts: list[str], max_tokens: int, name: str) -> dict[str, torch.Tensor]:
@@ -258,6 +271,16 @@ class Vae(_Frozen):
         self.latent_channels = int(cfg.latent_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
 
+    def enable_tiling(self, enabled: bool = True) -> Vae:
+        """Decode (and encode) images larger than the VAE's `sample_size` tile by tile with blended overlaps
+        (diffusers' AutoencoderKL tiling): the full-resolution activations, the largest buffers of a big decode,
+        shrink to one tile's. Images up to `sample_size` (1024 for FLUX) decode exactly as without tiling."""
+        if enabled:
+            self.model.enable_tiling()
+        else:
+            self.model.disable_tiling()
+        return self
+
     @classmethod
     def load(
         cls, model_dir: ModelDir | str | Path, *, dtype: torch.dtype = torch.float32, device: str | None = None
@@ -282,9 +305,15 @@ class Vae(_Frozen):
 
 
 def load_transformer(
-    model_dir: ModelDir | str | Path, dtype: torch.dtype = torch.float32, device: str | None = None
+    model_dir: ModelDir | str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    quantization_config: Any = None,
 ) -> nn.Module:
-    """The stock diffusers FluxTransformer2DModel, frozen (LoRA / new modules are added by the caller)."""
+    """The stock diffusers FluxTransformer2DModel, frozen (LoRA / new modules are added by the caller).
+    `quantization_config`: diffusers' (`quantize.quantization_config(spec)`: nf4, int8, fp8); bitsandbytes loads
+    its weights straight onto the GPU, so `device` None leaves them where the library put them."""
     from diffusers import FluxTransformer2DModel
 
-    return load_frozen(FluxTransformer2DModel, as_model_dir(model_dir), "transformer", dtype).to(device)
+    model = load_frozen(FluxTransformer2DModel, as_model_dir(model_dir), "transformer", dtype, quantization_config)
+    return model.to(device) if device is not None else model

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from moviepostproduction.compose.lora import FluxLoraMixin
 from moviepostproduction.encoders import TextEmbeddings, TextEncoder, Vae, load_transformer
+from moviepostproduction.encoders.memory import MemoryMixin, MemoryOptions
+from moviepostproduction.encoders.offload import compute_dtype, execution_device
 from moviepostproduction.errors import Problem, ValidationError, WeightsError
 from moviepostproduction.fill.inputs import FillInputs, place_refs, read_fill_inputs
 from moviepostproduction.fill.model import (
@@ -41,18 +44,23 @@ from moviepostproduction.model_dir import (
     as_model_dir,
     read_json,
 )
+from moviepostproduction.noise import Generators, batch_problem, check_packed_latents, draw_packed, seeded_generator
 from moviepostproduction.resources import LOADS, ModelDims, Request, preflight, preflight_weights
 from moviepostproduction.sampling import (
+    CALLBACK_TENSOR_INPUTS,
     check_call,
     denoise,
     latent_image_ids,
-    make_noise,
     noise_latents,
     pack_latents,
+    require_valid,
     scene_guidance,
+    step_end,
     text_ids,
     unpack_latents,
 )
+
+POSTERIORS = ("sample", "mode")  # how the VAE encodes the plate: FluxFillPipeline samples with the generator
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +72,7 @@ class FillOutput:
     label: str = ""
 
 
-class FillPipeline:
+class FillPipeline(FluxLoraMixin, MemoryMixin):
     """Frozen FLUX-Fill transformer (+ semantic attention / LoRA / adapter) + VAE + text encoder."""
 
     memory_dims: ModelDims | None = None  # sizes from the model dir (from_model_dir): each call is bounded first
@@ -90,22 +98,41 @@ class FillPipeline:
         self.defaults = SamplingDefaults.of_model(model) if defaults is None else defaults
 
     @classmethod
+    def from_pretrained(
+        cls, model: ModelDir | str | Path, *, adapter: str | Path | None = None, **kwargs
+    ) -> FillPipeline:
+        """diffusers-style loading: `model` FLUX.1-Fill-dev as downloaded (or a fill model dir), `adapter` our adapter
+        folder for refs; the other keywords are `from_model_dir`'s."""
+        return cls.from_model_dir(model, adapter=adapter, **kwargs)
+
+    @classmethod
     def from_model_dir(
         cls,
         model_dir: ModelDir | str | Path,
         *,
         semantic: bool = False,
         refs: bool = False,
+        adapter: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
+        quantize: str | None = None,
+        offload: str | None = None,
+        vae_tiling: bool = False,
     ) -> FillPipeline:
-        """Load a fill model dir; `semantic` / `refs` require the semantic weights / the adapter and image encoders."""
-        md = as_model_dir(model_dir)
+        """Load a fill model dir (FLUX.1-Fill-dev as downloaded, or the shipped toy fill model); `semantic` / `refs`
+        require the semantic weights / an adapter (`adapter`, else MODEL/adapter) and its image encoders.
+        `quantize`, `offload`, `vae_tiling`: as for ComposePipeline (docs/memory.md)."""
+        memory = MemoryOptions(quantize, offload, vae_tiling)
+        md = as_model_dir(model_dir, adapter)
+        if refs:
+            md.adapter.require(md.root)
         md.check(["transformer", "vae", *TEXT_COMPONENTS, *(IMAGE_COMPONENTS if refs else ())])
         defaults = md.sampling_defaults()  # a bad value fails before any weights load
         loads = (*LOADS["fill"], *(LOADS["compose"] if refs else ()))
-        dims = preflight_weights("fill", md.root, dtype, device, components=loads)  # what cannot fit: before building
-        vae = Vae.load(md, dtype=dtype, device=device)
+        dims = preflight_weights("fill", md, dtype, device, components=loads, **memory.counted())
+        quantized, quantized_t5 = memory.quantized(dtype, device)
+        at = memory.load_device(device)
+        vae = Vae.load(md, dtype=dtype, device=at)
         channels = FillChannels.from_vae(vae.latent_channels, vae.downsample)
         config_path = md.transformer / "config.json"
         check_fill_transformer(
@@ -113,31 +140,32 @@ class FillPipeline:
             channels,
             f"model dir {md.root}: {config_path}",
         )
-        transformer = load_transformer(md, dtype=dtype, device=device)
+        transformer = load_transformer(md, dtype=dtype, device=None if quantized else at, quantization_config=quantized)
         weights, sem = load_fill_weights(md, transformer, need_semantic=semantic)
         adapter, image_encoder = None, None
         if refs:
             from moviepostproduction.compose.modules import CompositionAdapter
             from moviepostproduction.encoders import ImageEncoder
 
-            adapter = CompositionAdapter.from_pretrained(md.root / "adapter").to(device=device, dtype=dtype)
-            image_encoder = ImageEncoder.load(md, dtype=dtype, device=device)
+            adapter = CompositionAdapter.from_pretrained(md.adapter.root).to(device=at, dtype=dtype)
+            image_encoder = ImageEncoder.load(md, dtype=dtype, device=at)
         label = md.output_label("fill")
-        model = FillFlux(transformer, sem.to(device=device, dtype=dtype) if sem else None, adapter)
-        text = TextEncoder.load(md, dtype=dtype, device=device)
+        model = FillFlux(transformer, sem.to(device=at, dtype=dtype) if sem else None, adapter)
+        text = TextEncoder.load(md, dtype=dtype, device=at, t5_quantization_config=quantized_t5)
         pipe = cls(
             model, vae, text, layout=weights.layout, image_encoder=image_encoder, label=str(label), defaults=defaults
         )
+        memory.apply(pipe, device)
         pipe.memory_dims = dims
         return pipe
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.transformer.parameters()).device
+        return execution_device(self.model)  # with CPU offload: where the hooks run it (encoders/offload.py)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.transformer.parameters()).dtype
+        return compute_dtype(self.model.transformer)  # quantized weights are stored as uint8
 
     # ------------------------------------------------------------------------------------------------ encoding
     def encode_semantic(self, pixels: torch.Tensor) -> SemanticTokens:
@@ -146,14 +174,15 @@ class FillPipeline:
         h, w = latents.shape[-2] // 2, latents.shape[-1] // 2
         return SemanticTokens(pack_latents(latents), grid_positions(h, w, device=self.device))
 
-    def encode_condition(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Arranged image and mask -> (x0 latent tokens (B, N, 4C), condition tokens (B, N, 4C + 4 f^2))."""
+    def encode_condition(
+        self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Arranged image and mask -> condition tokens (B, N, 4C + 4 f^2): the masked image's VAE posterior, sampled
+        with `generator` (mode without) as FluxFillPipeline.prepare_mask_latents does, and the packed mask."""
         image, mask = image.to(self.device, self.dtype), mask.to(self.device, self.dtype)
-        x0 = pack_latents(self.vae.encode(image))
-        condition = fill_condition(self.vae.encode(masked_image(image, mask)), mask, self.vae.downsample)
-        return x0, condition
+        return fill_condition(self.vae.encode(masked_image(image, mask), generator), mask, self.vae.downsample)
 
-    def _text(self, inputs: FillInputs, size: tuple[int, int], panels: int, max_text_tokens: int):
+    def _text(self, inputs: FillInputs, size: tuple[int, int], panels: int, max_text_tokens: int, batch: int = 1):
         """Text embeddings and, with refs, the compose conditioning for the arranged, padded canvas."""
         if inputs.scene is None:
             return self.text_encoder.encode([inputs.prompt], max_text_tokens), None
@@ -163,7 +192,9 @@ class FillPipeline:
 
         scene = place_refs(inputs.scene, inputs.size, size, panels)
         emb = encode_references(self.image_encoder, scene, {})
-        prepared = prepare_scene(self.model.conditioned, self.text_encoder, scene, emb, max_text_tokens=max_text_tokens)
+        prepared = prepare_scene(
+            self.model.conditioned, self.text_encoder, scene, emb, max_text_tokens=max_text_tokens, batch=batch
+        )
         return prepared.text, prepared.conditioning
 
     # ------------------------------------------------------------------------------------------------ sampling
@@ -177,25 +208,37 @@ class FillPipeline:
         prompt: str = "",
         num_inference_steps: int = 28,
         guidance_scale: float = 30.0,
+        num_images_per_prompt: int = 1,
         seed: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators | None = None,
+        latents: torch.Tensor | None = None,
+        posterior: str = "sample",
         schedule: str = "shifted",
         max_text_tokens: int | None = None,
         ref_guidance_scale: float | None = None,
         noise_temperature: float | None = None,
         output_type: str = "pil",
         callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSOR_INPUTS,
         progress: bool = False,
     ) -> FillOutput:
         """Repaint `mask` (white = repaint) of `image`; see docs/fill.md for accepted inputs and their checks.
 
-        `max_text_tokens`, `ref_guidance_scale` (with a scene's refs; 1 = off) and `noise_temperature` (a factor on
-        the starting noise; 1 = as drawn): None takes `self.defaults`, the model dir's (docs/sampling.md). `seed`: an
-        integer in [0, 2**64) (None: 0); at most `sampling.MAX_STEPS` steps; `guidance_scale` finite and >= 0.
+        As FluxFillPipeline (docs/sampling.md, "Seeds and parity with diffusers"): `generator` (one, or one per image),
+        else `torch.Generator("cpu").manual_seed(seed)` (None: 0), draws the plate's VAE posterior sample, then the
+        noise, then the masked plate's posterior sample; `posterior="mode"` encodes both with the posterior mode
+        instead. `latents`: packed starting noise (num_images_per_prompt, N, 4C). `output_type="latent"` gives the
+        final packed latents (no paste-back). `max_text_tokens`, `ref_guidance_scale` (with a scene's refs; 1 = off)
+        and `noise_temperature` (1 = as drawn): None takes `self.defaults`, the model dir's (docs/sampling.md).
         """
-        if output_type not in ("pil", "pt"):
-            raise ValidationError([Problem("output_type", output_type, "must be pil or pt")])
+        if output_type not in ("pil", "pt", "latent"):
+            raise ValidationError([Problem("output_type", output_type, "must be one of pil, pt, latent")])
+        if posterior not in POSTERIORS:
+            raise ValidationError([Problem("posterior", posterior, f"must be one of {', '.join(POSTERIORS)}")])
         check_call(num_inference_steps, seed, guidance_scale)
+        n = num_images_per_prompt
+        require_valid(batch_problem("num_images_per_prompt", n))
+        step_end(self, callback_on_step_end, callback_on_step_end_tensor_inputs, torch.ones(2))  # checked up front
         used = self.defaults.resolve(
             max_text_tokens=max_text_tokens, ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature
         )
@@ -218,43 +261,55 @@ class FillPipeline:
         hole = F.pad(inputs.mask, (0, pad[0], 0, pad[1]))  # padding is context, never repainted
         arranged = arrange(self.layout, plate, hole)
         grid = (arranged.image.shape[-2] // f2, arranged.image.shape[-1] // f2)
-        with torch.no_grad():
-            x0, condition = self.encode_condition(arranged.image, arranged.mask)
+        shape = (n, grid[0] * grid[1], self.channels.latent)
+        gen = generator if generator is not None else seeded_generator(seed)
+        first = gen if isinstance(gen, torch.Generator) else list(gen)[0]  # diffusers encodes the one plate with [0]
+        encode_gen = first if posterior == "sample" else None
+        with torch.no_grad():  # FluxFillPipeline's order: plate posterior (not with latents), noise, masked plate
+            pixels = arranged.image.to(self.device, self.dtype)
+            x0 = pack_latents(self.vae.encode(pixels, encode_gen if latents is None else None))  # (1, N, 4C)
+            if latents is not None:
+                check_packed_latents(latents, shape)
+                noise = latents.to(self.device, self.dtype)
+            else:
+                noise = draw_packed(
+                    n, self.vae.latent_channels, (2 * grid[0], 2 * grid[1]), gen, dtype=self.dtype, device=self.device
+                )
+            condition = self.encode_condition(arranged.image, arranged.mask, encode_gen)
             sem = None
             if inputs.semantic is not None:
                 sem = self.encode_semantic(F.pad(inputs.semantic, (0, pad[0], 0, pad[1]), mode="replicate"))
-            text, conditioning = self._text(inputs, plate.shape[-2:], arranged.panels, used.max_text_tokens)
-
-        shape = (1, grid[0] * grid[1], self.channels.latent)
-        noise = make_noise(shape, generator=generator) if generator else make_noise(shape, seed=seed or 0)
+            text, conditioning = self._text(inputs, plate.shape[-2:], arranged.panels, used.max_text_tokens, n)
         if used.noise_temperature != 1.0:
             noise = noise * used.noise_temperature
-        noise = noise.to(self.device)
         ctx = context_tokens(self.layout, grid, device=self.device)
         ref_guidance = used.ref_guidance_scale if conditioning is not None else 1.0  # no refs: nothing to guide
         velocity = self._velocity(
             condition, text, grid, arranged.panels, guidance_scale, sem, conditioning, num_inference_steps, ref_guidance
         )
+        timesteps = self.defaults.timesteps(num_inference_steps, shape[1], schedule)
+        user = step_end(self, callback_on_step_end, callback_on_step_end_tensor_inputs, timesteps)
 
-        def step_end(i: int, t: float, x: torch.Tensor):
+        def pin_context(i: int, t: float, x: torch.Tensor):
             if bool(ctx.any()):  # pin the context panel to its noised known latent (what training showed)
                 x = x.clone()
-                x[:, ctx] = noise_latents(x0[:, ctx].float(), noise[:, ctx], t).to(x.dtype)
-            if callback_on_step_end is not None:
-                replaced = callback_on_step_end(i, t, x)
-                x = replaced if replaced is not None else x
-            return x
+                x[:, ctx] = noise_latents(x0[:, ctx].float(), noise[:, ctx].float(), t).to(x.dtype)
+            replaced = user(i, t, x) if user is not None else None
+            return replaced if replaced is not None else x
 
-        timesteps = self.defaults.timesteps(num_inference_steps, shape[1], schedule)
-        out = denoise(velocity, noise.to(self.dtype), timesteps, callback=step_end, progress=progress)
+        out = denoise(velocity, noise.to(self.dtype), timesteps, callback=pin_context, progress=progress)
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            return FillOutput(images=out, mask=inputs.mask_bool, label=self.label)  # (n, N, 4C), as FluxFillPipeline
         with torch.no_grad():
-            pixels = self.vae.decode(unpack_latents(out, grid[0] * 2, grid[1] * 2))  # (1, 3, H', panels x W')
+            pixels = self.vae.decode(unpack_latents(out, grid[0] * 2, grid[1] * 2))  # (n, 3, H', panels x W')
+        self.maybe_free_model_hooks()
         pixels = crop_target(pixels, arranged.panels)[..., : inputs.size[0], : inputs.size[1]]
-        result = paste_back(inputs.plate_uint8, pixels, inputs.mask_bool)
+        results = [paste_back(inputs.plate_uint8, pixels[j : j + 1], inputs.mask_bool) for j in range(n)]
         if output_type == "pt":
-            images = torch.from_numpy(result).permute(2, 0, 1)[None].float() / 255.0
+            images = torch.stack([torch.from_numpy(r).permute(2, 0, 1).float() / 255.0 for r in results])
         else:
-            images = [Image.fromarray(result)]
+            images = [Image.fromarray(r) for r in results]
         return FillOutput(images=images, mask=inputs.mask_bool, label=self.label)
 
     def _velocity(
@@ -275,16 +330,17 @@ class FillPipeline:
 
         def run(x: torch.Tensor, t: torch.Tensor, case: str) -> torch.Tensor:
             guidance = torch.full_like(t, guidance_scale).to(self.dtype) if guidance_embeds else None
+            b = x.shape[0]  # num_images_per_prompt: one plate, prompt and semantic map for the whole batch
             return self.model(
                 x,
-                condition,
+                condition.expand(b, -1, -1),  # (B, N, 4C + 4 f^2)
                 t.to(self.dtype),
-                text.t5.to(self.dtype),
-                text.pooled.to(self.dtype),
+                text.t5.to(self.dtype).expand(b, -1, -1),
+                text.pooled.to(self.dtype).expand(b, -1),
                 img_ids,
                 txt,
                 guidance,
-                semantic=sem,
+                semantic=_batched(sem, b),
                 latent_positions=positions,
                 conditioning=cases[case],
                 layout_active=calls["n"] < layout_steps,
@@ -297,6 +353,14 @@ class FillPipeline:
             return v
 
         return velocity
+
+
+def _batched(sem: SemanticTokens | None, batch: int) -> SemanticTokens | None:
+    """One semantic map's tokens (1, M, Cs) for a batch of images of it."""
+    if sem is None or sem.tokens.shape[0] == batch:
+        return sem
+    mask = None if sem.mask is None else sem.mask.expand(batch, -1)
+    return SemanticTokens(sem.tokens.expand(batch, -1, -1), sem.positions, mask)
 
 
 def paste_back(plate: np.ndarray, pixels: torch.Tensor, mask: np.ndarray) -> np.ndarray:

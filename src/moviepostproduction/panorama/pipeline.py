@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,8 +24,12 @@ from torch import nn
 
 from moviepostproduction.compose.conditioning import Conditioning
 from moviepostproduction.compose.flux import ConditionedFlux
-from moviepostproduction.errors import Problem
+from moviepostproduction.compose.lora import FluxLoraMixin
+from moviepostproduction.encoders.memory import MemoryMixin, MemoryOptions
+from moviepostproduction.encoders.offload import compute_dtype, execution_device
+from moviepostproduction.errors import Problem, ValidationError
 from moviepostproduction.model_dir import SamplingDefaults
+from moviepostproduction.noise import Generators, batch_problem, check_packed_latents, draw_packed, seeded_generator
 from moviepostproduction.panorama.circular_vae import circular_width_padding
 from moviepostproduction.panorama.periodic_rope import periodic_rope
 from moviepostproduction.panorama.wrap import (
@@ -39,12 +43,13 @@ from moviepostproduction.panorama.wrap import (
 )
 from moviepostproduction.resources import ModelDims, Request, preflight, preflight_weights
 from moviepostproduction.sampling import (
-    StepCallback,
+    CALLBACK_TENSOR_INPUTS,
     check_call,
     denoise,
-    make_noise,
     pack_latents,
+    require_valid,
     scene_guidance,
+    step_end,
     text_ids,
     unpack_latents,
     use_true_cfg,
@@ -83,7 +88,7 @@ def _invalid(field: str, value: object, message: str) -> PanoramaValueError:
     return PanoramaValueError([Problem(field, value, message)])
 
 
-class PanoramaPipeline:
+class PanoramaPipeline(FluxLoraMixin, MemoryMixin):
     """A FLUX velocity model + an optional VAE; `__call__` is keyword-only like diffusers' FluxPipeline."""
 
     memory_dims: ModelDims | None = None  # sizes from the model dir (from_model_dir): each call is bounded first
@@ -111,35 +116,59 @@ class PanoramaPipeline:
         self.latent_channels = int(self.transformer.config.in_channels) // 4  # packed 2x2 patches
 
     @classmethod
+    def from_pretrained(
+        cls, model: str | Path | None = None, *, adapter: str | Path | None = None, **kwargs
+    ) -> PanoramaPipeline:
+        """diffusers-style loading: `model` a stock FLUX.1 folder (None: the shipped toy model); `adapter` (its
+        sampling defaults) as for ComposePipeline; the other keywords are `from_model_dir`'s. Panorama scenes with
+        refs compose through a ComposePipeline (`compose_panorama`)."""
+        from moviepostproduction.model_dir import default_model_dir
+
+        return cls.from_model_dir(default_model_dir() if model is None else model, adapter=adapter, **kwargs)
+
+    @classmethod
     def from_model_dir(
         cls,
         model_dir: str | Path,
         *,
+        adapter: str | Path | None = None,
         config: PanoramaConfig | None = None,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
+        quantize: str | None = None,
+        offload: str | None = None,
     ) -> PanoramaPipeline:
         """The stock transformer and VAE of a FLUX-layout dir (text is encoded separately: `TextEncoder.load`, with
-        `self.defaults.max_text_tokens`)."""
+        `self.defaults.max_text_tokens`). `quantize` (the transformer) and `offload`: docs/memory.md; no VAE tiling
+        (tiles would cut the circular padding that closes the seam)."""
         from moviepostproduction.encoders import Vae, load_transformer
         from moviepostproduction.model_dir import as_model_dir
 
-        md = as_model_dir(model_dir)
+        memory = MemoryOptions(quantize, offload)
+        md = as_model_dir(model_dir, adapter)
         defaults = md.sampling_defaults()  # a bad value fails before any weights load
-        dims = preflight_weights("panorama", md.root, dtype, device)  # sizes that cannot fit, before anything is built
-        transformer = load_transformer(md, dtype=dtype, device=device)
-        vae = Vae.load(md, dtype=dtype, device=device)
+        dims = preflight_weights("panorama", md.root, dtype, device, **memory.counted())  # before anything is built
+        quantized, _ = memory.quantized(dtype, device)
+        at = memory.load_device(device)
+        transformer = load_transformer(md, dtype=dtype, device=None if quantized else at, quantization_config=quantized)
+        vae = Vae.load(md, dtype=dtype, device=at)
         pipe = cls(transformer, vae, config=config, label=md.output_label(), defaults=defaults)
+        memory.apply(pipe, device)
         pipe.memory_dims = dims
         return pipe
 
+    def enable_vae_tiling(self) -> None:
+        raise ValidationError(
+            [Problem("vae_tiling", True, "is not available for panoramas: tiles would cut the circular padding")]
+        )
+
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return execution_device(self.model)  # with CPU offload: where the hooks run it (encoders/offload.py)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return compute_dtype(self.model)  # quantized weights are stored as uint8
 
     # ----------------------------------------------------------------------------------------------- model
     def _model_call(
@@ -229,20 +258,24 @@ class PanoramaPipeline:
         negative_conditioning: Conditioning | None = None,
         ref_guidance_scale: float | None = None,
         noise_temperature: float | None = None,
+        num_images_per_prompt: int = 1,
         seed: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators | None = None,
         latents: torch.Tensor | None = None,
         schedule: str = "shifted",
         output_type: str = "pt",
-        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSOR_INPUTS,
         progress: bool = False,
     ) -> PanoramaOutput:
-        """Generate B = prompt_embeds.shape[0] panoramas of height x 2 height pixels.
+        """Generate B = prompt_embeds.shape[0] x num_images_per_prompt panoramas of height x 2 height pixels.
 
-        prompt_embeds (B, T, d_t5) and pooled_prompt_embeds (B, d_clip) as `TextEncoder.encode` returns them;
-        `conditioning`: refs prepared on the real (h, w) token grid (bboxes may wrap the seam).
-        `latents`: initial noise (B, C, h*2, w*2) instead of drawing it. Noise (and random roll offsets) come
-        from `generator`, else `seed` (an integer in [0, 2**64)), else seed 0. At most `sampling.MAX_STEPS` steps;
+        prompt_embeds (P, T, d_t5) and pooled_prompt_embeds (P, d_clip) as `TextEncoder.encode` returns them, each
+        prompt's images next to each other as in diffusers; `conditioning`: refs prepared on the real (h, w) token
+        grid (bboxes may wrap the seam) for all B images. Noise as FluxPipeline draws it for the 2:1 latent,
+        (B, C, 2h, 2w) packed; `latents` instead: packed (B, N, 4C), or unpacked (B, C, 2h, 2w). Noise, then the
+        random roll offsets, come from `generator` (one, or one per image), else `torch.Generator("cpu")
+        .manual_seed(seed)` (None: 0). `callback_on_step_end` as in diffusers. At most `sampling.MAX_STEPS` steps;
         scales must be finite numbers >= 0. output_type: "pt" (images in [0, 1]) or "latent".
         `ref_guidance_scale` (with `conditioning`; 1 = off) and `noise_temperature` (a factor on the starting noise,
         drawn or `latents`; 1 = as is): None takes `self.defaults`, the model dir's (docs/sampling.md).
@@ -251,22 +284,37 @@ class PanoramaPipeline:
             raise _invalid("output_type", output_type, "must be pt or latent")
         check_call(num_inference_steps, seed, guidance_scale, true_cfg_scale)
         used = self.defaults.resolve(ref_guidance_scale=ref_guidance_scale, noise_temperature=noise_temperature)
+        n = num_images_per_prompt
+        require_valid(batch_problem("num_images_per_prompt", n))
+        step_end(self, callback_on_step_end, callback_on_step_end_tensor_inputs, torch.ones(2))  # checked up front
         h, w = panorama_grid(height, self.vae_scale_factor)
         self.config.check_grid((h, w))
-        batch = prompt_embeds.shape[0]
+        batch = prompt_embeds.shape[0] * n
         if self.memory_dims is not None:  # refuse what cannot fit before any work
             preflight(Request("panorama", height, 2 * height, batch=batch, device=str(self.device)), self.memory_dims)
-        if generator is None:
-            generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
+        if n > 1:  # diffusers' order: prompt 0's images, then prompt 1's
+            prompt_embeds, pooled_prompt_embeds = (
+                e.repeat_interleave(n, dim=0) for e in (prompt_embeds, pooled_prompt_embeds)
+            )
+            if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None:
+                negative_prompt_embeds, negative_pooled_prompt_embeds = (
+                    e.repeat_interleave(n, dim=0) for e in (negative_prompt_embeds, negative_pooled_prompt_embeds)
+                )
+        generator = generator if generator is not None else seeded_generator(seed)
         if latents is None:
-            shape = (batch, self.latent_channels, 2 * h, 2 * w)
-            latents = make_noise(shape, generator=generator)
-        elif tuple(latents.shape) != (batch, self.latent_channels, 2 * h, 2 * w):
-            raise _invalid("latents", tuple(latents.shape), f"expected {(batch, self.latent_channels, 2 * h, 2 * w)}")
+            x = draw_packed(
+                batch, self.latent_channels, (2 * h, 2 * w), generator, dtype=self.dtype, device=self.device
+            )
+        else:
+            if latents.ndim == 4:  # the unpacked form PanoramaOutput.latents has
+                check_packed_latents(latents, (batch, self.latent_channels, 2 * h, 2 * w))
+                latents = pack_latents(latents)
+            check_packed_latents(latents, (batch, h * w, 4 * self.latent_channels))
+            x = latents.to(self.device, self.dtype)  # (B, h*w, 4C)
         if used.noise_temperature != 1.0:
-            latents = latents * used.noise_temperature
+            x = x * used.noise_temperature
         timesteps = self.defaults.timesteps(num_inference_steps, h * w, schedule)
-        offsets = roll_offsets(self.config, num_inference_steps, w, generator=generator)
+        offsets = roll_offsets(self.config, num_inference_steps, w, generator=_first(generator))
         text = _Text(prompt_embeds, pooled_prompt_embeds, conditioning)
         negative = None
         if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None:
@@ -283,12 +331,12 @@ class PanoramaPipeline:
         )
         rope = periodic_rope(self.transformer, w) if self.config.periodic_rope else contextlib.nullcontext()
         with rope:
-            x = pack_latents(latents.to(self.device, self.dtype))  # (B, h*w, 4C)
-            x = denoise(velocity, x, timesteps, callback=callback_on_step_end, progress=progress)
+            callback = step_end(self, callback_on_step_end, callback_on_step_end_tensor_inputs, timesteps)
+            x = denoise(velocity, x.to(self.dtype), timesteps, callback=callback, progress=progress)
         out = unpack_latents(x, 2 * h, 2 * w)  # (B, C, 2h, 2w)
-        if output_type == "latent":
-            return PanoramaOutput(latents=out, images=None, label=self.label)
-        return PanoramaOutput(latents=out, images=self.decode(out), label=self.label)
+        images = self.decode(out) if output_type != "latent" else None
+        self.maybe_free_model_hooks()
+        return PanoramaOutput(latents=out, images=images, label=self.label)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, 3, 8h, 8w) in [0, 1], with circular width padding when configured."""
@@ -302,6 +350,11 @@ class PanoramaPipeline:
         with patch, torch.no_grad():
             pixels = self.vae.decode(latents)
         return ((pixels.float() + 1) / 2).clamp(0, 1)
+
+
+def _first(generator: Generators) -> torch.Generator:
+    """The generator that draws the roll offsets: the one given, or the first of a list."""
+    return generator if isinstance(generator, torch.Generator) else list(generator)[0]
 
 
 def compose_panorama(
@@ -322,7 +375,9 @@ def compose_panorama(
     """
     if not scene.panorama:
         raise _invalid("panorama", scene.panorama, "the scene is not a panorama (set panorama: true)")
-    prepared = compose.prepare(scene, negative_prompt, layout_rows=False)  # rows come with the padded grid
+    n = kwargs.get("num_images_per_prompt", 1)  # the conditioning covers every image
+    require_valid(batch_problem("num_images_per_prompt", n))
+    prepared = compose.prepare(scene, negative_prompt, layout_rows=False, batch=n)  # rows: the padded grid's
     negative = prepared.negative
     pipe = PanoramaPipeline(compose.model, compose.vae, config=config, label=compose.label, defaults=compose.defaults)
     return pipe(

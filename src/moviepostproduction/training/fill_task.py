@@ -40,7 +40,8 @@ from moviepostproduction.fill.semantic_attention import (
 )
 from moviepostproduction.fill.weights import FillWeightsConfig, LoraSpec, save_fill_weights
 from moviepostproduction.model_dir import ModelDir, as_model_dir
-from moviepostproduction.sampling import latent_image_ids, make_noise, noise_latents, pack_latents, text_ids
+from moviepostproduction.noise import make_noise
+from moviepostproduction.sampling import latent_image_ids, noise_latents, pack_latents, text_ids
 from moviepostproduction.toyworld.triptych import TriptychBatch, TriptychConfig, collate, make_triptych
 from moviepostproduction.training.task import LossOutput
 from moviepostproduction.training.vary_objective import TIMESTEP_SAMPLING, sample_timesteps

@@ -210,7 +210,7 @@ def build_compose_task(recipe: Recipe):
     md = ModelDir.at(recipe.model)
     md.check()
     config = _task_config(recipe)  # fail early, before the caches are built
-    adapter = reconfigure_adapter(CompositionAdapter.from_pretrained(md.root / "adapter"), recipe.adapter)  # fail early
+    adapter = reconfigure_adapter(CompositionAdapter.from_pretrained(md.adapter.root), recipe.adapter)  # fail early
     text, image, vae = TextEncoder.load(md), ImageEncoder.load(md), Vae.load(md)
     train = cached_features(recipe, "train", text, image, vae, recipe.limit)
     preview = cached_features(recipe, "heldout", text, image, vae, 8)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from moviepostproduction.errors import Problem, ValidationError
-from moviepostproduction.sampling import is_probability, make_noise, noise_latents
+from moviepostproduction.noise import make_noise
+from moviepostproduction.sampling import is_probability, noise_latents
 from moviepostproduction.vary.nanodit import VaryConditioning
 
 __all__ = ["TIMESTEP_SAMPLING", "DropoutProbs", "flow_matching_loss", "sample_dropout", "sample_timesteps"]

@@ -21,18 +21,19 @@ import torch
 from PIL import Image
 
 from moviepostproduction.errors import FileProblem, Problem, ValidationError
+from moviepostproduction.noise import draw_latents, seeded_generator
 from moviepostproduction.resources import preflight_weights
 from moviepostproduction.sampling import (
-    StepCallback,
+    CALLBACK_TENSOR_INPUTS,
     VelocityFn,
     cfg,
     denoise,
     dual_cfg,
     finite_problem,
     get_timesteps,
-    make_noise,
     require_valid,
     seed_problem,
+    step_end,
     steps_problem,
 )
 from moviepostproduction.vary.nanodit import NanoDiT, VaryConditioning
@@ -172,7 +173,7 @@ class VaryPipeline:
         from moviepostproduction.vary.nanodit_io import FOLDER, INFO_NAME, load_nanodit_dir
 
         md = as_model_dir(model_dir)
-        preflight_weights("vary", md.root, dtype, device)  # sizes that cannot fit (nanodit/ too), before building
+        preflight_weights("vary", md, dtype, device)  # sizes that cannot fit (nanodit/ too), before building
         model = load_nanodit_dir(md.root / FOLDER, device=device, dtype=dtype)  # fail first: the new part
         vae = Vae.load(md, dtype=dtype, device=device)
         text, image = (
@@ -260,7 +261,8 @@ class VaryPipeline:
         seed: int | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "latent",
-        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSOR_INPUTS,
         progress: bool = False,
     ) -> VaryOutput:
         """Sample B variations, one per conditioning row.
@@ -268,8 +270,10 @@ class VaryPipeline:
         text_embeds (B, T, Dt) and text_mask (B, T) bool (None: all real) from the text encoder, or None for no
         caption; image_cls (B, G) and image_patches (B, P, G) from DINO on the reference, or both None for
         text only. `latent_size` (h, w) in the model's input space (default config.sample_size square). Noise
-        comes from `generator` or `seed` (an integer in [0, 2**64)); with neither, a seed is drawn, logged and
-        returned. Scales must be finite; at most `sampling.MAX_STEPS` steps.
+        (B, C, h, w), unpacked, in the model's dtype as diffusers' randn_tensor draws it, comes from `generator` (one,
+        or one per row) or `torch.Generator("cpu").manual_seed(seed)`; with neither, a seed is drawn, logged and
+        returned; `latents` (B, C, h, w) instead. `callback_on_step_end(pipe, step, timestep, callback_kwargs)` as
+        in diffusers. Scales must be finite; at most `sampling.MAX_STEPS` steps.
         """
         model, cfg = self.model, self.model.config
         problems = []
@@ -284,6 +288,7 @@ class VaryPipeline:
             seed_problem("seed", seed),
         ]
         require_valid(*problems)
+        step_end(self, callback_on_step_end, callback_on_step_end_tensor_inputs, torch.ones(2))  # checked up front
         use_text, use_image = text_embeds is not None, image_cls is not None
         cond = self._conditioning(text_embeds, text_mask, image_cls, image_patches)
         h, w = latent_size or (cfg.sample_size, cfg.sample_size)
@@ -293,17 +298,17 @@ class VaryPipeline:
             if generator is None and seed is None:
                 seed = int(torch.randint(0, 2**31 - 1, ()))
                 logger.info("vary: drew seed %d", seed)
-            latents = make_noise(shape, generator=generator, seed=seed, dtype=model.dtype, device=model.device)
+            gen = generator if generator is not None else seeded_generator(seed)
+            latents = draw_latents(shape, gen, dtype=model.dtype, device=model.device)
         elif tuple(latents.shape) != shape:
-            raise ValidationError([Problem("latents", tuple(latents.shape), f"expected shape {shape}")])
+            raise ValidationError([Problem("latents", tuple(latents.shape), f"must have shape {shape} (B, C, h, w)")])
         p = cfg.patch_size
         timesteps = get_timesteps(
             num_inference_steps, image_seq_len=(h // p) * (w // p), schedule=schedule, shift=shift
         )
         velocity = self.velocity_fn(cond, float(text_scale), float(image_scale), use_text=use_text, use_image=use_image)
-        out = denoise(
-            velocity, latents.to(model.device, model.dtype), timesteps, callback=callback_on_step_end, progress=progress
-        )
+        callback = step_end(self, callback_on_step_end, callback_on_step_end_tensor_inputs, timesteps)
+        out = denoise(velocity, latents.to(model.device, model.dtype), timesteps, callback=callback, progress=progress)
         return VaryOutput(images=self._postprocess(out, output_type), seed=seed)
 
     def _postprocess(self, latents: torch.Tensor, output_type: str) -> torch.Tensor | list:
