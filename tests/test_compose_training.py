@@ -20,13 +20,10 @@ from moviepostproduction.model_dir import ModelDir
 from moviepostproduction.toyworld.shards import write_dataset
 from moviepostproduction.toyworld.synthetic import ToyWorldConfig
 from moviepostproduction.toyworld.tiny import write_tiny_model_dir
+from moviepostproduction.training.cache_encoders import CacheEncoders
 from moviepostproduction.training.compose_task import ComposeTask, ComposeTaskConfig
-from moviepostproduction.training.feature_cache import (
-    FeatureCache,
-    build_cache,
-    build_cache_in_workers,
-    shard_length,
-)
+from moviepostproduction.training.feature_cache import build_cache, shard_length, write_cache
+from moviepostproduction.training.feature_shards import ShardedFeatures
 from moviepostproduction.training.losses import (
     bbox_alignment_loss,
     crop_boxes,
@@ -71,25 +68,29 @@ def test_feature_cache_shapes_and_round_trip(world, tmp_path):
     assert cache.t5.shape == (n, TEXT, 32) and cache.spans.shape == (n, MAX_REFS, TEXT)
     assert cache.valid[:, 0].all() and (cache.spans.any(-1) == cache.valid).all()  # every ref caption found
     assert ((cache.bboxes[..., 2] > cache.bboxes[..., 0]) | ~cache.valid).all()
-    path = cache.save(tmp_path / "c.safetensors", {"model": str(md.root)})
-    back = FeatureCache.load(path, expect={"model": str(md.root)})
-    assert back.grid == cache.grid and torch.equal(back.spans, cache.spans) and torch.equal(back.latents, cache.latents)
+    root, encoders = world[0], CacheEncoders.wrap(TextEncoder.load(md), image_encoder=world[4], vae=world[3])
+    sizes = {"max_refs": MAX_REFS, "max_text_tokens": TEXT, "batch_size": 3, "shard_size": 4, "progress": False}
+    written = write_cache(root / "data" / "train", tmp_path / "c", encoders, meta={"model": str(md.root)}, **sizes)
+    back = ShardedFeatures(tmp_path / "c", MAX_REFS, expect={"model": str(md.root)})
+    assert len(back) == n and back.grid == written.grid == cache.grid
+    for name, value in back.select(torch.arange(n)).items():
+        assert torch.equal(value, cache.select(torch.arange(n))[name]), name
     with pytest.raises(WeightsError, match="was built with model="):
-        FeatureCache.load(path, expect={"model": "elsewhere"})
-    assert cache.dino_patches.shape[:2] == (n, MAX_REFS) and torch.equal(back.dino_patches, cache.dino_patches)
+        ShardedFeatures(tmp_path / "c", MAX_REFS, expect={"model": "elsewhere"})
+    assert cache.dino_patches.shape[:2] == (n, MAX_REFS)
     assert (cache.dino_patches.flatten(2).abs().sum(-1) > 0).eq(cache.valid).all()  # padded refs hold zeros
 
 
 def test_cache_workers_encode_the_same_samples_in_the_same_order(world, tmp_path):
-    """One process per shard file (spawned, one thread each) against the serial build: every field but the VAE
-    latents equal, the latents within fp16 rounding (the batches start again at each shard); `limit` cuts across
-    shards; a recipe with cache_workers builds its cache that way."""
+    """Shard files decoded by 2 spawned processes (the encoders stay in this one) against the serial build: every
+    field but the VAE latents equal, the latents within fp16 rounding (batches of 32, not 3); `limit` cuts across
+    shards; a recipe with cache_workers builds its cache that way; a worker's decoding error is one line."""
     root, md, cache, vae, image = world
     files = sorted((root / "data" / "train").glob("shard-*.tar"))
     assert [shard_length(file) for file in files] == [4, 3]  # 8 scenes in shards of 4, one held out
-    parallel = build_cache_in_workers(
-        md.root, root / "data" / "train", max_refs=MAX_REFS, max_text_tokens=TEXT, workers=2, limit=6, progress=False
-    )
+    text = TextEncoder.load(md)
+    sizes = {"max_refs": MAX_REFS, "max_text_tokens": TEXT, "workers": 2, "progress": False}
+    parallel = build_cache(root / "data" / "train", text, image, vae, limit=6, **sizes)
     assert len(parallel) == 6 and parallel.grid == cache.grid and parallel.fields == cache.fields
     for name in cache.fields:
         want, got = getattr(cache, name)[:6], getattr(parallel, name)
@@ -110,14 +111,15 @@ def test_cache_workers_encode_the_same_samples_in_the_same_order(world, tmp_path
         compose={"batch_size": 2},
     )
     assert result.exit_code == 0, result.output
-    built = FeatureCache.load(tmp_path / "run" / "cache" / "train.safetensors")
-    assert len(built) == 5 and torch.equal(built.t5, cache.t5[:5])
+    built = ShardedFeatures(tmp_path / "run" / "cache" / "train", MAX_REFS)
+    assert len(built) == 5 and torch.equal(built.select(torch.arange(5))["t5"], cache.t5[:5].float())
+    assert not built.has_patches  # the adapter has no box patches (box_patch_rank 0): its cache stores none
     cut = tmp_path / "cut" / "train"  # a truncated shard: found when its samples are counted, before any worker
     cut.mkdir(parents=True)
     for file in files:
         (cut / file.name).write_bytes(file.read_bytes()[: -4096 if file == files[-1] else None])
     with pytest.raises(MppError, match="shard-000001.tar: not a readable tar shard"):
-        build_cache_in_workers(md.root, cut, max_refs=MAX_REFS, max_text_tokens=TEXT, workers=2, progress=False)
+        build_cache(cut, text, image, vae, **sizes)
     bad = tmp_path / "bad" / "train"  # a bad PNG: a worker's error, one line naming the shard and the sample
     bad.mkdir(parents=True)
     (bad / files[0].name).write_bytes(files[0].read_bytes())
@@ -127,15 +129,14 @@ def test_cache_workers_encode_the_same_samples_in_the_same_order(world, tmp_path
             member.size = len(body)
             dst.addfile(member, io.BytesIO(body))
     with pytest.raises(MppError, match=r"shard-000001.tar: sample '\d+' is incomplete or corrupt"):
-        build_cache_in_workers(md.root, bad, max_refs=MAX_REFS, max_text_tokens=TEXT, workers=2, progress=False)
+        build_cache(bad, text, image, vae, **sizes)
 
 
 def test_a_cache_without_patch_tokens_loads_and_is_refused_for_box_patches(world, tmp_path):
     from dataclasses import replace
 
     _, md, cache, vae, image = world
-    old = replace(cache, dino_patches=None)  # a cache written before the patch tokens were stored
-    back = FeatureCache.load(old.save(tmp_path / "old.safetensors", {}))
+    back = replace(cache, dino_patches=None)  # a cache built for an adapter without box patches
     assert back.dino_patches is None and "dino_patches" not in back.select(torch.tensor([0]))
     adapter = CompositionAdapter.from_pretrained(md.root / "adapter").reconfigured(box_patch_rank=4)[0]
     model = ConditionedFlux(load_transformer(md), adapter)
@@ -288,7 +289,7 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
     assert result.exit_code == 0, result.output
     assert "trained to step 2" in result.output
-    assert (tmp_path / "run" / "cache" / "train.safetensors").is_file()
+    assert (tmp_path / "run" / "cache" / "train" / "index.json").is_file()
     assert (tmp_path / "run" / "curves.png").is_file() and list((tmp_path / "run" / "samples").glob("*.png"))
     index = json.loads((tmp_path / "exported" / "model_index.json").read_text())
     assert index["max_text_tokens"] == TEXT and not index["tiny_random"]
@@ -464,6 +465,9 @@ def test_mpp_train_recipe_reconfigures_the_adapter(world, tmp_path):
     saved = json.loads((tmp_path / "exported" / "adapter" / "config.json").read_text())
     assert (saved["box_position_freqs"], saved["box_position_rank"], saved["box_patch_rank"]) == (2, 4, 4)
     assert saved["depth_priority"] == [3, 0, 0]
+    assert ShardedFeatures(tmp_path / "run" / "cache" / "train", MAX_REFS).has_patches  # box patches: stored
+    plain = run_train_recipe(world, tmp_path, "compose", "toy", max_refs=MAX_REFS, compose=compose)  # same cache/
+    assert plain.exit_code == 2 and "cache was built with patches='True', not 'False'; delete it" in plain.output
     from moviepostproduction.compose.pipeline import ComposePipeline
 
     pipe = ComposePipeline.from_model_dir(tmp_path / "exported")

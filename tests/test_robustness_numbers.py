@@ -411,14 +411,17 @@ def test_an_unknown_device_is_one_line(tmp_path, device):
 def test_train_checks_its_output_folders_and_the_weights_before_it_starts(monkeypatch, tmp_path, toy_copy):
     monkeypatch.setattr("moviepostproduction.training.recipe.run_recipe", reach)
     (tmp_path / "afile").write_text("kept")
+    data = tmp_path / "data"  # a data set as far as the whole-recipe check reads one (recipe_preflight.py)
+    (data / "train").mkdir(parents=True)
+    (data / "manifest.json").write_text("{}")
     deep = mutated(toy_copy, tmp_path / "deep", "transformer/config.json", num_layers=10**9)
     for fields, line in [
         ({"model": str(TOY), "out": str(tmp_path / "afile")}, "out {}: is an existing file; give a folder name"),
-        ({"model": str(TOY), "out": str(tmp_path / "run"), "export": str(tmp_path / "afile")}, "export {}: is an"),
-        ({"model": str(deep), "out": str(tmp_path / "run")}, "the weights alone need"),
+        ({"model": str(TOY), "out": str(tmp_path / "run"), "export": str(tmp_path / "afile")}, "export: is an exist"),
+        ({"model": str(deep), "out": str(tmp_path / "run")}, "num_layers must be an integer in [0, 512]"),
     ]:
         recipe = tmp_path / "r.json"
-        recipe.write_text(json.dumps({"data": str(tmp_path), **fields}))
+        recipe.write_text(json.dumps({"data": str(data), **fields}))
         result = run(["train", recipe])
         (got,) = result.output.strip().splitlines()
         expected = line.format(tmp_path / "afile")

@@ -119,6 +119,7 @@ def staged_copy(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # unique per build
+        tmp.chmod(0o777 & ~(0o666 & ~default_file_mode()))  # mkdtemp's 0700 would hide the folder from others
     except OSError as exc:
         raise output_error(out, exc) from None
     skip = set(leave_out)

@@ -88,17 +88,29 @@ def prepare_data(
 def train(
     config: str = typer.Argument(..., help="Training recipe (.yaml or .json); see docs/training.md."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Override trainer.max_steps."),
+    cache_device: str | None = typer.Option(
+        None, "--cache-device", help="Feature-cache encoders: auto (CUDA in bf16 if any), cpu, cuda[:N] [recipe's]."
+    ),
 ) -> None:
     """Train (or resume) from a recipe: cached features, stages, checkpoints, samples, curves, export."""
+    import os
+
     import torch
 
     from moviepostproduction.files import check_output
     from moviepostproduction.resources import LOADS, ModelDims, Request, preflight
     from moviepostproduction.training.recipe import Recipe, run_recipe
+    from moviepostproduction.training.recipe_preflight import check_recipe
 
     recipe = Recipe.from_file(config)
     if max_steps is not None:
         recipe.trainer["max_steps"] = max_steps
+    if cache_device is not None:
+        from moviepostproduction.devices import resolve_device
+
+        resolve_device(cache_device, "--cache-device")  # an unusable device is one line, before anything loads
+        recipe.cache_device = cache_device
+    check_recipe(recipe, source=config)  # paths, adapter fit, export, free disk: one line each, before anything loads
     # Refused before any weights load: an output folder that cannot be written, weights that cannot fit.
     check_output(recipe.out, f"{config}: out", folder=True)
     if recipe.export:
@@ -107,11 +119,12 @@ def train(
     dims = ModelDims.from_model_dir(  # bf16, the least a frozen backbone may be loaded in: a lower bound
         recipe.model,
         torch.bfloat16,
+        adapter=recipe.adapter_dir if recipe.adapter_dir and os.path.isdir(recipe.adapter_dir) else None,
         components=loads,
         transformer="nanodit" if recipe.task == "vary" else "transformer",
     )
     preflight(Request("train", 0, 0, device="cuda" if torch.cuda.is_available() else "cpu"), dims)
-    result = run_recipe(recipe)
+    result = run_recipe(recipe, checked=True)
     tail = f", exported {recipe.export}" if recipe.export else ""
     typer.echo(f"trained to step {result.step}, loss {result.losses[-1]:.4f}, checkpoint {result.checkpoint}{tail}")
 

@@ -62,7 +62,7 @@ class DepthModel:
     """A transformers depth-estimation pipeline from a local model folder (Depth Anything, DPT, ZoeDepth, ...),
     safetensors weights only (a pickled .bin is never loaded)."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
+    def __init__(self, folder: str | Path, device: str = "cpu", flag: str = "--depth-model"):
         import torch
 
         folder = Path(folder)
@@ -73,7 +73,7 @@ class DepthModel:
         if kind == "cuda" and not torch.cuda.is_available():
             raise MppError(f"--device {device!r}: this machine has no CUDA device")
         if not (folder / "config.json").is_file():
-            raise MppError(f"--depth-model {folder}: no config.json (expected a transformers depth-estimation folder)")
+            raise MppError(f"{flag} {folder}: no config.json (expected a transformers depth-estimation folder)")
         try:
             from transformers import AutoImageProcessor, AutoModelForDepthEstimation, pipeline
 
@@ -81,7 +81,7 @@ class DepthModel:
             processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise MppError(f"--depth-model {folder}: cannot load a depth-estimation model ({reason})") from None
+            raise MppError(f"{flag} {folder}: cannot load a depth-estimation model ({reason})") from None
         self.pipe = pipeline("depth-estimation", model=model.eval(), image_processor=processor, device=device)
         config = model.config
         self.grows_with_distance = (

@@ -30,6 +30,7 @@ from moviepostproduction.sampling import (
     unpack_latents,
 )
 from moviepostproduction.training.feature_cache import FeatureCache
+from moviepostproduction.training.feature_shards import ShardedFeatures
 from moviepostproduction.training.losses import (
     bbox_alignment_loss,
     crop_boxes,
@@ -65,11 +66,11 @@ class ComposeTask:
     def __init__(
         self,
         model: ConditionedFlux,
-        cache: FeatureCache,
+        cache: FeatureCache | ShardedFeatures,  # in memory (small sets) or the sharded cache of a run
         vae: nn.Module | None = None,
         image_encoder: nn.Module | None = None,
         config: ComposeTaskConfig | None = None,
-        preview: FeatureCache | None = None,
+        preview: FeatureCache | ShardedFeatures | None = None,
         empty_caption: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         self.model, self.cache, self.vae, self.image_encoder = model, cache, vae, image_encoder
@@ -77,10 +78,10 @@ class ComposeTask:
         if self.config.drop_caption > 0 and empty_caption is None:
             raise ValueError("drop_caption > 0 needs the empty caption's (T5 (1, T, d), pooled (1, d)) embeddings")
         self.empty_caption = empty_caption
-        if model.adapter.uses_box_patches and cache.dino_patches is None:
+        if model.adapter.uses_box_patches and not cache.has_patches:
             raise ValueError(
                 "the adapter lays DINO patch tokens into boxes (box_patch_rank > 0) but the feature cache holds none "
-                "(written before they were stored): delete the run's cache/ to rebuild it"
+                "(built for an adapter without box patches): delete the run's cache/ to rebuild it"
             )
         self.preview = preview or cache
         self.weights: dict[str, float] = {}
@@ -248,7 +249,9 @@ class ComposeTask:
 
     # ------------------------------------------------------------------------------------------ samples
     @torch.no_grad()
-    def generate(self, cache: FeatureCache, index: torch.Tensor, generator: torch.Generator, steps: int):
+    def generate(
+        self, cache: FeatureCache | ShardedFeatures, index: torch.Tensor, generator: torch.Generator, steps: int
+    ):
         """Sample latents for cached scenes -> pixels (B, 3, H, W) in [-1, 1] (layout for `grounding_ratio`)."""
         dev = self.device
         batch = {k: v.to(dev) for k, v in cache.select(index).items()}
@@ -276,16 +279,14 @@ class ComposeTask:
         self.model.eval()
         pixels = self.generate(self.preview, index, generator, self.config.sample_steps)
         self.model.train()
-        target = self.vae.decode(
-            unpack_latents(
-                self.preview.latents[:n].float().to(self.device), 2 * self.preview.grid[0], 2 * self.preview.grid[1]
-            )
-        ).clamp(-1, 1)
+        shown = self.preview.select(index)  # the cache's fields, padded (an in-memory or a sharded cache alike)
+        h, w = self.preview.grid
+        target = self.vae.decode(unpack_latents(shown["latents"].to(self.device), 2 * h, 2 * w)).clamp(-1, 1)
         tiles = []
         for i in range(n):
-            valid = self.preview.valid[i]
-            boxes = self.preview.bboxes[i][valid].tolist()
-            depths = [("fg", "mg", "bg")[d] for d in self.preview.depth[i][valid].tolist()]
+            valid = shown["valid"][i]
+            boxes = shown["bboxes"][i][valid].tolist()
+            depths = [("fg", "mg", "bg")[d] for d in shown["depth"][i][valid].tolist()]
             for px in (target[i], pixels[i]):
                 img = Image.fromarray(((px + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
                 tiles.append(draw_layout(img, boxes, depths))

@@ -8,10 +8,13 @@
     max_refs: 4
     max_text_tokens: 48
     limit: null                   # use the first N training scenes
-    cache_workers: 1              # processes that build the feature cache, one shard file each (e.g. a machine's cores)
+    cache_workers: 1              # processes decoding the shards for the feature cache (the encoders run once, here)
+    cache_device: auto            # where the cache's encoders run: auto (cuda if available, in bf16), cpu, cuda[:N]
     init_from: null               # warm start (checkpoint folder or .safetensors)
-    adapter: {}                   # ConditioningConfig changes to the model dir's adapter (e.g. box_patch_rank: 64)
-    export: build/toy-model       # write a complete model dir with the trained weights at the end
+    adapter: {}                   # ConditioningConfig changes to the adapter it starts from (e.g. box_patch_rank: 64)
+    adapter_dir: null             # adapter folder to start from (init-adapter's, a stage's export); null: MODEL/adapter
+    init_adapter: null            # {clip: DIR, dino: DIR[, copy_encoders, seed]}: create adapter_dir before training
+    export: build/toy-model       # stage toy: a complete model dir; stages 1-3: an adapter folder (adapter_export.py)
     ref_guidance: 1.0             # the exported dir's default reference guidance (ComposePipeline)
     noise_temperature: 1.0        # the exported dir's default factor on the starting noise (ComposePipeline)
     trainer: {max_steps: 4000, checkpoint_every: 500, sample_every: 500, log_every: 20, seed: 0}
@@ -20,7 +23,9 @@
                                   # caption (for true CFG with the negative prompt "")
 
 Relative paths are relative to the current directory. Every field is checked when the file is read, before anything
-loads (training/recipe_checks.py: types, bounds, seeds in [0, 2**64), the task's stages; one line per bad field).
+loads (training/recipe_checks.py: types, bounds, seeds in [0, 2**64), the task's stages; one line per bad field), and
+a compose recipe is checked whole before the first step (training/recipe_preflight.py: paths, adapter fit, export,
+free disk for the feature cache).
 """
 
 from __future__ import annotations
@@ -58,9 +63,12 @@ class Recipe:
     max_refs: int = 4
     max_text_tokens: int = 48
     limit: int | None = None
-    cache_workers: int = 1  # processes building the feature cache (one shard file each); 1: this process
+    cache_workers: int = 1  # processes decoding shards for the feature cache; 1: this process
+    cache_device: str = "auto"  # the cache encoders' device (bf16 on CUDA, fp32 on the CPU); feature_cache.py
     init_from: str | None = None
-    adapter: dict = field(default_factory=dict)  # ConditioningConfig changes applied to the model dir's adapter
+    adapter: dict = field(default_factory=dict)  # ConditioningConfig changes applied to the adapter it starts from
+    adapter_dir: str | None = None  # adapter folder to start from (None: MODEL/adapter); stages 1-3 export one
+    init_adapter: dict | None = None  # {clip: DIR, dino: DIR}: create adapter_dir with `mpp init-adapter` first
     export: str | None = None
     export_dtype: str = "fp16"
     ref_guidance: float = 1.0  # written to the exported model_index.json as its default ref_guidance_scale
@@ -161,27 +169,26 @@ def _trainer_config(recipe: Recipe) -> TrainConfig:
     return TrainConfig(out_dir=recipe.out, stage=recipe.stage, init_from=recipe.init_from, **recipe.trainer)
 
 
-def cached_features(recipe: Recipe, split: str, text, image, vae, limit: int | None):
-    """Load OUT/cache/SPLIT.safetensors, or build it from the shards (once)."""
-    from moviepostproduction.training.feature_cache import FeatureCache, build_cache, build_cache_in_workers
+def cached_features(recipe: Recipe, split: str, encoders, limit: int | None, patches: bool):
+    """Open the cache folder OUT/cache/SPLIT/, or build it from the shards (resuming an interrupted build)."""
+    from moviepostproduction.training.feature_cache import open_cache, write_cache
 
-    path = Path(recipe.out) / "cache" / f"{split}.safetensors"
+    root = Path(recipe.out) / "cache" / split
     meta = {
         "model": str(Path(recipe.model).resolve()),
         "data": str(Path(recipe.data).resolve()),
         "max_refs": str(recipe.max_refs),
         "max_text_tokens": str(recipe.max_text_tokens),
         "limit": str(limit),
+        "patches": str(patches),  # DINO patch tokens: stored only for an adapter that lays them into boxes
     }
-    if path.is_file():
-        return FeatureCache.load(path, expect=meta)
+    cache = open_cache(root, recipe.max_refs, expect=meta)
+    if cache is not None:
+        return cache
     sizes = {"max_refs": recipe.max_refs, "max_text_tokens": recipe.max_text_tokens, "limit": limit}
-    if recipe.cache_workers > 1:
-        cache = build_cache_in_workers(recipe.model, Path(recipe.data) / split, workers=recipe.cache_workers, **sizes)
-    else:
-        cache = build_cache(Path(recipe.data) / split, text, image, vae, **sizes)
-    cache.save(path, meta)
-    return cache
+    return write_cache(
+        Path(recipe.data) / split, root, encoders, meta=meta, workers=recipe.cache_workers, patches=patches, **sizes
+    )
 
 
 def reconfigure_adapter(adapter, changes: dict):
@@ -199,28 +206,29 @@ def reconfigure_adapter(adapter, changes: dict):
 
 
 def build_compose_task(recipe: Recipe):
-    import torch
-
     from moviepostproduction.compose.flux import ConditionedFlux
     from moviepostproduction.compose.modules import CompositionAdapter
-    from moviepostproduction.encoders import ImageEncoder, TextEncoder, Vae, load_transformer
+    from moviepostproduction.devices import resolve_device
+    from moviepostproduction.encoders import ImageEncoder, Vae, load_transformer
     from moviepostproduction.model_dir import ModelDir
+    from moviepostproduction.training.adapter_start import start_lora
+    from moviepostproduction.training.cache_encoders import CacheEncoders, empty_caption_features
     from moviepostproduction.training.compose_task import ComposeTask
 
-    md = ModelDir.at(recipe.model)
+    md = ModelDir.at(recipe.model, recipe.adapter_dir)
     md.check()
     config = _task_config(recipe)  # fail early, before the caches are built
     adapter = reconfigure_adapter(CompositionAdapter.from_pretrained(md.adapter.root), recipe.adapter)  # fail early
-    text, image, vae = TextEncoder.load(md), ImageEncoder.load(md), Vae.load(md)
-    train = cached_features(recipe, "train", text, image, vae, recipe.limit)
-    preview = cached_features(recipe, "heldout", text, image, vae, 8)
-    empty_caption = None
-    if config.drop_caption > 0:
-        with torch.no_grad():  # true CFG's negative prompt "", as ComposePipeline.prepare encodes it
-            empty = text.encode([""], recipe.max_text_tokens)
-        empty_caption = (empty.t5.half().float(), empty.pooled.float())  # the cache stores T5 in fp16
-    del text
-    model = ConditionedFlux(load_transformer(md), adapter)
+    transformer = load_transformer(md)
+    if md.adapter.lora is not None:  # a stage's export: its LoRA goes on training (stage 2) or stays frozen (stage 3)
+        start_lora(transformer, md.adapter.lora)
+    encoders = CacheEncoders(md, resolve_device(recipe.cache_device, "cache_device"))  # loaded if needed
+    train = cached_features(recipe, "train", encoders, recipe.limit, adapter.uses_box_patches)
+    preview = cached_features(recipe, "heldout", encoders, 8, adapter.uses_box_patches)
+    empty_caption = empty_caption_features(encoders, recipe.max_text_tokens, train) if config.drop_caption else None
+    del encoders  # the cache build's encoder copies; training loads its own frozen VAE and image encoder
+    image, vae = ImageEncoder.load(md), Vae.load(md)
+    model = ConditionedFlux(transformer, adapter)
     task = ComposeTask(model, train, vae, image, config=config, preview=preview, empty_caption=empty_caption)
     return task, md
 
@@ -234,6 +242,7 @@ def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> 
 
     Folders of `KEPT_FOLDERS` already in the export dir (NanoDiT, trained by another recipe) are carried over.
     """
+    from moviepostproduction.adapter_dir import write_index
     from moviepostproduction.files import write_json_atomic
 
     transformer, adapter = task.model.transformer, task.model.adapter
@@ -243,8 +252,8 @@ def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> 
                 Problem(
                     "export",
                     recipe.export,
-                    "LoRA stages export through the checkpoint "
-                    "(trainable.safetensors); only full-backbone stages write a model dir",
+                    "LoRA stages export an adapter folder (training/adapter_export.py); only full-backbone "
+                    "stages write a model dir",
                 )
             ]
         )
@@ -253,6 +262,8 @@ def export_model_dir(recipe: Recipe, task, source, steps: int | None = None) -> 
         save_pretrained_readable(transformer, tmp / "transformer")
         cast_safetensors_files(tmp / "transformer", STORAGE_DTYPES[recipe.export_dtype])  # the live model stays as is
         adapter.save_pretrained(tmp / "adapter")
+        if not (tmp / "image_encoders").is_dir():  # the run's adapter folder named its encoders: so does the export
+            write_index(tmp / "adapter", clip=str(source.image_clip.resolve()), dino=str(source.image_dino.resolve()))
         write_json_atomic(index, tmp / "model_index.json")
         for folder in KEPT_FOLDERS:
             if (out / folder).is_dir() and not (tmp / folder).exists():
@@ -287,7 +298,8 @@ def _export_index(recipe: Recipe, task, source, steps: int | None) -> dict:
     return index
 
 
-def run_recipe(recipe: Recipe) -> TrainResult:
+def run_recipe(recipe: Recipe, *, checked: bool = False) -> TrainResult:
+    """Train a recipe and export it; `checked`: the caller ran recipe_preflight.check_recipe already (mpp train)."""
     if recipe.task == "fill":
         from moviepostproduction.training.fill_task import FillTask, FillTaskConfig, export_fill_model_dir
 
@@ -308,9 +320,18 @@ def run_recipe(recipe: Recipe) -> TrainResult:
         if recipe.export:
             logger.info("exported %s", save_nanodit_dir(task.model, Path(recipe.export) / NANODIT_FOLDER))
         return result
+    from moviepostproduction.training.adapter_export import export_adapter_dir
+    from moviepostproduction.training.adapter_start import prepare_adapter
+    from moviepostproduction.training.recipe_preflight import check_recipe, exports_adapter
+
+    if not checked:
+        check_recipe(recipe)  # paths, adapter fit, export, free disk: before anything loads
+    prepare_adapter(recipe)
     task, md = build_compose_task(recipe)
     result = Trainer(task, _trainer_config(recipe)).run()
-    if recipe.export:
+    if recipe.export and exports_adapter(recipe):
+        logger.info("exported the adapter folder %s", export_adapter_dir(recipe, task, md))
+    elif recipe.export:
         prior = steps_before(recipe, md)
         label_steps = result.step + prior if prior is not None else None
         logger.info("exported %s", export_model_dir(recipe, task, md, steps=label_steps))

@@ -43,15 +43,28 @@ def _path(value: object) -> str | None:
     return None if isinstance(value, str) and value.strip() else "must be a path (a non-empty string)"
 
 
+def _device_problem(name: str, value: object) -> Problem | None:
+    """`cache_device`: auto, cpu, cuda[:N] or mps, usable on this machine (devices.resolve_device's one line)."""
+    from moviepostproduction.devices import resolve_device
+    from moviepostproduction.errors import ValidationError
+
+    try:
+        resolve_device(str(value), name)
+    except ValidationError as err:
+        return err.problems[0]
+    return None
+
+
 # Checks of the top-level fields beyond their type (which `field_problems` checks first).
 VALUES: dict[str, Callable[[str, object], Problem | None]] = {
     **dict.fromkeys(REQUIRED, _checked(_path)),
-    **dict.fromkeys(("init_from", "export"), _checked(optional(_path))),
+    **dict.fromkeys(("init_from", "export", "adapter_dir"), _checked(optional(_path))),
     "task": _one_of(TASKS),
     "export_dtype": _one_of(tuple(STORAGE_DTYPES)),
     "ref_guidance": scale_problem,
     "noise_temperature": positive_problem,
     "cache_workers": _checked(lambda v: None if count(1)(v) is None else "must be a positive integer"),
+    "cache_device": _device_problem,
     "max_refs": _checked(count(1, MAX_REFS)),
     "max_text_tokens": _checked(count(1, MAX_TEXT_TOKENS)),
     "limit": _checked(optional(count(1))),
