@@ -231,3 +231,11 @@ def parse_memory(quantize: str | None, offload: str | None, vae_tiling: bool, de
 
 def compile_option():
     return typer.Option(False, "--compile", help="torch.compile the conditioned transformer (first step compiles).")
+
+
+def finish_loading(pipe, loras: list[tuple[str, float]], compile_model: bool):
+    """What every FLUX command does to a freshly loaded pipeline: its `--lora` files, then `--compile`."""
+    pipe.load_loras(loras)
+    if compile_model:
+        pipe.enable_compile()
+    return pipe

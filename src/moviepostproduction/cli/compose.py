@@ -12,6 +12,7 @@ from moviepostproduction.cli.common import (
     app,
     check_options,
     compile_option,
+    finish_loading,
     lora_option,
     noise_temperature_option,
     offload_option,
@@ -119,9 +120,7 @@ def compose(
         pipe = ComposePipeline.from_model_dir(
             md, adapter=adapter, dtype=torch_dtype, device=device, **memory.keywords()
         )
-        pipe.load_loras(loras)
-        if compile_model:
-            pipe.enable_compile()
+        finish_loading(pipe, loras, compile_model)
         result = pipe(
             loaded,
             num_inference_steps=steps,

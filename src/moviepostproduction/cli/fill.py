@@ -12,6 +12,7 @@ from moviepostproduction.cli.common import (
     app,
     check_options,
     compile_option,
+    finish_loading,
     lora_option,
     noise_temperature_option,
     offload_option,
@@ -82,9 +83,7 @@ def fill(
             device=device,
             **memory.keywords(),
         )
-        pipe.load_loras(loras)
-        if compile_model:
-            pipe.enable_compile()
+        finish_loading(pipe, loras, compile_model)
         result = pipe(
             inputs,
             num_inference_steps=steps,

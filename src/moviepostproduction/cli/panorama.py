@@ -12,6 +12,7 @@ from moviepostproduction.cli.common import (
     app,
     check_options,
     compile_option,
+    finish_loading,
     lora_option,
     noise_temperature_option,
     offload_option,
@@ -107,18 +108,14 @@ def panorama(
             compose_pipe = ComposePipeline.from_model_dir(
                 md, adapter=adapter, dtype=torch_dtype, device=device, **memory.keywords()
             )
-            compose_pipe.load_loras(loras)
-            if compile_model:
-                compose_pipe.enable_compile()
+            finish_loading(compose_pipe, loras, compile_model)
             result = compose_panorama(compose_pipe, loaded, config=config, **sampling)
             prompt = loaded.caption
         else:
             pipe = PanoramaPipeline.from_model_dir(
                 md, adapter=adapter, config=config, dtype=torch_dtype, device=device, **memory.keywords(tiling=False)
             )
-            pipe.load_loras(loras)
-            if compile_model:
-                pipe.enable_compile()
+            finish_loading(pipe, loras, compile_model)
             t5_config = memory.quantized(torch_dtype, device)[1]
             encoder = TextEncoder.load(md, dtype=torch_dtype, device=device, t5_quantization_config=t5_config)
             text = encoder.encode([caption], pipe.defaults.max_text_tokens)

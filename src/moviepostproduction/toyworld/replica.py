@@ -24,6 +24,7 @@ from moviepostproduction.encoders.checks import quiet_progress
 from moviepostproduction.files import build_once, save_pretrained_readable
 from moviepostproduction.model_dir import default_cache_dir
 from moviepostproduction.toyworld.tiny import (
+    FLUX_PIPELINE_COMPONENTS,
     FLUX_SCHEDULER,
     T5_MAX_TOKENS,
     TinySpec,
@@ -195,13 +196,7 @@ def _model_index(layout: HubLayout) -> dict[str, Any]:
     return {
         "_class_name": layout.pipeline,
         "_diffusers_version": DIFFUSERS_VERSION,
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
+        **FLUX_PIPELINE_COMPONENTS,
     }
 
 

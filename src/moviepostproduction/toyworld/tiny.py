@@ -40,6 +40,16 @@ FLUX_SCHEDULER = {
     "shift": 3.0,
     "use_dynamic_shifting": True,
 }
+# model_index.json's component entries of a FluxPipeline folder, as the hub's FLUX.1-dev lists them
+FLUX_PIPELINE_COMPONENTS = {
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "FluxTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
 CLIP_MAX_TOKENS = 77
 T5_MAX_TOKENS = 512
 # DINOv2 resizes the short edge to 256 before its 224 crop; the tiny preprocessor keeps that ratio.
@@ -285,13 +295,7 @@ def _model_index(seed: int, extra: Mapping[str, Any] | None = None) -> dict[str,
     return {
         "_class_name": "FluxPipeline",
         "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
+        **FLUX_PIPELINE_COMPONENTS,
         TINY_MARKER: True,
         "_tiny_seed": seed,
         "_tiny_version": TINY_DIR_VERSION,
