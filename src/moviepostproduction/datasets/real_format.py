@@ -34,7 +34,7 @@ MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 SPLITS = ("train", "heldout")
 JPEG_QUALITY = 95  # with 4:4:4 chroma: re-encoding a camera JPEG at this setting changes it by ~1 level on average
-SHARD_READ_ERRORS = (tarfile.TarError, EOFError, OSError)
+SHARD_READ_ERRORS = (tarfile.TarError, EOFError, OSError)  # what reading a truncated or damaged tar raises
 
 
 @dataclass
@@ -168,16 +168,28 @@ def iter_real_samples(path: str | Path) -> Iterator[RealSample]:
 
 
 def _shard_samples(file: Path) -> Iterator[RealSample]:
+    return tar_samples(file, decode_real_sample, (KeyError, ValueError, TypeError, OSError), "")
+
+
+def unreadable_shard(file: Path, exc: BaseException) -> MppError:
+    return MppError(f"{file}: not a readable tar shard ({exc}); write the data set again with mpp prepare-data")
+
+
+def tar_samples(file: Path, decode, errors: tuple[type[BaseException], ...], damage: str) -> Iterator:
+    """The samples of one WebDataset tar shard (toy or real): members grouped by key (the name before the first
+    dot) and handed to `decode` as {"__key__": key, ext: bytes}, in order. A broken tar, or a sample `decode`
+    refuses with one of `errors` (KeyError: a missing member), is a one-line MppError naming the file and the
+    sample; `damage` is put before the advice to write the data set again."""
     current: dict[str, object] = {}
 
-    def decoded() -> RealSample:
+    def decoded():
         try:
-            return decode_real_sample(current)
-        except (KeyError, ValueError, TypeError, OSError) as exc:  # a missing member, bad JSON, a bad image
+            return decode(current)
+        except errors as exc:
             what = f"missing member {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
             raise MppError(
-                f"{file}: sample {current['__key__']!r} is incomplete or corrupt ({what}); write the data set again "
-                "with mpp prepare-data"
+                f"{file}: sample {current['__key__']!r} is incomplete or corrupt ({what}); {damage}write the data "
+                "set again with mpp prepare-data"
             ) from None
 
     try:
@@ -192,9 +204,7 @@ def _shard_samples(file: Path) -> Iterator[RealSample]:
                 current.setdefault("__key__", key)
                 current[ext] = tar.extractfile(member).read()
     except SHARD_READ_ERRORS as exc:
-        raise MppError(
-            f"{file}: not a readable tar shard ({exc}); write the data set again with mpp prepare-data"
-        ) from None
+        raise unreadable_shard(file, exc) from None
     if current:
         yield decoded()
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from moviepostproduction.datasets.real_format import tar_samples
 from moviepostproduction.errors import MppError, Problem, ValidationError
 from moviepostproduction.files import write_json_atomic
 from moviepostproduction.toyworld.synthetic import GENERATOR_VERSION, ToyScene, ToyWorldConfig, generate_scene
@@ -231,13 +232,6 @@ def read_manifest(out: str | Path) -> dict:
         raise MppError(f"{path}: no toy-world manifest (run `mpp prepare-data` first)") from None
 
 
-SHARD_READ_ERRORS = (tarfile.TarError, EOFError, OSError)  # what reading a truncated or damaged tar raises
-
-
-def unreadable_shard(file: Path, exc: BaseException) -> MppError:
-    return MppError(f"{file}: not a readable tar shard ({exc}); write the data set again with mpp prepare-data")
-
-
 def iter_shards(path: str | Path) -> Iterator[ToySample]:
     """Samples of a shard file, or of every `shard-*.tar` in a directory (sorted), without `webdataset`.
 
@@ -255,31 +249,4 @@ def iter_shards(path: str | Path) -> Iterator[ToySample]:
 
 
 def _shard_samples(file: Path) -> Iterator[ToySample]:
-    current: dict[str, object] = {}
-
-    def decoded() -> ToySample:
-        try:
-            return decode_sample(current)
-        except (KeyError, ValueError, OSError) as exc:  # missing member / bad JSON / bad PNG
-            what = f"missing member {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
-            raise MppError(
-                f"{file}: sample {current['__key__']!r} is incomplete or corrupt ({what}); the shard is truncated or "
-                "damaged: write the data set again with mpp prepare-data"
-            ) from None
-
-    try:
-        with tarfile.open(file, "r") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
-                key, _, ext = base.partition(".")
-                if current and current["__key__"] != key:
-                    yield decoded()
-                    current = {}
-                current.setdefault("__key__", key)
-                current[ext] = tar.extractfile(member).read()
-    except SHARD_READ_ERRORS as exc:
-        raise unreadable_shard(file, exc) from None
-    if current:
-        yield decoded()
+    return tar_samples(file, decode_sample, (KeyError, ValueError, OSError), "the shard is truncated or damaged: ")

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from moviepostproduction.datasets.real_format import SHARD_READ_ERRORS, unreadable_shard
 from moviepostproduction.errors import MppError
-from moviepostproduction.toyworld.shards import SHARD_READ_ERRORS, iter_shards, unreadable_shard
+from moviepostproduction.toyworld.shards import iter_shards
 
 PREFETCH = 8  # decoded samples each worker may hold ahead of the encoders
 _END = "end"
