@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
+from typer.testing import CliRunner
 
+from moviepostproduction.cli import app
+from moviepostproduction.compose.pipeline import ComposePipeline
+from moviepostproduction.files import load_safetensors, save_safetensors
 from moviepostproduction.toyworld.compose_eval import (
     VariantScore,
+    eval_grid,
+    evaluate,
     format_table,
     heldout_scenes,
     samples_csv,
@@ -17,6 +26,7 @@ from moviepostproduction.toyworld.compose_eval import (
 )
 from moviepostproduction.toyworld.sprite_match import identity_parts
 from moviepostproduction.toyworld.synthetic import ToyWorldConfig
+from moviepostproduction.toyworld.tiny import tiny_random_model_dir
 
 
 def test_ground_truth_scenes_score_near_perfect_and_blank_images_score_zero(tmp_path):
@@ -122,3 +132,87 @@ def test_every_ref_and_seed_is_kept_as_a_sample_record_and_the_csv_lists_them(tm
     assert len(rows) == len(score.samples) and {r["model"] for r in rows} == {"m"}
     assert [(int(r["scene"]), int(r["ref"])) for r in rows[:2]] == [(i, r) for i, r, _ in refs[:2]]
     assert list(rows[0])[:4] == ["model", "scene", "ref", "seed"]
+
+
+@pytest.fixture(scope="module")
+def toy_tiny(tmp_path_factory):
+    """A tiny random model dir that names a toy world (64 px, <= 2 refs), and a second adapter folder for it: the
+    tiny dir's own adapter with 0.05 added to every weight (its zero-init branches open), so it samples otherwise."""
+    root = tmp_path_factory.mktemp("toy-tiny")
+    model = shutil.copytree(tiny_random_model_dir(tmp_path_factory.getbasetemp() / "tiny"), root / "model")
+    index = json.loads((model / "model_index.json").read_text())
+    world = ToyWorldConfig(size=64, ref_size=32, max_refs=2)
+    index["toy_world_data"] = {"seed": 0, "config": world.to_dict(), "generator_version": "1"}
+    (model / "model_index.json").write_text(json.dumps(index))
+    other = shutil.copytree(model / "adapter", root / "other-adapter")
+    weights = load_safetensors(other / "model.safetensors")
+    opened = {k: v + 0.05 if v.is_floating_point() else v for k, v in weights.items()}
+    save_safetensors(opened, other / "model.safetensors")
+    return model, other
+
+
+def test_eval_adapter_scores_the_model_with_that_adapter_folder(toy_tiny, tmp_path):
+    """`mpp eval --adapter DIR` = the Python API's `run_eval(adapter=DIR)` = evaluating
+    `ComposePipeline.from_pretrained(model, adapter=DIR)` sample for sample; the copy of the model's own adapter
+    elsewhere scores exactly as no --adapter."""
+    model, other = toy_tiny
+    base = ["eval", "--model", str(model), "--n", "2", "--steps", "2", "--variants", "model", "--leak-scenes", "0"]
+
+    def rows(*extra: str, out: str) -> list[dict]:
+        result = CliRunner().invoke(app, [*base, *extra, "--out", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / out / "eval.json").read_text())
+
+    plain, scaled = rows(out="plain"), rows("--adapter", str(other), out="scaled")
+    same = rows("--adapter", str(shutil.copytree(model / "adapter", tmp_path / "copy")), out="copy")
+    assert plain["adapter"] is None and scaled["adapter"] == str(other)
+    grid = {name: np.asarray(Image.open(tmp_path / name / "grid.png")) for name in ("plain", "scaled", "copy")}
+    assert same["rows"] == plain["rows"] and np.array_equal(grid["copy"], grid["plain"])
+    assert not np.array_equal(grid["scaled"], grid["plain"])  # another adapter, other samples
+
+    pipe = ComposePipeline.from_pretrained(model, adapter=other)
+    scenes = heldout_scenes(2, 0, ToyWorldConfig(size=64, ref_size=32, max_refs=2), tmp_path / "scenes")
+    direct, images = evaluate(pipe, scenes, ("model",), steps=2, leak_scenes=0, progress=False)
+    assert json.dumps(direct["model"].row()) == json.dumps(scaled["rows"][0])  # nan-safe
+    assert np.array_equal(np.asarray(eval_grid(scenes, images)), grid["scaled"])
+
+
+def test_eval_adapter_that_is_no_folder_is_one_line_and_exit_2(toy_tiny, tmp_path):
+    model, _ = toy_tiny
+    result = CliRunner().invoke(app, ["eval", "--model", str(model), "--adapter", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"error: adapter {tmp_path / 'nowhere'}: not a directory (expected an adapter folder: mpp init-adapter)"
+    ]
+
+
+def test_eval_refs_per_scene_writes_a_row_per_count_the_plot_and_every_sample(toy_tiny, tmp_path):
+    model, _ = toy_tiny
+    args = ["eval", "--model", str(model), "--n", "1", "--steps", "1", "--canvas", "64", "--refs-per-scene", "2,1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "d" / "eval.json").read_text())
+    assert [(r["refs per scene"], r["refs"]) for r in report["rows"]] == [(1, 1), (2, 2)]
+    assert report["canvas"] == 64 and report["collapse calibration"]["right"] > 0
+    assert report["rows"][0]["targets: IoU"] > 0.9  # the target of a 1-ref scene
+    with open(tmp_path / "d" / "samples.csv", newline="") as f:
+        samples = list(csv.DictReader(f))
+    assert [(s["model"], s["refs per scene"]) for s in samples] == [("model", "1"), ("targets", "1")] + [
+        ("model", "2"), ("model", "2"), ("targets", "2"), ("targets", "2")
+    ]  # fmt: skip
+    assert Image.open(tmp_path / "d" / "refs.png").size == (560, 360)
+    assert Image.open(tmp_path / "d" / "grid.png").size == (2 * 64, 2 * 64)  # target + sample, one row per count
+    assert "| refs per scene | IoU |" in (tmp_path / "d" / "eval.md").read_text()
+    refused = CliRunner().invoke(app, [*args, "--seeds", "2"])
+    assert refused.exit_code == 2 and refused.output.splitlines() == [
+        "error: --seeds: is not used with --refs-per-scene (held-out dense scenes, the model variant, one seed) (got 2)"
+    ]
+    bad = CliRunner().invoke(app, ["eval", "--model", str(model), "--refs-per-scene", "1,32"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: --refs-per-scene: expected comma-separated counts")
+    odd = CliRunner().invoke(app, ["eval", "--model", str(model), "--canvas", "100", "--refs-per-scene", "1"])
+    assert odd.exit_code == 2 and odd.output == "error: --canvas: must be a multiple of 16 in [64, 2048] (got 100)\n"
+    alone = CliRunner().invoke(app, ["eval", "--model", str(model), "--canvas", "320"])
+    assert alone.exit_code == 2
+    assert (
+        alone.output == "error: --canvas: is for --refs-per-scene (the toy world's own size is the model's) (got 320)\n"
+    )

@@ -147,3 +147,12 @@ def test_the_cache_estimate_counts_every_stored_value_as_fp32():
     floats = 4096 * 64 + 512 * 4096 + 768 + 10 * (4 + 768 + 1024 + 1369 * 1024)
     assert per_sample == 4 * floats + 10 * (512 + 1 + 8)
     assert round(per_sample / 1e6, 1) == 65.6  # FLUX.1-dev at 1024^2 with 10 refs: 65.6 MB per sample
+
+
+def test_the_cache_estimate_takes_explicit_buckets_larger_than_the_stored_targets():
+    """Real data's largest target is the manifest's max_pixels; buckets of a larger area are what the cache stores."""
+    manifest = {"splits": {"train": {"count": 10}, "heldout": {"count": 2}}, "config": {"max_pixels": 512 * 512}}
+    auto = Recipe(model="m", data="d", out="o")
+    larger = Recipe(model="m", data="d", out="o", buckets={"area": 1024 * 1024, "step": 64, "max_ratio": 4})
+    assert recipe_preflight.manifest_samples(auto, manifest) == (12, 512 * 512)
+    assert recipe_preflight.manifest_samples(larger, manifest) == (12, 1024 * 1024)

@@ -158,8 +158,10 @@ def test_stage_2_goes_on_from_stage_1s_export_or_starts_from_init_adapters_folde
     assert compose_latents(replica, root / "from-init").shape == compose_latents(replica, fresh).shape
 
 
-def test_a_started_lora_is_exported_unchanged_as_stage_3_carries_it(real, tmp_path):
-    """Stage 3 trains the feedback bridge only: the LoRA it started from (a stage's export) is carried bit for bit."""
+@pytest.mark.parametrize("backbone", [torch.float32, torch.bfloat16])
+def test_a_started_lora_is_exported_unchanged_as_stage_3_carries_it(real, tmp_path, backbone):
+    """Stage 3 trains the feedback bridge only: the LoRA it started from (a stage's export) is carried bit for bit,
+    on a bf16 backbone (`backbone_dtype: bf16`) too."""
     from types import SimpleNamespace
 
     from moviepostproduction.compose.flux import ConditionedFlux
@@ -172,7 +174,7 @@ def test_a_started_lora_is_exported_unchanged_as_stage_3_carries_it(real, tmp_pa
 
     root, replica, recipe = real
     md = ModelDir.at(replica, root / "stage1")
-    transformer = load_transformer(md)
+    transformer = load_transformer(md, dtype=backbone)
     start_lora(transformer, md.adapter.lora)
     model = ConditionedFlux(transformer, CompositionAdapter.from_pretrained(md.adapter.root))
     carried = Recipe(**{**recipe, "stage": "3", "export": str(tmp_path / "stage3"), "init_adapter": None})
@@ -210,3 +212,41 @@ def test_diffusers_fluxpipeline_loads_the_exported_lora_as_trained(real):
         layer = pipe.transformer.get_submodule(module)
         loaded = getattr(layer, f"lora_{part[0]}")["trained"].weight
         assert torch.equal(loaded, value)
+
+
+def test_a_bf16_backbone_trains_fp32_lora_and_adapter_weights_close_to_the_fp32_run(real):
+    """`backbone_dtype: bf16` (with bf16 autocast) halves the frozen FLUX weights; the LoRA peft adds to that
+    backbone and the adapter train in fp32, and the first step's loss stays close to the fp32 run's."""
+    from moviepostproduction.training.recipe import Recipe, build_compose_task
+
+    root, _, _ = real
+    recipe = stage_recipe(root, "bf16", adapter_dir=str(root / "adapter"), backbone_dtype="bf16")
+    recipe["trainer"] |= {"mixed_precision": "bf16"}
+    result = train(root, recipe)
+    assert result.exit_code == 0, result.output
+    trained = load_safetensors(root / "run-bf16" / "checkpoints" / "step-000002" / "trainable.safetensors")
+    assert {v.dtype for v in trained.values()} == {torch.float32}
+    assert any(".lora_" in k for k in trained) and any(k.startswith("adapter.") for k in trained)
+    losses = {run: json.loads((root / run / "losses.json").read_text()) for run in ("run-stage1", "run-bf16")}
+    assert losses["run-bf16"][0] == pytest.approx(losses["run-stage1"][0], rel=0.02)
+    task, _ = build_compose_task(Recipe(**{**recipe, "out": str(root / "run-bf16")}))  # the cache exists: no encoders
+    task.param_groups("1")
+    dtypes = {n: p.dtype for n, p in task.model.transformer.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"stage": "toy", "trainer": {"mixed_precision": "bf16"}}, "only stages 1-3 of a compose recipe"),
+        ({"stage": "1"}, "needs trainer.mixed_precision: bf16, which is 'no'"),
+    ],
+)
+def test_a_bf16_backbone_outside_frozen_stages_or_autocast_is_one_line(tmp_path, fields, expected):
+    recipe = {"model": "m", "data": "d", "out": "o", "backbone_dtype": "bf16", **fields}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = invoke_cli(["train", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "backbone_dtype" in lines[0] and expected in lines[0], result.output

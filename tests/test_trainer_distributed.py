@@ -5,8 +5,6 @@ continues from the data position of every process."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distributed_launch import launch
 from moviepostproduction.files import load_safetensors
 
 SCRIPT = '''
@@ -74,22 +73,8 @@ Path(out, f"threads-{os.environ.get('RANK', 'single')}.json").write_text(json.du
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(script: Path, out: Path, accum: int, steps: int, processes: int = 1) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}  # accelerate: gloo on CPU
-    if processes == 1:
-        cmd = [sys.executable, str(script)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               f"--master_port={_free_port()}"]  # fmt: skip
-        cmd.append(str(script))
-    done = subprocess.run([*cmd, str(out), str(accum), str(steps)], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch(script, [str(out), str(accum), str(steps)], processes)
 
 
 def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:

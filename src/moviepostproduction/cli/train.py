@@ -6,6 +6,7 @@ import typer
 
 from moviepostproduction.cli.common import (
     STEPS_HELP,
+    adapter_option,
     app,
     check_options,
     noise_temperature_option,
@@ -23,6 +24,9 @@ def prepare_data(
     size: int | None = typer.Option(None, "--size", help="Toy world: scene side in pixels [128]."),
     ref_size: int | None = typer.Option(None, "--ref-size", help="Toy world: reference image side in pixels [64]."),
     max_refs: int | None = typer.Option(None, "--max-refs", help="Most refs per scene (toy world 4, real data 50)."),
+    dense: bool = typer.Option(
+        False, "--dense", help="Toy world: dense scenes (320 px, <= 16 refs, overlaps, small boxes; docs/toy-world.md)."
+    ),
     heldout_frac: float = typer.Option(0.1, "--heldout-frac", help="Fraction of the scenes written to heldout/."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Most samples per tar shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the shards of a non-empty --out."),
@@ -50,7 +54,7 @@ def prepare_data(
     real = (images, captions, depth_model, min_area, max_pixels, lossless, skip_bad, device)
     if from_coco is not None or from_scenes is not None:
         toy = dict(zip(TOY_ONLY, (n, seed, size, ref_size, workers), strict=True))
-        refuse_options(toy, TOY_ONLY, "is for the toy world only")
+        refuse_options({**toy, "--dense": dense}, (*TOY_ONLY, "--dense"), "is for the toy world only")
         options = {"min_area": min_area, "max_refs": max_refs, "max_pixels": max_pixels}
         options = {k: v for k, v in options.items() if v is not None}
         options |= {"heldout_frac": heldout_frac, "shard_size": shard_size, "lossless": lossless}
@@ -63,7 +67,8 @@ def prepare_data(
     seed, workers = 0 if seed is None else seed, 1 if workers is None else workers
     toy = {"size": size, "ref_size": ref_size, "max_refs": max_refs}
     check_output(out, "--out", folder=True)
-    cfg = ToyWorldConfig(**{k: v for k, v in toy.items() if v is not None})  # left out: the toy world's defaults
+    world = ToyWorldConfig.dense if dense else ToyWorldConfig
+    cfg = world(**{k: v for k, v in toy.items() if v is not None})  # left out: the world's defaults
     with tqdm(total=n, unit="scene", desc="prepare-data", disable=None) as bar:
         manifest = write_dataset(
             out,
@@ -134,6 +139,7 @@ def train(
 def eval_(
     split: str = typer.Option("heldout", "--split", help="Toy-world split: heldout or train."),
     model: str | None = typer.Option(None, "--model", help="Model dir; default: the shipped toy model."),
+    adapter: str | None = adapter_option(),
     n: int = typer.Option(100, "--n", min=1, help="Scenes to generate per variant."),
     start: int = typer.Option(
         0, "--start", min=0, help="First scene index (e.g. train scenes past a recipe's limit: a validation set)."
@@ -164,11 +170,20 @@ def eval_(
     out: str | None = typer.Option(
         None, "--out", help="Write eval.md, eval.json, samples.csv (one row per ref and seed) and grid.png here."
     ),
+    refs_per_scene: str | None = typer.Option(
+        None,
+        "--refs-per-scene",
+        help="Dense toy scenes with exactly these ref counts, e.g. 1,2,4,8,16: a table row per count, collapse rate "
+        "and refs.png (the model variant, one seed; docs/toy-world.md).",
+    ),
+    canvas: int | None = typer.Option(
+        None, "--canvas", help="With --refs-per-scene: the dense scenes' side in pixels [320]."
+    ),
 ) -> None:
     """Bbox alignment (IoU, centre error), fg identity (also on seen / unseen shape-colour pairs) and leakage of a
-    toy-world model and its ablations."""
+    toy-world model and its ablations; with --refs-per-scene, the same per ref count on dense scenes."""
     from moviepostproduction.errors import Problem
-    from moviepostproduction.toyworld.compose_eval import MAX_EVAL_SCENES, MAX_EVAL_SEEDS, run_eval
+    from moviepostproduction.toyworld.compose_eval import MAX_EVAL_SCENES, MAX_EVAL_SEEDS, VARIANTS, run_eval
 
     counts = (
         ("--n", n, MAX_EVAL_SCENES),
@@ -183,6 +198,22 @@ def eval_(
         ref_guidance=ref_guidance,
         noise_temperature=noise_temperature,
     )
+    if refs_per_scene is not None:
+        from moviepostproduction.toyworld.dense_report import run_dense_eval
+
+        why = "is not used with --refs-per-scene (held-out dense scenes, the model variant, one seed)"
+        given = [("--split", split, "heldout"), ("--seeds", seeds, 1), ("--first-seed", first_seed, 0),
+                 ("--variants", variants, ",".join(VARIANTS))]  # fmt: skip
+        check_options(*(Problem(flag, value, why) for flag, value, default in given if value != default))
+        size = 320 if canvas is None else canvas
+        lines = run_dense_eval(model=model, adapter=adapter, counts=refs_per_scene, n=n, steps=steps, size=size,
+                               out=out, start=start, ref_guidance=ref_guidance,
+                               noise_temperature=noise_temperature)  # fmt: skip
+        for line in lines:
+            typer.echo(line)
+        return
+    if canvas is not None:
+        check_options(Problem("--canvas", canvas, "is for --refs-per-scene (the toy world's own size is the model's)"))
     report = run_eval(
         split=split,
         model=model,
@@ -196,6 +227,7 @@ def eval_(
         seeds=seeds,
         noise_temperature=noise_temperature,
         first_seed=first_seed,
+        adapter=adapter,
     )
     for line in report:
         typer.echo(line)

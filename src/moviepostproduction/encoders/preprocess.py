@@ -105,7 +105,9 @@ class ImagePreprocess:
         h, w = self.resized_hw(*x.shape[-2:])
         if (h, w) != tuple(x.shape[-2:]):
             mode = "bicubic" if self.resample == BICUBIC else "bilinear"
-            x = F.interpolate(x, size=(h, w), mode=mode, antialias=True, align_corners=False).clamp(0, 1)
+            # in fp32: the CPU's antialiased resize has no bf16 kernel (the decoded pixels are bf16 under autocast)
+            resized = F.interpolate(x.float(), size=(h, w), mode=mode, antialias=True, align_corners=False)
+            x = resized.clamp(0, 1).to(x.dtype)
         x = _center_crop(x, self.crop) if self.crop else x
         if self.rescale is None:  # encoder expects 0..255 values
             x = x * 255

@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 
 from moviepostproduction.scene import Scene, scene_from_dict
-from moviepostproduction.toyworld.metrics import bbox_iou, centre_error, leakage
+from moviepostproduction.toyworld.eval_report import eval_grid, format_table, samples_csv
+from moviepostproduction.toyworld.metrics import bbox_iou, box_crop, centre_error, leakage
 from moviepostproduction.toyworld.shards import encode_png
 from moviepostproduction.toyworld.sprite_match import classify_sprite, locate_sprite, parts_match
 from moviepostproduction.toyworld.synthetic import HELDOUT_COMBOS, ToyScene, ToyWorldConfig, generate_scene
@@ -85,7 +86,9 @@ def heldout_scenes(
         refs = []
         for r, ref in enumerate(toy.refs):
             (sub / f"ref{r}.png").write_bytes(encode_png(ref.image))
-            refs.append({"image": f"ref{r}.png", "bbox": list(ref.bbox), "depth": ref.depth, "caption": ref.caption})
+            named = ref.caption in toy.caption  # a dense world's caption names only its nearest refs (caption_refs)
+            refs.append({"image": f"ref{r}.png", "bbox": list(ref.bbox), "depth": ref.depth,
+                         "caption": ref.caption if named else None})  # fmt: skip
         height, width = toy.image.shape[:2]
         data = {"caption": toy.caption, "width": width, "height": height, "seed": i, "refs": refs}
         out.append((toy, scene_from_dict(data, base_dir=sub)))
@@ -112,12 +115,7 @@ def score_image(
                   "identity": ""}  # fmt: skip
         score.samples.append(record)
         if ref.depth == "fg" and ref.visible >= MIN_VISIBLE_FOR_IDENTITY:
-            h, w = image.shape[:2]
-            x0, y0, x1, y1 = ref.bbox
-            crop = image[
-                int(y0 * h) : max(int(y0 * h) + 1, round(y1 * h)), int(x0 * w) : max(int(x0 * w) + 1, round(x1 * w))
-            ]
-            reading = classify_sprite(crop)
+            reading = classify_sprite(box_crop(image, ref.bbox))
             colour, shape = parts_match(classify_sprite(ref.image), reading)
             record.update({"judged": True, "read colour": reading[0] or "", "read shape": reading[1] or "",
                            "identity": colour and shape})  # fmt: skip
@@ -224,48 +222,6 @@ def evaluate(
     return scores, images
 
 
-def eval_grid(scenes, images: dict[str, list[np.ndarray]], rows: int = 6) -> Image.Image:
-    """Rows = scenes; columns = target, then each variant, with the requested boxes drawn."""
-    from moviepostproduction.visualize import draw_layout, image_grid
-
-    tiles = []
-    for k, (toy, _) in enumerate(scenes[:rows]):
-        boxes, depths = [r.bbox for r in toy.refs], [r.depth for r in toy.refs]
-        for img in [toy.image, *(images[v][k] for v in images)]:
-            tiles.append(draw_layout(Image.fromarray(img), boxes, depths))
-    return image_grid(tiles, columns=1 + len(images))
-
-
-def format_table(rows: list[dict]) -> str:
-    """Markdown table: one row per model, columns model | IoU | centre error | fg identity | fg colour | fg shape |
-    fg identity (seen pairs) | fg identity (unseen pairs) | leakage | refs."""
-    cols = ["model", "IoU", "centre error", "fg identity", "fg colour", "fg shape", "fg identity (seen pairs)",
-            "fg identity (unseen pairs)", "leakage", "refs"]  # fmt: skip
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in rows:
-        cells = [row[c] if isinstance(row[c], str | int) else f"{row[c]:.3f}" for c in cols]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def samples_csv(scores: list[VariantScore]) -> str:
-    """One CSV row per variant, scene, ref and seed: the ref, where it landed (IoU, centre error) and, for the fg
-    refs judged for identity, what the crop at its box reads as (named colour, shape class) and whether both match."""
-    import csv
-    import io
-
-    out = io.StringIO()
-    writer = None
-    for score in scores:
-        for sample in score.samples:
-            row = {"model": score.name, **sample}
-            if writer is None:
-                writer = csv.DictWriter(out, fieldnames=list(row), lineterminator="\n")
-                writer.writeheader()
-            writer.writerow(row)
-    return out.getvalue()
-
-
 def run_eval(
     *,
     split: str,
@@ -280,8 +236,11 @@ def run_eval(
     seeds: int = 1,
     noise_temperature: float | None = None,
     first_seed: int = 0,
+    adapter: str | None = None,
 ) -> list[str]:
-    """What `mpp eval` does; returns the lines to print (header, markdown table, files written)."""
+    """What `mpp eval` does; returns the lines to print (header, markdown table, files written). `adapter`: an
+    adapter folder used with `model` instead of MODEL/adapter (`mpp eval --adapter DIR`; the toy world and its seed
+    are still the model dir's)."""
     import json
     import tempfile
 
@@ -304,13 +263,13 @@ def run_eval(
         raise ValidationError(problems)
     if out:
         check_output(out, "--out", folder=True)  # before the compute, not after it
-    md = ModelDir.at(model or default_model_dir())
+    md = ModelDir.at(model or default_model_dir(), adapter)
     world = md.index.get("toy_world_data")
     if world is None:
         raise ValidationError([Problem("--model", md.root, "has no toy_world_data in model_index.json; "
                                        "mpp eval scores toy-world models only")])  # fmt: skip
     cfg = ToyWorldConfig.from_dict(world["config"])
-    dims = ModelDims.from_model_dir(md.root, components=LOADS["compose"])
+    dims = ModelDims.from_model_dir(md, components=LOADS["compose"])  # md: its adapter's encoders count
     preflight(Request("eval", cfg.size, cfg.size, refs=cfg.max_refs), dims)
     pipe = ComposePipeline.from_model_dir(md)
     used = pipe.defaults.resolve(ref_guidance_scale=ref_guidance, noise_temperature=noise_temperature)  # reported
@@ -328,7 +287,7 @@ def run_eval(
     )
     lines = [
         f"{split} split, scenes {start}-{start + n - 1}, {steps} steps, ref guidance {guidance:g}, "
-        f"noise temperature {temperature:g}, model {md.root}",
+        f"noise temperature {temperature:g}, model {md.root}" + (f", adapter {md.adapter.root}" if adapter else ""),
         table,
         counts,
     ]
@@ -354,6 +313,7 @@ def run_eval(
             "ref_guidance": guidance,
             "noise_temperature": temperature,
             "model": str(md.root),
+            "adapter": str(md.adapter.root) if adapter else None,
             "rows": rows,
         }
         write_text_atomic(json.dumps(report, indent=2), folder / "eval.json")

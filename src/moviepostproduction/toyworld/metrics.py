@@ -25,6 +25,7 @@ from moviepostproduction.toyworld.sprite_match import (
 
 __all__ = [
     "bbox_iou",
+    "box_crop",
     "centre_error",
     "classify_shape",
     "classify_sprite",
@@ -33,6 +34,7 @@ __all__ = [
     "identity_parts",
     "leakage",
     "locate_sprite",
+    "locate_sprite_near",
     "seam_ratio",
     "shape_descriptor",
     "sprite_colour",
@@ -114,3 +116,26 @@ def leakage(img_without: object, img_with: object, bboxes: object) -> float:
     if not outside.any():
         return float("nan")
     return float(np.abs(a - b)[outside].mean())
+
+
+def box_crop(image: np.ndarray, bbox: object) -> np.ndarray:
+    """The pixels of an (H, W, C) image inside a normalised xyxy box (at least one pixel each way): what identity
+    is judged on."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = bbox
+    return image[int(y0 * h) : max(int(y0 * h) + 1, round(y1 * h)), int(x0 * w) : max(int(x0 * w) + 1, round(x1 * w))]
+
+
+def locate_sprite_near(
+    image: np.ndarray, ref: np.ndarray, bbox: object, margin: float = 0.5
+) -> tuple[float, float, float, float] | None:
+    """`locate_sprite` within the box grown by `margin` of its width / height on every side (the rest of the image
+    greyed out): where colours repeat in a scene (dense toy scenes), the ref's colour elsewhere is another sprite."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = np.asarray(bbox, dtype=np.float64)
+    mx, my = margin * (x1 - x0), margin * (y1 - y0)
+    window = np.full_like(image, 128)  # grey: no sprite colour (sprite_match.COLOUR_TOLERANCE)
+    rows = slice(max(0, int((y0 - my) * h)), min(h, int(np.ceil((y1 + my) * h))))
+    cols = slice(max(0, int((x0 - mx) * w)), min(w, int(np.ceil((x1 + mx) * w))))
+    window[rows, cols] = image[rows, cols]
+    return locate_sprite(window, ref)

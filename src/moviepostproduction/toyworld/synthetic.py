@@ -8,7 +8,6 @@ whatever the number of samples generated, and train / held-out splits are stable
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +23,7 @@ from moviepostproduction.toyworld.sprites import (
     mask_bbox,
     render_sprite,
 )
+from moviepostproduction.toyworld.world_config import HELDOUT_COMBOS, ToyWorldConfig
 
 __all__ = [
     "COLOURS",
@@ -44,18 +44,6 @@ GENERATOR_VERSION = "1"
 DEPTHS: tuple[str, ...] = ("fg", "mg", "bg")
 SPLITS: dict[str, int] = {"train": 0, "heldout": 1}  # split -> seed-stream id
 
-# One (shape, colour) pair per shape and per colour never appears in training: every shape and colour is
-# seen, only these combinations are new in the held-out split (compositional generalisation).
-HELDOUT_COMBOS: tuple[tuple[str, str], ...] = (
-    ("circle", "orange"),
-    ("square", "purple"),
-    ("triangle", "blue"),
-    ("diamond", "yellow"),
-    ("star", "green"),
-    ("ring", "red"),
-    ("cross", "cyan"),
-)
-
 # depth -> (diameter range, centre-y range), as fractions of the image side: front sprites are big and low,
 # back sprites small and near the horizon.
 _DEPTH_LAYOUT = {
@@ -66,54 +54,6 @@ _DEPTH_LAYOUT = {
 _EXTRA_DEPTH_P = (0.1, 0.45, 0.45)  # the first ref is always fg; the others draw fg / mg / bg with these odds
 _PATTERN_WORDS = {"solid": "", "stripes": "striped", "dots": "dotted", "checker": "checkered"}
 _PLACEMENT_TRIES = 12
-
-
-@dataclass(frozen=True)
-class ToyWorldConfig:
-    size: int = 128  # scene side in pixels (scenes are square)
-    ref_size: int = 64  # reference image side in pixels
-    min_refs: int = 1
-    max_refs: int = 4  # <= len(COLOURS): colours are distinct within a scene, so captions are unambiguous
-    supersample: int = 2  # anti-aliasing samples per pixel side
-    min_visible: float = 0.5  # placement keeps at least this fraction of every occluded sprite visible
-    rotation_deg: float = 10.0  # sprites rotate by U(-r, r); small, so a rotated square never becomes a diamond
-    heldout_combos: tuple[tuple[str, str], ...] = HELDOUT_COMBOS
-    heldout_combo_prob: float = 0.5  # chance that a held-out scene's first ref is a held-out combination
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("size", 32 <= self.size <= 4096, "must be in [32, 4096]"),
-            ("ref_size", 16 <= self.ref_size <= 4096, "must be in [16, 4096]"),
-            ("min_refs", 1 <= self.min_refs <= self.max_refs, f"must be in [1, max_refs={self.max_refs}]"),
-            ("max_refs", self.max_refs <= len(COLOURS), f"must be <= {len(COLOURS)} (one colour per ref)"),
-            ("supersample", 1 <= self.supersample <= 8, "must be in [1, 8]"),
-            ("min_visible", 0.0 <= self.min_visible <= 1.0, "must be in [0, 1]"),
-            ("rotation_deg", 0.0 <= self.rotation_deg <= 20.0, "must be in [0, 20]"),
-            ("heldout_combo_prob", 0.0 <= self.heldout_combo_prob <= 1.0, "must be in [0, 1]"),
-        ]
-        problems = [Problem(f, getattr(self, f), msg) for f, ok, msg in checks if not ok]
-        problems += [
-            Problem(f"heldout_combos[{i}]", combo, "must be a (shape, colour) pair of SHAPES x COLOURS")
-            for i, combo in enumerate(self.heldout_combos)
-            if len(combo) != 2 or combo[0] not in SHAPES or combo[1] not in COLOURS
-        ]
-        held = set(self.heldout_combos)
-        train_colours = {c for s in SHAPES for c in COLOURS if (s, c) not in held}
-        if len(train_colours) < min(self.max_refs, len(COLOURS)):  # train scenes need max_refs distinct colours
-            problems.append(Problem("heldout_combos", self.heldout_combos, "leaves too few colours for training"))
-        if problems:
-            raise ValidationError(problems, source="ToyWorldConfig")
-
-    def to_dict(self) -> dict:
-        """JSON-native (lists, not tuples), so a manifest reads back equal to what was written."""
-        return {**dataclasses.asdict(self), "heldout_combos": [list(c) for c in self.heldout_combos]}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ToyWorldConfig:
-        data = dict(data)
-        if "heldout_combos" in data:
-            data["heldout_combos"] = tuple(tuple(c) for c in data["heldout_combos"])
-        return cls(**data)
 
 
 @dataclass
@@ -200,16 +140,21 @@ def _caption(rng: np.random.Generator, refs: list[ToyRef], background: str) -> s
 
 
 def _identities(rng: np.random.Generator, n: int, cfg: ToyWorldConfig, split: str) -> list[tuple[str, str, str]]:
-    """(shape, colour, pattern) per ref, colours distinct; held-out combinations never reach the train split."""
+    """(shape, colour, pattern) per ref, colours distinct (with `colour_repeats`: (shape, colour) pairs distinct);
+    held-out combinations never reach the train split."""
     held = set(cfg.heldout_combos)
     free = list(COLOURS)
+    used: set[tuple[str, str]] = set()
     out = []
     for i in range(n):
         pairs = [(s, c) for s in SHAPES for c in free if split == "heldout" or (s, c) not in held]
+        pairs = [p for p in pairs if p not in used]
         if split == "heldout" and i == 0 and held and rng.random() < cfg.heldout_combo_prob:
             pairs = sorted(held)
         shape, colour = pairs[int(rng.integers(len(pairs)))]
-        free.remove(colour)
+        used.add((shape, colour))
+        if not cfg.colour_repeats:
+            free.remove(colour)
         out.append((shape, colour, PATTERNS[int(rng.integers(len(PATTERNS)))]))
     return out
 
@@ -241,14 +186,25 @@ def _place(
     diameter: float,
     cfg: ToyWorldConfig,
     behind: list[tuple[np.ndarray, np.ndarray]],
+    over: np.ndarray | None = None,
 ) -> tuple[SpriteRaster, np.ndarray]:
     """Render one sprite at a random spot of its depth band, retrying so that every (full, visible) mask
-    pair in `behind` keeps >= cfg.min_visible of its pixels; falls back to the least occluding try."""
+    pair in `behind` keeps >= cfg.min_visible of its pixels; falls back to the least occluding try.
+    `over`: the full mask of a farther sprite to overlap heavily instead: the centre is drawn within half a radius
+    of that sprite's box centre (any height), and every farther sprite keeps >= cfg.overlap_min_visible."""
     size, radius = cfg.size, diameter / 2.0
     y_lo, y_hi = np.clip(np.asarray(_DEPTH_LAYOUT[depth][1]) * size, radius + 1, size - radius - 1)
+    least = cfg.min_visible if over is None else cfg.overlap_min_visible
     best, best_mask, best_score = None, None, -1.0
     for _ in range(_PLACEMENT_TRIES):
-        centre = (rng.uniform(radius + 1, size - radius - 1), rng.uniform(y_lo, y_hi))
+        if over is None:
+            centre = (rng.uniform(radius + 1, size - radius - 1), rng.uniform(y_lo, y_hi))
+        else:
+            x0, y0, x1, y1 = np.asarray(mask_bbox(over)) * size
+            jitter = rng.uniform(-0.5, 0.5, size=2) * radius
+            centre = tuple(
+                np.clip(((x0 + x1) / 2 + jitter[0], (y0 + y1) / 2 + jitter[1]), radius + 1, size - radius - 1)
+            )
         sprite = render_sprite(
             *identity, canvas_hw=(size, size), centre=centre, radius=radius, **_draw_kwargs(rng, cfg)
         )
@@ -256,7 +212,7 @@ def _place(
         score = min((float((v & ~mask).sum() / f.sum()) for f, v in behind), default=1.0)
         if score > best_score:
             best, best_mask, best_score = sprite, mask, score
-        if score >= cfg.min_visible:
+        if score >= least:
             break
     return best, best_mask
 
@@ -274,7 +230,12 @@ def generate_scene(index: int, seed: int, cfg: ToyWorldConfig | None = None, *, 
     n = int(rng.integers(cfg.min_refs, cfg.max_refs + 1))
     identities = _identities(rng, n, cfg, split)
     depths = ["fg"] + [str(d) for d in rng.choice(DEPTHS, size=n - 1, p=_EXTRA_DEPTH_P)]
-    diameters = [rng.uniform(*_DEPTH_LAYOUT[d][0]) * size for d in depths]
+    diameters = [rng.uniform(*_DEPTH_LAYOUT[d][0]) * size * cfg.size_scale for d in depths]
+    # Dense options: drawn only when asked for, so the default world's random stream is untouched.
+    small = rng.random(n) < cfg.small_prob if cfg.small_prob > 0 else np.zeros(n, dtype=bool)
+    small[0] = False  # the first drawn sprite stays a full-size fg one, so every scene has one to judge identity on
+    diameters = [rng.uniform(*cfg.small_diameter) * size if small[i] else d for i, d in enumerate(diameters)]
+    heavy = rng.random(n) < cfg.overlap_prob if cfg.overlap_prob > 0 else np.zeros(n, dtype=bool)
     # Front to back: depth first, then bigger = nearer. Drawn in reverse so nearer sprites occlude.
     order = sorted(range(n), key=lambda i: (DEPTHS.index(depths[i]), -diameters[i]))
 
@@ -282,7 +243,10 @@ def generate_scene(index: int, seed: int, cfg: ToyWorldConfig | None = None, *, 
     full: dict[int, np.ndarray] = {}  # ref -> (H, W) bool whole sprite
     visible: dict[int, np.ndarray] = {}  # ref -> (H, W) bool part not hidden by nearer sprites
     for i in reversed(order):
-        sprite, mask = _place(rng, identities[i], depths[i], diameters[i], cfg, [(full[j], visible[j]) for j in full])
+        over = full[list(full)[int(rng.integers(len(full)))]] if heavy[i] and full else None
+        sprite, mask = _place(
+            rng, identities[i], depths[i], diameters[i], cfg, [(full[j], visible[j]) for j in full], over
+        )
         sprite.composite(canvas)
         for j in visible:
             visible[j] &= ~mask
@@ -310,4 +274,5 @@ def generate_scene(index: int, seed: int, cfg: ToyWorldConfig | None = None, *, 
         semantic[ref.visible_mask] = SEMANTIC_COLOURS[ref.shape]
         labels[ref.visible_mask] = j + 1
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
-    return ToyScene(index, seed, split, background, _caption(rng, refs, background), image, semantic, labels, refs)
+    caption = _caption(rng, refs[: cfg.caption_refs], background)  # [:None]: every ref
+    return ToyScene(index, seed, split, background, caption, image, semantic, labels, refs)

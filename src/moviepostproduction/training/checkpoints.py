@@ -2,7 +2,9 @@
 
     OUT/checkpoints/step-000100/
         trainable.safetensors   every parameter the optimiser updates, keyed "<module>.<param>"
-        optimizer.safetensors   AdamW moments keyed "<module>.<param>.<exp_avg|exp_avg_sq|step>"
+        optimizer.safetensors   the optimiser's state keyed "<module>.<param>.<key>": AdamW's exp_avg, exp_avg_sq,
+                                step; 8-bit AdamW's uint8 codes state1 / state2 with their absmax1 / absmax2 and
+                                quantization maps qmap1 / qmap2 as they are (training/optimizers.py)
         ema.safetensors         the weights' moving average, same keys as trainable (only with ema_decay > 0)
         state.json              step, data position, stage, config, losses so far (written last)
 
@@ -25,9 +27,9 @@ from moviepostproduction.encoders.checks import Check, config_problems, count, f
 from moviepostproduction.errors import NOTHING, Problem, WeightsError, shown
 from moviepostproduction.files import load_safetensors, output_error, save_safetensors, write_json_atomic
 from moviepostproduction.sampling import is_finite_number
+from moviepostproduction.training.optimizers import BNB_STATE, is_8bit, state_keys
 
 STEP_PREFIX = "step-"
-MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
 
 @dataclass
@@ -57,22 +59,37 @@ def copy_named_tensors(
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
-    """Flatten an Adam-style optimiser's per-parameter state to named tensors (id(param) -> name)."""
+    """Flatten an Adam-style optimiser's per-parameter state to named tensors (id(param) -> name), 8-bit codes and
+    their scales as stored (uint8 / fp32), so that loading them back restores the very same state."""
+    keys = state_keys(optimizer)
     out = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
-                if key in MOMENTS:
+                if key in keys:
                     out[f"{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().clone()
     return out
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str], state: dict[str, torch.Tensor]):
+    """Put a checkpoint's optimiser state back; state of the other optimiser kind is one line naming
+    trainer.optimizer (the moments of AdamW and of 8-bit AdamW do not convert into each other)."""
+    keys = state_keys(optimizer)
+    stored = {name.rsplit(".", 1)[-1] for name in state} - {"step"}
+    if stored and not stored <= set(keys):
+        held = "adamw8bit" if stored <= set(BNB_STATE) else "adamw"
+        raise WeightsError(
+            f"trainer.optimizer: the checkpoint holds {held} state, this run uses "
+            f"{'adamw8bit' if is_8bit(optimizer) else 'adamw'}; set the optimizer it was trained with, "
+            "or start a new out_dir with --init-from"
+        )
     for group in optimizer.param_groups:
         for p in group["params"]:
-            entry = {k: state[f"{names[id(p)]}.{k}"] for k in MOMENTS if f"{names[id(p)]}.{k}" in state}
+            entry = {k: state[f"{names[id(p)]}.{k}"] for k in keys if f"{names[id(p)]}.{k}" in state}
             if entry:
                 entry = {k: v.to(p.device) if k != "step" else v for k, v in entry.items()}
+                if "step" in entry and is_8bit(optimizer):  # bitsandbytes counts steps in a Python int
+                    entry["step"] = int(entry["step"])
                 optimizer.state[p] = entry
 
 

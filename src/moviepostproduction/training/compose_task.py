@@ -7,6 +7,9 @@ VAE and read it with the frozen DINO; region preservation re-runs the model with
 dropped. Refs are dropped as a whole for `drop_refs` of the samples, so the model also generates without refs;
 the caption is replaced by the empty one for `drop_caption` of them (spans cleared, refs kept), which is what true
 CFG with the negative prompt "" runs as its other branch.
+
+A bucketed cache (resolution buckets) holds samples of several token grids: every batch comes from one bucket, and
+the grid each step, loss and preview uses is its batch's.
 """
 
 from __future__ import annotations
@@ -86,10 +89,17 @@ class ComposeTask:
         self.preview = preview or cache
         self.weights: dict[str, float] = {}
         self.guidance = bool(model.transformer.config.guidance_embeds)
-        h, w = cache.grid
-        ratio = model.adapter.cfg.grounding_ratio
+        self.layout_t: float | None = None  # a value here replaces `layout_start` at every grid (tests)
+
+    def layout_start(self, grid: tuple[int, int]) -> float:
+        """Where the layout window ends in t for a batch of token `grid`: the time of step ceil(grounding_ratio *
+        (steps - 1)) of the inference schedule, whose shift follows the image's token count."""
+        if self.layout_t is not None:
+            return self.layout_t
+        h, w = grid
+        ratio = self.model.adapter.cfg.grounding_ratio
         steps = get_timesteps(self.config.inference_steps, image_seq_len=h * w)
-        self.layout_t = 0.0 if ratio >= 1 else float(steps[math.ceil(ratio * (len(steps) - 1))])
+        return 0.0 if ratio >= 1 else float(steps[math.ceil(ratio * (len(steps) - 1))])
 
     # ---------------------------------------------------------------------------------------- protocol
     def modules(self) -> dict[str, nn.Module]:
@@ -128,14 +138,31 @@ class ComposeTask:
         for part in spec.adapter_parts:
             getattr(self.model.adapter, part).requires_grad_(True)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:  # a LoRA added to (or loaded into) a bf16 backbone comes in bf16: trained weights are fp32
+            p.data = p.data.float()
         return [{"params": params, "lr": spec.lr}]
 
     def batches(self, epoch: int, seed: int):
+        """Batches of `batch_size` sample indices in a random order of (seed, epoch). Of a bucketed cache: the
+        order is walked and each sample joins its bucket's open batch, which is yielded when full, so the buckets
+        interleave at random and a bucket's last `len % batch_size` samples of the epoch are left out (as the
+        remainder of the whole order is for a cache of one grid, whose batches this rule leaves as they were)."""
         g = torch.Generator().manual_seed(seed * 7919 + epoch)
         order = torch.randperm(len(self.cache), generator=g)
         bs = self.config.batch_size
-        for i in range(0, len(order) - bs + 1, bs):
-            yield order[i : i + bs]
+        grids = self.cache.sample_grids()  # (N, 2)
+        if bool((grids == grids[:1]).all()):
+            for i in range(0, len(order) - bs + 1, bs):
+                yield order[i : i + bs]
+            return
+        keys = (grids[:, 0] * (int(grids[:, 1].max()) + 1) + grids[:, 1]).tolist()  # one int per grid
+        open_batches: dict[int, list[int]] = {}
+        for i in order.tolist():
+            batch = open_batches.setdefault(keys[i], [])
+            batch.append(i)
+            if len(batch) == bs:
+                yield torch.tensor(batch)
+                open_batches[keys[i]] = []
 
     # -------------------------------------------------------------------------------------------- model
     @property
@@ -169,13 +196,14 @@ class ComposeTask:
             layout_active=layout_active,
         )
 
-    def velocity(self, batch, x_t, t, valid, layout_active: bool) -> tuple[torch.Tensor, object]:
-        cond = self.model.prepare(self.refs(batch, valid), self.cache.grid, batch["t5"].shape[1])
+    def velocity(self, batch, grid, x_t, t, valid, layout_active: bool) -> tuple[torch.Tensor, object]:
+        cond = self.model.prepare(self.refs(batch, valid), grid, batch["t5"].shape[1])
         return self.forward(batch, x_t, t, cond, layout_active), cond
 
     def loss(self, index: torch.Tensor, generator: torch.Generator) -> LossOutput:
         cfg, dev = self.config, self.device
         batch = {k: v.to(dev) for k, v in self.cache.select(index).items()}
+        grid = self.cache.grid_of(index)
         x0 = batch["latents"]
         b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(dev)
@@ -186,26 +214,26 @@ class ComposeTask:
             batch = self.without_caption(
                 batch, torch.rand(b, generator=generator, device=generator.device) < cfg.drop_caption
             )
-        layout_active = True
-        if self.layout_t > 0:  # the layout pathway only sees the times where inference runs it
+        layout_active, layout_t = True, self.layout_start(grid)
+        if layout_t > 0:  # the layout pathway only sees the times where inference runs it
             layout_active = bool(torch.rand((), generator=generator, device=generator.device) < 0.5)
-            u = t * (1 - self.layout_t)
-            t = self.layout_t + u if layout_active else t * self.layout_t
+            u = t * (1 - layout_t)
+            t = layout_t + u if layout_active else t * layout_t
         x_t = noise_latents(x0, noise, t)
-        v, cond = self.velocity(batch, x_t, t, valid, layout_active)
+        v, cond = self.velocity(batch, grid, x_t, t, valid, layout_active)
         flow = flow_loss(v, x0, noise)
         total, logs = flow, {"flow": float(flow.detach())}
         draws = torch.rand(2, generator=generator, device=generator.device).tolist()
         if ("identity" in self.weights or "bbox" in self.weights) and draws[0] < cfg.aux_prob:
-            aux = self.decoded_losses(batch, x_t, v, t, cond, valid)
+            aux = self.decoded_losses(batch, grid, x_t, v, t, cond, valid)
             for name, value in aux.items():
                 total = total + self.weights[name] * value
                 logs[name] = float(value.detach())
         if "region" in self.weights and draws[1] < cfg.region_prob and bool(valid.any()):
             dropped = valid & (torch.rand(valid.shape, generator=generator, device=generator.device).to(dev) < 0.5)
             with torch.no_grad():
-                v_drop, _ = self.velocity(batch, x_t, t, valid & ~dropped, layout_active)
-            region = region_preservation_loss(v, v_drop, ~self.inside_boxes(batch, dropped))
+                v_drop, _ = self.velocity(batch, grid, x_t, t, valid & ~dropped, layout_active)
+            region = region_preservation_loss(v, v_drop, ~self.inside_boxes(batch, dropped, grid))
             total = total + self.weights["region"] * region
             logs["region"] = float(region.detach())
         return LossOutput(total, logs)
@@ -221,13 +249,13 @@ class ComposeTask:
             "spans": batch["spans"] & ~drop[:, None, None],  # (B, R, T)
         }
 
-    def inside_boxes(self, batch: dict[str, torch.Tensor], refs: torch.Tensor) -> torch.Tensor:
-        """(B, N) bool: tokens inside the box of any ref selected by `refs` (B, R) bool."""
-        return (bbox_token_mask(batch["bboxes"], self.cache.grid) & refs[..., None]).any(1)
+    def inside_boxes(self, batch: dict[str, torch.Tensor], refs: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, N) bool: tokens of the batch's token `grid` inside the box of any ref selected by `refs` (B, R)."""
+        return (bbox_token_mask(batch["bboxes"], grid) & refs[..., None]).any(1)
 
-    def decoded_losses(self, batch, x_t, v, t, cond, valid) -> dict[str, torch.Tensor]:
+    def decoded_losses(self, batch, grid, x_t, v, t, cond, valid) -> dict[str, torch.Tensor]:
         k = min(self.config.aux_samples, x_t.shape[0])
-        h, w = self.cache.grid
+        h, w = grid
         x0_hat = predicted_x0(x_t[:k], v[:k], t[:k])
         pixels = self.vae.decode(unpack_latents(x0_hat, 2 * h, 2 * w)).clamp(-1, 1)  # (k, 3, H, W)
         alpha = cond.alpha[:k].detach()
@@ -255,11 +283,11 @@ class ComposeTask:
         """Sample latents for cached scenes -> pixels (B, 3, H, W) in [-1, 1] (layout for `grounding_ratio`)."""
         dev = self.device
         batch = {k: v.to(dev) for k, v in cache.select(index).items()}
-        h, w = cache.grid
+        h, w = cache.grid_of(index)
         x = torch.randn(batch["latents"].shape, generator=generator, device=generator.device).to(dev)
         timesteps = get_timesteps(steps, image_seq_len=h * w)
         layout_steps = math.ceil(self.model.adapter.cfg.grounding_ratio * (len(timesteps) - 1))
-        cond = self.model.prepare(self.refs(batch, batch["valid"]), cache.grid, batch["t5"].shape[1])
+        cond = self.model.prepare(self.refs(batch, batch["valid"]), (h, w), batch["t5"].shape[1])
         calls = {"n": 0}
 
         def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -275,19 +303,22 @@ class ComposeTask:
         from moviepostproduction.visualize import draw_layout, image_grid
 
         n = min(self.config.num_preview, len(self.preview))
-        index = torch.arange(n)
+        groups: dict[tuple[int, int], list[int]] = {}  # the first n scenes by token grid, generated a grid at a time
+        for i, grid in enumerate(self.preview.sample_grids()[:n].tolist()):
+            groups.setdefault(tuple(grid), []).append(i)
+        tiles: list[Image.Image | None] = [None] * (2 * n)
         self.model.eval()
-        pixels = self.generate(self.preview, index, generator, self.config.sample_steps)
+        for (h, w), members in groups.items():
+            index = torch.tensor(members)
+            pixels = self.generate(self.preview, index, generator, self.config.sample_steps)
+            shown = self.preview.select(index)  # the cache's fields, padded (an in-memory or a sharded cache alike)
+            target = self.vae.decode(unpack_latents(shown["latents"].to(self.device), 2 * h, 2 * w)).clamp(-1, 1)
+            for j, i in enumerate(members):
+                valid = shown["valid"][j]
+                boxes = shown["bboxes"][j][valid].tolist()
+                depths = [("fg", "mg", "bg")[d] for d in shown["depth"][j][valid].tolist()]
+                for k, px in enumerate((target[j], pixels[j])):
+                    img = Image.fromarray(((px + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+                    tiles[2 * i + k] = draw_layout(img, boxes, depths)
         self.model.train()
-        shown = self.preview.select(index)  # the cache's fields, padded (an in-memory or a sharded cache alike)
-        h, w = self.preview.grid
-        target = self.vae.decode(unpack_latents(shown["latents"].to(self.device), 2 * h, 2 * w)).clamp(-1, 1)
-        tiles = []
-        for i in range(n):
-            valid = shown["valid"][i]
-            boxes = shown["bboxes"][i][valid].tolist()
-            depths = [("fg", "mg", "bg")[d] for d in shown["depth"][i][valid].tolist()]
-            for px in (target[i], pixels[i]):
-                img = Image.fromarray(((px + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
-                tiles.append(draw_layout(img, boxes, depths))
-        return image_grid(tiles, columns=2)
+        return image_grid(tiles, columns=2)  # tiles of other buckets are resized to the first one's size

@@ -7,6 +7,12 @@ ref crop (CLS and, when the adapter lays them into boxes, patch tokens), and the
 writes the features as it goes into a cache folder of safetensors shards (training/feature_shards.py: unpadded
 per-ref rows, resumable, read lazily); worker processes only decode the tar shards (training/sample_stream.py).
 `build_cache` keeps a small set in memory instead (`FeatureCache`, padded to `max_refs`), for tests and previews.
+
+With resolution `buckets` (datasets/buckets.py; recipe `buckets:`), each target is scaled to cover its bucket (the
+nearest aspect ratio) and centre-cropped, its boxes mapped into the crop, and the refs whose box the crop leaves out
+dropped (counted in the log). The build still reads and writes the samples in the data set's order (so a resumed
+build skips exactly the samples written): a batch of the build is split by bucket for the VAE, which only ever
+encodes images of one size, and its samples are put back in order.
 """
 
 from __future__ import annotations
@@ -20,19 +26,24 @@ import numpy as np
 import torch
 from PIL import Image
 
+from moviepostproduction.datasets.buckets import Bucket, fit_bucket
 from moviepostproduction.errors import WeightsError
 from moviepostproduction.sampling import pack_latents
 from moviepostproduction.scene import DEPTHS
 from moviepostproduction.toyworld.shards import ToySample
 from moviepostproduction.training.feature_shards import (
+    GRIDS,
     INDEX,
     ShardedFeatures,
     ShardWriter,
     collate,
     concat_parts,
+    flat_latents,
+    part_grid,
     read_index,
+    split_part,
 )
-from moviepostproduction.training.sample_stream import iter_samples, shard_length
+from moviepostproduction.training.sample_stream import CacheSample, iter_samples, shard_length
 
 __all__ = [
     "FeatureCache",
@@ -75,6 +86,14 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return self.latents.shape[0]
+
+    def sample_grids(self) -> torch.Tensor:
+        """(N, 2) every sample's token grid: the one grid an in-memory cache holds."""
+        return torch.tensor([list(self.grid)], dtype=torch.long).expand(len(self), 2)
+
+    def grid_of(self, index: torch.Tensor | list[int]) -> tuple[int, int]:
+        del index
+        return self.grid
 
     def select(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """A batch: every field indexed by `index`, as float32 / bool / long."""
@@ -134,6 +153,30 @@ def encode_samples(
     return part
 
 
+def in_bucket(sample, buckets: list[Bucket]) -> tuple[CacheSample, int]:
+    """A sample with its target fitted to its bucket (`fit_bucket`) and the refs the crop leaves out dropped; the
+    number dropped."""
+    image, boxes = fit_bucket(sample.scene, sample.bboxes, buckets)
+    keep = [i for i, box in enumerate(boxes) if box is not None]
+    bboxes = np.asarray([boxes[i] for i in keep], dtype=np.float64).reshape(-1, 4)  # (R', 4)
+    refs, captions, depths = ([seq[i] for i in keep] for seq in (sample.refs, sample.ref_captions, sample.depths))
+    return CacheSample(image, refs, sample.caption, captions, bboxes, depths), len(boxes) - len(keep)
+
+
+def encode_by_bucket(samples: list, grid_of, encode) -> dict[str, torch.Tensor]:
+    """`encode` (a list of samples of one size -> a part) per size among `samples`, the results joined back in the
+    samples' order in the bucketed layout (flat latents, `grids`); `grid_of(sample)`: its token grid."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.scene.shape[:2], []).append(i)
+    placed: list[dict[str, torch.Tensor] | None] = [None] * len(samples)
+    for members in groups.values():
+        part = flat_latents(encode([samples[i] for i in members]), grid_of(samples[members[0]]))
+        for i, one in zip(members, split_part(part), strict=True):
+            placed[i] = one
+    return concat_parts(placed)
+
+
 def encoded_parts(
     shards: str | Path,
     text_encoder,
@@ -148,26 +191,40 @@ def encoded_parts(
     workers: int = 1,
     patches: bool = True,
     progress: bool = True,
-) -> Iterator[tuple[dict[str, torch.Tensor], tuple[int, int]]]:
-    """(encoded part, token grid) per batch of samples skip .. limit - 1 of a shard dir, in order."""
+    buckets: list[Bucket] | None = None,
+) -> Iterator[tuple[dict[str, torch.Tensor], tuple[int, int] | None]]:
+    """(encoded part, token grid) per batch of samples skip .. limit - 1 of a shard dir, in order; with `buckets`,
+    (bucketed part, None): every target fitted to its bucket, the part in the bucketed layout (feature_shards.py)."""
     from tqdm import tqdm
 
     total = None if limit is None else max(0, limit - skip)
     bar = tqdm(total=total, desc=f"features {Path(shards).name}", unit="scene", disable=not progress)
-    pending: list[ToySample] = []
+    pending: list[ToySample | CacheSample] = []
+    dropped = 0
 
-    def encoded() -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
-        h, w = pending[0].scene.shape[:2]
+    def grid_of(sample) -> tuple[int, int]:
+        h, w = sample.scene.shape[:2]
+        return h // (2 * vae.downsample), w // (2 * vae.downsample)
+
+    def encode(samples: list) -> dict[str, torch.Tensor]:
+        return encode_samples(samples, text_encoder, image_encoder, vae, max_refs, max_text_tokens, patches)
+
+    def encoded() -> tuple[dict[str, torch.Tensor], tuple[int, int] | None]:
+        bar.update(len(pending))
+        if buckets is not None:
+            return encode_by_bucket(pending, grid_of, encode), None
         sizes = {s.scene.shape[:2] for s in pending}
         if len(sizes) > 1:
             raise WeightsError(
-                f"{shards}: scenes of sizes {sorted(sizes)} in one split; every scene must share one size"
+                f"{shards}: scenes of sizes {sorted(sizes)} in one split; every scene must share one size "
+                "(or train with resolution buckets: recipe `buckets:`)"
             )
-        part = encode_samples(pending, text_encoder, image_encoder, vae, max_refs, max_text_tokens, patches)
-        bar.update(len(pending))
-        return part, (h // (2 * vae.downsample), w // (2 * vae.downsample))
+        return encode(pending), grid_of(pending[0])
 
     for sample in iter_samples(shards, skip=skip, limit=limit, workers=workers):
+        if buckets is not None:
+            sample, lost = in_bucket(sample, buckets)
+            dropped += lost
         pending.append(sample)
         if len(pending) == batch_size:
             yield encoded()
@@ -175,6 +232,8 @@ def encoded_parts(
     if pending:
         yield encoded()
     bar.close()
+    if dropped:
+        logger.info("%s: %d refs dropped, their boxes outside the bucket crop of their target", shards, dropped)
 
 
 def build_cache(
@@ -190,8 +249,10 @@ def build_cache(
     workers: int = 1,
     patches: bool = True,
     progress: bool = True,
+    buckets: list[Bucket] | None = None,
 ) -> FeatureCache:
-    """Every sample of a shard dir (or the first `limit`) encoded into memory, padded: for small sets only."""
+    """Every sample of a shard dir (or the first `limit`) encoded into memory, padded: for small sets only, of one
+    token grid (with `buckets`, a set whose samples fall in several is refused: the sharded cache holds those)."""
     parts = list(
         encoded_parts(
             shards,
@@ -205,16 +266,23 @@ def build_cache(
             workers=workers,
             patches=patches,
             progress=progress,
+            buckets=buckets,
         )
     )
     if not parts:
         raise WeightsError(f"{shards}: no samples to encode")
     part = concat_parts([p for p, _ in parts])
+    grid = parts[0][1]
+    if GRIDS in part:
+        try:
+            grid = part_grid(part)
+        except ValueError as exc:
+            raise WeightsError(f"{shards}: {exc}; an in-memory FeatureCache holds one grid (use write_cache)") from None
     batch = collate(part, max_refs)
     for name in FIELDS + OPTIONAL_FIELDS:  # the stored 16-bit dtypes, as a cache holds them
         if name in part and name != "spans" and part[name].is_floating_point():
             batch[name] = batch[name].to(part[name].dtype)
-    return FeatureCache(**{k: batch[k] for k in FIELDS + OPTIONAL_FIELDS if k in batch}, grid=parts[0][1])
+    return FeatureCache(**{k: batch[k] for k in FIELDS + OPTIONAL_FIELDS if k in batch}, grid=grid)
 
 
 def write_cache(
@@ -231,9 +299,12 @@ def write_cache(
     workers: int = 1,
     patches: bool = True,
     progress: bool = True,
+    buckets: list[Bucket] | None = None,
 ) -> ShardedFeatures:
     """The cache folder `root` of a shard dir, written shard by shard; a folder left by an interrupted build of the
-    same `meta` continues after its last complete shard. `encoders`: a `cache_encoders.CacheEncoders`."""
+    same `meta` continues after its last complete shard. `encoders`: a `cache_encoders.CacheEncoders`; `buckets`:
+    resolution buckets (None: every scene of the split must share one size). `meta` should name the buckets, so
+    that a build is only resumed with the same ones."""
     writer = ShardWriter.resume(root, meta, shard_size, info=encoders.info)
     if writer.done:
         logger.info("%s: resuming after %d cached samples", root, writer.done)
@@ -250,6 +321,7 @@ def write_cache(
         workers=workers,
         patches=patches,
         progress=progress,
+        buckets=buckets,
     ):
         writer.add(part, grid)
     writer.close()

@@ -10,11 +10,13 @@
     limit: null                   # use the first N training scenes
     cache_workers: 1              # processes decoding the shards for the feature cache (the encoders run once, here)
     cache_device: auto            # where the cache's encoders run: auto (cuda if available, in bf16), cpu, cuda[:N]
+    buckets: auto                 # resolution buckets of real data: auto, null (off), {area, step, max_ratio}
     init_from: null               # warm start (checkpoint folder or .safetensors)
     adapter: {}                   # ConditioningConfig changes to the adapter it starts from (e.g. box_patch_rank: 64)
     adapter_dir: null             # adapter folder to start from (init-adapter's, a stage's export); null: MODEL/adapter
     init_adapter: null            # {clip: DIR, dino: DIR[, copy_encoders, seed]}: create adapter_dir before training
     export: build/toy-model       # stage toy: a complete model dir; stages 1-3: an adapter folder (adapter_export.py)
+    backbone_dtype: fp32          # stages 1-3: the frozen FLUX weights in bf16 (with trainer.mixed_precision: bf16)
     ref_guidance: 1.0             # the exported dir's default reference guidance (ComposePipeline)
     noise_temperature: 1.0        # the exported dir's default factor on the starting noise (ComposePipeline)
     trainer: {max_steps: 4000, checkpoint_every: 500, sample_every: 500, log_every: 20, seed: 0}
@@ -65,12 +67,14 @@ class Recipe:
     limit: int | None = None
     cache_workers: int = 1  # processes decoding shards for the feature cache; 1: this process
     cache_device: str = "auto"  # the cache encoders' device (bf16 on CUDA, fp32 on the CPU); feature_cache.py
+    buckets: dict | str | bool | None = "auto"  # resolution buckets of the cache (training/cache_key.py)
     init_from: str | None = None
     adapter: dict = field(default_factory=dict)  # ConditioningConfig changes applied to the adapter it starts from
     adapter_dir: str | None = None  # adapter folder to start from (None: MODEL/adapter); stages 1-3 export one
     init_adapter: dict | None = None  # {clip: DIR, dino: DIR}: create adapter_dir with `mpp init-adapter` first
     export: str | None = None
     export_dtype: str = "fp16"
+    backbone_dtype: str = "fp32"  # the frozen FLUX weights while training (bf16 halves them; trained weights stay fp32)
     ref_guidance: float = 1.0  # written to the exported model_index.json as its default ref_guidance_scale
     noise_temperature: float = 1.0  # written to the exported model_index.json as its default noise_temperature
     trainer: dict = field(default_factory=dict)
@@ -170,25 +174,20 @@ def _trainer_config(recipe: Recipe) -> TrainConfig:
 
 
 def cached_features(recipe: Recipe, split: str, encoders, limit: int | None, patches: bool):
-    """Open the cache folder OUT/cache/SPLIT/, or build it from the shards (resuming an interrupted build)."""
+    """Open the cache folder OUT/cache/SPLIT/, or build it from the shards (resuming an interrupted build), with the
+    buckets of the data set's train split (training/cache_key.py) for either split."""
+    from moviepostproduction.training.cache_key import cache_meta, resolve_buckets
     from moviepostproduction.training.feature_cache import open_cache, write_cache
 
     root = Path(recipe.out) / "cache" / split
-    meta = {
-        "model": str(Path(recipe.model).resolve()),
-        "data": str(Path(recipe.data).resolve()),
-        "max_refs": str(recipe.max_refs),
-        "max_text_tokens": str(recipe.max_text_tokens),
-        "limit": str(limit),
-        "patches": str(patches),  # DINO patch tokens: stored only for an adapter that lays them into boxes
-    }
+    meta = cache_meta(recipe, encoders.model_dir, limit, patches)
     cache = open_cache(root, recipe.max_refs, expect=meta)
     if cache is not None:
         return cache
+    spec = resolve_buckets(recipe.buckets, recipe.data, recipe.limit)
     sizes = {"max_refs": recipe.max_refs, "max_text_tokens": recipe.max_text_tokens, "limit": limit}
-    return write_cache(
-        Path(recipe.data) / split, root, encoders, meta=meta, workers=recipe.cache_workers, patches=patches, **sizes
-    )
+    sizes |= {"buckets": spec.buckets if spec else None, "workers": recipe.cache_workers, "patches": patches}
+    return write_cache(Path(recipe.data) / split, root, encoders, meta=meta, **sizes)
 
 
 def reconfigure_adapter(adapter, changes: dict):
@@ -219,12 +218,16 @@ def build_compose_task(recipe: Recipe):
     md.check()
     config = _task_config(recipe)  # fail early, before the caches are built
     adapter = reconfigure_adapter(CompositionAdapter.from_pretrained(md.adapter.root), recipe.adapter)  # fail early
-    transformer = load_transformer(md)
+    transformer = load_transformer(md, dtype=STORAGE_DTYPES[recipe.backbone_dtype])  # trained weights: fp32 (task)
     if md.adapter.lora is not None:  # a stage's export: its LoRA goes on training (stage 2) or stays frozen (stage 3)
         start_lora(transformer, md.adapter.lora)
     encoders = CacheEncoders(md, resolve_device(recipe.cache_device, "cache_device"))  # loaded if needed
     train = cached_features(recipe, "train", encoders, recipe.limit, adapter.uses_box_patches)
-    preview = cached_features(recipe, "heldout", encoders, 8, adapter.uses_box_patches)
+    preview = None  # no held-out scene (a small set, --heldout-frac 0): the sample grids show training scenes
+    if any((Path(recipe.data) / "heldout").glob("shard-*.tar")):
+        preview = cached_features(recipe, "heldout", encoders, 8, adapter.uses_box_patches)
+    else:
+        logger.warning("%s has no held-out scenes; the sample grids show training scenes", recipe.data)
     empty_caption = empty_caption_features(encoders, recipe.max_text_tokens, train) if config.drop_caption else None
     del encoders  # the cache build's encoder copies; training loads its own frozen VAE and image encoder
     image, vae = ImageEncoder.load(md), Vae.load(md)

@@ -16,6 +16,7 @@ from moviepostproduction.encoders.checks import MAX_TEXT_TOKENS, Check, count, o
 from moviepostproduction.errors import NOTHING, WITHHELD, Problem
 from moviepostproduction.files import STORAGE_DTYPES
 from moviepostproduction.sampling import is_finite_number, positive_problem, scale_problem, seed_problem
+from moviepostproduction.training.cache_key import buckets_problem
 
 TASKS = ("compose", "fill", "vary")
 REQUIRED = ("model", "data", "out")
@@ -61,6 +62,7 @@ VALUES: dict[str, Callable[[str, object], Problem | None]] = {
     **dict.fromkeys(("init_from", "export", "adapter_dir"), _checked(optional(_path))),
     "task": _one_of(TASKS),
     "export_dtype": _one_of(tuple(STORAGE_DTYPES)),
+    "backbone_dtype": _one_of(("fp32", "bf16")),
     "ref_guidance": scale_problem,
     "noise_temperature": positive_problem,
     "cache_workers": _checked(lambda v: None if count(1)(v) is None else "must be a positive integer"),
@@ -68,6 +70,7 @@ VALUES: dict[str, Callable[[str, object], Problem | None]] = {
     "max_refs": _checked(count(1, MAX_REFS)),
     "max_text_tokens": _checked(count(1, MAX_TEXT_TOKENS)),
     "limit": _checked(optional(count(1))),
+    "buckets": buckets_problem,
 }
 SEEDS = {"trainer": "seed", "fill": "data_seed"}  # the seeds of a section, each in [0, 2**64)
 # What a field of the wrong type is told, where saying more than its type helps.
@@ -122,4 +125,17 @@ def recipe_problems(
                 problems.append(problem)
     if not problems and (stage := raw.get("stage", "toy")) not in (known := stages(raw.get("task", "compose"))):
         problems.append(Problem("stage", stage, f"expected one of {', '.join(known)}"))
+    if not problems and raw.get("backbone_dtype", "fp32") != "fp32":
+        problems += _backbone_dtype_problems(raw)
     return problems
+
+
+def _backbone_dtype_problems(raw: dict) -> list[Problem]:
+    """A bf16 backbone is frozen weights under bf16 autocast: stages 1-3 of a compose recipe only."""
+    value, precision = raw["backbone_dtype"], (raw.get("trainer") or {}).get("mixed_precision", "no")
+    if raw.get("task", "compose") != "compose" or raw.get("stage", "toy") not in ("1", "2", "3"):
+        return [Problem("backbone_dtype", value, "only stages 1-3 of a compose recipe keep the backbone frozen; "
+                        "a trained backbone needs fp32 weights")]  # fmt: skip
+    if precision != "bf16":
+        return [Problem("backbone_dtype", value, f"needs trainer.mixed_precision: bf16, which is {precision!r}")]
+    return []

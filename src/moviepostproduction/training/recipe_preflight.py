@@ -109,6 +109,8 @@ def manifest_samples(recipe, manifest: dict) -> tuple[int, int]:
         pixels = config["size"] ** 2
     else:
         pixels = int(config.get("max_pixels", UNKNOWN_PIXELS))
+        if isinstance(recipe.buckets, dict) and isinstance(area := recipe.buckets.get("area"), int):
+            pixels = max(pixels, area)  # explicit buckets may be larger than the stored targets (cache_key.py)
     return min(train, recipe.limit or train) + min(heldout, HELDOUT_CACHED), pixels
 
 

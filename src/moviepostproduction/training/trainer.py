@@ -8,8 +8,9 @@ parameters and the optimiser moments exactly. A run killed after checkpoint k an
 same steps k+1, k+2, ... as a run that was never interrupted (pinned by tests/test_trainer.py).
 
 Multi-GPU: `accelerate launch` runs one process per device; each takes every n-th micro-batch and the gradients
-are averaged across processes before the optimiser step (DDP semantics, examples/accelerate/ddp.yaml), so N
-processes equal one process with N times the gradient accumulation (pinned on CPU with torchrun by a test).
+are averaged across processes before the optimiser step, so N processes equal one process with N times the gradient
+accumulation (pinned on CPU with torchrun by tests). How weights and gradients are spread is the engine's
+(training/engines.py): DDP semantics by hand (examples/accelerate/ddp.yaml) or FSDP2 (examples/accelerate/fsdp.yaml).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from moviepostproduction.training.checkpoints import (
     optimizer_state,
 )
 from moviepostproduction.training.ema import EmaWeights
+from moviepostproduction.training.engines import end_accelerator, make_engine, swap_params
+from moviepostproduction.training.optimizers import build_optimizer, optimizer_problem
+from moviepostproduction.training.recompute import enable_gradient_checkpointing
 from moviepostproduction.training.task import TrainTask
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,8 @@ class TrainConfig:
     decay_steps: int = 0  # linear cooldown to 0 over the last decay_steps steps (0: constant after warm-up)
     weight_decay: float = 0.0
     ema_decay: float = 0.0  # exponential moving average of the weights (e.g. 0.999; 0: off); training/ema.py
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, the `quant` extra); training/optimizers.py
+    gradient_checkpointing: bool = False  # the frozen blocks recompute their activations in backward
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
     checkpoint_every: int = 100
@@ -83,6 +89,10 @@ class TrainConfig:
             problems.append(Problem("lr_scale", self.lr_scale, "must be a positive number (1: the stage's LRs)"))
         if not isinstance(self.ema_decay, int | float) or not 0.0 <= self.ema_decay < 1.0:
             problems.append(Problem("ema_decay", self.ema_decay, "must be a number in [0, 1) (0: no EMA)"))
+        if problem := optimizer_problem(self.optimizer):
+            problems.append(problem)
+        if not isinstance(self.gradient_checkpointing, bool):
+            problems.append(Problem("gradient_checkpointing", self.gradient_checkpointing, "must be true or false"))
         if problems:
             raise ValidationError(problems)
 
@@ -140,8 +150,12 @@ class Trainer:
             raise ValidationError([Problem("stage", config.stage, f"task {task.name!r} trains nothing in it")])
         for g in self.groups:
             g["base_lr"] = g.get("base_lr", g["lr"]) * config.lr_scale
-        self.optimizer = torch.optim.AdamW(self.groups, weight_decay=config.weight_decay)
+        self.optimizer = build_optimizer(config.optimizer, self.groups, config.weight_decay)
+        self.recomputed = enable_gradient_checkpointing(task) if config.gradient_checkpointing else []
         self.ema: EmaWeights | None = None  # set by run() when config.ema_decay > 0
+        self.engine = make_engine(self.accelerator)  # FSDP: the optimiser's parameters become this process's shards
+        laid_out = self.engine.prepare(task.modules(), self.params)
+        self.params, self.names = swap_params(self.optimizer, self.params, self.names, laid_out)
 
     # ---------------------------------------------------------------------------------------------- state
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -156,14 +170,15 @@ class Trainer:
         if decay <= 0:
             return
         if snapshot is not None and snapshot.ema is not None:
-            self.ema = EmaWeights.restored(self.trainable_state(), decay, snapshot.ema, snapshot.path)
+            ema = self.engine.like(snapshot.ema, self.trainable_state())
+            self.ema = EmaWeights.restored(self.trainable_state(), decay, ema, snapshot.path)
             return
         if snapshot is not None:
             logger.warning("%s holds no EMA: the average starts from its weights", snapshot.path)
         self.ema = EmaWeights(self.trainable_state(), decay)
 
     def load_trainable(self, state: dict[str, torch.Tensor], where: Path) -> None:
-        copy_named_tensors(self.named_params(), state, where, "trainable")
+        copy_named_tensors(self.named_params(), self.engine.like(state, self.named_params()), where, "trainable")
 
     def warm_start(self, path: str | Path) -> KeyReport:
         """Load every matching "<module>.<param>" tensor; report missing / unexpected / shape-mismatched keys."""
@@ -174,7 +189,7 @@ class Trainer:
         modules = self.task.modules()
         for name, module in modules.items():
             own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
-            part = load_matching(module, own)
+            part = load_matching(module, self.engine.like(own, module.state_dict()))
             report.loaded += [f"{name}.{k}" for k in part.loaded]
             report.mismatched += [f"{name}.{k}" for k in part.mismatched]
             report.unexpected += [f"{name}.{k}" for k in part.unexpected]
@@ -233,7 +248,8 @@ class Trainer:
                     ]
                 )
             self.load_trainable(snap.trainable, latest)
-            load_optimizer_state(self.optimizer, self.names, snap.optimizer)
+            targets = {f"{n}.{k}": p for n, p in self.named_params().items() for k in ("exp_avg", "exp_avg_sq")}
+            load_optimizer_state(self.optimizer, self.names, self.engine.like(snap.optimizer, targets))
             step, epoch, index = snap.state["step"], snap.state["epoch"], snap.state["index"]
             losses, logs = list(snap.state["losses"]), list(snap.state.get("logs", []))
             logger.info("resumed %s at step %d", latest, step)
@@ -249,6 +265,7 @@ class Trainer:
                 acc.init_trackers("train", config=scalars)
         last = latest
         batches = self.micro_batches(epoch, index)
+        from accelerate.utils import gather_object
         from tqdm import tqdm
 
         bar = tqdm(
@@ -270,7 +287,7 @@ class Trainer:
                 torch.manual_seed(seed)  # module-internal randomness (dropout) too
                 gen = _generator(seed, acc.device)
                 with acc.autocast():
-                    out = self.task.loss(batch, gen)
+                    out = self.engine.loss(lambda: self.task.loss(batch, gen))  # noqa: B023 (called at once)
                 value = float(out.loss.detach())
                 if not math.isfinite(value):
                     raise TrainingDiverged(
@@ -281,15 +298,13 @@ class Trainer:
                 total += value / cfg.grad_accum
                 for k, v in out.logs.items():
                     parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum
-            if acc.num_processes > 1:  # gradients and the logged loss: the mean over every process's micro-batches
-                for p in self.params:
-                    if p.grad is not None:
-                        p.grad = acc.reduce(p.grad, "mean")
-                names = sorted(parts)
-                mean = acc.reduce(torch.tensor([total, *(parts[k] for k in names)], device=acc.device), "mean")
+            self.engine.reduce_grads(self.params)  # the mean over every process's micro-batches
+            if acc.num_processes > 1:  # the logged loss too; a part one process did not draw counts 0 there
+                names = sorted(set(gather_object(list(parts))))
+                values = [total, *(parts.get(k, 0.0) for k in names)]
+                mean = acc.reduce(torch.tensor(values, device=acc.device), "mean")
                 total, parts = float(mean[0]), {k: float(v) for k, v in zip(names, mean[1:], strict=True)}
-            grads = [p for p in self.params if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(grads, cfg.max_grad_norm or float("inf")) if grads else None
+            norm = self.engine.clip(self.params, cfg.max_grad_norm)
             if norm is not None and not torch.isfinite(norm):
                 raise TrainingDiverged(
                     f"non-finite gradient norm at step {step}; training stopped, last good "
@@ -320,11 +335,13 @@ class Trainer:
             self.write_samples(step)
         if self.ema is not None:  # what the run hands on (exports): the average; the checkpoints keep both
             self.ema.copy_to(self.named_params())
+        whole = self.engine.finish(self.params)  # plain modules, whole weights (FSDP: gathered on every process)
+        self.params, self.names = swap_params(self.optimizer, self.params, self.names, whole)
         if acc.is_main_process:
             self.write_curves(losses, logs)
         acc.wait_for_everyone()
         if self.owns_accelerator:  # every rank: a gloo/NCCL group left alive aborts at interpreter exit
-            acc.end_training()
+            end_accelerator(acc)
         elif acc.is_main_process and cfg.tensorboard:
             for tracker in acc.trackers:
                 tracker.finish()
@@ -334,6 +351,9 @@ class Trainer:
     def save(self, step: int, epoch: int, index: int, losses: list[float], logs: list[dict]) -> Path | None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        full = self.engine.full  # whole tensors: a collective under FSDP, so every process takes part
+        trainable, moments = full(self.trainable_state()), full(optimizer_state(self.optimizer, self.names))
+        ema = full(self.ema.shadow) if self.ema else None
         if not acc.is_main_process:
             return None
         state = {
@@ -346,17 +366,19 @@ class Trainer:
             "logs": logs,
             "config": asdict(self.config),
         }
-        trainable, moments = self.trainable_state(), optimizer_state(self.optimizer, self.names)
-        return self.store.save(step, trainable, moments, state, ema=self.ema.shadow if self.ema else None)
+        return self.store.save(step, trainable, moments, state, ema=ema)
 
     def write_samples(self, step: int) -> None:
-        if not self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        if not (main or self.engine.collective_samples):  # FSDP: every process runs the grid, rank 0 saves it
             return
         from moviepostproduction.visualize import save_png
 
-        with torch.no_grad(), self.ema.applied(self.named_params()) if self.ema else nullcontext():
-            image = self.task.samples(_generator(step_seed(self.config.seed, step), self.accelerator.device))
-        if image is not None:
+        gen = _generator(step_seed(self.config.seed, step), self.accelerator.device)
+        ema = self.ema.applied(self.named_params()) if self.ema else nullcontext()
+        with torch.no_grad(), ema, self.accelerator.autocast():  # the training steps' precision (bf16 backbone)
+            image = self.engine.samples(lambda: self.task.samples(gen))
+        if image is not None and main:
             save_png(image, self.out / "samples" / f"step-{step:06d}.png")
 
     def write_curves(self, losses: list[float], logs: list[dict]) -> None:

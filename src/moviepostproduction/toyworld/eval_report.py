@@ -1,0 +1,57 @@
+"""The files of `mpp eval` (toyworld/compose_eval.py): the markdown table, the per-sample CSV and the image grid."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+
+class Scored(Protocol):
+    """A scored variant (compose_eval.VariantScore, dense_eval.CountScore): a name and one record per sample."""
+
+    name: str
+    samples: list[dict]
+
+
+def eval_grid(scenes, images: dict[str, list[np.ndarray]], rows: int = 6) -> Image.Image:
+    """Rows = scenes; columns = target, then each variant, with the requested boxes drawn."""
+    from moviepostproduction.visualize import draw_layout, image_grid
+
+    tiles = []
+    for k, (toy, _) in enumerate(scenes[:rows]):
+        boxes, depths = [r.bbox for r in toy.refs], [r.depth for r in toy.refs]
+        for img in [toy.image, *(images[v][k] for v in images)]:
+            tiles.append(draw_layout(Image.fromarray(img), boxes, depths))
+    return image_grid(tiles, columns=1 + len(images))
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: one row per model, columns model | IoU | centre error | fg identity | fg colour | fg shape |
+    fg identity (seen pairs) | fg identity (unseen pairs) | leakage | refs."""
+    cols = ["model", "IoU", "centre error", "fg identity", "fg colour", "fg shape", "fg identity (seen pairs)",
+            "fg identity (unseen pairs)", "leakage", "refs"]  # fmt: skip
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = [row[c] if isinstance(row[c], str | int) else f"{row[c]:.3f}" for c in cols]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def samples_csv(scores: list[Scored]) -> str:
+    """One CSV row per variant, scene, ref and seed: the ref, where it landed (IoU, centre error) and, for the fg
+    refs judged for identity, what the crop at its box reads as (named colour, shape class) and whether both match."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = None
+    for score in scores:
+        for sample in score.samples:
+            row = {"model": score.name, **sample}
+            if writer is None:
+                writer = csv.DictWriter(out, fieldnames=list(row), lineterminator="\n")
+                writer.writeheader()
+            writer.writerow(row)
+    return out.getvalue()
