@@ -450,3 +450,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, expected, fill_dir, tiny_dir
     assert expected in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "o.png").exists()
+
+
+def test_a_fill_recipe_sets_the_triptych_world_and_names_a_bad_nested_field(tmp_path):
+    """`fill.triptych.world` holds ToyWorldConfig fields (examples/train/toy-fill.yaml trains at 128 px)."""
+    from moviepostproduction.training.recipe import Recipe, _fill_config
+
+    config = _fill_config(Recipe.from_file(Path(__file__).parents[1] / "examples" / "train" / "toy-fill.yaml"))
+    assert config.triptych.world == ToyWorldConfig(size=128, ref_size=64, max_refs=3)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: fill\nmodel: m\ndata: d\nout: o\nstage: all\nfill: {triptych: {world: {sise: 128}}}\n")
+    result = CliRunner().invoke(app, ["train", str(bad)])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert "fill.triptych.world.sise: unknown field" in line, line

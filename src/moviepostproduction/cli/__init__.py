@@ -3,7 +3,7 @@ only this package does. Importing a group registers its commands; `mpp --help` l
 
 # isort: off
 from moviepostproduction.cli.common import app
-from moviepostproduction.cli import compose, panorama, fill, vary, train, annotate, bench  # noqa: F401
+from moviepostproduction.cli import compose, panorama, fill, vary, train, eval_fill, eval_vary, annotate, bench  # noqa: F401
 
 # isort: on
 

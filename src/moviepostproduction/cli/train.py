@@ -134,9 +134,39 @@ def train(
     typer.echo(f"trained to step {result.step}, loss {result.losses[-1]:.4f}, checkpoint {result.checkpoint}{tail}")
 
 
+EVAL_TASKS = ("compose", "fill", "vary")
+COMPOSE_VARIANTS = "model,layout-only,modulation-only,untrained,vae-roundtrip"
+
+
+def other_task_eval(task: str, compose_only: dict[str, tuple[object, object]], **options) -> list[str]:
+    """`mpp eval --task fill|vary`: what `mpp eval-fill` / `mpp eval-vary` do with the options both commands share
+    (`options`: model, n, seeds, steps, variants, out); a compose option given a value is one line naming it."""
+    from moviepostproduction.errors import Problem
+
+    if task not in EVAL_TASKS:
+        check_options(Problem("--task", task, f"expected one of {', '.join(EVAL_TASKS)}"))
+    why = f"is not an option of --task {task} (mpp eval-{task} --help lists its own)"
+    check_options(*(Problem(flag, value, why) for flag, (value, default) in compose_only.items() if value != default))
+    if options["variants"] == COMPOSE_VARIANTS:  # not set: the task's own default variants
+        options.pop("variants")
+    if task == "fill":
+        from moviepostproduction.toyworld.fill_eval import run_fill_eval
+
+        return run_fill_eval(**options)
+    from moviepostproduction.toyworld.vary_eval import run_vary_eval
+
+    return run_vary_eval(**options)
+
+
 @app.command("eval")
 @user_errors
 def eval_(
+    task: str = typer.Option(
+        "compose",
+        "--task",
+        help="compose (the table below), fill (mpp eval-fill) or vary (mpp eval-vary); fill and vary take --model, "
+        "--n, --seeds, --steps, --variants and --out here, their other options on their own commands.",
+    ),
     split: str = typer.Option("heldout", "--split", help="Toy-world split: heldout or train."),
     model: str | None = typer.Option(None, "--model", help="Model dir; default: the shipped toy model."),
     adapter: str | None = adapter_option(),
@@ -198,6 +228,15 @@ def eval_(
         ref_guidance=ref_guidance,
         noise_temperature=noise_temperature,
     )
+    if task != "compose":
+        compose_only = {"--split": (split, "heldout"), "--adapter": (adapter, None), "--start": (start, 0),
+                        "--first-seed": (first_seed, 0), "--leak-scenes": (leak_scenes, 25),
+                        "--ref-guidance": (ref_guidance, None), "--noise-temperature": (noise_temperature, None),
+                        "--refs-per-scene": (refs_per_scene, None), "--canvas": (canvas, None)}  # fmt: skip
+        for line in other_task_eval(task, compose_only, model=model, n=n, seeds=seeds, steps=steps,
+                                    variants=variants, out=out):  # fmt: skip
+            typer.echo(line)
+        return
     if refs_per_scene is not None:
         from moviepostproduction.toyworld.dense_report import run_dense_eval
 

@@ -277,7 +277,8 @@ def end_accelerator(accelerator: Any) -> None:
     then a bf16 stage; accelerate otherwise refuses "AcceleratorState has already been initialized")."""
     from accelerate.state import AcceleratorState, GradientState
 
+    single = accelerator.num_processes == 1 and "WORLD_SIZE" not in os.environ  # no launcher, no process group
     accelerator.end_training()
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if single:  # a launched process keeps its state: resetting it would make the next use rejoin a dead group
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

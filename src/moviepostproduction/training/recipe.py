@@ -154,9 +154,17 @@ def _task_config(recipe: Recipe):
 
 
 def _fill_config(recipe: Recipe):
+    from moviepostproduction.toyworld.triptych import TriptychConfig
+    from moviepostproduction.toyworld.world_config import ToyWorldConfig
     from moviepostproduction.training.fill_task import FillTaskConfig
 
-    return dataclass_from(FillTaskConfig, recipe.fill, "fill")
+    values = dict(recipe.fill)
+    if isinstance(triptych := values.get("triptych"), dict):  # fill.triptych.world: the toy world's fields
+        triptych = dict(triptych)
+        if isinstance(world := triptych.get("world"), dict):
+            triptych["world"] = dataclass_from(ToyWorldConfig, world, "fill.triptych.world")
+        values["triptych"] = dataclass_from(TriptychConfig, triptych, "fill.triptych")
+    return dataclass_from(FillTaskConfig, values, "fill")
 
 
 def _vary_config(recipe: Recipe):
@@ -304,9 +312,9 @@ def _export_index(recipe: Recipe, task, source, steps: int | None) -> dict:
 def run_recipe(recipe: Recipe, *, checked: bool = False) -> TrainResult:
     """Train a recipe and export it; `checked`: the caller ran recipe_preflight.check_recipe already (mpp train)."""
     if recipe.task == "fill":
-        from moviepostproduction.training.fill_task import FillTask, FillTaskConfig, export_fill_model_dir
+        from moviepostproduction.training.fill_task import FillTask, export_fill_model_dir
 
-        task = FillTask.from_model_dir(recipe.model, dataclass_from(FillTaskConfig, recipe.fill, "fill"))
+        task = FillTask.from_model_dir(recipe.model, _fill_config(recipe))
         result = Trainer(task, _trainer_config(recipe)).run()
         if recipe.export:
             logger.info("exported %s", export_fill_model_dir(task, recipe.model, recipe.export))
