@@ -18,6 +18,7 @@ from moviepostproduction.compose.assemble_rows import pack_rows
 from moviepostproduction.compose.conditioning import LayoutPacking, RefBatch
 from moviepostproduction.compose.modules import PRESETS, ConditioningConfig
 from moviepostproduction.sampling import latent_image_ids, text_ids
+from moviepostproduction.vary.nanodit import PRESETS as NANODIT_PRESETS
 
 
 def copy_with_index(model_dir: Path, target: Path, **fields) -> Path:
@@ -229,3 +230,24 @@ def invoke_cli(args: list[str]):
     finally:
         for handler in set(logging.root.handlers) - set(before):
             logging.root.removeHandler(handler)
+
+
+# The tiny dir's encoders: T5 32 wide, DINO 40 wide with 16 patches; its VAE: 16 latent channels, 8x (32 px out).
+TINY_DIR_NANODIT = NANODIT_PRESETS["tiny"].with_(
+    in_channels=16, sample_size=4, text_dim=32, dino_dim=40, dino_patches=16
+)
+
+
+def tiny_dir_with_nanodit(folder: Path) -> Path:
+    """A tiny random model dir (seed 0) with a NanoDiT of `TINY_DIR_NANODIT` in nanodit/, its zero-initialised
+    branches and nulls made to act, so each input visibly matters."""
+    from moviepostproduction.toyworld.tiny import write_tiny_model_dir
+    from moviepostproduction.vary.nanodit import NanoDiT
+    from moviepostproduction.vary.nanodit_io import save_nanodit_dir
+
+    root = write_tiny_model_dir(folder, seed=0)
+    torch.manual_seed(0)
+    model = NanoDiT(TINY_DIR_NANODIT)
+    randomize_zero_inits(model, std=0.2)
+    save_nanodit_dir(model, root / "nanodit")
+    return root

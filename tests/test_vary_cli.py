@@ -14,26 +14,18 @@ from typer.testing import CliRunner
 
 from moviepostproduction.cli import app
 from moviepostproduction.errors import MppError, WeightsError
-from moviepostproduction.toyworld.tiny import write_tiny_model_dir
-from moviepostproduction.vary.nanodit import PRESETS, NanoDiT, VaryConditioning
+from moviepostproduction.vary.nanodit import NanoDiT, VaryConditioning
 from moviepostproduction.vary.nanodit_io import load_nanodit_dir, save_nanodit_dir
 from moviepostproduction.vary.pipeline import VaryPipeline, guided_velocity
 
-from helpers import randomize_zero_inits
+from helpers import TINY_DIR_NANODIT, randomize_zero_inits, tiny_dir_with_nanodit
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-# The tiny dir's encoders: T5 32 wide, DINO 40 wide with 16 patches; its VAE: 16 latent channels, 8x.
-TINY_DIR_NANODIT = PRESETS["tiny"].with_(in_channels=16, sample_size=4, text_dim=32, dino_dim=40, dino_patches=16)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    root = write_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", seed=0)
-    torch.manual_seed(0)
-    model = NanoDiT(TINY_DIR_NANODIT)
-    randomize_zero_inits(model, std=0.2)  # every branch acts, so the inputs visibly matter
-    save_nanodit_dir(model, root / "nanodit")
-    return root
+    return tiny_dir_with_nanodit(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def vary(model_dir: Path, out: Path, *extra: str) -> object:

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 import moviepostproduction.cli.eval_vary  # noqa: F401 - registers `eval-vary` on the app
 from moviepostproduction.cli import app
 from moviepostproduction.toyworld.synthetic import ToyWorldConfig, generate_scene
-from moviepostproduction.toyworld.tiny import write_tiny_model_dir
 from moviepostproduction.toyworld.vary_eval import (
     GENERATED,
     HELDOUT_START,
@@ -33,24 +32,14 @@ from moviepostproduction.toyworld.vary_metrics import (
     read_variation,
     sprite_box_on_white,
 )
-from moviepostproduction.vary.nanodit import PRESETS, NanoDiT
-from moviepostproduction.vary.nanodit_io import save_nanodit_dir
 from moviepostproduction.vary.pipeline import VaryPipeline
 
-from helpers import randomize_zero_inits
-
-# The tiny dir's encoders: T5 32 wide, DINO 40 wide with 16 patches; its VAE: 16 latent channels, 8x (32 px out).
-TINY_DIR_NANODIT = PRESETS["tiny"].with_(in_channels=16, sample_size=4, text_dim=32, dino_dim=40, dino_patches=16)
+from helpers import tiny_dir_with_nanodit
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    root = write_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", seed=0)
-    torch.manual_seed(0)
-    model = NanoDiT(TINY_DIR_NANODIT)
-    randomize_zero_inits(model, std=0.2)  # every branch and null acts, so each input visibly matters
-    save_nanodit_dir(model, root / "nanodit")
-    return root
+    return tiny_dir_with_nanodit(tmp_path_factory.mktemp("model") / "tiny")
 
 
 # ------------------------------------------------------------------------------------------------ metrics

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from moviepostproduction.scene import Scene, scene_from_dict
-from moviepostproduction.toyworld.eval_report import eval_grid, format_table, samples_csv
+from moviepostproduction.toyworld.eval_report import choice_problems, eval_grid, format_table, samples_csv
 from moviepostproduction.toyworld.metrics import bbox_iou, box_crop, centre_error, leakage
 from moviepostproduction.toyworld.shards import encode_png
 from moviepostproduction.toyworld.sprite_match import classify_sprite, locate_sprite, parts_match
@@ -252,11 +252,7 @@ def run_eval(
     from moviepostproduction.toyworld.synthetic import SPLITS
     from moviepostproduction.visualize import save_png
 
-    chosen = [v.strip() for v in variants.split(",") if v.strip()]
-    expected = f"expected some of {', '.join(VARIANTS)}"
-    problems = [Problem("--variants", v, expected) for v in chosen if v not in VARIANTS]
-    if not chosen:
-        problems.append(Problem("--variants", variants, expected))
+    chosen, problems = choice_problems("--variants", variants, VARIANTS)
     if split not in SPLITS:
         problems.append(Problem("--split", split, f"expected one of {', '.join(SPLITS)}"))
     if problems:

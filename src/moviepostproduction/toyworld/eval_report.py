@@ -7,12 +7,25 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from moviepostproduction.errors import Problem
+
 
 class Scored(Protocol):
     """A scored variant (compose_eval.VariantScore, dense_eval.CountScore): a name and one record per sample."""
 
     name: str
     samples: list[dict]
+
+
+def choice_problems(flag: str, text: str, allowed: tuple[str, ...]) -> tuple[list[str], list[Problem]]:
+    """Comma separated names out of `allowed` (`--variants model,untrained`): the names given, and a Problem naming
+    the flag for each unknown one, or one for an empty list."""
+    chosen = [v.strip() for v in text.split(",") if v.strip()]
+    expected = f"expected some of {', '.join(allowed)}"
+    problems = [Problem(flag, v, expected) for v in chosen if v not in allowed]
+    if not chosen:
+        problems.append(Problem(flag, text, expected))
+    return chosen, problems
 
 
 def eval_grid(scenes, images: dict[str, list[np.ndarray]], rows: int = 6) -> Image.Image:

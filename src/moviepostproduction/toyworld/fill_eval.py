@@ -31,7 +31,7 @@ from PIL import Image
 
 from moviepostproduction.errors import Problem, ValidationError
 from moviepostproduction.toyworld.compose_eval import MAX_EVAL_SCENES, MAX_EVAL_SEEDS, SEED_STRIDE
-from moviepostproduction.toyworld.eval_report import samples_csv
+from moviepostproduction.toyworld.eval_report import choice_problems, samples_csv
 from moviepostproduction.toyworld.fill_eval_metrics import FillScore, score_fill
 from moviepostproduction.toyworld.synthetic import COLOURS, ToyScene, ToyWorldConfig, generate_scene
 from moviepostproduction.toyworld.triptych import MASK_MODES, Triptych, TriptychConfig, make_triptych
@@ -230,11 +230,7 @@ def fill_table(rows: list[dict]) -> str:
 
 def parse_choices(flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
     """Comma separated names, each one of `allowed`, none twice; one-line errors naming the flag."""
-    chosen = [v.strip() for v in text.split(",") if v.strip()]
-    expected = f"expected some of {', '.join(allowed)}"
-    problems = [Problem(flag, v, expected) for v in chosen if v not in allowed]
-    if not chosen:
-        problems.append(Problem(flag, text, expected))
+    chosen, problems = choice_problems(flag, text, allowed)
     if len(set(chosen)) != len(chosen):
         problems.append(Problem(flag, text, "names a choice twice"))
     if problems:

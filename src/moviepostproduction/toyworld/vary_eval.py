@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from moviepostproduction.errors import Problem, ValidationError
+from moviepostproduction.toyworld.eval_report import choice_problems
 from moviepostproduction.toyworld.metrics import bbox_iou
 from moviepostproduction.toyworld.synthetic import ToyWorldConfig, generate_scene
 from moviepostproduction.toyworld.vary_metrics import (
@@ -223,11 +224,8 @@ def check_request(
     variants: str, input: str, caption: str, text_scales: str, image_scales: str
 ) -> tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...]]:
     """The checked variant names and sweep scales of `mpp eval-vary`; every problem in one error naming its flag."""
-    chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
-    expected = f"expected some of {', '.join(VARIANTS)}"
-    problems = [Problem("--variants", v, expected) for v in chosen if v not in VARIANTS]
-    if not chosen:
-        problems.append(Problem("--variants", variants, expected))
+    names, problems = choice_problems("--variants", variants, VARIANTS)
+    chosen = tuple(names)
     if input not in INPUTS:
         problems.append(Problem("--input", input, f"expected one of {', '.join(INPUTS)}"))
     if caption not in CAPTIONS:
