@@ -346,7 +346,9 @@ def test_trainer_steps_then_export_loads_in_the_pipeline(tiny_dir, tmp_path):
     assert result.step == 2 and len(result.losses) == 2 and all(np.isfinite(result.losses))
     assert (tmp_path / "run" / "samples").is_dir()
     assert task.model.semantic.gate.item() != 0  # the gate opened
-    out = export_fill_model_dir(task, tiny_dir, tmp_path / "model")
+    out = export_fill_model_dir(task, tiny_dir, tmp_path / "model", steps=2)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["label"].startswith("fill model (2 steps, task fill) on ")
     from moviepostproduction.files import default_file_mode
 
     widened = list((out / "transformer").glob("*.safetensors"))

@@ -21,7 +21,7 @@ from PIL import Image
 
 from moviepostproduction.encoders import TextEncoder, Vae, load_transformer
 from moviepostproduction.errors import Problem, ValidationError
-from moviepostproduction.files import save_pretrained_readable, staged_copy
+from moviepostproduction.files import save_pretrained_readable, staged_copy, write_json_atomic
 from moviepostproduction.fill.model import (
     FillChannels,
     FillFlux,
@@ -253,10 +253,10 @@ class FillTask:
         return save_fill_weights(root, self.model, self.weights_config())
 
 
-def export_fill_model_dir(task: FillTask, source: str | Path, out: str | Path) -> Path:
+def export_fill_model_dir(task: FillTask, source: str | Path, out: str | Path, steps: int | None = None) -> Path:
     """A fill model dir for `FillPipeline`: `source` copied, its transformer widened when it was a plain one, and
     the task's trained parts in fill/. The frozen base weights are re-read from `source`, never from the LoRA-wrapped
-    training copy."""
+    training copy. model_index.json's label names the fill training (`steps`) and the dir it started from."""
     md, out = as_model_dir(source), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValidationError([Problem("out", out, "must be absent or empty")])
@@ -266,4 +266,8 @@ def export_fill_model_dir(task: FillTask, source: str | Path, out: str | Path) -
             shutil.rmtree(tmp / "transformer")
             save_pretrained_readable(expand_to_fill(base, task.channels), tmp / "transformer")
         task.save(tmp)
+        if md.index:
+            run = f"{steps} steps" if steps is not None else "mpp train"
+            label = f"fill model ({run}, task fill) on {md.index.get('label') or md.root.name}"
+            write_json_atomic({**md.index, "label": label}, tmp / "model_index.json")
     return out
