@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps")
+    parser.add_argument("--decay-steps", type=int, default=0, help="linear LR cooldown to 0 over the last steps")
     parser.add_argument("--ref-prob", type=float, default=0.5, help="samples conditioned on the sprite's reference")
     parser.add_argument("--preset", default="toy", help="NanoDiT preset (sizes from the encoders)")
     parser.add_argument("--stage", default="full", choices=list(STAGES))
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir=str(out),
         stage=args.stage,
         max_steps=args.steps,
+        warmup_steps=args.warmup_steps,
+        decay_steps=args.decay_steps,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         sample_every=args.sample_every,

@@ -80,9 +80,9 @@ def test_panorama_builds_its_padded_conditioning_once_over_28_steps(pipe, counts
 
 def test_fill_with_refs_builds_the_scene_and_the_model_once(counts, tmp_path):
     from moviepostproduction.fill.pipeline import FillPipeline
-    from moviepostproduction.toyworld.toy_model import default_fill_model_dir
+    from moviepostproduction.toyworld.toy_model import tiny_random_fill_dir
 
-    fill = FillPipeline.from_model_dir(default_fill_model_dir(tmp_path), refs=True)
+    fill = FillPipeline.from_model_dir(tiny_random_fill_dir(tmp_path), refs=True)
     counts.update(dict.fromkeys(counts, 0))
     plate = Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8))
     square = ("refs/blue_square.png", (0.25, 0.25, 0.75, 0.75), "fg", "a blue square")

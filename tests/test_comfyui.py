@@ -345,9 +345,9 @@ def test_inside_comfyui_progress_cancel_device_and_temp_folder(model, fake_comfy
 # ------------------------------------------------------------------------------------------------ fill
 @pytest.fixture(scope="module")
 def fill_model(model_dir, tmp_path_factory):
-    from moviepostproduction.toyworld.toy_model import default_fill_model_dir
+    from moviepostproduction.toyworld.toy_model import tiny_random_fill_dir
 
-    root = default_fill_model_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
+    root = tiny_random_fill_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
     (loaded,) = run("MPPLoadFillModel", model_dir=str(root), device="cpu", dtype="fp32", refs=True)
     return loaded
 

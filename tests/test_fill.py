@@ -44,7 +44,7 @@ from moviepostproduction.fill.weights import write_fill_model_dir
 from moviepostproduction.sampling import latent_image_ids, pack_latents, text_ids, unpack_latents
 from moviepostproduction.toyworld.synthetic import ToyWorldConfig
 from moviepostproduction.toyworld.tiny import TinySpec, tiny_configs, write_tiny_model_dir
-from moviepostproduction.toyworld.toy_model import default_fill_model_dir
+from moviepostproduction.toyworld.toy_model import tiny_random_fill_dir
 from moviepostproduction.toyworld.triptych import HOLE_GREY, MASK_MODES, TriptychConfig, collate, make_triptych
 from moviepostproduction.training.fill_task import FillTask, FillTaskConfig, export_fill_model_dir
 from moviepostproduction.training.trainer import TrainConfig, Trainer
@@ -413,9 +413,9 @@ def test_pipeline_is_seeded_and_takes_refs_with_their_boxes_as_mask(fill_dir, tm
 
 
 def test_default_fill_model_is_built_once_widened_and_labelled(tmp_path):
-    first = default_fill_model_dir(tmp_path)
+    first = tiny_random_fill_dir(tmp_path)
     stamp = (first / "fill" / "config.json").stat().st_mtime_ns
-    assert default_fill_model_dir(tmp_path) == first and (first / "fill" / "config.json").stat().st_mtime_ns == stamp
+    assert tiny_random_fill_dir(tmp_path) == first and (first / "fill" / "config.json").stat().st_mtime_ns == stamp
     pipe = FillPipeline.from_model_dir(first, semantic=True)
     assert pipe.label.startswith("tiny-random") and pipe.layout == "single"
     assert (pipe.model.transformer.config.in_channels, pipe.model.transformer.config.out_channels) == (384, 64)

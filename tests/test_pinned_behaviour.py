@@ -66,7 +66,7 @@ def generate(folder: Path) -> dict[str, torch.Tensor]:
     from moviepostproduction.fill.pipeline import FillPipeline
     from moviepostproduction.model_dir import ModelDir, default_model_dir
     from moviepostproduction.panorama.pipeline import PanoramaPipeline, compose_panorama
-    from moviepostproduction.toyworld.toy_model import default_fill_model_dir
+    from moviepostproduction.toyworld.toy_model import tiny_random_fill_dir
     from moviepostproduction.vary.pipeline import VaryPipeline
 
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def generate(folder: Path) -> dict[str, torch.Tensor]:
         )
         out[f"panorama-scene-seed{seed}"] = res.latents.contiguous()
 
-    fill = FillPipeline.from_model_dir(default_fill_model_dir(folder / "cache"), semantic=False, refs=False)
+    fill = FillPipeline.from_model_dir(tiny_random_fill_dir(folder / "cache"), semantic=False, refs=False)
     plate = Image.open(ROOT / "examples" / "refs" / "red_circle.png").convert("RGB").resize((64, 64))
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[16:48, 16:48] = 255
@@ -119,7 +119,7 @@ def generate(folder: Path) -> dict[str, torch.Tensor]:
             callback_on_step_end=callback,
         )
         out[f"fill-mask-seed{seed}"] = seen["x"].contiguous()
-    fill_refs = FillPipeline.from_model_dir(default_fill_model_dir(folder / "cache"), semantic=True, refs=True)
+    fill_refs = FillPipeline.from_model_dir(tiny_random_fill_dir(folder / "cache"), semantic=True, refs=True)
     semantic = np.zeros((64, 64, 3), dtype=np.uint8)
     semantic[:, :32] = (0, 128, 0)
     for seed in SEEDS:

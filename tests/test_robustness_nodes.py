@@ -302,7 +302,7 @@ def test_fuzzed_scene_files_in_the_input_directory(comfy, world, image, bbox, ex
 # --------------------------------------------------------------------------------- every node input
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from moviepostproduction.toyworld.toy_model import default_fill_model_dir
+    from moviepostproduction.toyworld.toy_model import tiny_random_fill_dir
 
     shared = tmp_path_factory.getbasetemp() / "shared-tiny"
     torch.manual_seed(0)
@@ -310,7 +310,7 @@ def models(tmp_path_factory):
     vary = save_nanodit(nanodit, tmp_path_factory.mktemp("vary") / "nanodit.safetensors")
     (model,) = run("MPPLoadModel", model_dir=str(tiny_random_model_dir(shared)), device="cpu", dtype="fp32",
                    vary_checkpoint=str(vary))  # fmt: skip
-    (fill,) = run("MPPLoadFillModel", model_dir=str(default_fill_model_dir(shared)), device="cpu", dtype="fp32",
+    (fill,) = run("MPPLoadFillModel", model_dir=str(tiny_random_fill_dir(shared)), device="cpu", dtype="fp32",
                   refs=True)  # fmt: skip
     forwards = []
     for module in (model.compose.model.transformer, model.vary, fill.pipe.model.transformer):

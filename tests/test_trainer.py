@@ -129,6 +129,20 @@ def test_warm_start_loads_matching_keys_and_reports_the_rest(tmp_path):
         Trainer(LinearTask(), config(tmp_path / "s3", init_from=str(tmp_path / "absent.safetensors"))).run()
 
 
+def test_init_skip_leaves_the_named_keys_at_init(tmp_path):
+    first = Trainer(LinearTask(), config(tmp_path / "s1", stage="first", max_steps=2)).run()
+    trained = CheckpointStore.load(first.checkpoint).trainable
+    task = LinearTask()
+    init_bias = task.net[0].bias.detach().clone()
+    trainer = Trainer(task, config(tmp_path / "s2", init_from=str(first.checkpoint), init_skip=["net.0.bias"]))
+    report = trainer.warm_start(first.checkpoint)
+    assert "net.0.weight" in report.loaded and "net.0.bias" in report.missing
+    assert torch.equal(task.net[0].weight, trained["net.0.weight"])
+    assert torch.equal(task.net[0].bias, init_bias) and not torch.equal(init_bias, trained["net.0.bias"])
+    with pytest.raises(ValidationError, match=r"init_skip.*key prefixes"):
+        config(tmp_path / "s3", init_skip=[""])
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"non-finite loss nan at step 6 .*step-000004"):
         Trainer(LinearTask(nan_at=6), config(tmp_path, max_steps=8)).run()

@@ -16,13 +16,22 @@ def eval_fill(
     n: int = typer.Option(100, "--n", help="Held-out triptychs (split heldout, toy-world seed 0, from index 0)."),
     seeds: int = typer.Option(1, "--seeds", help="Samples per triptych, seed j from the noise of i + 100003 j."),
     steps: int = typer.Option(28, "--steps", help=STEPS_HELP),
-    variants: str = typer.Option(
-        "model,no-map,zeroed,untrained,targets",
+    variants: str | None = typer.Option(
+        None,
         "--variants",
         help="Comma separated: model, no-map (no semantic map), zeroed (semantic attention gate 0), untrained (the "
-        "same architecture at init), targets (the target images: the ceiling).",
+        "same architecture at init), targets (the target images: the ceiling); default all. With --refs: model, "
+        "caption-only (no ref conditioning), untrained, pasted (the sprite pasted in: the ceiling); default all.",
     ),
-    modes: str = typer.Option("sprites,box,extend", "--modes", help="Hole kinds drawn: sprites, box, extend."),
+    modes: str | None = typer.Option(
+        None, "--modes", help="Hole kinds drawn: sprites, box, extend (default all); not with --refs."
+    ),
+    refs: bool = typer.Option(
+        False,
+        "--refs",
+        help="Reference insertion instead: a held-out scene's front sprite inserted at its box into another held-out "
+        "plate; IoU of the inserted ref with its box, identity (colour, shape), known-region error.",
+    ),
     size: int = typer.Option(128, "--size", help="Triptych side in pixels: the model's training world [128]."),
     max_refs: int = typer.Option(3, "--max-refs", help="Sprites per scene at most: the training world's [3]."),
     out: str | None = typer.Option(
@@ -34,6 +43,6 @@ def eval_fill(
     from moviepostproduction.toyworld.fill_eval import run_fill_eval
 
     lines = run_fill_eval(model=model, n=n, steps=steps, seeds=seeds, variants=variants, out=out, modes=modes,
-                          size=size, max_refs=max_refs)  # fmt: skip
+                          size=size, max_refs=max_refs, refs=refs)  # fmt: skip
     for line in lines:
         typer.echo(line)

@@ -14,10 +14,13 @@ Without fill/config.json the dir is plain FLUX-Fill: single layout, no semantic 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from moviepostproduction.encoders import load_transformer
 from moviepostproduction.errors import WeightsError
@@ -38,6 +41,7 @@ __all__ = [
     "LoraSpec",
     "load_fill_weights",
     "save_fill_weights",
+    "staged_fill_dir",
     "write_fill_model_dir",
 ]
 
@@ -141,18 +145,34 @@ def _load_lora(transformer: torch.nn.Module, spec: LoraSpec, file: Path) -> None
     transformer.requires_grad_(False)
 
 
+@contextmanager
+def staged_fill_dir(base: str | Path, out: str | Path, *, replace: bool = False) -> Iterator[tuple[Path, nn.Module]]:
+    """Build the fill model dir `out` from `base` (`files.staged_copy`: renamed into place when the block ends):
+    `base` copied less its fill/, its transformer widened to the fill input (`expand_to_fill`) when it is a plain
+    one, kept when it already takes the fill input. Yields (the temporary folder, the fill transformer); the
+    caller adds fill/."""
+    md = ModelDir.at(base)
+    vae_cfg = read_json(md.vae / "config.json", "an AutoencoderKL config", md.root)
+    channels = FillChannels.from_vae(vae_cfg["latent_channels"], 2 ** (len(vae_cfg["block_out_channels"]) - 1))
+    transformer = load_transformer(md)
+    plain = int(transformer.config.in_channels) == channels.latent
+    if plain:
+        transformer = expand_to_fill(transformer, channels)
+    leave_out = ("transformer", FILL_FOLDER) if plain else (FILL_FOLDER,)
+    with staged_copy(md.root, out, leave_out=leave_out, replace=replace) as tmp:
+        if plain:
+            save_pretrained_readable(transformer, tmp / "transformer")
+        yield tmp, transformer
+
+
 def write_fill_model_dir(base: str | Path, out: str | Path, *, layout: str = "single", seed: int = 0) -> Path:
     """`base` (a plain FLUX-layout dir) copied to `out` with its transformer widened to the fill input
     (`expand_to_fill`) and fill/ holding a SemanticCrossAttention at init (seeded): an untrained fill model."""
-    md, out = ModelDir.at(base), Path(out)
-    vae_cfg = read_json(md.vae / "config.json", "an AutoencoderKL config", md.root)
-    channels = FillChannels.from_vae(vae_cfg["latent_channels"], 2 ** (len(vae_cfg["block_out_channels"]) - 1))
-    wide = expand_to_fill(load_transformer(md), channels)
-    cfg = SemanticAttentionConfig(dim=channels.latent, context_dim=channels.latent)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        semantic = SemanticCrossAttention(cfg)
-    with staged_copy(md.root, out, leave_out=("transformer", FILL_FOLDER)) as tmp:
-        save_pretrained_readable(wide, tmp / "transformer")
+    with staged_fill_dir(base, out) as (tmp, wide):
+        latent = int(wide.config.out_channels or wide.config.in_channels)
+        cfg = SemanticAttentionConfig(dim=latent, context_dim=latent)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            semantic = SemanticCrossAttention(cfg)
         save_fill_weights(tmp, FillFlux(wide, semantic), FillWeightsConfig(layout=layout, semantic=cfg))
-    return out
+    return Path(out)

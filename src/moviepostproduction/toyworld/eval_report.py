@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import numpy as np
@@ -40,16 +41,44 @@ def eval_grid(scenes, images: dict[str, list[np.ndarray]], rows: int = 6) -> Ima
     return image_grid(tiles, columns=1 + len(images))
 
 
+def markdown_table(rows: list[dict], columns: tuple[str, ...] | list[str]) -> str:
+    """Markdown table of `rows` over `columns`: strings and integers as they are, other numbers to 3 decimals, a
+    NaN score (nothing to judge) as '-'."""
+
+    def cell(value) -> str:
+        if isinstance(value, str | int):
+            return str(value)
+        return "-" if math.isnan(value) else f"{value:.3f}"
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_eval_files(out, header: str, table: str, report: dict, scores: list[Scored], grid: Image.Image) -> str:
+    """The files of an eval in the folder `out`: eval.md (header and table), eval.json (`report`; NaN scores in its
+    "rows" written as null), samples.csv (`scores`) and grid.png. Returns the line naming the grid."""
+    import json
+    from pathlib import Path
+
+    from moviepostproduction.files import write_text_atomic
+    from moviepostproduction.visualize import save_png
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(header + "\n\n" + table + "\n", folder / "eval.md")
+    rows = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in report["rows"]]
+    write_text_atomic(json.dumps({**report, "rows": rows}, indent=2), folder / "eval.json")
+    write_text_atomic(samples_csv(scores), folder / "samples.csv")
+    return f"wrote {save_png(grid, folder / 'grid.png')}"
+
+
 def format_table(rows: list[dict]) -> str:
     """Markdown table: one row per model, columns model | IoU | centre error | fg identity | fg colour | fg shape |
     fg identity (seen pairs) | fg identity (unseen pairs) | leakage | refs."""
     cols = ["model", "IoU", "centre error", "fg identity", "fg colour", "fg shape", "fg identity (seen pairs)",
             "fg identity (unseen pairs)", "leakage", "refs"]  # fmt: skip
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in rows:
-        cells = [row[c] if isinstance(row[c], str | int) else f"{row[c]:.3f}" for c in cols]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, cols)
 
 
 def samples_csv(scores: list[Scored]) -> str:

@@ -21,9 +21,7 @@ Variants, one table row each (the same triptychs, prompts and noise seeds):
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +29,7 @@ from PIL import Image
 
 from moviepostproduction.errors import Problem, ValidationError
 from moviepostproduction.toyworld.compose_eval import MAX_EVAL_SCENES, MAX_EVAL_SEEDS, SEED_STRIDE
-from moviepostproduction.toyworld.eval_report import choice_problems, samples_csv
+from moviepostproduction.toyworld.eval_report import choice_problems, markdown_table, write_eval_files
 from moviepostproduction.toyworld.fill_eval_metrics import FillScore, score_fill
 from moviepostproduction.toyworld.synthetic import COLOURS, ToyScene, ToyWorldConfig, generate_scene
 from moviepostproduction.toyworld.triptych import MASK_MODES, Triptych, TriptychConfig, make_triptych
@@ -220,12 +218,7 @@ def fill_grid(items: list[FillItem], images: dict[str, list[np.ndarray]], per_va
 
 def fill_table(rows: list[dict]) -> str:
     """Markdown table, one row per variant (TABLE_COLUMNS); a score with nothing to judge shows as '-'."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for row in rows:
-        cells = [row[c] if isinstance(row[c], str | int) else "-" if np.isnan(row[c]) else f"{row[c]:.3f}"
-                 for c in TABLE_COLUMNS]  # fmt: skip
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, TABLE_COLUMNS)
 
 
 def parse_choices(flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
@@ -244,22 +237,24 @@ def run_fill_eval(
     n: int,
     steps: int = 28,
     seeds: int = 1,
-    variants: str = ",".join(FILL_VARIANTS),
+    variants: str | None = None,
     out: str | None = None,
-    modes: str = ",".join(MASK_MODES),
+    modes: str | None = None,
     size: int = EVAL_WORLD["size"],
     max_refs: int = EVAL_WORLD["max_refs"],
     start: int = 0,
     progress: bool = True,
     device: str = "cpu",
+    refs: bool = False,
 ) -> list[str]:
     """What `mpp eval-fill` does; returns the lines to print (header, markdown table, files written). `size`,
     `max_refs`: the toy world of the triptychs, which should be the one the model trained on (`fill.triptych.world`
-    of its recipe; the defaults are examples/train/toy-fill.yaml's)."""
-    from moviepostproduction.files import check_output, write_text_atomic
+    of its recipe; the defaults are examples/train/toy-fill.yaml's). `variants`, `modes`: None for all. `refs`:
+    reference insertion instead (`mpp eval-fill --refs`, toyworld/fill_refs_eval.py; its own variants, no modes)."""
+    from moviepostproduction.files import check_output
     from moviepostproduction.sampling import require_valid, steps_problem
+    from moviepostproduction.toyworld.fill_refs_eval import REFS_VARIANTS, run_refs_eval
     from moviepostproduction.toyworld.toy_model import default_fill_model_dir
-    from moviepostproduction.visualize import save_png
 
     counts = (("--n", n, 1, MAX_EVAL_SCENES), ("--seeds", seeds, 1, MAX_EVAL_SEEDS),
               ("--start", start, 0, MAX_EVAL_SCENES * 100), ("--size", size, 32, 4096),
@@ -268,12 +263,19 @@ def run_fill_eval(
         steps_problem("--steps", steps),
         *(Problem(flag, v, f"must be an integer in [{lo}, {hi}]") for flag, v, lo, hi in counts if not lo <= v <= hi),
     )
-    chosen = parse_choices("--variants", variants, FILL_VARIANTS)
+    allowed = REFS_VARIANTS if refs else FILL_VARIANTS
+    chosen = parse_choices("--variants", ",".join(allowed) if variants is None else variants, allowed)
+    if refs and modes is not None:
+        raise ValidationError([Problem("--modes", modes, "is not used with --refs (the mask is the ref's box)")])
     world = ToyWorldConfig(size=size, ref_size=max(16, size // 2), max_refs=max_refs)
+    modes = ",".join(MASK_MODES) if modes is None else modes
     cfg = TriptychConfig(world=world, modes=tuple(parse_choices("--modes", modes, MASK_MODES)))
     if out:
         check_output(out, "--out", folder=True)  # before the compute, not after it
-    md = model or (default_fill_model_dir() if chosen != ["targets"] else "")  # targets alone load nothing
+    md = model or (default_fill_model_dir() if set(chosen) - {"targets", "pasted"} else "")  # ceilings load nothing
+    if refs:
+        return run_refs_eval(md, chosen, world, n=n, steps=steps, seeds=seeds, untrained=untrained_pipeline,
+                             seed=HELDOUT_SEED, start=start, out=out, progress=progress, device=device)  # fmt: skip
     built = build_variants(md, chosen, device=device)
     items = heldout_triptychs(n, cfg, start=start)
     scores, images = evaluate_fill(built, items, cfg, steps=steps, seeds=seeds, progress=progress)
@@ -288,15 +290,10 @@ def run_fill_eval(
     )
     lines = [header, table]
     if out:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(header + "\n\n" + table + "\n", folder / "eval.md")
         report = {"task": "fill", "split": "heldout", "seed": HELDOUT_SEED, "start": start, "n": n, "seeds": seeds,
                   "steps": steps, "modes": list(cfg.modes), "size": cfg.world.size, "max_refs": cfg.world.max_refs,
-                  "model": str(md), "label": label,
-                  "rows": [{k: None if isinstance(v, float) and np.isnan(v) else v for k, v in r.items()}
-                           for r in rows]}  # fmt: skip
-        write_text_atomic(json.dumps(report, indent=2), folder / "eval.json")
-        write_text_atomic(samples_csv([scores[v] for v in chosen]), folder / "samples.csv")
-        lines.append(f"wrote {save_png(fill_grid(items, images), folder / 'grid.png')}")
+                  "model": str(md), "label": label, "rows": rows}  # fmt: skip
+        lines.append(
+            write_eval_files(out, header, table, report, [scores[v] for v in chosen], fill_grid(items, images))
+        )
     return lines

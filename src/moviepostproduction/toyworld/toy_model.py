@@ -17,7 +17,16 @@ from torch import nn
 
 from moviepostproduction.toyworld.tiny import TINY_MARKER, TinySpec, tiny_random_model_dir, write_tiny_model_dir
 
-__all__ = ["TOY_MARKER", "TOY_SPEC", "TRAINED_BY_ENCODERS", "toy_caption_words", "write_toy_model_dir"]
+__all__ = [
+    "TOY_MARKER",
+    "TOY_SPEC",
+    "TRAINED_BY_ENCODERS",
+    "assemble_fill_model_dir",
+    "default_fill_model_dir",
+    "tiny_random_fill_dir",
+    "toy_caption_words",
+    "write_toy_model_dir",
+]
 
 TOY_MARKER = "toy_world"
 TOY_DIR_VERSION = 1  # bump when TOY_SPEC or the trained components change
@@ -103,9 +112,9 @@ def toy_adapter_config(spec: TinySpec = TOY_SPEC):
     return tiny_configs(spec).adapter.with_(instance_dim=64, alpha_hidden=32, modulation_rank=16, feedback_rank=8)
 
 
-def default_fill_model_dir(cache_dir: str | Path | None = None, *, seed: int = 0) -> Path:
-    """The fill model used without `--model`: `write_fill_model_dir` of a tiny random model dir (untrained: its fill
-    is noise, and says so), built once into the cache."""
+def tiny_random_fill_dir(cache_dir: str | Path | None = None, *, seed: int = 0) -> Path:
+    """`write_fill_model_dir` of a tiny random model dir (untrained: its fill is noise, and says so), built once
+    into the cache: the fast fill model of tests and smoke runs."""
     from moviepostproduction.files import build_once
     from moviepostproduction.fill.weights import FILL_DIR_VERSION, write_fill_model_dir
 
@@ -113,3 +122,45 @@ def default_fill_model_dir(cache_dir: str | Path | None = None, *, seed: int = 0
     return build_once(
         base.with_name(f"{base.name}-fill-v{FILL_DIR_VERSION}"), lambda d: write_fill_model_dir(base, d, seed=seed)
     )
+
+
+SHIPPED_FILL_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toy-fill"
+FILL_ASSET_FILES = ("model_index.json", "fill/config.json")  # the rest is named by fill/config.json
+
+
+def default_fill_model_dir(cache_dir: str | Path | None = None, *, assets: str | Path | None = None) -> Path:
+    """The fill model used without `--model`: the toy-world fill model shipped in the package. The package holds
+    only what fill training adds (`assets/toy-fill`: fill/ and model_index.json); the model dir is assembled once
+    into the cache over the shipped toy model (`assemble_fill_model_dir`), in a folder named by the content of
+    both, so an upgrade never reuses a stale copy. A missing asset is a WeightsError naming the path."""
+    from moviepostproduction.errors import WeightsError
+    from moviepostproduction.files import build_once
+    from moviepostproduction.model_dir import default_cache_dir, default_model_dir
+    from moviepostproduction.training.cache_key import encoder_fingerprint
+
+    assets = Path(assets) if assets is not None else SHIPPED_FILL_ASSETS
+    for name in FILL_ASSET_FILES:
+        if not (assets / name).is_file():
+            raise WeightsError(
+                f"the shipped toy fill model is missing: {assets / name} (expected fill/ and model_index.json of "
+                "the toy-world fill model; reinstall moviepostproduction or pass --model DIR)"
+            )
+    base = default_model_dir()
+    key = encoder_fingerprint(assets)[:8] + encoder_fingerprint(base)[:8]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return build_once(cache / f"toy-fill-{key}", lambda d: assemble_fill_model_dir(base, assets, d))
+
+
+def assemble_fill_model_dir(base: str | Path, assets: str | Path, out: str | Path) -> Path:
+    """A fill model dir at `out` from the plain model dir `base` it was trained on and its fill training's own
+    files (`assets`: fill/ and model_index.json, as `export_fill_model_dir` wrote them): the same dir as that
+    export, whose transformer is `base`'s widened to the fill input."""
+    import shutil
+
+    from moviepostproduction.fill.weights import FILL_FOLDER, staged_fill_dir
+
+    assets = Path(assets)
+    with staged_fill_dir(base, out) as (tmp, _):
+        shutil.copytree(assets / FILL_FOLDER, tmp / FILL_FOLDER)
+        shutil.copy2(assets / "model_index.json", tmp / "model_index.json")
+    return Path(out)

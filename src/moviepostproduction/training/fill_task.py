@@ -10,18 +10,19 @@ Stages: "all" (LoRA + semantic attention, the seed's joint training), "lora", "s
 from __future__ import annotations
 
 import logging
-import shutil
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from einops import rearrange
 from PIL import Image
 
 from moviepostproduction.encoders import TextEncoder, Vae, load_transformer
 from moviepostproduction.errors import Problem, ValidationError
-from moviepostproduction.files import save_pretrained_readable, staged_copy, write_json_atomic
+from moviepostproduction.files import write_json_atomic
 from moviepostproduction.fill.model import (
     FillChannels,
     FillFlux,
@@ -30,6 +31,7 @@ from moviepostproduction.fill.model import (
     expand_to_fill,
     fill_condition,
     masked_image,
+    pack_mask,
 )
 from moviepostproduction.fill.pipeline import FillPipeline
 from moviepostproduction.fill.semantic_attention import (
@@ -38,7 +40,7 @@ from moviepostproduction.fill.semantic_attention import (
     SemanticTokens,
     grid_positions,
 )
-from moviepostproduction.fill.weights import FillWeightsConfig, LoraSpec, save_fill_weights
+from moviepostproduction.fill.weights import FillWeightsConfig, LoraSpec, save_fill_weights, staged_fill_dir
 from moviepostproduction.model_dir import ModelDir, as_model_dir
 from moviepostproduction.noise import make_noise
 from moviepostproduction.sampling import latent_image_ids, noise_latents, pack_latents, text_ids
@@ -70,6 +72,8 @@ class FillTaskConfig:
     x_embedder_lr: float = 1e-4
     guidance: float = 30.0  # FLUX guidance embedding, as FluxFillPipeline's default at sampling
     loss_on: str = "target"  # "target": generated tokens only; "all": every token (the seed)
+    hole_weight: float = 1.0  # loss weight of the generated tokens inside the hole, relative to the others
+    semantic_gate_init: float = 0.0  # the SemanticCrossAttention gate of a fresh module (0: identity at init)
     timestep_sampling: str = "logit_normal"
     max_text_tokens: int = 64
     sample_count: int = 2
@@ -82,6 +86,8 @@ class FillTaskConfig:
             ("timestep_sampling", self.timestep_sampling in TIMESTEP_SAMPLING, f"must be one of {TIMESTEP_SAMPLING}"),
             ("scenes", self.scenes >= self.batch_size >= 1, "needs scenes >= batch_size >= 1"),
             ("max_text_tokens", self.max_text_tokens >= 1, "must be >= 1"),
+            ("hole_weight", math.isfinite(self.hole_weight) and self.hole_weight > 0, "must be a positive number"),
+            ("semantic_gate_init", math.isfinite(self.semantic_gate_init), "must be a finite number"),
         ]
         problems = [Problem(name, getattr(self, name), msg) for name, ok, msg in checks if not ok]
         if problems:
@@ -105,6 +111,8 @@ class FillTask:
                 self.channels.latent, self.channels.latent, cfg.semantic_heads, cfg.semantic_positional
             )
             semantic = SemanticCrossAttention(sem_cfg).to(next(transformer.parameters()).device)
+            with torch.no_grad():
+                semantic.gate.fill_(cfg.semantic_gate_init)
         self.model = FillFlux(transformer, semantic)
 
     @classmethod
@@ -197,10 +205,8 @@ class FillTask:
             latent_positions=grid_positions(*grid, arranged.panels, device=device),
         )
         err = (v.float() - (noise - x0)).pow(2).mean(dim=-1)  # (B, N)
-        keep = torch.ones(grid[0] * grid[1], device=device)
-        if cfg.loss_on == "target":
-            keep = (~context_tokens(cfg.layout, grid, device=device)).float()
-        loss = (err * keep).sum() / (keep.sum() * b)
+        weight = self.token_weights(batch.mask.to(device), grid)  # (B, N)
+        loss = (err * weight).sum() / weight.sum()
         logs = {"flow": float(loss.detach())}
         if self.model.semantic is not None:
             logs["gate"] = float(self.model.semantic.gate.detach())
@@ -238,6 +244,18 @@ class FillTask:
     def device(self) -> torch.device:
         return next(self.model.transformer.parameters()).device
 
+    def token_weights(self, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, N) loss weights over the arranged token grid from the hole `mask` (B, 1, H, W): 0 on the diptych's
+        context panel when loss_on is "target", `hole_weight` on the generated tokens of the hole, 1 elsewhere."""
+        cfg, h = self.cfg, grid[0]
+        hole = pack_mask(mask, self.vae.downsample).amax(dim=-1) > 0  # (B, h * w / panels) tokens touching the hole
+        if cfg.layout == "diptych":  # the generated panel repeats the hole; the context panel carries its mask
+            hole = rearrange(hole, "b (h w) -> b h w", h=h).repeat(1, 1, 2).flatten(1)
+        weight = 1.0 + (cfg.hole_weight - 1.0) * hole.float()
+        if cfg.loss_on == "target":
+            weight = weight * (~context_tokens(cfg.layout, grid, device=mask.device)).float()
+        return weight
+
     def semantic_tokens(self, pixels: torch.Tensor) -> SemanticTokens:
         latents = self.vae.encode(pixels)  # (B, C, h, w)
         return SemanticTokens(
@@ -260,11 +278,7 @@ def export_fill_model_dir(task: FillTask, source: str | Path, out: str | Path, s
     md, out = as_model_dir(source), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValidationError([Problem("out", out, "must be absent or empty")])
-    base = load_transformer(md)
-    with staged_copy(md.root, out, leave_out=("fill",), replace=True) as tmp:  # replaces an empty `out` only
-        if int(base.config.in_channels) == task.channels.latent:
-            shutil.rmtree(tmp / "transformer")
-            save_pretrained_readable(expand_to_fill(base, task.channels), tmp / "transformer")
+    with staged_fill_dir(md.root, out, replace=True) as (tmp, _):  # replaces an empty `out` only
         task.save(tmp)
         if md.index:
             run = f"{steps} steps" if steps is not None else "mpp train"

@@ -71,6 +71,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the latest complete checkpoint in out_dir
     init_from: str | None = None  # warm start: a checkpoint folder or a .safetensors of "<module>.<param>" keys
+    init_skip: tuple[str, ...] = ()  # key prefixes ("semantic", "transformer.x_embedder") init_from does not load
     progress: bool = True
     tensorboard: bool = True
 
@@ -93,6 +94,11 @@ class TrainConfig:
             problems.append(problem)
         if not isinstance(self.gradient_checkpointing, bool):
             problems.append(Problem("gradient_checkpointing", self.gradient_checkpointing, "must be true or false"))
+        skip = self.init_skip
+        if not isinstance(skip, list | tuple) or not all(isinstance(k, str) and k.strip() for k in skip):
+            problems.append(Problem("init_skip", skip, "must be a list of key prefixes (non-empty strings)"))
+        else:
+            self.init_skip = tuple(skip)
         if problems:
             raise ValidationError(problems)
 
@@ -185,6 +191,8 @@ class Trainer:
         path = Path(path)
         file = path / "trainable.safetensors" if path.is_dir() else path
         state = load_safetensors(file, "a warm-start checkpoint")
+        skip = self.config.init_skip
+        state = {k: v for k, v in state.items() if not any(k == p or k.startswith(p + ".") for p in skip)}
         report = KeyReport()
         modules = self.task.modules()
         for name, module in modules.items():
