@@ -1,8 +1,10 @@
-"""FillTask's loss weighting of the hole (`hole_weight`) and the gate warm start of a fresh SemanticCrossAttention
-(`semantic_gate_init`), the two knobs of the second toy fill stage (examples/train/toy-fill-semantic.yaml)."""
+"""The knobs of the second toy fill stage (examples/train/toy-fill-semantic.yaml): FillTask's loss weighting of the
+hole (`hole_weight`), the gate warm start of a fresh SemanticCrossAttention (`semantic_gate_init`) and its locality
+bias (`SemanticAttentionConfig.locality`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import torch
 
 from moviepostproduction.errors import ValidationError
 from moviepostproduction.fill.model import context_tokens
+from moviepostproduction.fill.semantic_attention import SemanticAttentionConfig, SemanticCrossAttention, grid_positions
+from moviepostproduction.fill.weights import FillWeightsConfig
 from moviepostproduction.toyworld.synthetic import ToyWorldConfig
 from moviepostproduction.toyworld.tiny import write_tiny_model_dir
 from moviepostproduction.toyworld.triptych import TriptychConfig
@@ -76,3 +80,54 @@ def test_the_second_stage_recipe_reads():
     recipe = Recipe.from_file(Path(__file__).resolve().parents[1] / "examples/train/toy-fill-semantic.yaml")
     assert recipe.fill["hole_weight"] == 4.0 and recipe.fill["semantic_gate_init"] == 0.25
     assert recipe.trainer["init_skip"] == ["semantic"] and recipe.init_from.endswith("step-003000")
+
+
+# ------------------------------------------------------------------------------------------- locality bias
+def local_attention(locality: float) -> SemanticCrossAttention:
+    torch.manual_seed(0)
+    sem = SemanticCrossAttention(SemanticAttentionConfig(64, 64, 8, True, locality=locality))
+    return sem
+
+
+def test_locality_keeps_the_identity_at_init_and_reads_the_map_where_the_token_is():
+    pos = grid_positions(8, 8)
+    x, s = torch.randn(1, 64, 64), torch.randn(1, 64, 64)
+    sem = local_attention(0.05)
+    assert torch.equal(sem(x, s, x_positions=pos, context_positions=pos), x)  # gate 0: exactly the identity
+    with torch.no_grad():
+        sem.gate.fill_(1.0)
+        base = sem(x, s, x_positions=pos, context_positions=pos)
+        far, near = s.clone(), s.clone()
+        far[:, 63] = torch.randn(64)  # the map token at (7, 7) (a new token: LayerNorm ignores a constant shift)
+        near[:, 1] = torch.randn(64)  # the map token at (0, 1), next to query (0, 0)
+        moved_far = sem(x, far, x_positions=pos, context_positions=pos)
+        moved_near = sem(x, near, x_positions=pos, context_positions=pos)
+    assert torch.allclose(moved_far[:, 0], base[:, 0], atol=1e-6)  # 7 cells away: no weight at w = 0.05
+    assert (moved_near[:, 0] - base[:, 0]).abs().max() > 1e-2
+    plain = local_attention(0.0)
+    with torch.no_grad():
+        plain.gate.fill_(1.0)
+        assert not torch.allclose(plain(x, far, x_positions=pos, context_positions=pos)[:, 0],
+                                  plain(x, s, x_positions=pos, context_positions=pos)[:, 0], atol=1e-6)  # fmt: skip
+
+
+def test_locality_with_a_padding_mask_and_its_config_round_trip():
+    pos = grid_positions(2, 2)
+    sem = local_attention(0.1)
+    with torch.no_grad():
+        sem.gate.fill_(1.0)
+        x, s = torch.randn(2, 4, 64), torch.randn(2, 4, 64)
+        mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
+        out = sem(x, s, x_positions=pos, context_positions=pos, context_mask=mask)
+        changed = s.clone()
+        changed[0, 2:] = torch.randn(2, 64)  # padded tokens
+        again = sem(x, changed, x_positions=pos, context_positions=pos, context_mask=mask)
+    assert torch.isfinite(out).all() and torch.equal(out, again) and torch.equal(out[1], x[1])
+    raw = {"layout": "diptych", "semantic": dataclasses.asdict(sem.cfg)}
+    assert FillWeightsConfig.from_dict(raw).semantic.locality == 0.1
+    with pytest.raises(ValueError, match="locality"):
+        SemanticAttentionConfig(64, 64, 8, locality=-1.0)
+    with pytest.raises(ValueError, match="x_positions"):
+        sem(x, s)
+    with pytest.raises(ValidationError, match="semantic_locality"):
+        FillTaskConfig(semantic_locality=-0.1)

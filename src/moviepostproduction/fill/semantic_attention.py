@@ -4,6 +4,12 @@ x + gate * Out(MHA(Q(LN(x) + P(x_pos)), K(LN(s) + P(s_pos)), V(LN(s)))), gate a 
 exactly the identity at init and the stock FLUX-Fill path is untouched until it learns (seed: "scale initialised
 to 0"). The token counts of x and s may differ (a diptych attends to one semantic panel).
 
+Locality (our addition, `locality` > 0, off by default): a fixed Gaussian bias -d^2 / (2 w^2) on the attention
+logits, d the panel-local distance between a latent token and a map token. With it each latent token reads the map
+around its own place from step 0; without it the attention starts near uniform (q/k random), the residual is
+then nearly the same offset everywhere (it says which classes the map holds, not where), and training did not
+make it local (docs/fill.md, "Why the map was not used").
+
 Position features P (our addition, on by default; `positional=False` gives the seed's form): without them the
 attention is blind to *where* a semantic colour sits (softmax attention is invariant to permuting its keys), so the
 map could only say *which* classes are present. P is a fixed Fourier embedding of panel-local normalised (y, x)
@@ -30,6 +36,7 @@ class SemanticAttentionConfig:
     heads: int = 8
     positional: bool = True
     eps: float = 1e-6
+    locality: float = 0.0  # width (panel units) of a Gaussian distance bias on the attention logits; 0: none
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.context_dim < 1 or self.heads < 1 or self.dim % self.heads:
@@ -37,6 +44,8 @@ class SemanticAttentionConfig:
                 f"SemanticAttentionConfig: dim={self.dim} must be a positive multiple of "
                 f"heads={self.heads}, context_dim={self.context_dim} positive"
             )
+        if not (math.isfinite(self.locality) and self.locality >= 0):
+            raise ValueError(f"SemanticAttentionConfig: locality={self.locality} must be a finite number >= 0")
 
 
 @dataclass
@@ -107,9 +116,9 @@ class SemanticCrossAttention(nn.Module):
         cfg = self.cfg
         qx, ks = self.norm_x(x), self.norm_s(context)
         vs = ks
+        if (cfg.positional or cfg.locality > 0) and (x_positions is None or context_positions is None):
+            raise ValueError("positional SemanticCrossAttention needs x_positions and context_positions")
         if cfg.positional:
-            if x_positions is None or context_positions is None:
-                raise ValueError("positional SemanticCrossAttention needs x_positions and context_positions")
             qx = qx + fourier_positions(x_positions, cfg.dim).to(qx.dtype)  # (N, dim) broadcast over B
             ks = ks + fourier_positions(context_positions, cfg.context_dim).to(ks.dtype)
         heads = "b n (h d) -> b h n d"
@@ -117,10 +126,13 @@ class SemanticCrossAttention(nn.Module):
         k = rearrange(self.k(ks), heads, h=cfg.heads)  # (B, H, M, d)
         v = rearrange(self.v(vs), heads, h=cfg.heads)  # (B, H, M, d)
         attn_mask, any_valid = None, None
+        if cfg.locality > 0:  # -d^2 / (2 w^2): each latent token reads the map around its own place
+            d2 = torch.cdist(x_positions.float(), context_positions.float()).pow(2)  # (N, M)
+            attn_mask = (-d2 / (2 * cfg.locality**2)).to(q.dtype)[None, None]  # (1, 1, N, M)
         if context_mask is not None:
             any_valid = context_mask.any(dim=1)  # (B,) a sample without semantic tokens gets no residual
-            keep = context_mask | ~any_valid[:, None]  # avoid an all-masked softmax row (NaN)
-            attn_mask = keep[:, None, None, :]  # (B, 1, 1, M)
+            keep = (context_mask | ~any_valid[:, None])[:, None, None, :]  # (B, 1, 1, M); no all-masked row (NaN)
+            attn_mask = keep if attn_mask is None else attn_mask.masked_fill(~keep, float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)
         out = self.out(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, dim)
         if any_valid is not None:

@@ -66,6 +66,7 @@ class FillTaskConfig:
     semantic: bool = True
     semantic_heads: int = 8
     semantic_positional: bool = True
+    semantic_locality: float = 0.0  # SemanticAttentionConfig.locality of a fresh module (0: none)
     train_x_embedder: bool = False  # needed when starting from a plain (non-fill) transformer
     lora_lr: float = 1e-4
     semantic_lr: float = 1e-4
@@ -88,6 +89,11 @@ class FillTaskConfig:
             ("max_text_tokens", self.max_text_tokens >= 1, "must be >= 1"),
             ("hole_weight", math.isfinite(self.hole_weight) and self.hole_weight > 0, "must be a positive number"),
             ("semantic_gate_init", math.isfinite(self.semantic_gate_init), "must be a finite number"),
+            (
+                "semantic_locality",
+                math.isfinite(self.semantic_locality) and self.semantic_locality >= 0,
+                "must be >= 0",
+            ),
         ]
         problems = [Problem(name, getattr(self, name), msg) for name, ok, msg in checks if not ok]
         if problems:
@@ -108,7 +114,11 @@ class FillTask:
         semantic = None
         if cfg.semantic:
             sem_cfg = SemanticAttentionConfig(
-                self.channels.latent, self.channels.latent, cfg.semantic_heads, cfg.semantic_positional
+                self.channels.latent,
+                self.channels.latent,
+                cfg.semantic_heads,
+                cfg.semantic_positional,
+                locality=cfg.semantic_locality,
             )
             semantic = SemanticCrossAttention(sem_cfg).to(next(transformer.parameters()).device)
             with torch.no_grad():
