@@ -90,3 +90,22 @@ def test_mpp_fill_without_model_uses_the_shipped_fill_model(tmp_path, monkeypatc
     assert f"[{label}]" in result.output and "noise" not in result.output
     got = np.asarray(Image.open(out))
     assert np.array_equal(got[mask == 0], plate[mask == 0])
+
+
+def test_comfyui_fill_nodes_default_to_the_shipped_fill_model(tmp_path, monkeypatch):
+    from moviepostproduction.comfyui import NODE_CLASS_MAPPINGS
+
+    monkeypatch.setenv("MPP_CACHE", str(tmp_path / "cache"))
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        loader = NODE_CLASS_MAPPINGS["MPPLoadFillModel"]()
+        (model,) = loader.load(model_dir="", device="cpu", dtype="fp32", refs=True)
+        assert model.root == default_fill_model_dir(tmp_path / "cache")
+        assert model.pipe.label == json.loads((SHIPPED_FILL_ASSETS / "model_index.json").read_text())["label"]
+        image = torch.full((1, 64, 64, 3), 0.8)
+        mask = torch.zeros(1, 64, 64)
+        mask[:, 16:48, 16:48] = 1.0
+        fill = NODE_CLASS_MAPPINGS["MPPFill"]()
+        out, used = getattr(fill, fill.FUNCTION)(
+            fill_model=model, image=image, prompt="a red circle", steps=2, seed=0, guidance=30.0, mask=mask
+        )
+    assert out.shape == (1, 64, 64, 3) and torch.equal(out[used == 0], image[used == 0])

@@ -1,6 +1,6 @@
 """The knobs of the second toy fill stage (examples/train/toy-fill-semantic.yaml): FillTask's loss weighting of the
 hole (`hole_weight`), the gate warm start of a fresh SemanticCrossAttention (`semantic_gate_init`) and its locality
-bias (`SemanticAttentionConfig.locality`)."""
+bias (`SemanticAttentionConfig.locality`) and where its residual goes (`residual_on`)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,21 @@ import pytest
 import torch
 
 from moviepostproduction.errors import ValidationError
-from moviepostproduction.fill.model import context_tokens
-from moviepostproduction.fill.semantic_attention import SemanticAttentionConfig, SemanticCrossAttention, grid_positions
+from moviepostproduction.fill.model import FillFlux, context_tokens
+from moviepostproduction.fill.semantic_attention import (
+    SemanticAttentionConfig,
+    SemanticCrossAttention,
+    SemanticTokens,
+    grid_positions,
+)
 from moviepostproduction.fill.weights import FillWeightsConfig
 from moviepostproduction.toyworld.synthetic import ToyWorldConfig
 from moviepostproduction.toyworld.tiny import write_tiny_model_dir
 from moviepostproduction.toyworld.triptych import TriptychConfig
 from moviepostproduction.training.fill_task import FillTask, FillTaskConfig
 from moviepostproduction.training.recipe import Recipe
+
+from helpers import flux_inputs, make_tiny_flux
 
 TOY = TriptychConfig(world=ToyWorldConfig(size=32, ref_size=16))
 BASE = dict(triptych=TOY, scenes=4, batch_size=2, max_text_tokens=8, train_x_embedder=True)
@@ -78,7 +85,7 @@ def test_bad_options_are_named(field, value, message):
 
 def test_the_second_stage_recipe_reads():
     recipe = Recipe.from_file(Path(__file__).resolve().parents[1] / "examples/train/toy-fill-semantic.yaml")
-    assert recipe.fill["hole_weight"] == 4.0 and recipe.fill["semantic_gate_init"] == 0.25
+    assert recipe.fill["hole_weight"] == 4.0 and recipe.fill["semantic_gate_init"] == 0.1 and recipe.fill["semantic_residual_on"] == "condition"
     assert recipe.trainer["init_skip"] == ["semantic"] and recipe.init_from.endswith("step-003000")
 
 
@@ -131,3 +138,33 @@ def test_locality_with_a_padding_mask_and_its_config_round_trip():
         sem(x, s)
     with pytest.raises(ValidationError, match="semantic_locality"):
         FillTaskConfig(semantic_locality=-0.1)
+
+
+# ------------------------------------------------------------------------------------ residual placement
+def test_a_condition_residual_changes_only_the_masked_image_latent():
+    transformer = make_tiny_flux(in_channels=384, out_channels=64)
+    cfg = SemanticAttentionConfig(64, 64, 8, True, locality=0.1, residual_on="condition")
+    model = FillFlux(transformer, SemanticCrossAttention(cfg))
+    kw = flux_inputs(1, (2, 4), 5)
+    latents = kw.pop("hidden_states")
+    cond = torch.randn(1, 8, 320, generator=torch.Generator().manual_seed(1))
+    tokens = SemanticTokens(torch.randn(1, 4, 64), grid_positions(2, 2))
+    seen = []
+
+    def capture(module, args, kwargs):
+        seen.append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone())
+
+    transformer.register_forward_pre_hook(capture, with_kwargs=True)
+    run = dict(**kw, semantic=tokens, latent_positions=grid_positions(2, 4, panels=2))
+    with torch.no_grad():
+        model(latents, cond, **run)
+        model.semantic.gate.fill_(0.5)
+        model(latents, cond, **run)
+    assert torch.equal(seen[0], torch.cat([latents, cond], 2))  # gate 0: exactly the stock input
+    assert torch.equal(seen[1][..., :64], latents)  # the noisy latent is left alone
+    assert not torch.allclose(seen[1][..., 64:128], cond[..., :64])  # the masked-image latent carries the map
+    assert torch.equal(seen[1][..., 128:], cond[..., 64:])  # the mask channels are left alone
+    with pytest.raises(ValueError, match="residual_on"):
+        SemanticAttentionConfig(64, 64, residual_on="text")
+    with pytest.raises(ValidationError, match="semantic_residual_on"):
+        FillTaskConfig(semantic_residual_on="text")

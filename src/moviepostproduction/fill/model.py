@@ -224,13 +224,14 @@ class FillFlux(nn.Module):
         if semantic is not None:
             if self.semantic is None:
                 raise ValueError("semantic tokens given but this FillFlux has no SemanticCrossAttention")
-            x = self.semantic(
-                x,
-                semantic.tokens,
-                x_positions=latent_positions,
-                context_positions=semantic.positions,
-                context_mask=semantic.mask,
-            )
+            where = {"x_positions": latent_positions, "context_positions": semantic.positions}
+            if self.semantic.cfg.residual_on == "condition":  # the masked-image latent: noise free
+                width = x.shape[-1]
+                masked = self.semantic(condition[..., :width].to(x.dtype), semantic.tokens, **where,
+                                       context_mask=semantic.mask)  # fmt: skip
+                condition = torch.cat([masked, condition[..., width:].to(x.dtype)], dim=2)
+            else:
+                x = self.semantic(x, semantic.tokens, **where, context_mask=semantic.mask)
         hidden = torch.cat([x, condition.to(x.dtype)], dim=2)  # (B, N, 2 x 4C + 4 f^2)
         if conditioning is not None and conditioning.num_refs > 0:
             if self.conditioned is None:

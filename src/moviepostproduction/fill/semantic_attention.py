@@ -10,6 +10,12 @@ around its own place from step 0; without it the attention starts near uniform (
 then nearly the same offset everywhere (it says which classes the map holds, not where), and training did not
 make it local (docs/fill.md, "Why the map was not used").
 
+Where the residual goes (`residual_on`, read by FillFlux): "latent", the seed's place, adds it to the noisy latent,
+where it competes with the noise (unit variance in every channel) and early in sampling is drowned by it;
+"condition" (our addition) adds it to the masked-image latent of the FLUX-Fill condition instead, which is noise
+free (in the hole and on a diptych's generated panel it is the constant latent of grey), so the map arrives clean
+at every step. The queries are then those condition tokens.
+
 Position features P (our addition, on by default; `positional=False` gives the seed's form): without them the
 attention is blind to *where* a semantic colour sits (softmax attention is invariant to permuting its keys), so the
 map could only say *which* classes are present. P is a fixed Fourier embedding of panel-local normalised (y, x)
@@ -29,6 +35,9 @@ from torch import nn
 __all__ = ["SemanticAttentionConfig", "SemanticCrossAttention", "SemanticTokens", "fourier_positions", "grid_positions"]
 
 
+RESIDUAL_ON = ("latent", "condition")
+
+
 @dataclass(frozen=True)
 class SemanticAttentionConfig:
     dim: int = 64  # packed latent channels of the query tokens (4 x 16 on FLUX)
@@ -37,6 +46,7 @@ class SemanticAttentionConfig:
     positional: bool = True
     eps: float = 1e-6
     locality: float = 0.0  # width (panel units) of a Gaussian distance bias on the attention logits; 0: none
+    residual_on: str = "latent"  # FillFlux adds the residual to the noisy latent (seed) or to the masked-image latent
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.context_dim < 1 or self.heads < 1 or self.dim % self.heads:
@@ -44,6 +54,8 @@ class SemanticAttentionConfig:
                 f"SemanticAttentionConfig: dim={self.dim} must be a positive multiple of "
                 f"heads={self.heads}, context_dim={self.context_dim} positive"
             )
+        if self.residual_on not in RESIDUAL_ON:
+            raise ValueError(f"SemanticAttentionConfig: residual_on={self.residual_on!r} is not one of {RESIDUAL_ON}")
         if not (math.isfinite(self.locality) and self.locality >= 0):
             raise ValueError(f"SemanticAttentionConfig: locality={self.locality} must be a finite number >= 0")
 

@@ -35,6 +35,7 @@ from moviepostproduction.fill.model import (
 )
 from moviepostproduction.fill.pipeline import FillPipeline
 from moviepostproduction.fill.semantic_attention import (
+    RESIDUAL_ON,
     SemanticAttentionConfig,
     SemanticCrossAttention,
     SemanticTokens,
@@ -67,6 +68,7 @@ class FillTaskConfig:
     semantic_heads: int = 8
     semantic_positional: bool = True
     semantic_locality: float = 0.0  # SemanticAttentionConfig.locality of a fresh module (0: none)
+    semantic_residual_on: str = "latent"  # SemanticAttentionConfig.residual_on: "latent" (seed) or "condition"
     train_x_embedder: bool = False  # needed when starting from a plain (non-fill) transformer
     lora_lr: float = 1e-4
     semantic_lr: float = 1e-4
@@ -89,6 +91,7 @@ class FillTaskConfig:
             ("max_text_tokens", self.max_text_tokens >= 1, "must be >= 1"),
             ("hole_weight", math.isfinite(self.hole_weight) and self.hole_weight > 0, "must be a positive number"),
             ("semantic_gate_init", math.isfinite(self.semantic_gate_init), "must be a finite number"),
+            ("semantic_residual_on", self.semantic_residual_on in RESIDUAL_ON, f"must be one of {RESIDUAL_ON}"),
             (
                 "semantic_locality",
                 math.isfinite(self.semantic_locality) and self.semantic_locality >= 0,
@@ -119,6 +122,7 @@ class FillTask:
                 cfg.semantic_heads,
                 cfg.semantic_positional,
                 locality=cfg.semantic_locality,
+                residual_on=cfg.semantic_residual_on,
             )
             semantic = SemanticCrossAttention(sem_cfg).to(next(transformer.parameters()).device)
             with torch.no_grad():
