@@ -85,7 +85,8 @@ def test_bad_options_are_named(field, value, message):
 
 def test_the_second_stage_recipe_reads():
     recipe = Recipe.from_file(Path(__file__).resolve().parents[1] / "examples/train/toy-fill-semantic.yaml")
-    assert recipe.fill["hole_weight"] == 4.0 and recipe.fill["semantic_gate_init"] == 0.1 and recipe.fill["semantic_residual_on"] == "condition"
+    assert recipe.fill["hole_weight"] == 4.0 and recipe.fill["semantic_gate_init"] == 0.1
+    assert recipe.fill["semantic_residual_on"] == "condition" and recipe.fill["semantic_locality"] == 0.1
     assert recipe.trainer["init_skip"] == ["semantic"] and recipe.init_from.endswith("step-003000")
 
 
