@@ -169,3 +169,27 @@ def test_a_condition_residual_changes_only_the_masked_image_latent():
         SemanticAttentionConfig(64, 64, residual_on="text")
     with pytest.raises(ValidationError, match="semantic_residual_on"):
         FillTaskConfig(semantic_residual_on="text")
+
+
+def test_a_warm_started_fill_export_counts_the_steps_of_the_whole_chain(tiny_dir, tmp_path):
+    import json
+
+    from moviepostproduction.training.recipe import run_recipe
+
+    def recipe(name: str, steps: int, init_from: str | None) -> Recipe:
+        trainer = {"max_steps": steps, "checkpoint_every": steps, "sample_every": steps, "log_every": 1,
+                   "progress": False, "tensorboard": False}  # fmt: skip
+        if init_from:
+            trainer["init_skip"] = ["semantic"]
+        text = {"task": "fill", "model": str(tiny_dir), "data": "unused", "out": str(tmp_path / name),
+                "stage": "all", "export": str(tmp_path / f"{name}-export"), "init_from": init_from,
+                "trainer": trainer, "fill": {"train_x_embedder": True, "scenes": 2, "batch_size": 2,
+                "max_text_tokens": 8, "sample_count": 1, "sample_steps": 1,
+                "triptych": {"world": {"size": 32, "ref_size": 16}}}}  # fmt: skip
+        (tmp_path / f"{name}.json").write_text(json.dumps(text))
+        return Recipe.from_file(tmp_path / f"{name}.json")
+
+    run_recipe(recipe("first", 2, None))
+    run_recipe(recipe("second", 1, str(tmp_path / "first" / "checkpoints" / "step-000002")))
+    label = json.loads((tmp_path / "second-export" / "model_index.json").read_text())["label"]
+    assert label.startswith("fill model (3 steps, task fill)"), label

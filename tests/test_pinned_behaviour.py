@@ -4,6 +4,7 @@ Recorded once with `python tests/test_pinned_behaviour.py --record` (issue 39, b
 every later run must reproduce them exactly on CPU fp32 (max abs diff 0). Re-record only for a deliberate change of
 behaviour, and say so in the commit. The panoramas pass reference guidance and noise temperature 1 explicitly: they
 were recorded when panorama ignored the model dir's sampling defaults (tests/test_sampling_defaults.py covers those).
+Re-recorded in issue 43 for the retrained shipped NanoDiT: only the two vary tensors changed.
 """
 
 from __future__ import annotations

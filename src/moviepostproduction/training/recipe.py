@@ -317,7 +317,8 @@ def run_recipe(recipe: Recipe, *, checked: bool = False) -> TrainResult:
         task = FillTask.from_model_dir(recipe.model, _fill_config(recipe))
         result = Trainer(task, _trainer_config(recipe)).run()
         if recipe.export:
-            logger.info("exported %s", export_fill_model_dir(task, recipe.model, recipe.export, result.step))
+            steps = result.step + (warm_start_steps(recipe.init_from) or 0)  # counted from the chain's start
+            logger.info("exported %s", export_fill_model_dir(task, recipe.model, recipe.export, steps))
         return result
     if recipe.task == "vary":
         from moviepostproduction.training.vary_task import VaryTaskConfig, build_vary_task
