@@ -41,14 +41,14 @@ def eval_grid(scenes, images: dict[str, list[np.ndarray]], rows: int = 6) -> Ima
     return image_grid(tiles, columns=1 + len(images))
 
 
-def markdown_table(rows: list[dict], columns: tuple[str, ...] | list[str]) -> str:
+def markdown_table(rows: list[dict], columns: tuple[str, ...] | list[str], nan: str = "-") -> str:
     """Markdown table of `rows` over `columns`: strings and integers as they are, other numbers to 3 decimals, a
-    NaN score (nothing to judge) as '-'."""
+    NaN score (nothing to judge) as `nan`."""
 
     def cell(value) -> str:
         if isinstance(value, str | int):
             return str(value)
-        return "-" if math.isnan(value) else f"{value:.3f}"
+        return nan if math.isnan(value) else f"{value:.3f}"
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
@@ -78,7 +78,7 @@ def format_table(rows: list[dict]) -> str:
     fg identity (seen pairs) | fg identity (unseen pairs) | leakage | refs."""
     cols = ["model", "IoU", "centre error", "fg identity", "fg colour", "fg shape", "fg identity (seen pairs)",
             "fg identity (unseen pairs)", "leakage", "refs"]  # fmt: skip
-    return markdown_table(rows, cols)
+    return markdown_table(rows, cols, nan="nan")
 
 
 def samples_csv(scores: list[Scored]) -> str:
