@@ -14,6 +14,7 @@ from moviepostproduction.toyworld.dense_eval import (
     evaluate_counts,
     parse_counts,
 )
+from moviepostproduction.toyworld.eval_report import markdown_table
 from moviepostproduction.toyworld.synthetic import ToyWorldConfig
 
 COLUMNS = ("refs per scene", "IoU", "centre error", "fg identity", "collapse rate", "fg DINO similarity", "refs",
@@ -32,11 +33,7 @@ def table_rows(scores: dict) -> list[dict]:
 
 
 def format_dense_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        cells = [row[c] if isinstance(row[c], int) else f"{row[c]:.3f}" for c in COLUMNS]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, COLUMNS, nan="nan")
 
 
 def plot_by_count(rows: list[dict], size: tuple[int, int] = (560, 360)) -> Image.Image:
