@@ -196,8 +196,16 @@ def test_mpp_eval_task_fill_is_mpp_eval_fill_and_an_unknown_task_or_compose_opti
     direct = CliRunner().invoke(app, ["eval-fill", *same, "--out", str(tmp_path / "b")])
     assert via_eval.exit_code == direct.exit_code == 0, via_eval.output
     assert (tmp_path / "a" / "eval.md").read_text() == (tmp_path / "b" / "eval.md").read_text()
+    refs = ["--refs", "--variants", "pasted", "--n", "2", "--steps", "1"]
+    via_eval = CliRunner().invoke(app, ["eval", "--task", "fill", *refs, "--out", str(tmp_path / "c")])
+    direct = CliRunner().invoke(app, ["eval-fill", *refs, "--out", str(tmp_path / "d")])
+    assert via_eval.exit_code == direct.exit_code == 0, via_eval.output
+    assert (tmp_path / "c" / "eval.md").read_text() == (tmp_path / "d" / "eval.md").read_text()
+    assert "| pasted |" in (tmp_path / "c" / "eval.md").read_text()
     for args, expected in (
         (["--task", "vary-ish"], "--task: expected one of compose, fill, vary"),
+        (["--task", "vary", "--refs"], "--refs: is an option of --task fill only (got True)"),
+        (["--refs"], "--refs: is an option of --task fill only (got True)"),
         (["--task", "fill", "--leak-scenes", "3"], "--leak-scenes: is not an option of --task fill"),
     ):
         result = CliRunner().invoke(app, ["eval", *args])

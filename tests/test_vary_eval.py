@@ -23,6 +23,7 @@ from moviepostproduction.toyworld.vary_eval import (
     generate_cell,
     heldout_refs,
     score_cell,
+    vae_round_trip,
     variant_inputs,
 )
 from moviepostproduction.toyworld.vary_metrics import (
@@ -148,19 +149,48 @@ def test_cli_writes_the_tables_samples_and_grids(model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == {"eval.md", "eval.json", "samples.csv", "grid.png", "sweep.png"}
     report = json.loads((out / "eval.json").read_text())
-    assert [r["variant"] for r in report["rows"]] == [*GENERATED, "references", "scenes"]
+    assert [r["variant"] for r in report["rows"]] == [*GENERATED, "references", "scenes", "vae-roundtrip"]
     assert [(r["s_T"], r["s_I"]) for r in report["sweep"]] == [(1.0, 1.5), (4.0, 1.5)]
     model_row = report["rows"][0]
     assert model_row == {**report["sweep"][1], "variant": "model"}  # the default cell is the model row
     assert [(r["s_T"], r["s_I"]) for r in report["rows"][2:]] == [(None, 1.5), (None, 1.5), (4.0, None),
-                                                                  (None, None), (None, None)]  # fmt: skip
+                                                                  (None, None), (None, None), (None, None)]  # fmt: skip
     rows = list(csv.DictReader((out / "samples.csv").open()))
-    assert len(rows) == 5 * 4 + 2 * 2 + 2 * 4  # variants x refs x seeds, ceilings once per ref, sweep cells
+    assert len(rows) == 5 * 4 + 3 * 2 + 2 * 4  # variants x refs x seeds, ceilings once per ref, sweep cells
     assert "| model | 4 | 1.5 |" in (out / "eval.md").read_text() and "| references | - | - | 1.000 | 1.000" in (
         result.output
     )
     assert Image.open(out / "grid.png").size == (32 * 7, 32 * 2)  # input, scene, 5 variants; a row per ref
     assert Image.open(out / "sweep.png").size == (2 * 32 + 2 + 4, 3 * (32 + 4))
+
+
+def test_ceilings_alone_sample_nothing(model_dir, tmp_path):
+    out = tmp_path / "eval"
+    args = ["eval-vary", "--model", str(model_dir), "--n", "2", "--seeds", "2", "--out", str(out),
+            "--variants", "references,vae-roundtrip"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    assert [r["variant"] for r in report["rows"]] == ["references", "vae-roundtrip"] and report["sweep"] == []
+    assert report["rows"][0]["shape kept"] == 1.0 and report["rows"][1]["samples"] == 2
+    assert {p.name for p in out.iterdir()} == {"eval.md", "eval.json", "samples.csv"}  # no generated rows: no grids
+
+
+def test_the_vae_ceiling_is_the_model_dirs_own_round_trip(model_dir):
+    from diffusers import AutoencoderKL
+
+    from moviepostproduction.model_dir import as_model_dir
+
+    md = as_model_dir(model_dir)
+    scenes = np.stack([generate_scene(i, 0, ToyWorldConfig(size=32, ref_size=32)).image for i in range(3)])
+    out = vae_round_trip(md, scenes)
+    assert out.shape == scenes.shape and out.dtype == np.uint8
+    vae = AutoencoderKL.from_pretrained(md.path("vae"), local_files_only=True).eval()
+    with torch.no_grad():
+        x = torch.from_numpy(scenes[1:2]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    expected = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()[0]
+    assert np.abs(out[1].astype(int) - expected.astype(int)).max() <= 1  # one scene alone vs in a batch of three
 
 
 @pytest.mark.parametrize(

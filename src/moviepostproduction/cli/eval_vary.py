@@ -9,7 +9,8 @@ from moviepostproduction.cli.common import DEVICE_HELP, DTYPE_HELP, STEPS_HELP, 
 VARIANTS_HELP = (
     "Comma separated: model (text + DINO CLS + patches), no-patches (patches replaced by the learned null), "
     "image-only (CLS + patches, no text), cls-only (no patches, no text), text-only, references (the input images: "
-    "the ceiling of the reading rules), scenes (each ref's held-out scene)."
+    "the ceiling of the reading rules), scenes (each ref's held-out scene), vae-roundtrip (those scenes through the "
+    "model dir's VAE: the ceiling of its latent space)."
 )
 
 
@@ -21,7 +22,9 @@ def eval_vary(
     seeds: int = typer.Option(4, "--seeds", help="Variations per ref (diversity needs >= 2)."),
     steps: int = typer.Option(28, "--steps", help=STEPS_HELP),
     variants: str = typer.Option(
-        "model,no-patches,image-only,cls-only,text-only,references,scenes", "--variants", help=VARIANTS_HELP
+        "model,no-patches,image-only,cls-only,text-only,references,scenes,vae-roundtrip",
+        "--variants",
+        help=VARIANTS_HELP,
     ),
     out: str | None = typer.Option(
         None, "--out", help="Write eval.md, eval.json, samples.csv, grid.png and sweep.png here."

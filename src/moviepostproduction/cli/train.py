@@ -209,6 +209,9 @@ def eval_(
     canvas: int | None = typer.Option(
         None, "--canvas", help="With --refs-per-scene: the dense scenes' side in pixels [320]."
     ),
+    refs: bool = typer.Option(
+        False, "--refs", help="With --task fill: reference insertion (IoU / identity of inserted refs), as eval-fill."
+    ),
 ) -> None:
     """Bbox alignment (IoU, centre error), fg identity (also on seen / unseen shape-colour pairs) and leakage of a
     toy-world model and its ablations; with --refs-per-scene, the same per ref count on dense scenes."""
@@ -224,6 +227,7 @@ def eval_(
     check_options(
         *(Problem(flag, value, f"must be at most {most}") for flag, value, most in counts if value > most),
         Problem("--leak-scenes", leak_scenes, "must be >= 0") if leak_scenes < 0 else None,
+        Problem("--refs", refs, "is an option of --task fill only") if refs and task != "fill" else None,
         steps=steps,
         ref_guidance=ref_guidance,
         noise_temperature=noise_temperature,
@@ -233,8 +237,9 @@ def eval_(
                         "--first-seed": (first_seed, 0), "--leak-scenes": (leak_scenes, 25),
                         "--ref-guidance": (ref_guidance, None), "--noise-temperature": (noise_temperature, None),
                         "--refs-per-scene": (refs_per_scene, None), "--canvas": (canvas, None)}  # fmt: skip
+        fill_only = {"refs": refs} if refs else {}
         for line in other_task_eval(task, compose_only, model=model, n=n, seeds=seeds, steps=steps,
-                                    variants=variants, out=out):  # fmt: skip
+                                    variants=variants, out=out, **fill_only):  # fmt: skip
             typer.echo(line)
         return
     if refs_per_scene is not None:

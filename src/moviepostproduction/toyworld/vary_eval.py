@@ -18,9 +18,11 @@ striped star", what a user types), the scene's caption or none. Per variation (t
 Variants at the default scales: `model` (text + CLS + patches, dual CFG), `no-patches` (the patches replaced by the
 learned `patch_null`, exactly what CFG dropout feeds for a dropped image, the CLS kept), `image-only` (CLS +
 patches, no text: image guidance), `cls-only` (no patches, no text), `text-only` (image dropped), and the ceilings
-`references` (the input images read by the same rules) and `scenes` (the held-out scene each ref came from).
-The sweep runs `model` over text scale x image scale. Seed j of the ref from scene i draws the noise of seed
-i + SEED_STRIDE * j, the same in every variant and cell, so rows differ only by the conditioning.
+`references` (the input images read by the same rules), `scenes` (the held-out scene each ref came from) and
+`vae-roundtrip` (those scenes through the model dir's VAE, encode and decode: what a NanoDiT that drew the scene's own
+latent would score, the ceiling of the latent space). The sweep runs `model` over text scale x image scale. Seed j
+of the ref from scene i draws the noise of seed i + SEED_STRIDE * j, the same in every variant and cell, so rows
+differ only by the conditioning.
 """
 
 from __future__ import annotations
@@ -56,11 +58,12 @@ __all__ = [
     "heldout_refs",
     "run_vary_eval",
     "score_cell",
+    "vae_round_trip",
     "variant_inputs",
 ]
 
 GENERATED = ("model", "no-patches", "image-only", "cls-only", "text-only")  # sampled by NanoDiT
-VARIANTS = (*GENERATED, "references", "scenes")  # + the ceilings: images read, nothing sampled
+VARIANTS = (*GENERATED, "references", "scenes", "vae-roundtrip")  # + the ceilings: images read, nothing sampled
 INPUTS = ("sprite", "scene")
 CAPTIONS = ("sprite", "scene", "none")
 WORLD_SEED = 0  # the seed of train_vary's default run; the held-out split never reaches training whatever the seed
@@ -250,6 +253,19 @@ MAX_REFS = 10_000  # `--n`
 MAX_SEEDS = 64  # `--seeds`
 
 
+def vae_round_trip(model_dir, images: np.ndarray, *, device: str = "cpu") -> np.ndarray:
+    """(N, H, W, 3) uint8 -> the same through the model dir's VAE in fp32 (posterior mode, decoded, uint8)."""
+    from diffusers import AutoencoderKL
+
+    from moviepostproduction.encoders.frozen import load_frozen
+    from moviepostproduction.toyworld.toy_vae import reconstruct_uint8
+
+    vae = load_frozen(AutoencoderKL, model_dir, "vae", torch.float32).to(device)
+    with torch.no_grad():
+        out = reconstruct_uint8(vae, torch.from_numpy(images).permute(0, 3, 1, 2))  # (N, 3, H, W)
+    return out.permute(0, 2, 3, 1).numpy()
+
+
 def run_vary_eval(
     *,
     model: str | None,
@@ -325,12 +341,14 @@ def run_vary_eval(
         return score_cell(score, refs, pictures, cls.reshape(*pictures.shape[:2], -1), input_cls)
 
     ceilings = {"references": np.stack([r.image for r in refs]), "scenes": np.stack([r.scene for r in refs])}
+    if "vae-roundtrip" in chosen:
+        ceilings["vae-roundtrip"] = vae_round_trip(md, ceilings["scenes"], device=device)
     scores = [
         scored(v, images[(v, *default)], *default) if v in GENERATED else scored(v, ceilings[v][:, None], None, None)
         for v in chosen
     ]
-    sweep = [scored("model", images[("model", s_t, s_i)], s_t, s_i) for s_t in t_scales for s_i in i_scales]
-    sweep = sweep if "model" in chosen else []
+    swept = [(s_t, s_i) for s_t in t_scales for s_i in i_scales] if "model" in chosen else []
+    sweep = [scored("model", images[("model", s_t, s_i)], s_t, s_i) for s_t, s_i in swept]
     for cell in sweep:
         cell.name = "sweep"  # samples.csv: the sweep's rows apart from the variant rows
     rows, sweep_rows = [s.row() for s in scores], [s.row() for s in sweep]
