@@ -12,6 +12,7 @@ import pytest
 
 from moviepostproduction.errors import ValidationError
 from moviepostproduction.toyworld.compose_eval import heldout_scenes
+from moviepostproduction.toyworld.shards import ToySample
 from moviepostproduction.toyworld.synthetic import GENERATOR_VERSION, ToyWorldConfig, generate_scene
 
 
@@ -93,6 +94,13 @@ def test_dense_scenes_are_deterministic_and_captions_name_the_nearest_four(tmp_p
     assert [r.caption in a.caption for r in a.refs] == [True] * 4 + [False] * 8
     (_, scene), *_ = heldout_scenes(1, 5, cfg, tmp_path, start=3)
     assert [r.caption for r in scene.refs] == [r.caption for r in a.refs[:4]] + [None] * 8
+    # training (the cache build) reads the same: a phrase for the refs the caption names, none for the others
+    sample = ToySample("k", a.image, [r.image for r in a.refs], a.image, a.image[..., 0], a.meta())
+    assert sample.ref_captions == [r.caption for r in a.refs[:4]] + [None] * 8
+    plain = generate_scene(3, 5, ToyWorldConfig(), split="heldout")  # the default world names every ref
+    assert ToySample("k", plain.image, [], plain.image, plain.image[..., 0], plain.meta()).ref_captions == [
+        r.caption for r in plain.refs
+    ]
 
 
 def test_prepare_data_dense_writes_the_dense_world_and_is_toy_only(tmp_path):

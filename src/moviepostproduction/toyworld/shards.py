@@ -54,8 +54,10 @@ class ToySample:
         return [r["depth"] for r in self.meta["refs"]]
 
     @property
-    def ref_captions(self) -> list[str]:
-        return [r["caption"] for r in self.meta["refs"]]
+    def ref_captions(self) -> list[str | None]:
+        """Each ref's phrase where the scene caption names it, else None (a dense world's caption names only its
+        nearest `caption_refs`; the others are conditioned by image and box alone, as `mpp eval` gives them)."""
+        return [r["caption"] if r["caption"] in self.caption else None for r in self.meta["refs"]]
 
 
 def encode_png(array: np.ndarray) -> bytes:
