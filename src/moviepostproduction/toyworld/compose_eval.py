@@ -33,7 +33,13 @@ from moviepostproduction.toyworld.eval_report import choice_problems, eval_grid,
 from moviepostproduction.toyworld.metrics import bbox_iou, box_crop, centre_error, leakage
 from moviepostproduction.toyworld.shards import encode_png
 from moviepostproduction.toyworld.sprite_match import classify_sprite, locate_sprite, parts_match
-from moviepostproduction.toyworld.synthetic import HELDOUT_COMBOS, ToyScene, ToyWorldConfig, generate_scene
+from moviepostproduction.toyworld.synthetic import (
+    HELDOUT_COMBOS,
+    ToyScene,
+    ToyWorldConfig,
+    generate_scene,
+    named_phrase,
+)
 
 VARIANTS = ("model", "layout-only", "modulation-only", "untrained", "vae-roundtrip")
 MIN_VISIBLE_FOR_IDENTITY = 0.9  # an fg sprite the layout itself hides in part cannot be judged by its shape
@@ -86,9 +92,8 @@ def heldout_scenes(
         refs = []
         for r, ref in enumerate(toy.refs):
             (sub / f"ref{r}.png").write_bytes(encode_png(ref.image))
-            named = ref.caption in toy.caption  # a dense world's caption names only its nearest refs (caption_refs)
             refs.append({"image": f"ref{r}.png", "bbox": list(ref.bbox), "depth": ref.depth,
-                         "caption": ref.caption if named else None})  # fmt: skip
+                         "caption": named_phrase(ref.caption, toy.caption)})  # fmt: skip
         height, width = toy.image.shape[:2]
         data = {"caption": toy.caption, "width": width, "height": height, "seed": i, "refs": refs}
         out.append((toy, scene_from_dict(data, base_dir=sub)))

@@ -23,7 +23,13 @@ from PIL import Image
 from moviepostproduction.datasets.real_format import tar_samples
 from moviepostproduction.errors import MppError, Problem, ValidationError
 from moviepostproduction.files import write_json_atomic
-from moviepostproduction.toyworld.synthetic import GENERATOR_VERSION, ToyScene, ToyWorldConfig, generate_scene
+from moviepostproduction.toyworld.synthetic import (
+    GENERATOR_VERSION,
+    ToyScene,
+    ToyWorldConfig,
+    generate_scene,
+    named_phrase,
+)
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -55,9 +61,8 @@ class ToySample:
 
     @property
     def ref_captions(self) -> list[str | None]:
-        """Each ref's phrase where the scene caption names it, else None (a dense world's caption names only its
-        nearest `caption_refs`; the others are conditioned by image and box alone, as `mpp eval` gives them)."""
-        return [r["caption"] if r["caption"] in self.caption else None for r in self.meta["refs"]]
+        """Each ref's phrase where the scene caption names it, else None (`synthetic.named_phrase`)."""
+        return [named_phrase(r["caption"], self.caption) for r in self.meta["refs"]]
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -37,6 +37,7 @@ __all__ = [
     "ToyScene",
     "ToyWorldConfig",
     "generate_scene",
+    "named_phrase",
 ]
 
 # Bump whenever a change alters any generated pixel or label; the shard manifest records it.
@@ -117,6 +118,12 @@ def describe(colour: str, pattern: str, shape: str) -> str:
     """Caption of one sprite: "a red striped star", "an orange ring"."""
     phrase = " ".join(w for w in (colour, _PATTERN_WORDS[pattern], shape) if w)
     return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+
+
+def named_phrase(phrase: str, caption: str) -> str | None:
+    """A ref's phrase where the scene caption names it, else None: a dense world's caption names only its nearest
+    `caption_refs` refs, and the others are conditioned by image and box alone (in training and in `mpp eval`)."""
+    return phrase if phrase in caption else None
 
 
 def _join(phrases: list[str]) -> str:
