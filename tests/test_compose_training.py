@@ -336,7 +336,8 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
         app, [*args, "--split", "train", "--start", "5", "--variants", "model", "--noise-temperature", "1"]
     )
     assert validation.exit_code == 0
-    assert "train split, scenes 5-6, 2 steps, ref guidance 2, noise temperature 1, " in validation.output
+    world = "train split of the model's toy world (64 px, 1-2 refs), scenes 5-6, "  # the scenes' size and counts
+    assert world + "2 steps, ref guidance 2, noise temperature 1, " in validation.output
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["model", "layout-only", "modulation-only", "untrained", "vae-roundtrip"]
     assert math.isnan(rows[-1]["leakage"])  # the round trip generates nothing: leakage is not defined

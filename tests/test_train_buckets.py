@@ -265,7 +265,7 @@ def test_a_cache_of_other_image_encoders_is_refused(world, tmp_path):
 @pytest.mark.parametrize(
     ("value", "line"),
     [
-        ("fast", "buckets: must be auto, null (no buckets) or a mapping {area, step, max_ratio} (got 'fast')"),
+        ("fast", "buckets: must be auto, native, null (no buckets) or a mapping {area, step, max_ratio} (got 'fast')"),
         ({"area": 100}, "buckets: need area >= step^2, step a multiple of 16, max_ratio >= 1"),
         ({"step": "64"}, "buckets.step: must be an integer (got '64')"),
         ({"size": 3}, "buckets.size: unknown key (known: area, step, max_ratio)"),

@@ -5,7 +5,9 @@ As the SDXL and FLUX trainers do (SDXL report, section 2.3 "multi-aspect trainin
 own (compared in log space, so 2:1 and 1:2 are equally far from 1:1), is scaled to cover it and centre-cropped.
 Batches are drawn from one bucket at a time, so every batch stacks. In training, the feature cache fits each target
 to its bucket when it is built (`fit_bucket`, training/feature_cache.py) with the recipe's `BucketSpec`
-(training/cache_key.py: `auto` reads the split's sizes from its scene files, `target_sizes`).
+(training/cache_key.py: `auto` reads the split's sizes from its scene files, `target_sizes`). With `buckets: native`
+(`NATIVE`) every target keeps its own size and is its own bucket: a data set made of a few sizes (the toy world's
+128 px scenes beside its 320 px dense ones) trains at each of them, one size per batch.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ def bucket_for(width: int, height: int, buckets: list[Bucket]) -> Bucket:
     return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - aspect), 12), -b[0] * b[1], -b[0]))
 
 
+def native_size_problem(width: int, height: int, multiple: int) -> str | None:
+    """Why a target cannot train at its own size (`buckets: native`), None when it can: both sides must be
+    multiples of `multiple` pixels (the VAE's downsampling times the patch size: 16 for FLUX)."""
+    if width % multiple or height % multiple:
+        return f"{width}x{height} px: with buckets: native both sides must be multiples of {multiple}"
+    return None
+
+
 def cover_crop(width: int, height: int, bucket: Bucket) -> tuple[float, float, float]:
     """How a `width` x `height` image fills `bucket`: (scale, left, top): scaled by `scale` to cover it, then the
     bucket's window starts at (left, top) pixels of the scaled image (centred)."""
@@ -74,6 +84,7 @@ def bucket_bbox(
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
+NATIVE = "native"  # recipe `buckets: native`: every target is its own bucket, trained at the size it has
 DEFAULT_AREA = 1024 * 1024  # FLUX.1's training resolution
 SMALL_AREA = 256 * 256  # below it the automatic buckets step by 16 pixels, not 64
 

@@ -287,7 +287,8 @@ def run_eval(
         f"in training, {rows[0]['fg refs (unseen pairs)'] // seeds} with a held-out pair"
     )
     lines = [
-        f"{split} split, scenes {start}-{start + n - 1}, {steps} steps, ref guidance {guidance:g}, "
+        f"{split} split of the model's toy world ({cfg.size} px, {cfg.min_refs}-{cfg.max_refs} refs), scenes "
+        f"{start}-{start + n - 1}, {steps} steps, ref guidance {guidance:g}, "
         f"noise temperature {temperature:g}, model {md.root}" + (f", adapter {md.adapter.root}" if adapter else ""),
         table,
         counts,

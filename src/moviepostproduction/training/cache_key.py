@@ -11,7 +11,9 @@ Recipe `buckets:` (docs/training.md, "Cached features"):
   area when smaller: a split is never upscaled past its largest target); the toy world's single-size shards are not
   bucketed;
 - `null` or `false`: no buckets (every scene of a split must share one size);
-- `{area: 1048576, step: 64, max_ratio: 4}` (each key optional): these buckets, for any data set.
+- `{area: 1048576, step: 64, max_ratio: 4}` (each key optional): these buckets, for any data set;
+- `native`: every target trains at its own size (sides multiples of 16 px), one size per batch: for a data set of a
+  few sizes, such as toy scenes at 128 px mixed with dense ones at 320 px (docs/training.md).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from moviepostproduction.datasets.buckets import BucketSpec, target_sizes
+from moviepostproduction.datasets.buckets import NATIVE, BucketSpec, target_sizes
 from moviepostproduction.errors import Problem, ValidationError
 
 BUCKET_KEYS = {"area": int, "step": int, "max_ratio": (int, float)}
@@ -29,10 +31,10 @@ SAMPLED = 1 << 20  # bytes of a weight file hashed at its middle and at its end
 
 def buckets_problem(name: str, value: object) -> Problem | None:
     """The one-line problem of a recipe `buckets:` value, None when it is usable."""
-    if value is None or value is False or value == "auto":
+    if value is None or value is False or value in ("auto", NATIVE):
         return None
     if not isinstance(value, dict):
-        return Problem(name, value, "must be auto, null (no buckets) or a mapping {area, step, max_ratio}")
+        return Problem(name, value, "must be auto, native, null (no buckets) or a mapping {area, step, max_ratio}")
     for key, item in value.items():
         kind = BUCKET_KEYS.get(key)
         if kind is None:
@@ -58,12 +60,13 @@ def _largest_target(train: Path, limit: int | None) -> int:
     return max((w * h for w, h in target_sizes(train, limit)), default=0)
 
 
-def resolve_buckets(value: object, data: str | Path, limit: int | None) -> BucketSpec | None:
-    """The buckets a cache of data set `data` is built with (module docstring); `limit`: the train samples used."""
+def resolve_buckets(value: object, data: str | Path, limit: int | None) -> BucketSpec | str | None:
+    """The buckets a cache of data set `data` is built with (module docstring): a spec, `NATIVE` or None; `limit`:
+    the train samples used."""
     from moviepostproduction.training.sample_stream import is_real
 
-    if value is None or value is False:
-        return None
+    if value is None or value is False or value == NATIVE:
+        return value or None
     if isinstance(value, dict):
         return BucketSpec(**value)
     train = Path(data) / "train"

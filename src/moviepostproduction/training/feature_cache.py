@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from moviepostproduction.datasets.buckets import Bucket, fit_bucket
+from moviepostproduction.datasets.buckets import NATIVE, Bucket, fit_bucket, native_size_problem
 from moviepostproduction.errors import WeightsError
 from moviepostproduction.sampling import pack_latents
 from moviepostproduction.scene import DEPTHS
@@ -191,10 +191,11 @@ def encoded_parts(
     workers: int = 1,
     patches: bool = True,
     progress: bool = True,
-    buckets: list[Bucket] | None = None,
+    buckets: list[Bucket] | str | None = None,
 ) -> Iterator[tuple[dict[str, torch.Tensor], tuple[int, int] | None]]:
     """(encoded part, token grid) per batch of samples skip .. limit - 1 of a shard dir, in order; with `buckets`,
-    (bucketed part, None): every target fitted to its bucket, the part in the bucketed layout (feature_shards.py)."""
+    (bucketed part, None): every target fitted to its bucket (`NATIVE`: kept at its own size), the part in the
+    bucketed layout (feature_shards.py)."""
     from tqdm import tqdm
 
     total = None if limit is None else max(0, limit - skip)
@@ -222,7 +223,11 @@ def encoded_parts(
         return encode(pending), grid_of(pending[0])
 
     for sample in iter_samples(shards, skip=skip, limit=limit, workers=workers):
-        if buckets is not None:
+        if buckets == NATIVE:
+            height, width = sample.scene.shape[:2]
+            if problem := native_size_problem(width, height, 2 * vae.downsample):
+                raise WeightsError(f"{shards}: a target of {problem} (recipe `buckets:`)")
+        elif buckets is not None:
             sample, lost = in_bucket(sample, buckets)
             dropped += lost
         pending.append(sample)
@@ -299,12 +304,12 @@ def write_cache(
     workers: int = 1,
     patches: bool = True,
     progress: bool = True,
-    buckets: list[Bucket] | None = None,
+    buckets: list[Bucket] | str | None = None,
 ) -> ShardedFeatures:
     """The cache folder `root` of a shard dir, written shard by shard; a folder left by an interrupted build of the
     same `meta` continues after its last complete shard. `encoders`: a `cache_encoders.CacheEncoders`; `buckets`:
-    resolution buckets (None: every scene of the split must share one size). `meta` should name the buckets, so
-    that a build is only resumed with the same ones."""
+    resolution buckets (None: every scene of the split must share one size; `NATIVE`: each keeps its own).
+    `meta` should name the buckets, so that a build is only resumed with the same ones."""
     writer = ShardWriter.resume(root, meta, shard_size, info=encoders.info)
     if writer.done:
         logger.info("%s: resuming after %d cached samples", root, writer.done)

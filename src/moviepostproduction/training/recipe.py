@@ -10,7 +10,7 @@
     limit: null                   # use the first N training scenes
     cache_workers: 1              # processes decoding the shards for the feature cache (the encoders run once, here)
     cache_device: auto            # where the cache's encoders run: auto (cuda if available, in bf16), cpu, cuda[:N]
-    buckets: auto                 # resolution buckets of real data: auto, null (off), {area, step, max_ratio}
+    buckets: auto                 # resolution buckets: auto, native (own sizes), null (off), {area, step, max_ratio}
     init_from: null               # warm start (checkpoint folder or .safetensors)
     adapter: {}                   # ConditioningConfig changes to the adapter it starts from (e.g. box_patch_rank: 64)
     adapter_dir: null             # adapter folder to start from (init-adapter's, a stage's export); null: MODEL/adapter
@@ -184,6 +184,7 @@ def _trainer_config(recipe: Recipe) -> TrainConfig:
 def cached_features(recipe: Recipe, split: str, encoders, limit: int | None, patches: bool):
     """Open the cache folder OUT/cache/SPLIT/, or build it from the shards (resuming an interrupted build), with the
     buckets of the data set's train split (training/cache_key.py) for either split."""
+    from moviepostproduction.datasets.buckets import BucketSpec
     from moviepostproduction.training.cache_key import cache_meta, resolve_buckets
     from moviepostproduction.training.feature_cache import open_cache, write_cache
 
@@ -194,7 +195,8 @@ def cached_features(recipe: Recipe, split: str, encoders, limit: int | None, pat
         return cache
     spec = resolve_buckets(recipe.buckets, recipe.data, recipe.limit)
     sizes = {"max_refs": recipe.max_refs, "max_text_tokens": recipe.max_text_tokens, "limit": limit}
-    sizes |= {"buckets": spec.buckets if spec else None, "workers": recipe.cache_workers, "patches": patches}
+    buckets = spec.buckets if isinstance(spec, BucketSpec) else spec  # None, NATIVE or the spec's (w, h) list
+    sizes |= {"buckets": buckets, "workers": recipe.cache_workers, "patches": patches}
     return write_cache(Path(recipe.data) / split, root, encoders, meta=meta, **sizes)
 
 
