@@ -156,3 +156,10 @@ def test_the_cache_estimate_takes_explicit_buckets_larger_than_the_stored_target
     larger = Recipe(model="m", data="d", out="o", buckets={"area": 1024 * 1024, "step": 64, "max_ratio": 4})
     assert recipe_preflight.manifest_samples(auto, manifest) == (12, 512 * 512)
     assert recipe_preflight.manifest_samples(larger, manifest) == (12, 1024 * 1024)
+
+
+def test_the_cache_estimate_of_a_mixed_toy_set_takes_its_largest_scenes():
+    """scripts/mix_toy_data.py keeps the first source's world (128 px) and lists every source: 320 px scenes count."""
+    sources = [{"config": {"size": 128}}, {"config": {"size": 320}}]
+    manifest = {"splits": {"train": {"count": 4}}, "config": {"size": 128}, "mixed_from": sources}
+    assert recipe_preflight.manifest_samples(Recipe(model="m", data="d", out="o"), manifest) == (4, 320 * 320)

@@ -105,8 +105,9 @@ def manifest_samples(recipe, manifest: dict) -> tuple[int, int]:
     train = int(splits.get("train", {}).get("count", 0))
     heldout = int(splits.get("heldout", {}).get("count", 0))
     config = manifest.get("config", {})
-    if isinstance(config.get("size"), int):  # the toy world: square scenes
-        pixels = config["size"] ** 2
+    if isinstance(config.get("size"), int):  # the toy world: square scenes (mixed sets: each source, mix_toy_data.py)
+        sides = [source.get("config", {}).get("size") for source in manifest.get("mixed_from", [])]
+        pixels = max(side for side in [config["size"], *sides] if isinstance(side, int)) ** 2
     else:
         pixels = int(config.get("max_pixels", UNKNOWN_PIXELS))
         if isinstance(recipe.buckets, dict) and isinstance(area := recipe.buckets.get("area"), int):
