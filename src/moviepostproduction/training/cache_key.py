@@ -65,8 +65,10 @@ def resolve_buckets(value: object, data: str | Path, limit: int | None) -> Bucke
     the train samples used."""
     from moviepostproduction.training.sample_stream import is_real
 
-    if value is None or value is False or value == NATIVE:
-        return value or None
+    if value == NATIVE:
+        return NATIVE
+    if value is None or value is False:
+        return None
     if isinstance(value, dict):
         return BucketSpec(**value)
     train = Path(data) / "train"
