@@ -5,6 +5,7 @@ what `mpp fill` and the Python API use without a model dir."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -50,6 +51,30 @@ def test_assembly_gives_back_the_fill_dir_it_was_cut_from(tmp_path):
     got, want = tensors(out / "transformer"), tensors(full / "transformer")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert json.loads((out / "transformer" / "config.json").read_text())["in_channels"] == 384
+
+
+def test_assembly_over_a_newer_base_takes_the_fill_models_own_base_parts(tmp_path):
+    """assets/base/ (the transformer and adapter the fill model was trained on) replace the base dir's before the
+    widening: the dir assembled over another model has the fill export's transformer, adapter and fill/; the base's
+    other folders (encoders, VAE) are the base's."""
+    trained_on = tiny_random_model_dir(tmp_path / "a", seed=0)
+    newer = tiny_random_model_dir(tmp_path / "b", seed=1)
+    full = write_fill_model_dir(trained_on, tmp_path / "full", layout="diptych", seed=3)
+    assets = tmp_path / "assets"
+    shutil.copytree(full / "fill", assets / "fill")
+    shutil.copy2(full / "model_index.json", assets / "model_index.json")
+    for part in ("transformer", "adapter"):
+        shutil.copytree(trained_on / part, assets / "base" / part)
+
+    out = assemble_fill_model_dir(newer, assets, tmp_path / "out")
+    for part in ("transformer", "adapter", "fill"):
+        got, want = tensors(out / part), tensors(full / part)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), part
+    got, want = tensors(out / "vae"), tensors(newer / "vae")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    theirs, ours = tensors(newer / "adapter"), tensors(trained_on / "adapter")
+    assert any(not torch.equal(theirs[k], ours[k]) for k in ours)  # the base's adapter was another one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "assets", "b", "full", "out"]  # no work dir left
 
 
 def test_default_fill_model_is_the_shipped_one_built_once(tmp_path):

@@ -199,6 +199,44 @@ def test_batches_hold_one_bucket_each_and_drop_each_buckets_remainder(world, tmp
     assert [b.tolist() for b in single.batches(3, seed=5)] == [order[:1].tolist()]
 
 
+def test_batch_tokens_sizes_each_buckets_batches_by_its_token_count(world, tmp_path):
+    """`batch_tokens` (issue 44): a batch of grid (h, w) holds max(1, batch_tokens // (h w)) samples, so the 4x4
+    bucket (4 samples) and the 3x5 and 5x3 ones (3 and 2) batch by 3 at 48 tokens, leaving the 5x3 bucket out; one
+    sample a batch when a grid alone is over the budget; batches stay one grid each and the same for (seed, epoch)."""
+    root, data, md, enc = world
+    cache = build(world, tmp_path / "c")
+    model = ConditionedFlux(load_transformer(md), CompositionAdapter.from_pretrained(md.adapter.root))
+
+    def epoch(tokens: int | None, size: int = 2) -> list[list[int]]:
+        task = ComposeTask(model, cache, config=ComposeTaskConfig(batch_size=size, batch_tokens=tokens))
+        batches = [b.tolist() for b in task.batches(0, seed=5)]
+        assert batches == [b.tolist() for b in task.batches(0, seed=5)]
+        assert all(len({cache.grid_of(b)}) == 1 for b in batches)
+        return batches
+
+    assert epoch(32) == epoch(None)  # 32 tokens: 2 of every grid here, as batch_size 2
+    by_grid = sorted((cache.grid_of(b), len(b)) for b in epoch(48, size=7))  # batch_size is not used
+    assert by_grid == [((3, 5), 3), ((4, 4), 3)]
+    singles = epoch(10)
+    assert sorted(len(b) for b in singles) == [1] * 9 and len({i for b in singles for i in b}) == 9
+
+
+@pytest.mark.parametrize(
+    ("value", "line"),
+    [
+        (0, "compose.batch_tokens: must be an integer >= 1 (or null: batch_size) (got 0)"),
+        (-3, "compose.batch_tokens: must be an integer >= 1 (or null: batch_size) (got -3)"),
+        (2.5, "compose.batch_tokens: must be an integer or null (got 2.5)"),
+        ("many", "compose.batch_tokens: must be an integer or null (got 'many')"),
+    ],
+)
+def test_a_bad_batch_tokens_is_one_line(tmp_path, value, line):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "data": "d", "out": "o", "compose": {"batch_tokens": value}}))
+    result = invoke_cli(["train", str(path)])
+    assert result.exit_code == 2 and line in result.output and "Traceback" not in result.output, result.output
+
+
 def test_stage_1_trains_on_three_buckets_and_its_previews_span_two(world, tmp_path):
     """`mpp train` stage 1 on the tiny FLUX replica with `buckets: auto` (the default): the caches are bucketed at
     the largest square within the largest target (96 x 48 -> 64^2 = SPEC), the stage-1 step runs on batches of three

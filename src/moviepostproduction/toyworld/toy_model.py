@@ -151,16 +151,31 @@ def default_fill_model_dir(cache_dir: str | Path | None = None, *, assets: str |
     return build_once(cache / f"toy-fill-{key}", lambda d: assemble_fill_model_dir(base, assets, d))
 
 
+FILL_BASE_FOLDER = "base"  # assets/toy-fill/base: the trained parts of the toy model the fill model was trained on
+
+
 def assemble_fill_model_dir(base: str | Path, assets: str | Path, out: str | Path) -> Path:
     """A fill model dir at `out` from the plain model dir `base` it was trained on and its fill training's own
     files (`assets`: fill/ and model_index.json, as `export_fill_model_dir` wrote them): the same dir as that
-    export, whose transformer is `base`'s widened to the fill input."""
+    export, whose transformer is `base`'s widened to the fill input. When the shipped toy model has moved on since
+    the fill model was trained, `assets` also holds base/ (that model's transformer/ and adapter/), which replace
+    `base`'s folders of the same names first."""
     import shutil
+    import tempfile
 
     from moviepostproduction.fill.weights import FILL_FOLDER, staged_fill_dir
 
-    assets = Path(assets)
-    with staged_fill_dir(base, out) as (tmp, _):
-        shutil.copytree(assets / FILL_FOLDER, tmp / FILL_FOLDER)
-        shutil.copy2(assets / "model_index.json", tmp / "model_index.json")
-    return Path(out)
+    assets, out = Path(assets), Path(out)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-base-", dir=out.parent) as work:
+        own = assets / FILL_BASE_FOLDER
+        if own.is_dir():
+            merged = Path(work) / "base"
+            shutil.copytree(base, merged)
+            for part in sorted(p for p in own.iterdir() if p.is_dir()):
+                shutil.rmtree(merged / part.name, ignore_errors=True)
+                shutil.copytree(part, merged / part.name)
+            base = merged
+        with staged_fill_dir(base, out) as (tmp, _):
+            shutil.copytree(assets / FILL_FOLDER, tmp / FILL_FOLDER)
+            shutil.copy2(assets / "model_index.json", tmp / "model_index.json")
+    return out

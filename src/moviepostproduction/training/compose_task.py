@@ -52,6 +52,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 @dataclass
 class ComposeTaskConfig:
     batch_size: int = 16
+    batch_tokens: int | None = None  # a batch of token grid (h, w) holds max(1, batch_tokens // (h w)) samples instead
     drop_refs: float = 0.1  # samples trained with no refs at all
     drop_caption: float = 0.0  # samples trained with the empty caption instead of theirs (true CFG, negative "")
     aux_prob: float = 0.25  # micro-batches that also get identity / bbox losses (they decode x0)
@@ -143,26 +144,34 @@ class ComposeTask:
         return [{"params": params, "lr": spec.lr}]
 
     def batches(self, epoch: int, seed: int):
-        """Batches of `batch_size` sample indices in a random order of (seed, epoch). Of a bucketed cache: the
-        order is walked and each sample joins its bucket's open batch, which is yielded when full, so the buckets
-        interleave at random and a bucket's last `len % batch_size` samples of the epoch are left out (as the
-        remainder of the whole order is for a cache of one grid, whose batches this rule leaves as they were)."""
+        """Batches of sample indices in a random order of (seed, epoch), each of one token grid, `batch_size` samples
+        (or `batch_size_of` the grid with `batch_tokens`). Of a bucketed cache: the order is walked and each sample
+        joins its bucket's open batch, which is yielded when full, so the buckets interleave at random and a bucket's
+        last `len % size` samples of the epoch are left out (as the remainder of the whole order is for a cache of
+        one grid, whose batches this rule leaves as they were)."""
         g = torch.Generator().manual_seed(seed * 7919 + epoch)
         order = torch.randperm(len(self.cache), generator=g)
-        bs = self.config.batch_size
         grids = self.cache.sample_grids()  # (N, 2)
         if bool((grids == grids[:1]).all()):
+            bs = self.batch_size_of(tuple(grids[0].tolist()))
             for i in range(0, len(order) - bs + 1, bs):
                 yield order[i : i + bs]
             return
         keys = (grids[:, 0] * (int(grids[:, 1].max()) + 1) + grids[:, 1]).tolist()  # one int per grid
+        sizes = {key: self.batch_size_of(tuple(grid)) for key, grid in zip(keys, grids.tolist(), strict=True)}
         open_batches: dict[int, list[int]] = {}
         for i in order.tolist():
             batch = open_batches.setdefault(keys[i], [])
             batch.append(i)
-            if len(batch) == bs:
+            if len(batch) == sizes[keys[i]]:
                 yield torch.tensor(batch)
                 open_batches[keys[i]] = []
+
+    def batch_size_of(self, grid: tuple[int, int]) -> int:
+        """Samples in a batch of token `grid`: `batch_size`, or with `batch_tokens` as many as fit that many image
+        tokens (at least 1), so that small buckets train on as many tokens a step as large ones."""
+        tokens = self.config.batch_tokens
+        return self.config.batch_size if tokens is None else max(1, tokens // (grid[0] * grid[1]))
 
     # -------------------------------------------------------------------------------------------- model
     @property

@@ -22,7 +22,8 @@
     trainer: {max_steps: 4000, checkpoint_every: 500, sample_every: 500, log_every: 20, seed: 0}
                                   # TrainConfig; lr_scale: 0.2 runs every stage LR at a fifth
     compose: {batch_size: 16}     # ComposeTaskConfig; drop_caption: 0.15 trains 15 % of the samples on the empty
-                                  # caption (for true CFG with the negative prompt "")
+                                  # caption (for true CFG with the negative prompt ""); batch_tokens: 4096 sizes
+                                  # each bucket's batches by image tokens (docs/training.md, "Resolution buckets")
 
 Relative paths are relative to the current directory. Every field is checked when the file is read, before anything
 loads (training/recipe_checks.py: types, bounds, seeds in [0, 2**64), the task's stages; one line per bad field), and
@@ -148,6 +149,9 @@ def _task_config(recipe: Recipe):
         for name in ("drop_refs", "drop_caption")
         if name in values and not is_probability(values[name])
     ]
+    tokens = values.get("batch_tokens")  # its type is checked with the recipe's other fields
+    if isinstance(tokens, int) and tokens < 1:
+        problems.append(Problem("compose.batch_tokens", tokens, "must be an integer >= 1 (or null: batch_size)"))
     if problems:
         raise ValidationError(problems)
     return dataclass_from(ComposeTaskConfig, values, "compose")
