@@ -153,7 +153,7 @@ class ComposeTask:
         order = torch.randperm(len(self.cache), generator=g)
         grids = self.cache.sample_grids()  # (N, 2)
         if bool((grids == grids[:1]).all()):
-            bs = self.batch_size_of(tuple(grids[0].tolist()))
+            bs = self.batch_size_of(tuple(grids[0].tolist())) if len(grids) else self.config.batch_size  # empty: none
             for i in range(0, len(order) - bs + 1, bs):
                 yield order[i : i + bs]
             return
