@@ -324,6 +324,14 @@ def test_mpp_train_recipe_caches_trains_exports_and_the_export_composes(world, t
     assert CliRunner().invoke(app, ["train", str(tmp_path / "r2.yaml")]).exit_code == 0
     assert json.loads((tmp_path / "e2" / "model_index.json").read_text())["trained_steps"] == 4
     assert ComposePipeline.from_model_dir(tmp_path / "e2").label.endswith(", 4 steps)")
+    # Or a run on the first model dir starts from the export's weights (init_from: a model dir), its cache kept.
+    warm = {**recipe, "out": str(tmp_path / "run3"), "export": str(tmp_path / "e3"), "init_from": cycle["model"]}
+    (tmp_path / "r3.yaml").write_text(yaml.safe_dump({**warm, "trainer": {**recipe["trainer"], "max_steps": 1}}))
+    assert CliRunner().invoke(app, ["train", str(tmp_path / "r3.yaml")]).exit_code == 0
+    report = json.loads((tmp_path / "run3" / "warm_start.json").read_text())
+    trained = load_safetensors(tmp_path / "run" / "checkpoints" / "step-000003" / "trainable.safetensors")
+    assert sorted(report["loaded"]) == sorted(trained) and report["missing"] == report["unexpected"] == []
+    assert json.loads((tmp_path / "e3" / "model_index.json").read_text())["trained_steps"] == 4
 
     args = ["eval", "--model", str(tmp_path / "exported"), "--n", "2", "--steps", "2", "--leak-scenes", "1"]
     scored = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "eval")])
@@ -562,6 +570,11 @@ def test_warm_start_steps_follow_the_chain_of_checkpoints(tmp_path):
     assert warm_start_steps(None) == 0 and warm_start_steps(first) == 35000 and warm_start_steps(second) == 52750
     assert warm_start_steps(checkpoint("c", 5, str(tmp_path / "gone"))) is None  # a broken chain: unknown
     assert warm_start_steps(checkpoint("d", 5, str(tmp_path / "d"))) is None  # a loop
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model_index.json").write_text(json.dumps({"trained_steps": 162000}))
+    assert warm_start_steps(checkpoint("e", 1500, str(tmp_path / "export"))) == 163500  # a chain from an export
+    (tmp_path / "export" / "model_index.json").write_text(json.dumps({"label": "no count"}))
+    assert warm_start_steps(str(tmp_path / "export")) is None
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples" / "train").glob("*.yaml")))

@@ -129,6 +129,31 @@ def test_warm_start_loads_matching_keys_and_reports_the_rest(tmp_path):
         Trainer(LinearTask(), config(tmp_path / "s3", init_from=str(tmp_path / "absent.safetensors"))).run()
 
 
+def test_warm_start_from_a_model_dir_reads_the_trained_modules_folders_only(tmp_path):
+    from moviepostproduction.files import save_safetensors
+
+    trained = {k: torch.randn(v.shape) for k, v in LinearTask().net.state_dict().items()}
+    model = tmp_path / "model"
+    (model / "net").mkdir(parents=True)
+    (model / "frozen").mkdir()
+    (model / "model_index.json").write_text("{}")
+    save_safetensors({k: trained[k] for k in ("0.weight", "0.bias")}, model / "net" / "part-00001-of-00002.safetensors")
+    save_safetensors({k: trained[k] for k in ("2.weight", "2.bias")}, model / "net" / "part-00002-of-00002.safetensors")
+    save_safetensors({"weight": torch.zeros(4, 4), "bias": torch.zeros(4)}, model / "frozen" / "model.safetensors")
+    task = LinearTask()
+    frozen = task.frozen.weight.detach().clone()
+    report = Trainer(task, config(tmp_path / "s", init_from=str(model))).warm_start(model)
+    assert sorted(report.loaded) == sorted(f"net.{k}" for k in trained) and report.missing == []
+    assert all(torch.equal(task.net.state_dict()[k], v) for k, v in trained.items())  # both shards
+    assert torch.equal(task.frozen.weight, frozen)  # not trained: its folder is not read
+    (model / "net" / "part-00001-of-00002.safetensors").unlink()
+    (model / "net" / "part-00002-of-00002.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"model: a model dir with no \.safetensors in net/"):
+        Trainer(LinearTask(), config(tmp_path / "s2", init_from=str(model))).warm_start(model)
+    with pytest.raises(WeightsError, match=r"missing .*trainable\.safetensors"):
+        Trainer(LinearTask(), config(tmp_path / "s3")).warm_start(tmp_path)  # neither a checkpoint nor a model dir
+
+
 def test_init_skip_leaves_the_named_keys_at_init(tmp_path):
     first = Trainer(LinearTask(), config(tmp_path / "s1", stage="first", max_steps=2)).run()
     trained = CheckpointStore.load(first.checkpoint).trainable

@@ -187,3 +187,27 @@ def read_state(state_file: Path) -> dict:
     if problems:
         raise WeightsError(f"{state_file}: {problems[0]} ({advice})")
     return state
+
+
+def warm_start_state(path: str | Path, modules: list[str]) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The "<module>.<param>" tensors a warm start reads, and what it read them from.
+
+    `path` is a checkpoint folder (its trainable.safetensors), a .safetensors of such keys, or a model dir a run
+    exported (`model_index.json` beside one folder per module: transformer/, adapter/, ...). From a model dir each
+    named module's folder gives every .safetensors in it (a sharded transformer too), its keys prefixed with the
+    module's name; `modules` names the folders to read (the trained ones), so a frozen backbone is not read twice.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path, load_safetensors(path, "a warm-start checkpoint")
+    if (path / "trainable.safetensors").is_file() or not (path / "model_index.json").is_file():
+        file = path / "trainable.safetensors"
+        return file, load_safetensors(file, "a checkpoint folder's trainable parameters, or a model dir")
+    state: dict[str, torch.Tensor] = {}
+    for name in modules:
+        for file in sorted((path / name).glob("*.safetensors")):
+            state.update({f"{name}.{k}": v for k, v in load_safetensors(file, f"{name} weights").items()})
+    if not state:
+        folders = ", ".join(f"{name}/" for name in modules)
+        raise WeightsError(f"{path}: a model dir with no .safetensors in {folders} (expected the trained modules)")
+    return path, state

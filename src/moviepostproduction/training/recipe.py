@@ -11,7 +11,7 @@
     cache_workers: 1              # processes decoding the shards for the feature cache (the encoders run once, here)
     cache_device: auto            # where the cache's encoders run: auto (cuda if available, in bf16), cpu, cuda[:N]
     buckets: auto                 # resolution buckets: auto, native (own sizes), null (off), {area, step, max_ratio}
-    init_from: null               # warm start (checkpoint folder or .safetensors)
+    init_from: null               # warm start (checkpoint folder, .safetensors or an exported model dir)
     adapter: {}                   # ConditioningConfig changes to the adapter it starts from (e.g. box_patch_rank: 64)
     adapter_dir: null             # adapter folder to start from (init-adapter's, a stage's export); null: MODEL/adapter
     init_adapter: null            # {clip: DIR, dino: DIR[, copy_encoders, seed]}: create adapter_dir before training
@@ -368,10 +368,17 @@ def steps_before(recipe: Recipe, source) -> int | None:
 
 def warm_start_steps(init_from: str | None) -> int | None:
     """Optimiser steps behind a warm-start checkpoint, following each checkpoint's own `init_from` back to a start
-    from scratch (0 without a warm start). None when a link of the chain is not a readable checkpoint folder."""
+    from scratch or to an exported model dir (its `trained_steps`); 0 without a warm start. None when a link of the
+    chain is neither a readable checkpoint folder nor a model dir with a count."""
     total, seen = 0, set()
     while init_from:
-        state_file = Path(init_from) / "state.json"
+        state_file, index_file = Path(init_from) / "state.json", Path(init_from) / "model_index.json"
+        if not state_file.is_file() and index_file.is_file():  # an exported model dir: its label's count ends it
+            try:
+                value = json.loads(index_file.read_text()).get("trained_steps")
+            except (OSError, ValueError, AttributeError):
+                return None
+            return total + value if isinstance(value, int) and value >= 0 else None
         if init_from in seen or not state_file.is_file():
             return None
         seen.add(init_from)

@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 from moviepostproduction.errors import MppError, Problem, ValidationError
-from moviepostproduction.files import KeyReport, load_matching, load_safetensors, write_json_atomic, write_text_atomic
+from moviepostproduction.files import KeyReport, load_matching, write_json_atomic, write_text_atomic
 from moviepostproduction.sampling import is_positive_number
 from moviepostproduction.training.checkpoints import (
     CheckpointStore,
     copy_named_tensors,
     load_optimizer_state,
     optimizer_state,
+    warm_start_state,
 )
 from moviepostproduction.training.ema import EmaWeights
 from moviepostproduction.training.engines import end_accelerator, make_engine, swap_params
@@ -70,7 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the latest complete checkpoint in out_dir
-    init_from: str | None = None  # warm start: a checkpoint folder or a .safetensors of "<module>.<param>" keys
+    init_from: str | None = None  # warm start: checkpoint folder, .safetensors of "<module>.<param>" keys, model dir
     init_skip: tuple[str, ...] = ()  # key prefixes ("semantic", "transformer.x_embedder") init_from does not load
     progress: bool = True
     tensorboard: bool = True
@@ -187,14 +188,14 @@ class Trainer:
         copy_named_tensors(self.named_params(), self.engine.like(state, self.named_params()), where, "trainable")
 
     def warm_start(self, path: str | Path) -> KeyReport:
-        """Load every matching "<module>.<param>" tensor; report missing / unexpected / shape-mismatched keys."""
-        path = Path(path)
-        file = path / "trainable.safetensors" if path.is_dir() else path
-        state = load_safetensors(file, "a warm-start checkpoint")
+        """Load every matching "<module>.<param>" tensor (checkpoint, .safetensors or exported model dir); report
+        missing / unexpected / shape-mismatched keys."""
+        modules = self.task.modules()
+        trained = [n for n, m in modules.items() if any(p.requires_grad for p in m.parameters())]
+        file, state = warm_start_state(path, trained)
         skip = self.config.init_skip
         state = {k: v for k, v in state.items() if not any(k == p or k.startswith(p + ".") for p in skip)}
         report = KeyReport()
-        modules = self.task.modules()
         for name, module in modules.items():
             own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
             part = load_matching(module, self.engine.like(own, module.state_dict()))
