@@ -191,8 +191,8 @@ class Trainer:
         """Load every matching "<module>.<param>" tensor (checkpoint, .safetensors or exported model dir); report
         missing / unexpected / shape-mismatched keys."""
         modules = self.task.modules()
-        trained = [n for n, m in modules.items() if any(p.requires_grad for p in m.parameters())]
-        file, state = warm_start_state(path, trained)
+        trained_modules = [n for n, m in modules.items() if any(p.requires_grad for p in m.parameters())]
+        file, state = warm_start_state(path, trained_modules)
         skip = self.config.init_skip
         state = {k: v for k, v in state.items() if not any(k == p or k.startswith(p + ".") for p in skip)}
         report = KeyReport()
