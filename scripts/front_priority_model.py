@@ -7,8 +7,8 @@ Where boxes overlap, a fg ref weighs e^FG_PRIORITY against 1 for mg and bg refs 
 compose/modules/occlusion.py), and within one depth label each ref listed earlier weighs e^K times the next
 (`--order-priority K`; scene files list refs front to back). --grounding-ratio sets the fraction of the sampling
 steps that run Assemble-Attn. No weight changes: the adapter's tensors are copied as they are, and the model index's
-label says what was set. The shipped toy model is the 149000-step model through this script
-(scripts/train_toy_model.sh).
+label says what was set. The shipped toy model is the dense export (examples/train/toy-mixed5.yaml) through this
+script, as the 149000-step model before it was (scripts/train_toy_model.sh).
 """
 
 from __future__ import annotations

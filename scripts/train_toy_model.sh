@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the shipped toy-world model (src/moviepostproduction/assets/toy-model) from nothing, on CPU.
 # Steps: data -> frozen encoders + VAE -> backbone + adapter (mpp train, 6 recipes) -> NanoDiT (vary) -> box patches
-# (mpp train, 3 recipes) -> fg occlusion priority and layout window (sampling) -> package.
+# (mpp train, 3 recipes) -> fg occlusion priority and layout window (sampling) -> the 149000-step model -> dense
+# scenes (mpp train, 1 recipe) -> package.
 # Wall time on the 2-core CI-class CPU: see docs/toy-model.md. Every step resumes if re-run.
 set -euo pipefail
 THREADS=${THREADS:-2}
@@ -37,3 +38,20 @@ rm -rf build/toy-model-front-ship
 python scripts/front_priority_model.py build/toy-model build/toy-model-front-ship --fg-priority 3.00048828125 \
     --grounding-ratio 0.6 --order-priority 3
 python scripts/ship_toy_model.py build/toy-model-front-ship
+# Dense scenes (issue 44): the 149000-step model is kept as build/toy-model-149k (the toy fill recipes train on it,
+# and assets/toy-fill/base/ holds its transformer and adapter), then trained 6000 steps on 128 px toy scenes and
+# 320 px dense ones (1-16 refs) together; the export gets the same sampling settings and replaces it in the package.
+rm -rf build/toy-model-149k
+cp -r src/moviepostproduction/assets/toy-model build/toy-model-149k
+mpp prepare-data --dense --out build/dense-data --n 4000 --seed 0 --heldout-frac 0.05 --shard-size 1000 --overwrite
+mpp prepare-data --out build/toy-data-13k --n 13200 --seed 0 --max-refs 3 --heldout-frac 0.05 --shard-size 2000 \
+    --overwrite
+rm -rf build/mixed-data-13k
+python scripts/mix_toy_data.py --out build/mixed-data-13k build/toy-data-13k build/dense-data:2
+OMP_NUM_THREADS=$THREADS mpp train examples/train/toy-mixed5.yaml
+rm -rf build/toy-model-dense-ship
+python scripts/front_priority_model.py build/toy-model-mixed5 build/toy-model-dense-ship --fg-priority 3.00048828125 \
+    --grounding-ratio 0.6 --order-priority 3
+python scripts/ship_toy_model.py build/toy-model-dense-ship
+# ship_toy_model.py stores every tensor in fp16; the NanoDiT stays the fp32 file the 149000-step dir holds.
+cp build/toy-model-149k/nanodit/model.safetensors src/moviepostproduction/assets/toy-model/nanodit/model.safetensors

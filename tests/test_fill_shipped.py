@@ -91,6 +91,20 @@ def test_default_fill_model_is_the_shipped_one_built_once(tmp_path):
     assert pipe.model.transformer.config.in_channels == 384
 
 
+def test_shipped_fill_model_runs_on_the_backbone_it_was_trained_on(tmp_path):
+    """The fill model was trained on the 149000-step toy model; the package now ships a later one (issue 44), so
+    assets/toy-fill/base/ holds the old transformer and adapter and the assembled dir is built on them, not on the
+    shipped toy model's (every transformer tensor but the widened x_embedder is base/'s)."""
+    base = SHIPPED_FILL_ASSETS / "base"
+    assert sorted(p.name for p in base.iterdir()) == ["adapter", "transformer"]
+    fill = default_fill_model_dir(tmp_path)
+    theirs, ours = tensors(base / "transformer"), tensors(fill / "transformer")
+    assert set(theirs) == set(ours)
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours if not k.startswith("x_embedder."))
+    theirs, ours = tensors(base / "adapter"), tensors(fill / "adapter")
+    assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in ours)
+
+
 def test_a_missing_shipped_asset_is_one_line_naming_it(tmp_path):
     (tmp_path / "assets").mkdir()
     with pytest.raises(WeightsError) as err:

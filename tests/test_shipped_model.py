@@ -27,6 +27,8 @@ def test_default_model_is_the_shipped_toy_model_and_small():
     assert md.root == SHIPPED_MODEL_DIR
     md.check()
     assert not md.tiny_random and md.index["toy_world"] and md.index["max_text_tokens"] == 64
+    assert md.index["trained_steps"] == 155000  # the dense model of issue 44: 149000 steps at 128 px + 6000 mixed
+    assert md.index["toy_world_data"]["config"]["size"] == 128  # `mpp eval` scores the 1-3-ref world by default
     size = sum(f.stat().st_size for f in md.root.rglob("*") if f.is_file())
     assert size < 20 * 2**20  # "a few MB"
 

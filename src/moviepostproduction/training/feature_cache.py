@@ -254,10 +254,11 @@ def build_cache(
     workers: int = 1,
     patches: bool = True,
     progress: bool = True,
-    buckets: list[Bucket] | None = None,
+    buckets: list[Bucket] | str | None = None,
 ) -> FeatureCache:
     """Every sample of a shard dir (or the first `limit`) encoded into memory, padded: for small sets only, of one
-    token grid (with `buckets`, a set whose samples fall in several is refused: the sharded cache holds those)."""
+    token grid (with `buckets`, a list or `NATIVE`, a set whose samples fall in several is refused: the sharded
+    cache holds those)."""
     parts = list(
         encoded_parts(
             shards,

@@ -362,8 +362,12 @@ def steps_before(recipe: Recipe, source) -> int | None:
     not add the `trained_steps` of the model dir its first run loaded (checkpoints do not record it)."""
     if recipe.init_from:
         return warm_start_steps(recipe.init_from)
-    value = source.index.get("trained_steps", 0)
-    return value if isinstance(value, int) and value >= 0 else None
+    return _step_count(source.index.get("trained_steps", 0))
+
+
+def _step_count(value) -> int | None:
+    """A model dir's `trained_steps` when it is a count (a non-negative int), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def warm_start_steps(init_from: str | None) -> int | None:
@@ -378,7 +382,8 @@ def warm_start_steps(init_from: str | None) -> int | None:
                 value = json.loads(index_file.read_text()).get("trained_steps")
             except (OSError, ValueError, AttributeError):
                 return None
-            return total + value if isinstance(value, int) and value >= 0 else None
+            count = _step_count(value)
+            return None if count is None else total + count
         if init_from in seen or not state_file.is_file():
             return None
         seen.add(init_from)
