@@ -53,5 +53,3 @@ rm -rf build/toy-model-dense-ship
 python scripts/front_priority_model.py build/toy-model-mixed5 build/toy-model-dense-ship --fg-priority 3.00048828125 \
     --grounding-ratio 0.6 --order-priority 3
 python scripts/ship_toy_model.py build/toy-model-dense-ship
-# ship_toy_model.py stores every tensor in fp16; the NanoDiT stays the fp32 file the 149000-step dir holds.
-cp build/toy-model-149k/nanodit/model.safetensors src/moviepostproduction/assets/toy-model/nanodit/model.safetensors
